@@ -1,0 +1,222 @@
+//! Script loading for one instance: the cache, hot reload driven by the file watcher's
+//! generation counter, and fail-over along the search path.
+//!
+//! Rules (API.md §1):
+//! * a name resolves to the first readable `<dir>/<name>.lua` of the search path;
+//! * a cached script is served as is until the watcher reports a change in the home
+//!   (the generation moves), then its file is checked (size and mtime) and reloaded;
+//! * a version that fails to compile or raises while loading never replaces a working
+//!   one: the previous version keeps serving, or, when there is none, the next entry of
+//!   the search path is tried — a script served from an entry with position > 0 is in
+//!   fail-over and is re-checked on every load, so a fixed file takes over at once;
+//! * a failing file is remembered by (size, mtime) so it is reported once, not on every load.
+
+use crate::home::{Candidate, Home};
+use mlua::{Function, Lua, Value};
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+/// What identifies one version of a file on disk.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Stamp {
+    size: u64,
+    mtime: SystemTime,
+}
+
+fn stamp(path: &Path) -> Option<Stamp> {
+    let m = std::fs::metadata(path).ok()?;
+    Some(Stamp {
+        size: m.len(),
+        mtime: m.modified().ok()?,
+    })
+}
+
+/// A loaded script: what it returned and where it came from.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub value: Value,
+    pub path: PathBuf,
+    pub position: usize,
+    pub mtime: SystemTime,
+    stamp: Stamp,
+    generation: u64,
+}
+
+/// Why a name could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("script \"{0}\" not found in the search path ({1})")]
+    NotFound(String, String),
+    #[error("script \"{name}\" failed to load: {}", .errors.join("; "))]
+    Failed { name: String, errors: Vec<String> },
+    #[error("{0}")]
+    BadName(String),
+}
+
+/// The per-instance script cache.
+pub struct Loader {
+    home: Arc<Home>,
+    generation: Arc<AtomicU64>,
+    cache: RefCell<HashMap<String, Loaded>>,
+    failed: RefCell<HashMap<PathBuf, (Stamp, String)>>,
+}
+
+impl Loader {
+    pub fn new(home: Arc<Home>, generation: Arc<AtomicU64>) -> Loader {
+        Loader {
+            home,
+            generation,
+            cache: RefCell::new(HashMap::new()),
+            failed: RefCell::new(HashMap::new()),
+        }
+    }
+
+    /// The path shown to people and used as the chunk name: relative to the home.
+    pub fn display_path(&self, path: &Path) -> String {
+        path.strip_prefix(&self.home.root)
+            .unwrap_or(path)
+            .display()
+            .to_string()
+    }
+
+    /// Compiles a file into a function whose chunk name is its home-relative path.
+    pub fn compile(&self, lua: &Lua, path: &Path) -> Result<Function, String> {
+        let src = std::fs::read(path).map_err(|e| format!("{}: {e}", self.display_path(path)))?;
+        lua.load(src)
+            .set_name(format!("@{}", self.display_path(path)))
+            .into_function()
+            .map_err(|e| crate::script_error::format(&e))
+    }
+
+    /// Loads `name` (a file name, without `+id`). `reload = false` is `stage.require`:
+    /// once cached, never checked again.
+    pub async fn load(&self, lua: &Lua, name: &str, reload: bool) -> Result<Loaded, LoadError> {
+        let generation = self.generation.load(Ordering::Acquire);
+        let cached = self.cache.borrow().get(name).cloned();
+        if let Some(c) = &cached {
+            if !reload || (c.generation == generation && c.position == 0) {
+                return Ok(c.clone());
+            }
+        }
+        let candidates = self.home.candidates(name).map_err(LoadError::BadName)?;
+        let mut errors = vec![];
+        for Candidate { path, position } in candidates {
+            let Some(st) = stamp(&path) else { continue };
+            if let Some(c) = &cached {
+                if c.path == path && c.stamp == st {
+                    return Ok(self.remember(
+                        name,
+                        Loaded {
+                            generation,
+                            ..c.clone()
+                        },
+                    ));
+                }
+            }
+            let known_bad = self
+                .failed
+                .borrow()
+                .get(&path)
+                .and_then(|(s, e)| (*s == st).then(|| e.clone()));
+            let outcome = match known_bad {
+                Some(e) => Err(e),
+                None => self.run(lua, &path).await,
+            };
+            match outcome {
+                Ok(value) => {
+                    if self.failed.borrow_mut().remove(&path).is_some() || cached.is_some() {
+                        log::info!(
+                            "script {} (re)loaded at position {position}",
+                            self.display_path(&path)
+                        );
+                    }
+                    let loaded = Loaded {
+                        value,
+                        mtime: st.mtime,
+                        path,
+                        position,
+                        stamp: st,
+                        generation,
+                    };
+                    if position > 0 {
+                        log::warn!(
+                            "script \"{name}\" is served in fail-over from {} (position {position})",
+                            self.display_path(&loaded.path)
+                        );
+                    }
+                    return Ok(self.remember(name, loaded));
+                }
+                Err(e) => {
+                    if self.failed.borrow().get(&path).map(|(s, _)| *s) != Some(st) {
+                        log::error!("script {} failed to load: {e}", self.display_path(&path));
+                        self.failed.borrow_mut().insert(path.clone(), (st, e.clone()));
+                    }
+                    if let Some(c) = &cached {
+                        if c.path == path {
+                            // The previous version of this very file keeps serving.
+                            return Ok(self.remember(
+                                name,
+                                Loaded {
+                                    generation,
+                                    ..c.clone()
+                                },
+                            ));
+                        }
+                    }
+                    errors.push(e);
+                }
+            }
+        }
+        if let Some(c) = cached {
+            // Every candidate is gone or broken: keep what worked rather than fail.
+            return Ok(c);
+        }
+        if errors.is_empty() {
+            let dirs = self
+                .home
+                .search
+                .iter()
+                .map(|e| {
+                    if e.dir.is_empty() {
+                        ".".to_string()
+                    } else {
+                        e.dir.clone()
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join(", ");
+            Err(LoadError::NotFound(name.to_string(), dirs))
+        } else {
+            Err(LoadError::Failed {
+                name: name.to_string(),
+                errors,
+            })
+        }
+    }
+
+    fn remember(&self, name: &str, loaded: Loaded) -> Loaded {
+        self.cache.borrow_mut().insert(name.to_string(), loaded.clone());
+        loaded
+    }
+
+    /// Compiles and runs one file as a coroutine (it may yield while loading).
+    async fn run(&self, lua: &Lua, path: &Path) -> Result<Value, String> {
+        let f = self.compile(lua, path)?;
+        let runner = crate::instance::xpcall_runner(lua).map_err(|e| e.to_string())?;
+        let mut rets = runner
+            .call_async::<mlua::MultiValue>(f)
+            .await
+            .map_err(|e| crate::script_error::format(&e))?;
+        match rets.pop_front() {
+            Some(Value::Boolean(true)) => Ok(rets.pop_front().unwrap_or(Value::Nil)),
+            _ => Err(rets
+                .pop_front()
+                .map(|v| v.to_string().unwrap_or_else(|_| "error".into()))
+                .unwrap_or_else(|| "error".into())),
+        }
+    }
+}

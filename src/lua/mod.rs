@@ -1,0 +1,37 @@
+//! The Lua modules, one file each, listed in one place. Each file has one
+//! `open(lua) -> Table` entry point of thin glue over the core modules.
+
+use mlua::{Lua, Table};
+
+pub mod bundle;
+pub mod logger;
+pub mod process;
+pub mod stage;
+
+/// A module's constructor.
+type Open = fn(&Lua) -> mlua::Result<Table>;
+
+/// Every module: its global name and its constructor.
+const MODULES: &[(&str, Open)] = &[
+    ("stage", stage::open),
+    ("process", process::open),
+    ("logger", logger::open),
+    ("bundle", bundle::open),
+];
+
+/// Registers every module as a global and in `package.loaded`, so that both
+/// `stage.load(...)` and `local stage = require("stage")` work.
+pub fn register_all(lua: &Lua) -> mlua::Result<()> {
+    let loaded: Table = lua.globals().get::<Table>("package")?.get("loaded")?;
+    for (name, open) in MODULES {
+        let module = open(lua)?;
+        lua.globals().set(*name, module.clone())?;
+        loaded.set(*name, module)?;
+    }
+    // STAGE's scripts call the logger by its log4cxx name.
+    let logger: Table = lua.globals().get("logger")?;
+    lua.globals().set("log4cxx", logger.clone())?;
+    loaded.set("log4cxx", logger)?;
+    logger::replace_print(lua)?;
+    Ok(())
+}

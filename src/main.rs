@@ -1,0 +1,97 @@
+//! The `stage` command line: `run`, `check`, `new`.
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "stage",
+    version,
+    about = "Hosts Lua scripts for game and server logic"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Boot a stage home and serve until SIGINT/SIGTERM.
+    Run {
+        /// The stage home (conf/, package/, lib/, rollback/, preload/, logs/).
+        #[arg(default_value = ".")]
+        home: PathBuf,
+        /// Arguments for the scripts (`process.args`), after `--`.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Validate conf/stage.json and compile every script; prints file:line for each problem.
+    Check {
+        #[arg(default_value = ".")]
+        home: PathBuf,
+    },
+    /// Create a new stage home from the template.
+    New {
+        /// Directory to create.
+        name: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run { home, args } => {
+            let home = home.canonicalize().unwrap_or(home);
+            match stage::logging::init(&home) {
+                Ok(line) => log::info!("{line}"),
+                Err(e) => {
+                    eprintln!("stage: {e}");
+                    return ExitCode::from(2);
+                }
+            }
+            match stage::node::run(&home, args) {
+                Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+                Err(e) => {
+                    log::error!("{e:#}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+        Command::Check { home } => match stage::check::check(&home) {
+            Ok(report) => {
+                for line in &report.lines {
+                    println!("{line}");
+                }
+                if report.problems == 0 {
+                    println!(
+                        "ok: {} script(s), {} instance(s)",
+                        report.scripts, report.instances
+                    );
+                    ExitCode::SUCCESS
+                } else {
+                    println!("{} problem(s)", report.problems);
+                    ExitCode::FAILURE
+                }
+            }
+            Err(e) => {
+                eprintln!("stage check: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::New { name } => match stage::scaffold::new_home(&name) {
+            Ok(()) => {
+                println!(
+                    "created stage home {}; run it with: stage run {}",
+                    name.display(),
+                    name.display()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("stage new: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}

@@ -1,0 +1,156 @@
+//! One `stage run` process: reads the home's configuration, watches its scripts, starts the
+//! instances of `#startup`, logs USAGE, and stops everything on SIGINT/SIGTERM or
+//! `process.exit`.
+
+use crate::config::Config;
+use crate::home::Home;
+use notify::Watcher;
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// What every instance of the process shares.
+pub struct NodeShared {
+    pub config: Arc<Config>,
+    pub home: Arc<Home>,
+    /// Moves whenever a `.lua` file in the home changes (the hot-reload trigger).
+    pub generation: Arc<AtomicU64>,
+    /// Keys seen by `stage.once`, process-wide.
+    pub once: Mutex<HashSet<String>>,
+    pub exit_code: AtomicI32,
+    /// `true` once the node is stopping; every instance waits on it.
+    pub shutdown: tokio::sync::watch::Sender<bool>,
+    pub args: Vec<String>,
+    pub started: Instant,
+    /// This node's name (`process.node`): the host name until the cluster names it.
+    pub node_name: String,
+    /// `process.title`, as last set.
+    pub title: Mutex<String>,
+}
+
+impl NodeShared {
+    pub fn new(config: Config, home: Home, args: Vec<String>) -> Arc<NodeShared> {
+        let (shutdown, _) = tokio::sync::watch::channel(false);
+        Arc::new(NodeShared {
+            config: Arc::new(config),
+            home: Arc::new(home),
+            generation: Arc::new(AtomicU64::new(0)),
+            once: Mutex::new(HashSet::new()),
+            exit_code: AtomicI32::new(0),
+            shutdown,
+            args,
+            started: Instant::now(),
+            node_name: hostname(),
+            title: Mutex::new("stage".into()),
+        })
+    }
+
+    /// Asks the whole node to stop with `code` as the process's exit status.
+    pub fn request_stop(&self, code: i32) {
+        self.exit_code.store(code, Ordering::SeqCst);
+        self.shutdown.send_replace(true);
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into())
+}
+
+/// Watches the home for changed `.lua` files and moves `generation` on each change.
+fn watch(root: &Path, generation: Arc<AtomicU64>) -> notify::Result<notify::RecommendedWatcher> {
+    let mut w = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        if let Ok(ev) = res {
+            if ev.paths.iter().any(|p| p.extension().is_some_and(|e| e == "lua")) {
+                generation.fetch_add(1, Ordering::AcqRel);
+            }
+        }
+    })?;
+    w.watch(root, notify::RecursiveMode::Recursive)?;
+    Ok(w)
+}
+
+/// Loads the home's configuration and search path; errors are for people.
+pub fn open_home(root: &Path) -> anyhow::Result<(PathBuf, Config, Home)> {
+    let root = root
+        .canonicalize()
+        .map_err(|e| anyhow::anyhow!("stage home {}: {e}", root.display()))?;
+    let config =
+        Config::load(&root.join("conf/stage.json")).map_err(|e| anyhow::anyhow!("conf/stage.json: {e}"))?;
+    let home = Home::new(&root, &config.lua.package)
+        .map_err(|e| anyhow::anyhow!("conf/stage.json: lua.%package: {e}"))?;
+    Ok((root, config, home))
+}
+
+/// Runs a node until it is told to stop; returns the exit status.
+pub fn run(root: &Path, args: Vec<String>) -> anyhow::Result<i32> {
+    let (root, config, home) = open_home(root)?;
+    std::env::set_current_dir(&root)?;
+    for w in &config.warnings {
+        log::warn!("{w}");
+    }
+    let node = NodeShared::new(config, home, args);
+    let _watcher = match watch(&root, node.generation.clone()) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            log::warn!("hot reload is off: cannot watch {}: {e}", root.display());
+            None
+        }
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let mut threads = vec![];
+    for (number, spec) in node.config.startup.iter().enumerate() {
+        threads.push(crate::instance::spawn(node.clone(), spec.clone(), number)?);
+    }
+    log::info!(
+        "READY {}: {} instance(s) in {}",
+        std::process::id(),
+        threads.len(),
+        root.display()
+    );
+    rt.block_on(async {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let mut stop = node.shutdown.subscribe();
+        let usage_every = node.config.usage_secs;
+        let usage = async {
+            if usage_every == 0 {
+                return std::future::pending().await;
+            }
+            let mut tick = tokio::time::interval(Duration::from_secs(usage_every));
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                log::warn!("{}", crate::usage::line());
+            }
+        };
+        tokio::select! {
+            _ = term.recv() => log::info!("SIGTERM: stopping"),
+            _ = int.recv() => log::info!("SIGINT: stopping"),
+            _ = stop.wait_for(|s| *s) => log::info!("stop requested by a script"),
+            _ = usage => {}
+        }
+        anyhow::Ok(())
+    })?;
+    node.shutdown.send_replace(true);
+    // Instances finish the callback they run and drop their timers; a script stuck in an
+    // endless loop cannot be interrupted, so the process does not wait for it forever.
+    let deadline = Instant::now() + Duration::from_secs(4);
+    for t in threads {
+        while !t.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if t.is_finished() {
+            let _ = t.join();
+        } else {
+            log::warn!("an instance did not stop within 4 s; exiting anyway");
+        }
+    }
+    Ok(node.exit_code.load(Ordering::SeqCst))
+}

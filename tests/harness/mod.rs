@@ -1,0 +1,158 @@
+//! Test support: runs the real `stage` binary on a temporary stage home.
+//!
+//! A scenario is a Lua file under tests/lua/. It becomes `package/start.lua` of a fresh home
+//! whose `preload/` holds the helpers below (`check`, `eq`, `fail`, `done`, `write`, `read`).
+//! Leading lines that start with `--! ` are joined and written as `conf/stage.json`.
+//! The scenario passes when the node exits 0 (`done()`), and fails on `fail()`, on a failed
+//! `check`/`eq` (exit 1), or when it does not finish within its time limit.
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const HELPERS: &str = r#"
+-- Test helpers, preloaded into every instance by the scenario harness.
+function fail(msg)
+    logger.error("FAIL: " .. tostring(msg) .. "\n" .. debug.traceback("", 2))
+    process.exit(1)
+    error("scenario failed: " .. tostring(msg), 2)
+end
+function check(cond, msg)
+    if not cond then fail(msg or "check failed") end
+    return cond
+end
+local function show(v)
+    if type(v) == "string" then return string.format("%q", v) end
+    return tostring(v) .. " (" .. math.type(v) or type(v) .. ")"
+end
+function eq(got, want, msg)
+    if got ~= want or math.type(got) ~= math.type(want) then
+        fail((msg or "eq") .. ": expected " .. show(want) .. ", got " .. show(got))
+    end
+end
+function done()
+    logger.info("PASS")
+    process.exit(0)
+end
+function write(path, text)
+    local f = assert(io.open(path, "w"))
+    f:write(text)
+    f:close()
+end
+function read(path)
+    local f = io.open(path, "r")
+    if not f then return nil end
+    local s = f:read("a")
+    f:close()
+    return s
+end
+"#;
+
+/// The built binary under test.
+pub fn stage_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_stage"))
+}
+
+/// A temporary stage home with the test helpers preloaded.
+pub struct TestHome {
+    pub dir: tempfile::TempDir,
+}
+
+impl TestHome {
+    pub fn new() -> TestHome {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for d in ["conf", "package", "lib", "rollback", "preload", "logs"] {
+            std::fs::create_dir_all(dir.path().join(d)).unwrap();
+        }
+        std::fs::write(dir.path().join("preload/00-test.lua"), HELPERS).unwrap();
+        TestHome { dir }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn write(&self, rel: &str, text: &str) {
+        let p = self.path().join(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, text).unwrap();
+    }
+
+    /// Starts `stage run` on this home with stderr captured.
+    pub fn spawn(&self) -> Child {
+        Command::new(stage_bin())
+            .arg("run")
+            .arg(self.path())
+            .env("STAGE_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start stage")
+    }
+}
+
+impl Default for TestHome {
+    fn default() -> Self {
+        TestHome::new()
+    }
+}
+
+/// Waits for `child` up to `limit`; kills it after that. Returns (exit code, output).
+pub fn wait_with_output(mut child: Child, limit: Duration) -> (Option<i32>, String) {
+    let start = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("wait") {
+            break st.code();
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut out = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_string(&mut out);
+    }
+    if let Some(mut o) = child.stdout.take() {
+        let _ = o.read_to_string(&mut out);
+    }
+    (status, out)
+}
+
+/// Runs the scenario `tests/lua/<rel>` and panics with the node's log if it fails.
+pub fn run_scenario(rel: &str) {
+    run_scenario_with(rel, |_| {});
+}
+
+/// As `run_scenario`, with a hook to add files to the home before the node starts.
+pub fn run_scenario_with(rel: &str, setup: impl FnOnce(&TestHome)) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/lua").join(rel);
+    let script = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let home = TestHome::new();
+    let conf: String = script
+        .lines()
+        .take_while(|l| l.starts_with("--! "))
+        .map(|l| &l[4..])
+        .collect::<Vec<_>>()
+        .join("\n");
+    if !conf.is_empty() {
+        home.write("conf/stage.json", &conf);
+    }
+    home.write("package/start.lua", &script);
+    setup(&home);
+    let limit = std::env::var("STAGE_SCENARIO_TIMEOUT")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(30);
+    let (code, out) = wait_with_output(home.spawn(), Duration::from_secs(limit));
+    match code {
+        Some(0) => {}
+        Some(c) => panic!("scenario {rel} failed (exit {c}):\n{out}"),
+        None => panic!("scenario {rel} did not finish within {limit} s (call done()):\n{out}"),
+    }
+}

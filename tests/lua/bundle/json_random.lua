@@ -1,0 +1,28 @@
+local t = bundle.json('{"a": 1, "b": [1, 2.5, "x"], "c": null, "d": {"e": true}}')
+eq(t.a, 1)
+eq(t.b[2], 2.5)
+eq(t.b[3], "x")
+check(t.c == bundle.null, "JSON null is bundle.null")
+eq(t.d.e, true)
+local s = bundle.json({ list = { 1, 2, 3 }, name = "kim" })
+local back = bundle.json(s)
+eq(back.name, "kim")
+eq(#back.list, 3)
+write("data.json", '{"level": 7}')
+eq(bundle.json("data.json").level, 7)
+local ok, err = pcall(bundle.json, "{bad json")
+check(not ok and err:find("invalid JSON", 1, true), tostring(err))
+-- random: the state lives in the table; the same seed gives the same sequence
+local a, b = { seed = 99 }, { seed = 99 }
+for _ = 1, 20 do
+    local x = bundle.random(a, 1, 100)
+    eq(x, bundle.random(b, 1, 100))
+    check(x >= 1 and x <= 100, "in range")
+end
+check(a.index ~= nil and a[1] ~= nil, "state is kept in the table")
+local f = bundle.random(a)
+check(math.type(f) == "float" and f >= 0 and f < 1, "float in [0,1)")
+local d = bundle.random(a, 6)
+check(d >= 1 and d <= 6, "1..n")
+check(not pcall(bundle.random, a, 5, 1), "empty interval is an error")
+done()

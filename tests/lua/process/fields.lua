@@ -1,0 +1,20 @@
+--! {"#threads": [3, 77], "#usage": 0}
+eq(process["$#threads"][2], 77)
+eq(process["$#threads.0"], 3)
+eq(process["%STAGE_LOG"], "info")
+eq(process["%SURELY_NOT_SET_ANYWHERE"], nil)
+check(math.type(process.id) == "integer" and process.id > 0, "pid")
+eq(process.stage, 0)
+check(type(process.node) == "string" and #process.node > 0, "node name")
+local t0 = process.tick
+stage.sleep(20)
+check(process.tick > t0, "tick advances")
+process.title = "stage-test"
+eq(process.title, "stage-test")
+local f = io.open("/proc/" .. process.id .. "/comm")
+eq(f:read("l"), "stage-test")
+f:close()
+eq(type(process.args), "table")
+eq(require("process"), process)
+eq(log4cxx, logger)
+done()
