@@ -3,6 +3,7 @@
 //! The map of the code is ARCHITECTURE.md; the Lua API is documented under docs/.
 
 pub mod check;
+pub mod cloud;
 pub mod config;
 pub mod home;
 pub mod instance;
@@ -14,3 +15,4 @@ pub mod random;
 pub mod scaffold;
 pub mod script_error;
 pub mod usage;
+pub mod vultr_cli;

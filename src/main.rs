@@ -1,4 +1,4 @@
-//! The `stage` command line: `run`, `check`, `new`.
+//! The `stage` command line: `run`, `check`, `new`, `vultr`, `vultr-emulator`.
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -36,6 +36,10 @@ enum Command {
         /// Directory to create.
         name: PathBuf,
     },
+    /// Vultr API v2: listall, create, list, subdetail, wait, delete (VultrMaker parity).
+    Vultr(stage::vultr_cli::VultrArgs),
+    /// Serve an emulator of the Vultr API v2 (for tests and trying `stage vultr` without an account).
+    VultrEmulator(stage::vultr_cli::EmulatorArgs),
 }
 
 fn main() -> ExitCode {
@@ -93,5 +97,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Vultr(args) => stage::vultr_cli::run(args),
+        Command::VultrEmulator(args) => stage::vultr_cli::run_emulator(args),
     }
 }

@@ -7,6 +7,7 @@ pub mod bundle;
 pub mod logger;
 pub mod process;
 pub mod stage;
+pub mod vultr;
 
 /// A module's constructor.
 type Open = fn(&Lua) -> mlua::Result<Table>;
@@ -17,6 +18,7 @@ const MODULES: &[(&str, Open)] = &[
     ("process", process::open),
     ("logger", logger::open),
     ("bundle", bundle::open),
+    ("vultr", vultr::open),
 ];
 
 /// Registers every module as a global and in `package.loaded`, so that both
