@@ -150,3 +150,30 @@ fn syntax_error_in_entry_script_is_reported_and_node_keeps_running() {
     assert!(out.contains("package/start.lua:3:"), "{out}");
     assert!(out.contains("rollback start"), "{out}");
 }
+
+#[test]
+fn usage_line_is_logged_periodically() {
+    let home = TestHome::new();
+    home.write("conf/stage.json", r##"{"#usage": 1}"##);
+    home.write("package/start.lua", "stage.addtask(1600, function() done() end)");
+    let (code, out) = wait_with_output(home.spawn(), Duration::from_secs(10));
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("USAGE "), "{out}");
+    assert!(out.contains("kB"), "{out}");
+}
+
+#[test]
+fn stop_does_not_wait_for_pending_timers() {
+    let home = TestHome::new();
+    home.write(
+        "package/start.lua",
+        "stage.addtask(60000, function() end) stage.submit(0, function() stage.sleep(60000) end)",
+    );
+    let child = home.spawn();
+    std::thread::sleep(Duration::from_millis(500));
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let start = Instant::now();
+    let (code, out) = wait_with_output(child, Duration::from_secs(6));
+    assert_eq!(code, Some(0), "{out}");
+    assert!(start.elapsed() < Duration::from_secs(2), "{:?}", start.elapsed());
+}
