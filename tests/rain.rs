@@ -53,7 +53,9 @@ fn encode_doc(entries: Vec<(String, &Json)>) -> Vec<u8> {
             Json::Array(a) => {
                 body.push(0x04);
                 cstring(&mut body, &k);
-                body.extend(encode_doc(a.iter().enumerate().map(|(i, x)| (i.to_string(), x)).collect()));
+                body.extend(encode_doc(
+                    a.iter().enumerate().map(|(i, x)| (i.to_string(), x)).collect(),
+                ));
             }
             Json::Object(m) => {
                 body.push(0x03);
@@ -152,7 +154,11 @@ impl RainClient {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 #[test]
@@ -172,7 +178,8 @@ fn rain_over_bson() {
         "conf/stage.json",
         &json!({"%vultr": {"endpoint": emu.endpoint(), "api_key": KEY}}).to_string(),
     );
-    let rain = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/stage/package/rain.lua")).unwrap();
+    let rain =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/stage/package/rain.lua")).unwrap();
     home.write("package/rain.lua", &rain);
     home.write(
         "package/start.lua",
@@ -187,7 +194,9 @@ fn rain_over_bson() {
         let stream = loop {
             match TcpStream::connect(("127.0.0.1", port)) {
                 Ok(s) => break s,
-                Err(_) if start.elapsed() < Duration::from_secs(15) => std::thread::sleep(Duration::from_millis(50)),
+                Err(_) if start.elapsed() < Duration::from_secs(15) => {
+                    std::thread::sleep(Duration::from_millis(50))
+                }
                 Err(e) => panic!("rain does not listen on {port}: {e}"),
             }
         };
@@ -200,9 +209,26 @@ fn rain_over_bson() {
         c.send(json!({"List": {}}));
         let list = c.recv();
         let all = &list["RespondList"];
-        assert!(all["regions"].as_array().unwrap().iter().any(|r| r["id"] == "icn"), "{list}");
-        assert!(all["plans"].as_array().unwrap().iter().any(|p| p["id"] == "vc2-1c-1gb"), "{list}");
-        assert!(all["os"].as_array().unwrap().iter().any(|o| o["id"] == 1743), "{list}");
+        assert!(
+            all["regions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|r| r["id"] == "icn"),
+            "{list}"
+        );
+        assert!(
+            all["plans"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|p| p["id"] == "vc2-1c-1gb"),
+            "{list}"
+        );
+        assert!(
+            all["os"].as_array().unwrap().iter().any(|o| o["id"] == 1743),
+            "{list}"
+        );
 
         // Two creates in flight on one connection, then a Ping that must not wait for them.
         c.send(json!({"CreateRequest": {"region": "icn", "plan": "vc2-1c-1gb", "os_id": 1743}}));
@@ -211,37 +237,66 @@ fn rain_over_bson() {
         let mut ids = Vec::new();
         for _ in 0..2 {
             let r = c.recv();
-            ids.push(r["ResponseCreate"].as_str().unwrap_or_else(|| panic!("expected ResponseCreate, got {r}")).to_string());
+            ids.push(
+                r["ResponseCreate"]
+                    .as_str()
+                    .unwrap_or_else(|| panic!("expected ResponseCreate, got {r}"))
+                    .to_string(),
+            );
         }
-        assert_eq!(c.recv(), json!({"Pong": 7}), "the connection is served while the creates wait");
+        assert_eq!(
+            c.recv(),
+            json!({"Pong": 7}),
+            "the connection is served while the creates wait"
+        );
         let mut done = HashSet::new();
         for _ in 0..2 {
             let r = c.recv();
             let inst = &r["CreateDone"];
             assert_eq!(
-                (inst["status"].as_str(), inst["power_status"].as_str(), inst["server_status"].as_str()),
+                (
+                    inst["status"].as_str(),
+                    inst["power_status"].as_str(),
+                    inst["server_status"].as_str()
+                ),
                 (Some("active"), Some("running"), Some("ok")),
                 "{r}"
             );
             assert_ne!(inst["main_ip"], "0.0.0.0");
             done.insert(inst["id"].as_str().unwrap().to_string());
         }
-        assert_eq!(done, ids.iter().cloned().collect::<HashSet<_>>(), "each create completed once");
+        assert_eq!(
+            done,
+            ids.iter().cloned().collect::<HashSet<_>>(),
+            "each create completed once"
+        );
 
         c.send(json!({"CreateRequest": {"region": "mars", "plan": "vc2-1c-1gb", "os_id": 1743}}));
         let r = c.recv();
-        let reason = r["CreateFailed"]["reason"].as_str().unwrap_or_else(|| panic!("expected CreateFailed, got {r}"));
+        let reason = r["CreateFailed"]["reason"]
+            .as_str()
+            .unwrap_or_else(|| panic!("expected CreateFailed, got {r}"));
         assert!(reason.contains("http 400: Invalid region: mars."), "{reason}");
 
         c.send(json!({"ServerList": {}}));
         let r = c.recv();
-        let servers = r["ResponseServerList"].as_array().unwrap_or_else(|| panic!("{r}"));
-        let listed: HashSet<String> = servers.iter().map(|s| s["id"].as_str().unwrap().to_string()).collect();
+        let servers = r["ResponseServerList"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{r}"));
+        let listed: HashSet<String> = servers
+            .iter()
+            .map(|s| s["id"].as_str().unwrap().to_string())
+            .collect();
         assert_eq!(listed, done);
-        assert!(servers.iter().all(|s| s["tags"].as_array().unwrap().iter().any(|t| t == "rain")));
+        assert!(servers
+            .iter()
+            .all(|s| s["tags"].as_array().unwrap().iter().any(|t| t == "rain")));
 
         c.send(json!({"Dance": 1}));
-        assert!(c.recv()["Error"].as_str().unwrap().starts_with("unknown request Dance"));
+        assert!(c.recv()["Error"]
+            .as_str()
+            .unwrap()
+            .starts_with("unknown request Dance"));
     });
     let (_, log) = harness::wait_with_output(node, Duration::from_millis(1));
     if let Err(e) = result {

@@ -681,3 +681,17 @@ fn cli_emulator_serves_until_stopped() {
         "the emulator exits cleanly on SIGTERM: {status}"
     );
 }
+
+#[test]
+fn lua_bad_config_names_the_key() {
+    let home = harness::TestHome::new();
+    home.write("conf/stage.json", r#"{"%vultr": {"api_kee": "x"}}"#);
+    home.write("package/start.lua", "done()");
+    // The instance cannot start, so the node never calls done(): it is stopped after 3 s.
+    let (code, out) = harness::wait_with_output(home.spawn(), Duration::from_secs(3));
+    assert_ne!(code, Some(0), "{out}");
+    assert!(
+        out.contains("%vultr.api_kee: unknown key (expected api_key, endpoint, timeout or retries)"),
+        "{out}"
+    );
+}

@@ -10,6 +10,9 @@ use serde_json::Value as Json;
 use std::time::Duration;
 
 pub fn open(lua: &Lua) -> mlua::Result<Table> {
+    // A mistake in %vultr (an unknown key, a bad endpoint) stops the instance at start,
+    // naming the key, rather than surfacing at the first call.
+    Settings::from_config(ctx(lua).node.config.vultr.as_ref()).map_err(err)?;
     let t = lua.create_table()?;
     t.set(
         "regions",
