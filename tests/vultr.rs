@@ -695,3 +695,36 @@ fn lua_bad_config_names_the_key() {
         "{out}"
     );
 }
+
+#[tokio::test]
+async fn requests_time_out_and_idempotent_ones_are_retried() {
+    let emu = emulator(100);
+    let c = Client::new(Settings {
+        timeout: Duration::from_millis(200),
+        retries: 2,
+        ..settings(&emu)
+    })
+    .unwrap();
+    // One slow answer: the GET times out once and succeeds on its retry.
+    emu.delay_next(Duration::from_millis(600), 1);
+    assert!(!c.os().await.unwrap().is_empty());
+    // Always slow: the error says what timed out and after how long.
+    emu.delay_next(Duration::from_millis(600), 3);
+    let e = c.regions().await.unwrap_err();
+    assert_eq!(e.to_string(), "vultr GET /regions: timed out after 200 ms");
+    // A POST that timed out is not sent again: it may have been executed.
+    let slow_create = Client::new(Settings {
+        timeout: Duration::from_millis(200),
+        ..settings(&emu)
+    })
+    .unwrap();
+    emu.delay_next(Duration::from_millis(600), 1);
+    let before = emu.requests();
+    let e = slow_create
+        .create(&req("icn", "vc2-1c-1gb", 1743))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, VultrError::Transport { .. }), "{e}");
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(emu.requests() - before, 1, "create was sent once");
+}

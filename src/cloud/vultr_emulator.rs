@@ -7,7 +7,8 @@
 //! active/running/installingbooting → active/running/ok, on configurable timings.
 //!
 //! Test hooks: [`Emulator::fail_next`] (or `POST /__emulator/fail {"status", "count"}`)
-//! answers the next requests with an error status (429 injection), an optional per-IP rate
+//! answers the next requests with an error status (429 injection), [`Emulator::delay_next`]
+//! (or `{"delay_ms", "count"}`) answers them late (client timeouts), an optional per-IP rate
 //! limit answers 429 as the real API does above 30 requests per second, and
 //! `locked_delete_fails` makes DELETE of a locked instance answer the real 500.
 
@@ -120,13 +121,20 @@ impl Emu {
     }
 }
 
+#[derive(Clone, Copy, Debug)]
+enum Fault {
+    Status(u16),
+    Delay(Duration),
+}
+
 struct State {
     cfg: EmulatorConfig,
     regions: Vec<Json>,
     plans: Vec<Json>,
     os: Vec<Json>,
     instances: Vec<Emu>,
-    fail_next: VecDeque<u16>,
+    /// Injected faults for the next requests, in order.
+    fail_next: VecDeque<Fault>,
     window: HashMap<IpAddr, (Instant, u32)>,
     created: u32,
     requests: u64,
@@ -181,7 +189,15 @@ impl Emulator {
     /// Answers the next `count` requests with `status` (e.g. 429 or 503).
     pub fn fail_next(&self, status: u16, count: usize) {
         let mut s = self.state.lock().expect("emulator state");
-        s.fail_next.extend(std::iter::repeat_n(status, count));
+        s.fail_next
+            .extend(std::iter::repeat_n(Fault::Status(status), count));
+    }
+
+    /// Answers the next `count` requests only after `delay` (to exercise client timeouts).
+    pub fn delay_next(&self, delay: Duration, count: usize) {
+        let mut s = self.state.lock().expect("emulator state");
+        s.fail_next
+            .extend(std::iter::repeat_n(Fault::Delay(delay), count));
     }
 
     /// Requests served so far (including refused ones).
@@ -235,8 +251,7 @@ async fn serve(
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
-    let conns = tokio::task::JoinSet::new();
-    let mut conns = conns;
+    let mut conns = tokio::task::JoinSet::new();
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
@@ -330,24 +345,36 @@ async fn handle(state: &Arc<Mutex<State>>, peer: IpAddr, req: Request<Incoming>)
         Ok(b) => b.to_bytes(),
         Err(_) => return error(413, "Request body too large."),
     };
+    let fault = {
+        let mut s = state.lock().expect("emulator state");
+        s.requests += 1;
+        if path == "/__emulator/fail" && method == Method::POST {
+            let v: Json = serde_json::from_slice(&body).unwrap_or(Json::Null);
+            let count = v.get("count").and_then(Json::as_u64).unwrap_or(1) as usize;
+            let fault = match v.get("delay_ms").and_then(Json::as_u64) {
+                Some(ms) => Fault::Delay(Duration::from_millis(ms)),
+                None => Fault::Status(v.get("status").and_then(Json::as_u64).unwrap_or(429) as u16),
+            };
+            s.fail_next.extend(std::iter::repeat_n(fault, count));
+            return reply(204, None);
+        }
+        s.fail_next.pop_front()
+    };
+    match fault {
+        Some(Fault::Status(status)) => {
+            let msg = if status == 429 {
+                "Rate limit reached - please try your request again later."
+            } else {
+                "Internal server error."
+            };
+            return error(status, msg);
+        }
+        // The lock is not held while sleeping: other connections are served meanwhile.
+        Some(Fault::Delay(d)) => tokio::time::sleep(d).await,
+        None => {}
+    }
     let mut s = state.lock().expect("emulator state");
-    s.requests += 1;
     let now = Instant::now();
-    if path == "/__emulator/fail" && method == Method::POST {
-        let v: Json = serde_json::from_slice(&body).unwrap_or(Json::Null);
-        let status = v.get("status").and_then(Json::as_u64).unwrap_or(429) as u16;
-        let count = v.get("count").and_then(Json::as_u64).unwrap_or(1) as usize;
-        s.fail_next.extend(std::iter::repeat_n(status, count));
-        return reply(204, None);
-    }
-    if let Some(status) = s.fail_next.pop_front() {
-        let msg = if status == 429 {
-            "Rate limit reached - please try your request again later."
-        } else {
-            "Internal server error."
-        };
-        return error(status, msg);
-    }
     if let Some(limit) = s.cfg.rate_limit {
         let w = s.window.entry(peer).or_insert((now, 0));
         if now.duration_since(w.0) >= Duration::from_secs(1) {
