@@ -5,7 +5,7 @@
 
 use crate::cloud::vultr::{Client, CreateRequest, InstanceFilter, Settings, VultrError, WaitOptions};
 use crate::instance::{call_callback, ctx};
-use mlua::{Function, Lua, LuaSerdeExt, MultiValue, SerializeOptions, Table, Value};
+use mlua::{AnyUserData, Function, Lua, LuaSerdeExt, MultiValue, SerializeOptions, Table, Value};
 use serde_json::Value as Json;
 use std::time::Duration;
 
@@ -84,14 +84,17 @@ pub fn open(lua: &Lua) -> mlua::Result<Table> {
     Ok(t)
 }
 
-/// The instance's client, created on first use from `%vultr` and the environment.
+const CLIENT_KEY: &str = "stage.vultr.client";
+
+/// The instance's client, created on first use from `%vultr` and the environment, and kept
+/// in the Lua registry (not in app data, whose container must not be borrowed on insert).
 fn client(lua: &Lua) -> mlua::Result<Client> {
-    if let Some(c) = lua.app_data_ref::<Client>() {
-        return Ok(c.clone());
+    if let Ok(ud) = lua.named_registry_value::<AnyUserData>(CLIENT_KEY) {
+        return Ok(ud.borrow::<Client>()?.clone());
     }
     let settings = Settings::from_config(ctx(lua).node.config.vultr.as_ref()).map_err(err)?;
     let c = Client::new(settings).map_err(err)?;
-    lua.set_app_data(c.clone());
+    lua.set_named_registry_value(CLIENT_KEY, lua.create_any_userdata(c.clone())?)?;
     Ok(c)
 }
 
