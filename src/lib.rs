@@ -15,4 +15,5 @@ pub mod node;
 pub mod random;
 pub mod scaffold;
 pub mod script_error;
+pub mod send;
 pub mod usage;

@@ -77,6 +77,10 @@ struct Conn {
     /// Wakes the connection task: output was queued or a close was asked for.
     wake: Notify,
     closing: RefCell<Option<String>>,
+    /// False while `accept` has not accepted it: a refused connection gets no `port.close`.
+    accepted: Cell<bool>,
+    /// The close is the peer's fault (bad input, back-pressure): logged as a warning.
+    bad: RefCell<bool>,
 }
 
 impl Conn {
@@ -160,7 +164,24 @@ impl Conn {
         }
         match &self.kind {
             Kind::Tcp => {
-                let n = self.frame_value(lua, v, &mut self.out.borrow_mut())?;
+                let mut out = self.out.borrow_mut();
+                let n = self.frame_value(lua, v, &mut out)?;
+                if out.len() > self.max_out {
+                    // Back-pressure: the peer does not read fast enough (or the script sends
+                    // too much at once). Close rather than let memory grow without bound.
+                    let reason = format!(
+                        "unsent output of {} bytes exceeds {} OUT limit {}",
+                        out.len(),
+                        self.framing.name(),
+                        self.max_out
+                    );
+                    out.clear();
+                    drop(out);
+                    self.close(&reason);
+                    *self.bad.borrow_mut() = true;
+                    return Ok(0);
+                }
+                drop(out);
                 self.wake.notify_one();
                 Ok(n)
             }
@@ -172,10 +193,17 @@ impl Conn {
                 };
                 let mut buf = Vec::with_capacity(64);
                 self.frame_value(lua, v, &mut buf)?;
-                Ok(sock.try_send_to(&buf, to).unwrap_or(0))
+                Ok(udp_send(sock, &buf, to))
             }
         }
     }
+}
+
+/// Sends one datagram with a direct non-blocking `sendto`: tokio's `try_send_to` refuses
+/// until the reactor has seen the socket writable once. A full socket buffer drops the
+/// datagram (UDP semantics); returns the bytes sent, 0 when dropped.
+fn udp_send(sock: &UdpSocket, buf: &[u8], to: SocketAddr) -> usize {
+    socket2::SockRef::from(sock).send_to(buf, &to.into()).unwrap_or(0)
 }
 
 pub fn open(lua: &Lua) -> mlua::Result<Table> {
@@ -352,6 +380,8 @@ fn new_udp(lua: &Lua, ep: &Endpoint, s: Rc<UdpSocket>, peer: Option<SocketAddr>)
         out: RefCell::new(Vec::new()),
         wake: Notify::new(),
         closing: RefCell::new(None),
+        accepted: Cell::new(true),
+        bad: RefCell::new(false),
     });
     add_methods(lua, &conn)?;
     broker(lua).conns.borrow_mut().insert(id, conn.clone());
@@ -390,7 +420,10 @@ async fn accept_loop(lua: Lua, listener: TcpListener, ep: Endpoint, port: Table,
             match rets.as_ref().and_then(|r| r.front()) {
                 Some(Value::Function(f)) => *conn.handler.borrow_mut() = Some(f.clone()),
                 Some(Value::Boolean(true)) => {}
-                _ => conn.close("refused by accept"),
+                _ => {
+                    conn.accepted.set(false);
+                    conn.close("refused by accept");
+                }
             }
             run_tcp(lua, conn, stream).await;
         });
@@ -414,6 +447,8 @@ fn new_tcp(lua: &Lua, ep: &Endpoint, stream: &TcpStream, port: Option<Table>) ->
         out: RefCell::new(Vec::new()),
         wake: Notify::new(),
         closing: RefCell::new(None),
+        accepted: Cell::new(true),
+        bad: RefCell::new(false),
     });
     add_methods(lua, &conn)?;
     broker(lua).conns.borrow_mut().insert(id, conn.clone());
@@ -504,6 +539,13 @@ async fn run_tcp(lua: Lua, conn: Rc<Conn>, stream: TcpStream) {
                         Ok(v) => deliver(&lua, &conn, v, None).await,
                         Err(e) => break 'conn (e, true),
                     }
+                    // Replies are written once per read batch (fewer syscalls), but early
+                    // when they pile up towards the OUT limit.
+                    if conn.out.borrow().len() > conn.max_out / 2 {
+                        if let Err(e) = flush(&conn, &stream) {
+                            break 'conn (e, true);
+                        }
+                    }
                 }
                 Ok(None) => break,
                 Err(e) => break 'conn (e.to_string(), true),
@@ -533,7 +575,7 @@ async fn run_tcp(lua: Lua, conn: Rc<Conn>, stream: TcpStream) {
             }
         }
         if let Some(r) = conn.closing.borrow().clone() {
-            break (r, false);
+            break (r, *conn.bad.borrow());
         }
         let pending = !conn.out.borrow().is_empty() && flush_at.is_none();
         let expire = conn.port_ms("expire");
@@ -567,7 +609,9 @@ async fn run_tcp(lua: Lua, conn: Rc<Conn>, stream: TcpStream) {
             _ = conn.wake.notified() => {}
             _ = sleep_until_opt(flush_at) => {}
             _ = sleep_until_opt(idle_at) => {
-                break (format!("idle for {} ms (port.expire)", expire.unwrap_or(0)), false);
+                // Idle with half a frame read is the peer's fault (a stalled client): warn.
+                let partial = if filled > 0 { format!(" with {filled} bytes of a partial frame") } else { String::new() };
+                break (format!("idle for {} ms (port.expire){partial}", expire.unwrap_or(0)), filled > 0);
             }
         }
     };
@@ -601,7 +645,7 @@ async fn finish(lua: &Lua, conn: &Rc<Conn>, reason: &str, bad: bool) {
         .as_ref()
         .and_then(|p| p.raw_get::<Option<Function>>("close").ok().flatten())
         .or_else(|| conn.table.raw_get::<Option<Function>>("onclose").ok().flatten());
-    if let Some(f) = on_close {
+    if let Some(f) = on_close.filter(|_| conn.accepted.get()) {
         call_callback(lua, "close", &f, conn.table.clone()).await;
     }
 }
@@ -793,7 +837,7 @@ fn signal(lua: &Lua, (target, v): (Value, Value)) -> mlua::Result<i64> {
                     )))
                 }
             }
-            Ok(sock.try_send_to(&buf, addr).map(|_| 1).unwrap_or(0))
+            Ok((udp_send(&sock, &buf, addr) > 0) as i64)
         }
         _ => {
             let Some(c) = id_of(&target).and_then(|id| find(lua, id)) else {
