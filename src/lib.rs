@@ -2,6 +2,7 @@
 //!
 //! The map of the code is ARCHITECTURE.md; the Lua API is documented under docs/.
 
+pub mod bson_lua;
 pub mod check;
 pub mod config;
 pub mod home;
@@ -9,8 +10,10 @@ pub mod instance;
 pub mod loader;
 pub mod logging;
 pub mod lua;
+pub mod net;
 pub mod node;
 pub mod random;
 pub mod scaffold;
 pub mod script_error;
+pub mod send;
 pub mod usage;

@@ -1,4 +1,4 @@
-//! The `stage` command line: `run`, `check`, `new`.
+//! The `stage` command line: `run`, `check`, `new`, `send`.
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -35,6 +35,19 @@ enum Command {
     New {
         /// Directory to create.
         name: PathBuf,
+    },
+    /// Send JSON requests as BSON frames to a broker port and print the replies as JSON.
+    Send {
+        /// `host:port`, or a broker URI such as `udp://127.0.0.1:9000?bson`.
+        addr: String,
+        /// One request as a JSON object; without it, each line of stdin is a request.
+        json: Option<String>,
+        /// bson (default), packet or text.
+        #[arg(long)]
+        framing: Option<String>,
+        /// Milliseconds to wait for each reply.
+        #[arg(long, default_value_t = 5000)]
+        timeout: u64,
     },
 }
 
@@ -79,6 +92,27 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Send {
+            addr,
+            json,
+            framing,
+            timeout,
+        } => {
+            let opts = stage::send::SendOptions {
+                addr,
+                json,
+                framing,
+                timeout_ms: timeout,
+            };
+            match stage::send::run(&opts) {
+                Ok(0) => ExitCode::SUCCESS,
+                Ok(_) => ExitCode::FAILURE,
+                Err(e) => {
+                    eprintln!("stage send: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::New { name } => match stage::scaffold::new_home(&name) {
             Ok(()) => {
                 println!(

@@ -3,6 +3,7 @@
 
 use mlua::{Lua, Table};
 
+pub mod broker;
 pub mod bundle;
 pub mod logger;
 pub mod process;
@@ -17,6 +18,7 @@ const MODULES: &[(&str, Open)] = &[
     ("process", process::open),
     ("logger", logger::open),
     ("bundle", bundle::open),
+    ("broker", broker::open),
 ];
 
 /// Registers every module as a global and in `package.loaded`, so that both
