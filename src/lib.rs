@@ -2,6 +2,7 @@
 //!
 //! The map of the code is ARCHITECTURE.md; the Lua API is documented under docs/.
 
+pub mod bson_lua;
 pub mod check;
 pub mod cloud;
 pub mod config;
@@ -10,9 +11,11 @@ pub mod instance;
 pub mod loader;
 pub mod logging;
 pub mod lua;
+pub mod net;
 pub mod node;
 pub mod random;
 pub mod scaffold;
 pub mod script_error;
+pub mod send;
 pub mod usage;
 pub mod vultr_cli;

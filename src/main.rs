@@ -1,4 +1,4 @@
-//! The `stage` command line: `run`, `check`, `new`, `vultr`, `vultr-emulator`.
+//! The `stage` command line: `run`, `check`, `new`, `send`, `vultr`, `vultr-emulator`.
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -40,6 +40,19 @@ enum Command {
     Vultr(stage::vultr_cli::VultrArgs),
     /// Serve an emulator of the Vultr API v2 (for tests and trying `stage vultr` without an account).
     VultrEmulator(stage::vultr_cli::EmulatorArgs),
+    /// Send JSON requests as BSON frames to a broker port and print the replies as JSON.
+    Send {
+        /// `host:port`, or a broker URI such as `udp://127.0.0.1:9000?bson`.
+        addr: String,
+        /// One request as a JSON object; without it, each line of stdin is a request.
+        json: Option<String>,
+        /// bson (default), packet or text.
+        #[arg(long)]
+        framing: Option<String>,
+        /// Milliseconds to wait for each reply.
+        #[arg(long, default_value_t = 5000)]
+        timeout: u64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -83,6 +96,27 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Send {
+            addr,
+            json,
+            framing,
+            timeout,
+        } => {
+            let opts = stage::send::SendOptions {
+                addr,
+                json,
+                framing,
+                timeout_ms: timeout,
+            };
+            match stage::send::run(&opts) {
+                Ok(0) => ExitCode::SUCCESS,
+                Ok(_) => ExitCode::FAILURE,
+                Err(e) => {
+                    eprintln!("stage send: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::New { name } => match stage::scaffold::new_home(&name) {
             Ok(()) => {
                 println!(

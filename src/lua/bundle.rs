@@ -1,4 +1,4 @@
-//! The `bundle` module: `json`, `random` (WELL512 with its state in a Lua table) and `null`.
+//! The `bundle` module: `json`, `bson`, `random` (WELL512 with its state in a Lua table) and `null`.
 
 use crate::random::Well512;
 use mlua::{Lua, LuaSerdeExt, Table, Value};
@@ -8,6 +8,7 @@ pub fn open(lua: &Lua) -> mlua::Result<Table> {
     t.set("null", Value::NULL)?;
     t.set("json", lua.create_function(json)?)?;
     t.set("random", lua.create_function(random)?)?;
+    t.set("bson", lua.create_function(bson)?)?;
     Ok(t)
 }
 
@@ -45,6 +46,23 @@ fn json(lua: &Lua, v: Value) -> mlua::Result<Value> {
         }
         other => Err(mlua::Error::runtime(format!(
             "bundle.json: expected a JSON string, a file name or a table, got a {}",
+            other.type_name()
+        ))),
+    }
+}
+
+/// `bundle.bson(v)`: BSON bytes -> table, table -> BSON bytes (the broker's codec).
+fn bson(lua: &Lua, v: Value) -> mlua::Result<Value> {
+    match &v {
+        Value::String(s) => crate::bson_lua::decode(lua, &s.as_bytes())
+            .map_err(|e| mlua::Error::runtime(format!("bundle.bson: {e}"))),
+        Value::Table(_) => {
+            let bytes = crate::bson_lua::encode_vec(lua, &v)
+                .map_err(|e| mlua::Error::runtime(format!("bundle.bson: {e}")))?;
+            lua.create_string(bytes).map(Value::String)
+        }
+        other => Err(mlua::Error::runtime(format!(
+            "bundle.bson: expected BSON bytes or a table, got a {}",
             other.type_name()
         ))),
     }

@@ -3,6 +3,7 @@
 
 use mlua::{Lua, Table};
 
+pub mod broker;
 pub mod bundle;
 pub mod logger;
 pub mod process;
@@ -19,6 +20,7 @@ const MODULES: &[(&str, Open)] = &[
     ("logger", logger::open),
     ("bundle", bundle::open),
     ("vultr", vultr::open),
+    ("broker", broker::open),
 ];
 
 /// Registers every module as a global and in `package.loaded`, so that both

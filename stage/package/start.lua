@@ -7,6 +7,22 @@ logger.info("example home started on " .. process.node .. ", instance " .. proce
 local greet = stage.load("greeting+hello")
 logger.info(greet("operator"))
 
+-- A BSON service on tcp 8801 (listed in #services, so every instance and every process
+-- running this home shares the port). Try it: stage send 127.0.0.1:8801 '{"cmd":"login","user":"kim"}'
+local sp = broker.ready("tcp://0.0.0.0:8801?bson=2k,4k", function (socket, addr)
+    logger.info("accept " .. broker.ntoa(addr))
+    return function (socket, data)          -- data is the decoded BSON document
+        if data.cmd == "login" then return { ok = true, user = data.user } end
+        socket.commit({ error = "unknown cmd" })
+    end
+end)
+if type(sp) ~= "table" then
+    logger.error("cannot listen on 8801: " .. tostring(select(2, sp)))
+else
+    sp.expire = 30000
+    sp.close = function (socket) logger.info("bye " .. socket.id) end
+end
+
 -- A heartbeat every 30 s: returning the delay runs the task again.
 stage.addtask(30000, function ()
     logger.info("alive for " .. math.floor(process.tick) .. " s")

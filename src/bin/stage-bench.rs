@@ -1,0 +1,468 @@
+//! `stage-bench echo`: the broker's echo benchmark. In one run it starts a raw tokio echo
+//! server (same framing, same thread-per-core SO_REUSEPORT shape, no decoding, no Lua) and
+//! a `stage` home whose handler is `return function(socket, data) return data end`, drives
+//! both with the same loopback load (64 connections x 16 frames in flight, and 64 x 1; small
+//! and 1 KiB documents), and prints msgs/s, p50/p99 latency, server CPU per message (from
+//! /proc/<pid>/stat) and the ratio stage / raw. Every load loop is bounded in time and count.
+//!
+//! `stage-bench raw-server PORT THREADS` runs only the baseline server (used by `echo`).
+
+use stage::net::framing::{next_frame, Framing};
+use std::io::Write;
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const SERVER_THREADS: usize = 2;
+const CONNS: usize = 64;
+const WARMUP: Duration = Duration::from_millis(500);
+const MEASURE: Duration = Duration::from_secs(3);
+/// Upper bound of frames per case, whatever the speed.
+const MAX_FRAMES: u64 = 20_000_000;
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("raw-server") => {
+            let port: u16 = args.get(1).and_then(|p| p.parse().ok()).expect("port");
+            let threads: usize = args.get(2).and_then(|p| p.parse().ok()).unwrap_or(SERVER_THREADS);
+            raw_server(port, threads);
+        }
+        Some("echo") | None => echo(),
+        Some(other) => {
+            eprintln!("usage: stage-bench [echo | raw-server PORT THREADS] (got '{other}')");
+            std::process::exit(2);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Documents, encoded by hand so the load generator does no work the servers would not.
+
+fn cstring(out: &mut Vec<u8>, s: &str) {
+    out.extend_from_slice(s.as_bytes());
+    out.push(0);
+}
+
+struct Doc(Vec<u8>);
+
+impl Doc {
+    fn new() -> Doc {
+        Doc(vec![0; 4])
+    }
+    fn str(mut self, k: &str, v: &str) -> Doc {
+        self.0.push(0x02);
+        cstring(&mut self.0, k);
+        self.0.extend_from_slice(&((v.len() + 1) as i32).to_le_bytes());
+        cstring(&mut self.0, v);
+        self
+    }
+    fn int(mut self, k: &str, v: i32) -> Doc {
+        self.0.push(0x10);
+        cstring(&mut self.0, k);
+        self.0.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+    fn dbl(mut self, k: &str, v: f64) -> Doc {
+        self.0.push(0x01);
+        cstring(&mut self.0, k);
+        self.0.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+    fn sub(mut self, k: &str, ty: u8, d: Doc) -> Doc {
+        self.0.push(ty);
+        cstring(&mut self.0, k);
+        self.0.extend_from_slice(&d.end());
+        self
+    }
+    fn end(mut self) -> Vec<u8> {
+        self.0.push(0);
+        let n = self.0.len() as i32;
+        self.0[..4].copy_from_slice(&n.to_le_bytes());
+        self.0
+    }
+}
+
+fn small_doc() -> Vec<u8> {
+    Doc::new()
+        .str("cmd", "move")
+        .int("seq", 12345)
+        .str("name", "player-0042")
+        .sub("pos", 0x03, Doc::new().dbl("x", 10.5).dbl("y", -3.25))
+        .end()
+}
+
+/// About 1 KiB: the small document plus an inventory array of small documents.
+fn kib_doc() -> Vec<u8> {
+    let mut items = Doc::new();
+    for i in 0..24 {
+        items = items.sub(
+            &i.to_string(),
+            0x03,
+            Doc::new().int("id", 1000 + i).str("kind", "potion"),
+        );
+    }
+    Doc::new()
+        .str("cmd", "inventory")
+        .int("seq", 12345)
+        .str("name", "player-0042")
+        .sub("pos", 0x03, Doc::new().dbl("x", 10.5).dbl("y", -3.25))
+        .sub("items", 0x04, items)
+        .end()
+}
+
+// ---------------------------------------------------------------------------------------
+// The baseline server
+
+fn raw_server(port: u16, threads: usize) {
+    let handles: Vec<_> = (0..threads)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                let local = tokio::task::LocalSet::new();
+                local.block_on(&rt, async move {
+                    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+                    let l = stage::net::sock::tcp_listener(addr, true).unwrap();
+                    let l = TcpListener::from_std(l).unwrap();
+                    loop {
+                        let (s, _) = l.accept().await.unwrap();
+                        let _ = s.set_nodelay(true);
+                        tokio::task::spawn_local(raw_conn(s));
+                    }
+                });
+            })
+        })
+        .collect();
+    for h in handles {
+        let _ = h.join();
+    }
+}
+
+/// Reads, cuts frames, copies each frame to the output (no decoding), writes.
+async fn raw_conn(mut s: TcpStream) {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut filled = 0;
+    let mut out = Vec::with_capacity(64 * 1024);
+    loop {
+        let n = match s.read(&mut buf[filled..]).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        filled += n;
+        let mut pos = 0;
+        while let Ok(Some(f)) = next_frame(Framing::Bson, &buf[pos..filled], 64 * 1024) {
+            out.extend_from_slice(&buf[pos + f.start..pos + f.end]);
+            pos += f.consumed;
+        }
+        buf.copy_within(pos..filled, 0);
+        filled -= pos;
+        if s.write_all(&out).await.is_err() {
+            return;
+        }
+        out.clear();
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The load generator
+
+#[derive(Default)]
+struct Stats {
+    frames: u64,
+    errors: u64,
+    /// Latencies in microseconds of frames sent after the warm-up.
+    lat: Vec<u32>,
+}
+
+async fn load_conn(addr: SocketAddr, doc: Rc<Vec<u8>>, depth: usize, start: Instant, stop: Instant) -> Stats {
+    let mut st = Stats::default();
+    let mut s = match TcpStream::connect(addr).await {
+        Ok(s) => s,
+        Err(_) => {
+            st.errors += 1;
+            return st;
+        }
+    };
+    let _ = s.set_nodelay(true);
+    let mut sent: std::collections::VecDeque<Instant> = Default::default();
+    let mut burst = Vec::with_capacity(doc.len() * depth);
+    for _ in 0..depth {
+        burst.extend_from_slice(&doc);
+        sent.push_back(Instant::now());
+    }
+    if s.write_all(&burst).await.is_err() {
+        st.errors += 1;
+        return st;
+    }
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut filled = 0;
+    let warm = start + WARMUP;
+    let mut budget = MAX_FRAMES / CONNS as u64;
+    'outer: loop {
+        let n = match tokio::time::timeout_at(stop.into(), s.read(&mut buf[filled..])).await {
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                st.errors += 1;
+                break;
+            }
+            Ok(Ok(n)) => n,
+            Err(_) => break, // time is up
+        };
+        filled += n;
+        let mut pos = 0;
+        let mut again = 0;
+        loop {
+            match next_frame(Framing::Bson, &buf[pos..filled], 256 * 1024) {
+                Ok(Some(f)) => {
+                    if f.end - f.start != doc.len() {
+                        st.errors += 1;
+                    }
+                    pos += f.consumed;
+                    let t0 = sent.pop_front().unwrap_or(start);
+                    let now = Instant::now();
+                    if t0 >= warm {
+                        st.frames += 1;
+                        st.lat.push((now - t0).as_micros().min(u32::MAX as u128) as u32);
+                    }
+                    if now < stop && budget > 0 {
+                        budget -= 1;
+                        again += 1;
+                    }
+                }
+                Ok(None) => break,
+                Err(_) => {
+                    st.errors += 1;
+                    break 'outer;
+                }
+            }
+        }
+        buf.copy_within(pos..filled, 0);
+        filled -= pos;
+        if again > 0 {
+            burst.clear();
+            let now = Instant::now();
+            for _ in 0..again {
+                burst.extend_from_slice(&doc);
+                sent.push_back(now);
+            }
+            if s.write_all(&burst).await.is_err() {
+                st.errors += 1;
+                break;
+            }
+        } else if sent.is_empty() {
+            break;
+        }
+    }
+    st
+}
+
+struct Result1 {
+    rate: f64,
+    p50: u32,
+    p99: u32,
+    cpu_us: f64,
+    errors: u64,
+}
+
+fn cpu_ticks(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let rest = s.rsplit_once(')').map(|x| x.1).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the file, i.e. 12 and 13 after the name.
+    f.get(11).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0)
+        + f.get(12).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0)
+}
+
+fn run_case(pid: u32, addr: SocketAddr, doc: &[u8], depth: usize) -> Result1 {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let local = tokio::task::LocalSet::new();
+    let doc = Rc::new(doc.to_vec());
+    let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    local.block_on(&rt, async move {
+        let start = Instant::now();
+        let stop = start + WARMUP + MEASURE;
+        let tasks: Vec<_> = (0..CONNS)
+            .map(|_| tokio::task::spawn_local(load_conn(addr, doc.clone(), depth, start, stop)))
+            .collect();
+        tokio::time::sleep_until((start + WARMUP).into()).await;
+        let c0 = cpu_ticks(pid);
+        let t0 = Instant::now();
+        let mut all = Stats::default();
+        let mut c1 = None;
+        for t in tasks {
+            let st = t.await.unwrap();
+            c1.get_or_insert_with(|| (cpu_ticks(pid), Instant::now()));
+            all.frames += st.frames;
+            all.errors += st.errors;
+            all.lat.extend(st.lat);
+        }
+        let (c1, t1) = c1.unwrap();
+        let secs = (t1 - t0).as_secs_f64().max(1e-3);
+        all.lat.sort_unstable();
+        let pct = |p: f64| {
+            all.lat
+                .get(((all.lat.len() as f64 * p) as usize).min(all.lat.len().saturating_sub(1)))
+                .copied()
+                .unwrap_or(0)
+        };
+        Result1 {
+            rate: all.frames as f64 / secs,
+            p50: pct(0.50),
+            p99: pct(0.99),
+            cpu_us: (c1 - c0) as f64 / tick * 1e6 / (all.frames.max(1) as f64),
+            errors: all.errors,
+        }
+    })
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn wait_port(addr: SocketAddr, child: &mut Child) {
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(10) {
+        if std::net::TcpStream::connect(addr).is_ok() {
+            return;
+        }
+        if let Ok(Some(st)) = child.try_wait() {
+            panic!("server exited early: {st}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("server did not listen on {addr} within 10 s");
+}
+
+struct Server {
+    child: Child,
+    _home: Option<tempfile_like::Dir>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A tiny temporary directory (the bench avoids dev-dependencies).
+mod tempfile_like {
+    pub struct Dir(pub std::path::PathBuf);
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+fn start_raw(port: u16) -> Server {
+    let exe = std::env::current_exe().unwrap();
+    let mut child = Command::new(exe)
+        .args(["raw-server", &port.to_string(), &SERVER_THREADS.to_string()])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start raw server");
+    wait_port(([127, 0, 0, 1], port).into(), &mut child);
+    Server { child, _home: None }
+}
+
+fn start_stage(port: u16) -> Server {
+    let exe = std::env::current_exe().unwrap().with_file_name("stage");
+    let dir = std::env::temp_dir().join(format!("stage-bench-{}-{port}", std::process::id()));
+    for d in ["conf", "package", "logs"] {
+        std::fs::create_dir_all(dir.join(d)).unwrap();
+    }
+    let startup: Vec<&str> = (0..SERVER_THREADS).map(|_| r#"["lua+stage"]"#).collect();
+    std::fs::write(
+        dir.join("conf/stage.json"),
+        format!(
+            r##"{{"#services": {{"tcp": ["127.0.0.1:{port}"]}}, "#startup": [{}]}}"##,
+            startup.join(", ")
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("package/start.lua"),
+        format!(
+            "local p = broker.ready('tcp://127.0.0.1:{port}?bson=64k,1m', function(socket, addr)\n\
+             \x20   return function(socket, data) return data end\nend)\n\
+             assert(type(p) == 'table', 'listen failed')\n"
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(exe)
+        .arg("run")
+        .arg(&dir)
+        .env("STAGE_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start stage (build it with cargo build --release)");
+    wait_port(([127, 0, 0, 1], port).into(), &mut child);
+    // Every instance must be listening before the load starts, or the kernel sends all
+    // connections to the first one.
+    std::thread::sleep(Duration::from_millis(500));
+    Server {
+        child,
+        _home: Some(tempfile_like::Dir(dir)),
+    }
+}
+
+fn echo() {
+    let small = small_doc();
+    let kib = kib_doc();
+    println!(
+        "echo benchmark: {CONNS} connections, {SERVER_THREADS} server threads, loopback, {} s per case after {} ms warm-up",
+        MEASURE.as_secs(),
+        WARMUP.as_millis()
+    );
+    println!("documents: small {} bytes, 1k {} bytes", small.len(), kib.len());
+    println!(
+        "{:<14} {:<6} {:>11} {:>8} {:>8} {:>9} {:>7}",
+        "case", "server", "msgs/s", "p50 us", "p99 us", "cpu us/m", "errors"
+    );
+    let mut failed = false;
+    for (name, doc) in [("small", &small), ("1k", &kib)] {
+        for depth in [16usize, 1] {
+            let case = format!("{CONNS}x{depth} {name}");
+            let raw = {
+                let port = free_port();
+                let srv = start_raw(port);
+                run_case(srv.child.id(), ([127, 0, 0, 1], port).into(), doc, depth)
+            };
+            let stg = {
+                let port = free_port();
+                let srv = start_stage(port);
+                run_case(srv.child.id(), ([127, 0, 0, 1], port).into(), doc, depth)
+            };
+            for (who, r) in [("raw", &raw), ("stage", &stg)] {
+                println!(
+                    "{case:<14} {who:<6} {:>11.0} {:>8} {:>8} {:>9.2} {:>7}",
+                    r.rate, r.p50, r.p99, r.cpu_us, r.errors
+                );
+            }
+            println!(
+                "{case:<14} ratio stage/raw msgs/s = {:.2}",
+                stg.rate / raw.rate.max(1.0)
+            );
+            failed |= raw.errors + stg.errors > 0;
+            let _ = std::io::stdout().flush();
+        }
+    }
+    if failed {
+        eprintln!("stage-bench: errors occurred");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,959 @@
+//! The `broker` module: listeners (`broker.ready`), outgoing connections (`broker.join`) and
+//! the socket objects scripts talk through. Every socket lives on the runtime of the instance
+//! that opened it: a connection's task reads, cuts frames (`net::framing`), decodes them
+//! (`bson_lua`), calls the script, encodes the reply into the connection's output buffer and
+//! writes it — no thread hop per frame. Sockets are registered per instance by id; ids are
+//! unique in the process, so an id of another instance is simply not found here.
+
+use crate::bson_lua;
+use crate::instance::{call_callback, ctx};
+use crate::net::framing::{next_frame, put_frame, Framing};
+use crate::net::sock;
+use crate::net::uri::{self, Endpoint, Proto};
+use mlua::{Function, Lua, MultiValue, Table, Value, Variadic};
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::rc::{Rc, Weak};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::Notify;
+use tokio::task::{spawn_local, AbortHandle};
+use tokio::time::Instant;
+
+/// Socket ids are unique in the process (not only per instance), so that an id handed to
+/// another instance can never name a different socket there.
+static NEXT_ID: AtomicI64 = AtomicI64::new(1);
+
+fn next_id() -> i64 {
+    NEXT_ID.fetch_add(1, Ordering::Relaxed)
+}
+
+/// The broker state of one instance (Lua app data).
+#[derive(Default)]
+struct Broker {
+    conns: RefCell<HashMap<i64, Rc<Conn>>>,
+    /// Listening ports: id -> (port table, accept loop).
+    ports: RefCell<HashMap<i64, (Table, AbortHandle)>>,
+    /// The socket `broker.signal(addr, v)` sends from, bound on first use.
+    udp_out: RefCell<Option<Rc<UdpSocket>>>,
+}
+
+fn broker(lua: &Lua) -> Rc<Broker> {
+    if let Some(b) = lua.app_data_ref::<Rc<Broker>>() {
+        return b.clone();
+    }
+    let b = Rc::new(Broker::default());
+    lua.set_app_data(b.clone());
+    b
+}
+
+enum Kind {
+    Tcp,
+    Udp {
+        sock: Rc<UdpSocket>,
+        /// Where a reply without an address goes: the connected peer or the last sender.
+        peer: Cell<Option<SocketAddr>>,
+    },
+}
+
+/// One connection (TCP) or bound/connected UDP socket.
+struct Conn {
+    id: i64,
+    framing: Framing,
+    max_in: usize,
+    max_out: usize,
+    peer: Option<SocketAddr>,
+    /// The script's socket object.
+    table: Table,
+    /// The listening port's table (for `receive`, `close`, `expire`, `commit`), if accepted.
+    port: Option<Table>,
+    /// The receive function returned by `accept` / `on_connect`.
+    handler: RefCell<Option<Function>>,
+    kind: Kind,
+    /// Framed, unsent output.
+    out: RefCell<Vec<u8>>,
+    /// Wakes the connection task: output was queued or a close was asked for.
+    wake: Notify,
+    closing: RefCell<Option<String>>,
+    /// False while `accept` has not accepted it: a refused connection gets no `port.close`.
+    accepted: Cell<bool>,
+    /// The close is the peer's fault (bad input, back-pressure): logged as a warning.
+    bad: RefCell<bool>,
+}
+
+impl Conn {
+    fn is_closing(&self) -> bool {
+        self.closing.borrow().is_some()
+    }
+
+    fn close(&self, reason: &str) {
+        let mut c = self.closing.borrow_mut();
+        if c.is_none() {
+            *c = Some(reason.to_string());
+        }
+        drop(c);
+        self.wake.notify_one();
+    }
+
+    /// Where frames go: the accept/on_connect function, else `port.receive`, else
+    /// `socket.receive`.
+    fn receiver(&self) -> Option<Function> {
+        if let Some(f) = self.handler.borrow().as_ref() {
+            return Some(f.clone());
+        }
+        if let Some(p) = &self.port {
+            if let Ok(Some(f)) = p.raw_get::<Option<Function>>("receive") {
+                return Some(f);
+            }
+        }
+        self.table.raw_get::<Option<Function>>("receive").ok().flatten()
+    }
+
+    fn port_ms(&self, field: &str) -> Option<u64> {
+        let v: Value = self.port.as_ref()?.raw_get(field).ok()?;
+        let ms = match v {
+            Value::Integer(i) => i as f64,
+            Value::Number(n) => n,
+            _ => return None,
+        };
+        (ms > 0.0).then_some(ms as u64)
+    }
+
+    /// Frames `v` into `out` per the framing. Returns the bytes queued.
+    fn frame_value(&self, lua: &Lua, v: &Value, out: &mut Vec<u8>) -> mlua::Result<usize> {
+        let start = out.len();
+        match (self.framing, v) {
+            (Framing::Bson, Value::Table(_)) => {
+                bson_lua::encode(lua, v, out).map_err(mlua::Error::runtime)?
+            }
+            (Framing::Packet, Value::Table(_)) => {
+                out.extend_from_slice(&[0; 4]);
+                if let Err(e) = bson_lua::encode(lua, v, out) {
+                    out.truncate(start);
+                    return Err(mlua::Error::runtime(e));
+                }
+                let len = (out.len() - start) as i32;
+                out[start..start + 4].copy_from_slice(&len.to_le_bytes());
+            }
+            (Framing::Text, Value::Table(_)) => {
+                let json =
+                    serde_json::to_vec(v).map_err(|e| mlua::Error::runtime(format!("socket.commit: {e}")))?;
+                put_frame(Framing::Text, &json, out);
+            }
+            (f, Value::String(s)) => put_frame(f, &s.as_bytes(), out),
+            (f, Value::Integer(_) | Value::Number(_)) if f != Framing::Bson => {
+                put_frame(f, v.to_string()?.as_bytes(), out)
+            }
+            (f, other) => {
+                return Err(mlua::Error::runtime(format!(
+                    "socket.commit: cannot send a {} on a {} socket (expected a table or a string)",
+                    other.type_name(),
+                    f.name()
+                )))
+            }
+        }
+        Ok(out.len() - start)
+    }
+
+    /// `socket.commit(v [, addr])`: queues (TCP) or sends (UDP) one frame.
+    fn commit(&self, lua: &Lua, v: &Value, addr: Option<SocketAddr>) -> mlua::Result<usize> {
+        if self.is_closing() {
+            return Ok(0);
+        }
+        match &self.kind {
+            Kind::Tcp => {
+                let mut out = self.out.borrow_mut();
+                let n = self.frame_value(lua, v, &mut out)?;
+                if out.len() > self.max_out {
+                    // Back-pressure: the peer does not read fast enough (or the script sends
+                    // too much at once). Close rather than let memory grow without bound.
+                    let reason = format!(
+                        "unsent output of {} bytes exceeds {} OUT limit {}",
+                        out.len(),
+                        self.framing.name(),
+                        self.max_out
+                    );
+                    out.clear();
+                    drop(out);
+                    self.close(&reason);
+                    *self.bad.borrow_mut() = true;
+                    return Ok(0);
+                }
+                drop(out);
+                self.wake.notify_one();
+                Ok(n)
+            }
+            Kind::Udp { sock, peer } => {
+                let Some(to) = addr.or(peer.get()) else {
+                    return Err(mlua::Error::runtime(
+                        "socket.commit: a udp socket needs an address (no peer yet)",
+                    ));
+                };
+                let mut buf = Vec::with_capacity(64);
+                self.frame_value(lua, v, &mut buf)?;
+                Ok(udp_send(sock, &buf, to))
+            }
+        }
+    }
+}
+
+/// Sends one datagram with a direct non-blocking `sendto`: tokio's `try_send_to` refuses
+/// until the reactor has seen the socket writable once. A full socket buffer drops the
+/// datagram (UDP semantics); returns the bytes sent, 0 when dropped.
+fn udp_send(sock: &UdpSocket, buf: &[u8], to: SocketAddr) -> usize {
+    socket2::SockRef::from(sock).send_to(buf, &to.into()).unwrap_or(0)
+}
+
+pub fn open(lua: &Lua) -> mlua::Result<Table> {
+    let t = lua.create_table()?;
+    t.set("ready", lua.create_async_function(ready)?)?;
+    t.set("join", lua.create_async_function(join)?)?;
+    t.set("close", lua.create_function(close)?)?;
+    t.set(
+        "f",
+        lua.create_function(|lua, id: i64| Ok(find(lua, id).map(|c| c.table.clone())))?,
+    )?;
+    t.set("signal", lua.create_function(signal)?)?;
+    t.set("submit", lua.create_function(submit)?)?;
+    t.set("ntoa", lua.create_function(ntoa)?)?;
+    t.set("aton", lua.create_function(aton)?)?;
+    t.set("ifaddr", lua.create_function(ifaddr)?)?;
+    Ok(t)
+}
+
+fn find(lua: &Lua, id: i64) -> Option<Rc<Conn>> {
+    broker(lua).conns.borrow().get(&id).cloned()
+}
+
+/// The failure return of `ready`/`join`: an errno (or -1) and a message.
+fn fail(lua: &Lua, errno: Option<i32>, msg: String) -> mlua::Result<MultiValue> {
+    Ok(MultiValue::from_vec(vec![
+        Value::Integer(errno.unwrap_or(-1) as i64),
+        Value::String(lua.create_string(msg)?),
+    ]))
+}
+
+fn addr_string(lua: &Lua, a: Option<SocketAddr>) -> mlua::Result<Value> {
+    match a {
+        Some(a) => Ok(Value::String(lua.create_string(sock::ntoa(&a))?)),
+        None => Ok(Value::Nil),
+    }
+}
+
+/// Builds the script's socket object: `id`, `[0]`, `[1]` peer, `[-1]` local, `commit`, `close`.
+fn socket_table(
+    lua: &Lua,
+    id: i64,
+    peer: Option<SocketAddr>,
+    local: Option<SocketAddr>,
+) -> mlua::Result<Table> {
+    let t = lua.create_table_with_capacity(3, 4)?;
+    t.raw_set("id", id)?;
+    t.raw_set(0, id)?;
+    t.raw_set(1, addr_string(lua, peer)?)?;
+    t.raw_set(-1, addr_string(lua, local)?)?;
+    Ok(t)
+}
+
+/// Adds `commit` and `close` to a socket table; they hold the connection weakly, so a
+/// script keeping the table does not keep a closed connection alive.
+fn add_methods(lua: &Lua, conn: &Rc<Conn>) -> mlua::Result<()> {
+    let w: Weak<Conn> = Rc::downgrade(conn);
+    conn.table.raw_set(
+        "commit",
+        lua.create_function(move |lua, (v, addr): (Value, Option<String>)| {
+            let Some(c) = w.upgrade() else { return Ok(0) };
+            let addr = match addr {
+                Some(a) => Some(parse_addr(&a)?),
+                None => None,
+            };
+            c.commit(lua, &v, addr)
+        })?,
+    )?;
+    let w: Weak<Conn> = Rc::downgrade(conn);
+    conn.table.raw_set(
+        "close",
+        lua.create_function(move |_, ()| {
+            if let Some(c) = w.upgrade() {
+                c.close("closed by the script");
+            }
+            Ok(())
+        })?,
+    )?;
+    Ok(())
+}
+
+fn parse_addr(s: &str) -> mlua::Result<SocketAddr> {
+    if let Ok(a) = s.parse() {
+        return Ok(a);
+    }
+    let (h, p) = s
+        .trim_start_matches('[')
+        .rsplit_once(':')
+        .ok_or_else(|| mlua::Error::runtime(format!("bad address '{s}' (expected host:port)")))?;
+    let h = h.trim_end_matches(']');
+    p.parse::<u16>()
+        .ok()
+        .and_then(|p| sock::literal_addr(h, p))
+        .ok_or_else(|| mlua::Error::runtime(format!("bad address '{s}' (expected ip:port)")))
+}
+
+fn io_fail(lua: &Lua, what: &str, e: std::io::Error) -> mlua::Result<MultiValue> {
+    fail(lua, e.raw_os_error(), format!("{what}: {e}"))
+}
+
+/// `broker.ready(uri, accept)`: listens; returns the port table, or errno and a message.
+async fn ready(lua: Lua, (uri, accept): (String, Function)) -> mlua::Result<MultiValue> {
+    let ep = match uri::parse(&uri) {
+        Ok(ep) => ep,
+        Err(e) => return fail(&lua, None, e.to_string()),
+    };
+    let Some(addr) = sock::literal_addr(&ep.host, ep.port) else {
+        return fail(
+            &lua,
+            None,
+            format!("broker.ready {uri}: host must be an ip address"),
+        );
+    };
+    let c = ctx(&lua);
+    match ep.proto {
+        Proto::Tcp => {
+            let shared = sock::is_shared(&c.node.config.services_tcp, ep.port);
+            let listener = match sock::tcp_listener(addr, shared).and_then(TcpListener::from_std) {
+                Ok(l) => l,
+                Err(e) => return io_fail(&lua, &format!("broker.ready {uri}"), e),
+            };
+            let local = listener.local_addr().ok();
+            let id = next_id();
+            let port = socket_table(&lua, id, None, local)?;
+            port.raw_set("port", local.map(|a| a.port()).unwrap_or(0))?;
+            let framing = ep.framing;
+            let task = spawn_local(accept_loop(lua.clone(), listener, ep, port.clone(), accept));
+            broker(&lua)
+                .ports
+                .borrow_mut()
+                .insert(id, (port.clone(), task.abort_handle()));
+            log::info!(target: &c.name, "listening on {} ({}{})", local.map(|a| a.to_string()).unwrap_or_default(),
+                framing.name(), if shared { ", shared" } else { "" });
+            Ok(MultiValue::from_vec(vec![Value::Table(port)]))
+        }
+        Proto::Udp => {
+            let shared = sock::is_shared(&c.node.config.services_udp, ep.port);
+            let s = match sock::udp_socket(addr, shared).and_then(UdpSocket::from_std) {
+                Ok(s) => Rc::new(s),
+                Err(e) => return io_fail(&lua, &format!("broker.ready {uri}"), e),
+            };
+            let conn = new_udp(&lua, &ep, s, None)?;
+            let rets = call_callback(&lua, "accept", &accept, (conn.table.clone(), Value::Nil)).await;
+            match rets.as_ref().and_then(|r| r.front()) {
+                Some(Value::Function(f)) => *conn.handler.borrow_mut() = Some(f.clone()),
+                Some(Value::Boolean(true)) => {}
+                _ => {
+                    conn.close("refused by accept");
+                    return fail(&lua, None, format!("broker.ready {uri}: refused by accept"));
+                }
+            }
+            // A UDP "port" is its socket: `receive` and friends are set on the socket object.
+            Ok(MultiValue::from_vec(vec![Value::Table(conn.table.clone())]))
+        }
+    }
+}
+
+fn new_udp(lua: &Lua, ep: &Endpoint, s: Rc<UdpSocket>, peer: Option<SocketAddr>) -> mlua::Result<Rc<Conn>> {
+    let id = next_id();
+    let table = socket_table(lua, id, peer, s.local_addr().ok())?;
+    let conn = Rc::new(Conn {
+        id,
+        framing: ep.framing,
+        max_in: ep.max_in,
+        max_out: ep.max_out,
+        peer,
+        port: Some(table.clone()),
+        table,
+        handler: RefCell::new(None),
+        kind: Kind::Udp {
+            sock: s.clone(),
+            peer: Cell::new(peer),
+        },
+        out: RefCell::new(Vec::new()),
+        wake: Notify::new(),
+        closing: RefCell::new(None),
+        accepted: Cell::new(true),
+        bad: RefCell::new(false),
+    });
+    add_methods(lua, &conn)?;
+    broker(lua).conns.borrow_mut().insert(id, conn.clone());
+    spawn_local(run_udp(lua.clone(), conn.clone(), s));
+    Ok(conn)
+}
+
+async fn accept_loop(lua: Lua, listener: TcpListener, ep: Endpoint, port: Table, accept: Function) {
+    let name = ctx(&lua).name.clone();
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                // Out of file descriptors and similar: back off instead of spinning; the
+                // connections already open keep being served.
+                log::warn!(target: &name, "accept on port {}: {e}", ep.port);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let lua = lua.clone();
+        let port = port.clone();
+        let accept = accept.clone();
+        let ep = ep.clone();
+        spawn_local(async move {
+            let conn = match new_tcp(&lua, &ep, &stream, Some(port)) {
+                Ok(c) => c,
+                Err(e) => {
+                    log::error!(target: &ctx(&lua).name, "accept {peer}: {e}");
+                    return;
+                }
+            };
+            let peer_s = sock::ntoa(&peer);
+            let rets = call_callback(&lua, "accept", &accept, (conn.table.clone(), peer_s)).await;
+            match rets.as_ref().and_then(|r| r.front()) {
+                Some(Value::Function(f)) => *conn.handler.borrow_mut() = Some(f.clone()),
+                Some(Value::Boolean(true)) => {}
+                _ => {
+                    conn.accepted.set(false);
+                    conn.close("refused by accept");
+                }
+            }
+            run_tcp(lua, conn, stream).await;
+        });
+    }
+}
+
+fn new_tcp(lua: &Lua, ep: &Endpoint, stream: &TcpStream, port: Option<Table>) -> mlua::Result<Rc<Conn>> {
+    let id = next_id();
+    let peer = stream.peer_addr().ok();
+    let table = socket_table(lua, id, peer, stream.local_addr().ok())?;
+    let conn = Rc::new(Conn {
+        id,
+        framing: ep.framing,
+        max_in: ep.max_in,
+        max_out: ep.max_out,
+        peer,
+        table,
+        port,
+        handler: RefCell::new(None),
+        kind: Kind::Tcp,
+        out: RefCell::new(Vec::new()),
+        wake: Notify::new(),
+        closing: RefCell::new(None),
+        accepted: Cell::new(true),
+        bad: RefCell::new(false),
+    });
+    add_methods(lua, &conn)?;
+    broker(lua).conns.borrow_mut().insert(id, conn.clone());
+    Ok(conn)
+}
+
+/// Turns a frame's bytes into the value a script receives.
+fn frame_value(lua: &Lua, framing: Framing, bytes: &[u8]) -> Result<Value, String> {
+    match framing {
+        Framing::Bson => bson_lua::decode(lua, bytes).map_err(|e| e.to_string()),
+        Framing::Packet => lua
+            .create_string(bytes)
+            .map(Value::String)
+            .map_err(|e| e.to_string()),
+        Framing::Text => {
+            let line = bytes.strip_suffix(b"\n").unwrap_or(bytes);
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            lua.create_string(line)
+                .map(Value::String)
+                .map_err(|e| e.to_string())
+        }
+    }
+}
+
+/// Calls the receiver with `(socket, data [, addr])` and commits a non-nil return value.
+async fn deliver(lua: &Lua, conn: &Rc<Conn>, data: Value, from: Option<SocketAddr>) {
+    let Some(f) = conn.receiver() else {
+        log::warn!(target: &ctx(lua).name, "socket {}: frame dropped, no receive function", conn.id);
+        return;
+    };
+    let rets = match from {
+        None => call_callback(lua, "receive", &f, (conn.table.clone(), data)).await,
+        Some(a) => {
+            let addr = addr_string(lua, Some(a)).unwrap_or(Value::Nil);
+            call_callback(lua, "receive", &f, (conn.table.clone(), data, addr)).await
+        }
+    };
+    if let Some(v) = rets.as_ref().and_then(|r| r.front()) {
+        if !v.is_nil() {
+            if let Err(e) = conn.commit(lua, v, from) {
+                log::error!(target: &ctx(lua).name, "socket {}: reply not sent: {e}", conn.id);
+            }
+        }
+    }
+}
+
+/// Writes what it can of the output without waiting; an error or unsent output over `OUT`
+/// is a reason to close.
+fn flush(conn: &Conn, stream: &TcpStream) -> Result<(), String> {
+    let mut out = conn.out.borrow_mut();
+    while !out.is_empty() {
+        match stream.try_write(&out) {
+            Ok(n) => {
+                out.drain(..n);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) => return Err(format!("write failed: {e}")),
+        }
+    }
+    if out.len() > conn.max_out {
+        return Err(format!(
+            "unsent output of {} bytes exceeds {} OUT limit {}",
+            out.len(),
+            conn.framing.name(),
+            conn.max_out
+        ));
+    }
+    if out.is_empty() && out.capacity() > 256 * 1024 {
+        out.shrink_to(16 * 1024);
+    }
+    Ok(())
+}
+
+/// The life of one TCP connection.
+async fn run_tcp(lua: Lua, conn: Rc<Conn>, stream: TcpStream) {
+    let mut buf: Vec<u8> = vec![0; 16 * 1024];
+    let (mut filled, mut pos) = (0usize, 0usize);
+    let mut last_read = Instant::now();
+    let mut flush_at: Option<Instant> = None;
+    let (reason, bad): (String, bool) = 'conn: loop {
+        // Hand every complete frame to the script, in order.
+        while !conn.is_closing() {
+            match next_frame(conn.framing, &buf[pos..filled], conn.max_in) {
+                Ok(Some(f)) => {
+                    let data = frame_value(&lua, conn.framing, &buf[pos + f.start..pos + f.end]);
+                    pos += f.consumed;
+                    match data {
+                        Ok(v) => deliver(&lua, &conn, v, None).await,
+                        Err(e) => break 'conn (e, true),
+                    }
+                    // Replies are written once per read batch (fewer syscalls), but early
+                    // when they pile up towards the OUT limit.
+                    if conn.out.borrow().len() > conn.max_out / 2 {
+                        if let Err(e) = flush(&conn, &stream) {
+                            break 'conn (e, true);
+                        }
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => break 'conn (e.to_string(), true),
+            }
+        }
+        if pos > 0 {
+            buf.copy_within(pos..filled, 0);
+            filled -= pos;
+            pos = 0;
+        }
+        // Output: at once, or after `port.commit` ms to coalesce writes.
+        let has_out = !conn.out.borrow().is_empty();
+        if has_out {
+            let due = match (flush_at, conn.port_ms("commit")) {
+                (Some(t), _) => t <= Instant::now(),
+                (None, Some(ms)) => {
+                    flush_at = Some(Instant::now() + Duration::from_millis(ms));
+                    false
+                }
+                (None, None) => true,
+            };
+            if due {
+                flush_at = None;
+                if let Err(e) = flush(&conn, &stream) {
+                    break (e, true);
+                }
+            }
+        }
+        if let Some(r) = conn.closing.borrow().clone() {
+            break (r, *conn.bad.borrow());
+        }
+        let pending = !conn.out.borrow().is_empty() && flush_at.is_none();
+        let expire = conn.port_ms("expire");
+        let idle_at = expire.map(|ms| last_read + Duration::from_millis(ms));
+        if filled == buf.len() {
+            // A frame larger than the buffer (but within IN): grow to what it needs.
+            let need = match conn.framing {
+                Framing::Text => conn.max_in,
+                _ => i32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize,
+            };
+            buf.resize(need.max(buf.len() * 2).min(conn.max_in.max(16 * 1024)), 0);
+        }
+        tokio::select! {
+            r = stream.readable() => {
+                if let Err(e) = r { break (format!("read failed: {e}"), false); }
+                match stream.try_read(&mut buf[filled..]) {
+                    Ok(0) => {
+                        if filled > 0 {
+                            break (format!("peer closed with {filled} bytes of a partial frame"), true);
+                        }
+                        break ("peer closed".into(), false);
+                    }
+                    Ok(n) => { filled += n; last_read = Instant::now(); }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(e) => break (format!("read failed: {e}"), false),
+                }
+            }
+            r = stream.writable(), if pending => {
+                if let Err(e) = r { break (format!("write failed: {e}"), false); }
+            }
+            _ = conn.wake.notified() => {}
+            _ = sleep_until_opt(flush_at) => {}
+            _ = sleep_until_opt(idle_at) => {
+                // Idle with half a frame read is the peer's fault (a stalled client): warn.
+                let partial = if filled > 0 { format!(" with {filled} bytes of a partial frame") } else { String::new() };
+                break (format!("idle for {} ms (port.expire){partial}", expire.unwrap_or(0)), filled > 0);
+            }
+        }
+    };
+    // Best effort: send what the script queued before closing.
+    if !bad {
+        let _ = flush(&conn, &stream);
+    }
+    finish(&lua, &conn, &reason, bad).await;
+}
+
+async fn sleep_until_opt(t: Option<Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Unregisters a connection, logs why it closed, and calls `port.close(socket)`.
+async fn finish(lua: &Lua, conn: &Rc<Conn>, reason: &str, bad: bool) {
+    conn.close(reason);
+    broker(lua).conns.borrow_mut().remove(&conn.id);
+    let name = ctx(lua).name.clone();
+    let peer = conn.peer.map(|p| p.to_string()).unwrap_or_else(|| "-".into());
+    if bad {
+        log::warn!(target: &name, "closed {peer} (socket {}): {reason}", conn.id);
+    } else {
+        log::debug!(target: &name, "closed {peer} (socket {}): {reason}", conn.id);
+    }
+    let on_close = conn
+        .port
+        .as_ref()
+        .and_then(|p| p.raw_get::<Option<Function>>("close").ok().flatten())
+        .or_else(|| conn.table.raw_get::<Option<Function>>("onclose").ok().flatten());
+    if let Some(f) = on_close.filter(|_| conn.accepted.get()) {
+        call_callback(lua, "close", &f, conn.table.clone()).await;
+    }
+}
+
+/// The life of a UDP socket: each datagram is one frame.
+async fn run_udp(lua: Lua, conn: Rc<Conn>, s: Rc<UdpSocket>) {
+    let mut buf = vec![0u8; 65536];
+    let name = ctx(&lua).name.clone();
+    loop {
+        let got = tokio::select! {
+            r = s.recv_from(&mut buf) => r,
+            _ = conn.wake.notified() => {
+                if conn.is_closing() { break; }
+                continue;
+            }
+        };
+        let (n, from) = match got {
+            Ok(x) => x,
+            Err(e) => {
+                // ICMP errors of earlier sends surface here on Linux; they are not fatal.
+                log::debug!(target: &name, "udp socket {}: {e}", conn.id);
+                continue;
+            }
+        };
+        let frame = &buf[..n];
+        let ok = match next_frame(conn.framing, frame, conn.max_in) {
+            Ok(Some(f)) if f.consumed == n || conn.framing == Framing::Text => Ok(f),
+            Ok(_) => Err(format!(
+                "datagram of {n} bytes is not exactly one {} frame",
+                conn.framing.name()
+            )),
+            Err(e) => Err(e.to_string()),
+        };
+        let f = match ok {
+            Ok(f) => f,
+            Err(e) => {
+                log::warn!(target: &name, "dropped datagram from {from}: {e}");
+                continue;
+            }
+        };
+        let end = if conn.framing == Framing::Text { n } else { f.end };
+        match frame_value(&lua, conn.framing, &frame[f.start..end]) {
+            Ok(v) => {
+                if let Kind::Udp { peer, .. } = &conn.kind {
+                    peer.set(Some(from));
+                }
+                deliver(&lua, &conn, v, Some(from)).await;
+            }
+            Err(e) => log::warn!(target: &name, "dropped datagram from {from}: {e}"),
+        }
+        if conn.is_closing() {
+            break;
+        }
+    }
+    finish(&lua, &conn, "closed", false).await;
+}
+
+/// `broker.join(uri [, on_connect])`: connects; returns the socket, or errno and a message.
+async fn join(lua: Lua, (uri, on_connect): (String, Option<Function>)) -> mlua::Result<MultiValue> {
+    let ep = match uri::parse(&uri) {
+        Ok(ep) => ep,
+        Err(e) => return fail(&lua, None, e.to_string()),
+    };
+    let addr = match sock::literal_addr(&ep.host, ep.port) {
+        Some(a) => a,
+        None => match tokio::net::lookup_host(ep.authority())
+            .await
+            .map(|mut i| i.next())
+        {
+            Ok(Some(a)) => a,
+            Ok(None) => {
+                return fail(
+                    &lua,
+                    None,
+                    format!("broker.join {uri}: no address for {}", ep.host),
+                )
+            }
+            Err(e) => return io_fail(&lua, &format!("broker.join {uri}"), e),
+        },
+    };
+    let conn = match ep.proto {
+        Proto::Tcp => {
+            let stream = match TcpStream::connect(addr).await {
+                Ok(s) => s,
+                Err(e) => return io_fail(&lua, &format!("broker.join {uri}"), e),
+            };
+            let _ = stream.set_nodelay(true);
+            let conn = new_tcp(&lua, &ep, &stream, None)?;
+            spawn_local(run_tcp(lua.clone(), conn.clone(), stream));
+            conn
+        }
+        Proto::Udp => {
+            let bind: SocketAddr = if addr.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }
+                .parse()
+                .unwrap();
+            let s = match sock::udp_socket(bind, false).and_then(UdpSocket::from_std) {
+                Ok(s) => Rc::new(s),
+                Err(e) => return io_fail(&lua, &format!("broker.join {uri}"), e),
+            };
+            new_udp(&lua, &ep, s, Some(addr))?
+        }
+    };
+    if let Some(f) = on_connect {
+        let rets = call_callback(&lua, "join", &f, (conn.table.clone(), sock::ntoa(&addr))).await;
+        match rets.as_ref().and_then(|r| r.front()) {
+            Some(Value::Function(f)) => *conn.handler.borrow_mut() = Some(f.clone()),
+            Some(Value::Boolean(false)) => conn.close("refused by on_connect"),
+            _ => {}
+        }
+    }
+    Ok(MultiValue::from_vec(vec![Value::Table(conn.table.clone())]))
+}
+
+/// An id from a number or a socket table.
+fn id_of(v: &Value) -> Option<i64> {
+    match v {
+        Value::Integer(i) => Some(*i),
+        Value::Number(n) if n.fract() == 0.0 => Some(*n as i64),
+        Value::Table(t) => t.raw_get::<Option<i64>>("id").ok().flatten(),
+        _ => None,
+    }
+}
+
+fn close_one(lua: &Lua, id: i64) -> bool {
+    if let Some(c) = find(lua, id) {
+        c.close("closed by broker.close");
+        return true;
+    }
+    let b = broker(lua);
+    let port = b.ports.borrow_mut().remove(&id);
+    match port {
+        Some((_, task)) => {
+            task.abort();
+            true
+        }
+        None => false,
+    }
+}
+
+/// `broker.close(id | socket | {ids})`: returns how many sockets or ports it closed.
+fn close(lua: &Lua, v: Value) -> mlua::Result<i64> {
+    if let Value::Table(t) = &v {
+        if t.raw_get::<Option<i64>>("id")?.is_none() {
+            let mut n = 0;
+            for id in t.sequence_values::<Value>() {
+                if id_of(&id?).is_some_and(|id| close_one(lua, id)) {
+                    n += 1;
+                }
+            }
+            return Ok(n);
+        }
+    }
+    let id = id_of(&v).ok_or_else(|| {
+        mlua::Error::runtime(format!(
+            "broker.close: expected a socket id or a list of ids, got a {}",
+            v.type_name()
+        ))
+    })?;
+    Ok(close_one(lua, id) as i64)
+}
+
+/// `broker.signal(id, v)` delivers `v` as if received; `broker.signal({ids}, v)` sends it;
+/// `broker.signal("host:port", v)` sends one UDP datagram. Returns the number of sockets
+/// (or datagrams) it reached.
+fn signal(lua: &Lua, (target, v): (Value, Value)) -> mlua::Result<i64> {
+    match &target {
+        Value::Table(t) => {
+            let mut n = 0;
+            for id in t.sequence_values::<Value>() {
+                if let Some(c) = id_of(&id?).and_then(|id| find(lua, id)) {
+                    if c.commit(lua, &v, None)? > 0 {
+                        n += 1;
+                    }
+                }
+            }
+            Ok(n)
+        }
+        Value::String(s) => {
+            let addr = parse_addr(&s.to_str()?)?;
+            let sock = udp_out(lua, &addr)?;
+            let mut buf = Vec::new();
+            match &v {
+                Value::Table(_) => bson_lua::encode(lua, &v, &mut buf).map_err(mlua::Error::runtime)?,
+                Value::String(s) => buf.extend_from_slice(&s.as_bytes()),
+                other => {
+                    return Err(mlua::Error::runtime(format!(
+                        "broker.signal: cannot send a {} (expected a table or a string)",
+                        other.type_name()
+                    )))
+                }
+            }
+            Ok((udp_send(&sock, &buf, addr) > 0) as i64)
+        }
+        _ => {
+            let Some(c) = id_of(&target).and_then(|id| find(lua, id)) else {
+                return Ok(0);
+            };
+            let lua2 = lua.clone();
+            spawn_local(async move { deliver(&lua2, &c, v, None).await });
+            Ok(1)
+        }
+    }
+}
+
+fn udp_out(lua: &Lua, to: &SocketAddr) -> mlua::Result<Rc<UdpSocket>> {
+    let b = broker(lua);
+    if let Some(s) = b.udp_out.borrow().as_ref() {
+        if s.local_addr().map(|l| l.is_ipv6()).unwrap_or(false) || to.is_ipv4() {
+            return Ok(s.clone());
+        }
+    }
+    // Dual-stack when possible, so one socket reaches IPv4 and IPv6 peers.
+    let s = sock::udp_socket("[::]:0".parse().unwrap(), false)
+        .or_else(|_| sock::udp_socket("0.0.0.0:0".parse().unwrap(), false))
+        .and_then(UdpSocket::from_std)
+        .map_err(|e| mlua::Error::runtime(format!("broker.signal: cannot open a udp socket: {e}")))?;
+    let s = Rc::new(s);
+    *b.udp_out.borrow_mut() = Some(s.clone());
+    Ok(s)
+}
+
+/// `broker.submit(socket, f, ...)`: `stage.submit` keyed by the socket.
+fn submit(lua: &Lua, (socket, f, args): (Value, Function, Variadic<Value>)) -> mlua::Result<()> {
+    let id = id_of(&socket).ok_or_else(|| {
+        mlua::Error::runtime(format!(
+            "broker.submit: expected a socket or an id, got a {}",
+            socket.type_name()
+        ))
+    })?;
+    ctx(lua).submit(
+        lua,
+        Some(format!("broker.socket:{id}")),
+        f,
+        MultiValue::from_vec(args.into_iter().collect()),
+    );
+    Ok(())
+}
+
+/// Reads an address: text `host:port`, or a table `{host = , port = }`.
+fn addr_arg(v: &Value) -> mlua::Result<SocketAddr> {
+    match v {
+        Value::String(s) => parse_addr(&s.to_str()?),
+        Value::Table(t) => {
+            let host: String = t.get("host")?;
+            let port: u16 = t.get("port")?;
+            sock::literal_addr(&host, port)
+                .ok_or_else(|| mlua::Error::runtime(format!("bad address host '{host}' (expected an ip)")))
+        }
+        other => Err(mlua::Error::runtime(format!(
+            "expected an address, got a {}",
+            other.type_name()
+        ))),
+    }
+}
+
+fn addr_fields(lua: &Lua, a: &SocketAddr, t: Table) -> mlua::Result<Table> {
+    t.set("host", a.ip().to_string())?;
+    t.set("port", a.port())?;
+    t.set("family", if a.is_ipv4() { 4 } else { 6 })?;
+    let _ = lua;
+    Ok(t)
+}
+
+/// `broker.ntoa(addr [, t])`: the text form of an address; with a table `t`, fills
+/// `t.host`, `t.port`, `t.family` and returns `t`.
+fn ntoa(lua: &Lua, (addr, t): (Value, Option<Table>)) -> mlua::Result<Value> {
+    let a = addr_arg(&addr)?;
+    match t {
+        Some(t) => addr_fields(lua, &a, t).map(Value::Table),
+        None => lua.create_string(sock::ntoa(&a)).map(Value::String),
+    }
+}
+
+/// `broker.aton(s [, t])`: parses `host:port` (an ip or `localhost`) to the address form the
+/// broker uses (its text); with a table `t`, fills it as `ntoa` does. Nil when unparsable.
+fn aton(lua: &Lua, (s, t): (String, Option<Table>)) -> mlua::Result<Value> {
+    let Ok(a) = parse_addr(&s) else {
+        return Ok(Value::Nil);
+    };
+    match t {
+        Some(t) => addr_fields(lua, &a, t).map(Value::Table),
+        None => lua.create_string(sock::ntoa(&a)).map(Value::String),
+    }
+}
+
+/// `broker.ifaddr()`: `{ {name =, addr =, family =}, ... }`; `broker.ifaddr(name)`: the
+/// first IPv4 (else IPv6) address of that interface, or nil.
+fn ifaddr(lua: &Lua, name: Option<String>) -> mlua::Result<Value> {
+    let all = sock::interfaces();
+    match name {
+        Some(n) => {
+            let mut mine: Vec<_> = all.into_iter().filter(|(i, _)| *i == n).collect();
+            mine.sort_by_key(|(_, ip)| ip.is_ipv6());
+            match mine.first() {
+                Some((_, ip)) => lua.create_string(ip.to_string()).map(Value::String),
+                None => Ok(Value::Nil),
+            }
+        }
+        None => {
+            let t = lua.create_table()?;
+            for (i, (n, ip)) in all.iter().enumerate() {
+                let e = lua.create_table()?;
+                e.set("name", n.as_str())?;
+                e.set("addr", ip.to_string())?;
+                e.set("family", if ip.is_ipv4() { 4 } else { 6 })?;
+                t.raw_set(i + 1, e)?;
+            }
+            Ok(Value::Table(t))
+        }
+    }
+}

@@ -1,0 +1,140 @@
+//! Socket setup: listeners and UDP sockets through socket2 (SO_REUSEPORT for ports named in
+//! `#services`, dual-stack `[::]`, multicast groups), address parsing and interface lookup.
+
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+/// A literal address (`localhost` is accepted as 127.0.0.1); other names are not resolved
+/// here because resolving blocks.
+pub fn literal_addr(host: &str, port: u16) -> Option<SocketAddr> {
+    let ip: IpAddr = match host {
+        "localhost" => Ipv4Addr::LOCALHOST.into(),
+        h => h.parse().ok()?,
+    };
+    Some(SocketAddr::new(ip, port))
+}
+
+/// Whether `port` of `proto` is listed in `#services` (`"host:port"` entries); only the port
+/// matters, since `0.0.0.0:8801` and `127.0.0.1:8801` share one port for SO_REUSEPORT.
+pub fn is_shared(services: &[String], port: u16) -> bool {
+    port != 0
+        && services
+            .iter()
+            .any(|s| s.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()) == Some(port))
+}
+
+fn new_socket(addr: &SocketAddr, ty: Type, proto: Protocol, reuse_port: bool) -> io::Result<Socket> {
+    let s = Socket::new(Domain::for_address(*addr), ty, Some(proto))?;
+    if addr.is_ipv6() {
+        // `[::]` accepts IPv4 too, whatever the system default says.
+        s.set_only_v6(false)?;
+    }
+    s.set_reuse_address(true)?;
+    if reuse_port {
+        s.set_reuse_port(true)?;
+    }
+    s.set_nonblocking(true)?;
+    Ok(s)
+}
+
+/// A non-blocking TCP listener on `addr`.
+pub fn tcp_listener(addr: SocketAddr, reuse_port: bool) -> io::Result<std::net::TcpListener> {
+    let s = new_socket(&addr, Type::STREAM, Protocol::TCP, reuse_port)?;
+    s.bind(&SockAddr::from(addr))?;
+    s.listen(1024)?;
+    Ok(s.into())
+}
+
+/// A non-blocking UDP socket on `addr`; a multicast `addr` binds the port on every interface
+/// and joins the group.
+pub fn udp_socket(addr: SocketAddr, reuse_port: bool) -> io::Result<std::net::UdpSocket> {
+    let multicast = addr.ip().is_multicast();
+    let bind = match (multicast, addr.ip()) {
+        (true, IpAddr::V4(_)) => SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), addr.port()),
+        (true, IpAddr::V6(_)) => SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), addr.port()),
+        _ => addr,
+    };
+    let s = new_socket(&bind, Type::DGRAM, Protocol::UDP, reuse_port || multicast)?;
+    s.bind(&SockAddr::from(bind))?;
+    match addr.ip() {
+        IpAddr::V4(g) if multicast => s.join_multicast_v4(&g, &Ipv4Addr::UNSPECIFIED)?,
+        IpAddr::V6(g) if multicast => s.join_multicast_v6(&g, 0)?,
+        _ => {}
+    }
+    Ok(s.into())
+}
+
+/// Text form of an address: `1.2.3.4:5` or `[::1]:5`.
+pub fn ntoa(addr: &SocketAddr) -> String {
+    addr.to_string()
+}
+
+/// The addresses of the machine's interfaces: (interface name, address).
+pub fn interfaces() -> Vec<(String, IpAddr)> {
+    let mut out = vec![];
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `head` with a list we walk read-only and free once.
+    unsafe {
+        if libc::getifaddrs(&mut head) != 0 {
+            return out;
+        }
+        let mut cur = head;
+        while !cur.is_null() {
+            let ifa = &*cur;
+            cur = ifa.ifa_next;
+            if ifa.ifa_addr.is_null() {
+                continue;
+            }
+            let name = std::ffi::CStr::from_ptr(ifa.ifa_name)
+                .to_string_lossy()
+                .into_owned();
+            match (*ifa.ifa_addr).sa_family as i32 {
+                libc::AF_INET => {
+                    let sa = &*(ifa.ifa_addr as *const libc::sockaddr_in);
+                    out.push((name, IpAddr::V4(Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr)))));
+                }
+                libc::AF_INET6 => {
+                    let sa = &*(ifa.ifa_addr as *const libc::sockaddr_in6);
+                    out.push((name, IpAddr::V6(Ipv6Addr::from(sa.sin6_addr.s6_addr))));
+                }
+                _ => {}
+            }
+        }
+        libc::freeifaddrs(head);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shared_ports() {
+        let s = vec!["0.0.0.0:8801".to_string(), "[::]:8802".to_string()];
+        assert!(is_shared(&s, 8801));
+        assert!(is_shared(&s, 8802));
+        assert!(!is_shared(&s, 8803));
+        assert!(!is_shared(&s, 0));
+    }
+
+    #[test]
+    fn reuse_port_lets_two_listeners_share() {
+        let a = tcp_listener("127.0.0.1:0".parse().unwrap(), true).unwrap();
+        let port = a.local_addr().unwrap().port();
+        let b = tcp_listener(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port), true);
+        assert!(b.is_ok());
+        // Without SO_REUSEPORT the port is taken.
+        let c = tcp_listener(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port), false);
+        assert_eq!(c.unwrap_err().raw_os_error(), Some(libc::EADDRINUSE));
+    }
+
+    #[test]
+    fn loopback_is_listed() {
+        assert!(interfaces().iter().any(|(_, ip)| ip.is_loopback()));
+        assert_eq!(literal_addr("localhost", 1), Some("127.0.0.1:1".parse().unwrap()));
+        assert_eq!(literal_addr("::1", 2), Some("[::1]:2".parse().unwrap()));
+        assert_eq!(literal_addr("example.com", 2), None);
+    }
+}

@@ -1,0 +1,149 @@
+//! Broker endpoint URIs: `tcp://host:port?FRAMING=IN,OUT` and `udp://host:port?FRAMING`.
+
+use super::framing::{parse_size, Framing};
+use thiserror::Error;
+
+/// Default largest frame accepted (IN) and largest unsent output (OUT).
+pub const DEFAULT_IN: usize = 64 * 1024;
+pub const DEFAULT_OUT: usize = 1024 * 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+/// A parsed endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub proto: Proto,
+    /// The host as written, without IPv6 brackets.
+    pub host: String,
+    pub port: u16,
+    pub framing: Framing,
+    pub max_in: usize,
+    pub max_out: usize,
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+#[error("bad broker uri '{uri}': {why}")]
+pub struct UriError {
+    pub uri: String,
+    pub why: String,
+}
+
+impl Endpoint {
+    /// `host:port` with brackets for IPv6, for resolving and for messages.
+    pub fn authority(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+pub fn parse(uri: &str) -> Result<Endpoint, UriError> {
+    let err = |why: &str| UriError {
+        uri: uri.to_string(),
+        why: why.to_string(),
+    };
+    let (scheme, rest) = uri
+        .split_once("://")
+        .ok_or_else(|| err("expected tcp:// or udp://"))?;
+    let proto = match scheme {
+        "tcp" => Proto::Tcp,
+        "udp" => Proto::Udp,
+        other => {
+            return Err(err(&format!(
+                "unsupported scheme '{other}' (expected tcp or udp)"
+            )))
+        }
+    };
+    let (addr, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let addr = addr.trim_end_matches('/');
+    let (host, port) = if let Some(v6) = addr.strip_prefix('[') {
+        let (h, p) = v6.split_once("]:").ok_or_else(|| err("expected [ipv6]:port"))?;
+        (h, p)
+    } else {
+        addr.rsplit_once(':').ok_or_else(|| err("expected host:port"))?
+    };
+    let port: u16 = port.parse().map_err(|_| err(&format!("bad port '{port}'")))?;
+    let host = match host {
+        "" | "*" => "0.0.0.0",
+        h => h,
+    };
+    let mut ep = Endpoint {
+        proto,
+        host: host.to_string(),
+        port,
+        framing: Framing::Bson,
+        max_in: DEFAULT_IN,
+        max_out: DEFAULT_OUT,
+    };
+    if !query.is_empty() {
+        let (name, limits) = query.split_once('=').unwrap_or((query, ""));
+        ep.framing = Framing::parse(name).ok_or_else(|| {
+            err(&format!(
+                "unknown framing '{name}' (expected bson, packet or text)"
+            ))
+        })?;
+        if !limits.is_empty() {
+            let (i, o) = limits.split_once(',').unwrap_or((limits, ""));
+            ep.max_in = parse_size(i).ok_or_else(|| err(&format!("bad IN limit '{i}'")))?;
+            if !o.is_empty() {
+                ep.max_out = parse_size(o).ok_or_else(|| err(&format!("bad OUT limit '{o}'")))?;
+            }
+            if ep.max_in < 5 {
+                return Err(err("IN limit below 5 bytes"));
+            }
+        }
+    }
+    Ok(ep)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_forms() {
+        let e = parse("tcp://0.0.0.0:8801?bson=2k,4k").unwrap();
+        assert_eq!(
+            (e.proto, e.port, e.framing, e.max_in, e.max_out),
+            (Proto::Tcp, 8801, Framing::Bson, 2048, 4096)
+        );
+        let e = parse("tcp://[::]:8802?text").unwrap();
+        assert_eq!(
+            (e.host.as_str(), e.framing, e.max_in),
+            ("::", Framing::Text, DEFAULT_IN)
+        );
+        assert_eq!(e.authority(), "[::]:8802");
+        let e = parse("udp://239.1.2.3:9000?bson").unwrap();
+        assert_eq!(e.proto, Proto::Udp);
+        let e = parse("tcp://127.0.0.1:0?packet=1m").unwrap();
+        assert_eq!((e.max_in, e.max_out), (1 << 20, DEFAULT_OUT));
+        assert_eq!(parse("tcp://:5").unwrap().host, "0.0.0.0");
+    }
+
+    #[test]
+    fn errors_name_the_problem() {
+        assert!(parse("http://x:1")
+            .unwrap_err()
+            .to_string()
+            .contains("unsupported scheme 'http'"));
+        assert!(parse("tcp://x").unwrap_err().to_string().contains("host:port"));
+        assert!(parse("tcp://x:99999")
+            .unwrap_err()
+            .to_string()
+            .contains("bad port"));
+        assert!(parse("tcp://x:1?json")
+            .unwrap_err()
+            .to_string()
+            .contains("unknown framing 'json'"));
+        assert!(parse("tcp://x:1?bson=zz")
+            .unwrap_err()
+            .to_string()
+            .contains("bad IN limit"));
+    }
+}

@@ -1,0 +1,128 @@
+-- broker.ready + broker.join on one node: accept return forms, socket fields, commit,
+-- broker.f / signal / submit / close, port.close, the address helpers.
+local closed = {}
+local seen = {}
+local sp = broker.ready("tcp://127.0.0.1:0?bson=2k,4k", function(socket, addr)
+    check(type(addr) == "string" and addr:match("^127%.0%.0%.1:%d+$"), "accept addr " .. tostring(addr))
+    eq(socket[0], socket.id, "socket[0]")
+    eq(socket[1], addr, "socket[1] is the peer")
+    check(socket[-1]:match(":%d+$"), "socket[-1] is the local address")
+    socket.count = 0                       -- user fields persist for the connection's life
+    if #seen == 0 then
+        seen[1] = socket.id
+        return true                        -- frames go to port.receive
+    elseif #seen == 1 then
+        seen[2] = socket.id
+        return function(s, data)           -- frames go to this function
+            s.count = s.count + 1
+            return { via = "function", n = s.count, echo = data }
+        end
+    end
+    return false                           -- refused
+end)
+check(type(sp) == "table", "ready returned " .. tostring(sp))
+check(sp.port > 0, "port 0 picks a free port")
+sp.receive = function(socket, data)
+    socket.count = socket.count + 1
+    if data.cmd == "commit" then
+        local n = socket.commit({ via = "commit" })
+        check(n > 5, "commit returns the bytes queued")
+        return nil
+    end
+    return { via = "receive", n = socket.count, echo = data }
+end
+sp.close = function(socket) closed[#closed + 1] = socket.id end
+
+local replies = {}
+local function client()
+    local inbox = {}
+    local c = broker.join("tcp://127.0.0.1:" .. sp.port .. "?bson", function(socket, addr)
+        return function(s, data) inbox[#inbox + 1] = data end
+    end)
+    check(type(c) == "table", "join returned " .. tostring(c))
+    return c, inbox
+end
+local function wait(t, n)
+    for _ = 1, 200 do
+        if #t >= n then return end
+        stage.sleep(5)
+    end
+    fail("waited for " .. n .. " replies, got " .. #t)
+end
+
+-- 1: accept returned true -> port.receive
+local c1, in1 = client()
+check(c1.commit({ cmd = "hi", list = { 1, 2, 3 } }) > 0, "client commit")
+wait(in1, 1)
+eq(in1[1].via, "receive")
+eq(in1[1].echo.list[3], 3)
+c1.commit({ cmd = "commit" })
+wait(in1, 2)
+eq(in1[2].via, "commit")
+
+-- 2: accept returned a function
+local c2, in2 = client()
+c2.commit({ x = 1 })
+c2.commit({ x = 2 })
+wait(in2, 2)
+eq(in2[2].via, "function")
+eq(in2[2].n, 2, "user field persisted")
+
+-- 3: accept returned false -> closed
+local c3, in3 = client()
+stage.sleep(50)
+eq(broker.f(c3.id), nil, "refused connection is gone")
+
+-- broker.f, broker.signal(id, v): deliver as if received (on the server's socket 1)
+local s1 = broker.f(seen[1])
+eq(s1.id, seen[1], "broker.f returns the socket object")
+eq(broker.signal(seen[1], { cmd = "fake" }), 1, "signal to a local id")
+wait(in1, 3)
+eq(in1[3].echo.cmd, "fake", "signal delivered as if received, reply sent")
+-- broker.signal({ids}, v): send to them
+eq(broker.signal({ seen[1], seen[2] }, { pushed = true }), 2)
+wait(in1, 4)
+wait(in2, 3)
+eq(in1[4].pushed, true)
+eq(broker.signal(987654321, { x = 1 }), 0, "unknown id reaches nobody")
+
+-- broker.submit: keyed by the socket, never overlapping
+local order = {}
+for i = 1, 3 do
+    broker.submit(s1, function(n) order[#order + 1] = n stage.sleep(5) order[#order + 1] = -n end, i)
+end
+stage.sleep(100)
+eq(table.concat(order, ","), "1,-1,2,-2,3,-3")
+
+-- errors are for people
+local ok, err = pcall(c1.commit, print)
+check(not ok and err:find("cannot send a function"), tostring(err))
+ok, err = pcall(c1.commit, { f = print })
+check(not ok and err:find("function value at f"), tostring(err))
+
+-- broker.close: closes, port.close runs
+eq(broker.close(seen[1]), 1)
+stage.sleep(50)
+check(closed[1] == seen[1], "port.close ran for the closed socket")
+eq(broker.close({ seen[2], 12345678 }), 1)
+stage.sleep(50)
+eq(#closed, 2)
+-- closing the listener
+eq(broker.close(sp.id), 1)
+stage.sleep(20)
+local n, msg = broker.join("tcp://127.0.0.1:" .. sp.port)
+eq(n, 111, "connection refused after closing the port: " .. tostring(msg))
+check(msg:find("refused"), msg)
+
+-- address helpers
+eq(broker.ntoa("127.0.0.1:80"), "127.0.0.1:80")
+local t = broker.ntoa("[::1]:8080", {})
+eq(t.host, "::1") eq(t.port, 8080) eq(t.family, 6)
+eq(broker.aton("localhost:99"), "127.0.0.1:99")
+eq(broker.aton("nonsense"), nil)
+local ifs = broker.ifaddr()
+local lo = false
+for _, e in ipairs(ifs) do if e.addr == "127.0.0.1" then lo = e.name end end
+check(lo, "ifaddr lists the loopback address")
+eq(broker.ifaddr(lo), "127.0.0.1")
+done()
