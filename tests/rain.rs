@@ -304,3 +304,20 @@ fn rain_over_bson() {
         std::panic::resume_unwind(e);
     }
 }
+
+#[test]
+fn example_home_starts_rain() {
+    let home = concat!(env!("CARGO_MANIFEST_DIR"), "/stage");
+    let out = std::process::Command::new(harness::stage_bin())
+        .args(["check", home])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("2 instance(s)"),
+        "the example home runs stage and rain: {text}"
+    );
+    let conf = std::fs::read_to_string(format!("{home}/conf/stage.json")).unwrap();
+    assert!(conf.contains(r#""lua+rain": "rain_server""#), "{conf}");
+}
