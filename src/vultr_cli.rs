@@ -15,7 +15,7 @@ pub struct VultrArgs {
     /// Print machine-readable JSON on stdout.
     #[arg(long, global = true)]
     pub json: bool,
-    /// API base URL. Otherwise %vultr.endpoint of --home, then env VULTR_ENDPOINT, then https://api.vultr.com/v2.
+    /// API base URL. Otherwise %vultr.endpoint of --home, then env VULTR_ENDPOINT, then the real API (api.vultr.com/v2).
     #[arg(long, global = true, value_name = "URL")]
     pub endpoint: Option<String>,
     /// A stage home whose conf/stage.json %vultr section (api_key, endpoint) is used.
