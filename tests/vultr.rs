@@ -729,3 +729,38 @@ async fn requests_time_out_and_idempotent_ones_are_retried() {
     tokio::time::sleep(Duration::from_millis(700)).await;
     assert_eq!(emu.requests() - before, 1, "create was sent once");
 }
+
+#[test]
+fn the_key_never_reaches_the_log() {
+    let emu = emulator(50);
+    emu.fail_next(429, 1);
+    let home = harness::TestHome::new();
+    let conf = serde_json::json!({"%vultr": {"endpoint": emu.endpoint(), "api_key": KEY}});
+    home.write("conf/stage.json", &conf.to_string());
+    home.write(
+        "package/start.lua",
+        r#"local inst = vultr.create { region = "icn", plan = "vc2-1c-1gb", os_id = 1743 }
+           logger.info("created " .. inst.id)
+           check(vultr.wait(inst.id, { interval = 10, timeout = 5000, on_change = function (i) logger.info(i.server_status) end }))
+           local ok, e = pcall(vultr.get, "00000000-0000-4000-8000-000000000000")
+           logger.error(e)
+           vultr.delete(inst.id)
+           done()"#,
+    );
+    let child = Command::new(harness::stage_bin())
+        .arg("run")
+        .arg(home.path())
+        .env("STAGE_LOG", "trace")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (code, out) = harness::wait_with_output(child, Duration::from_secs(20));
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("retrying (1 of 4)"),
+        "the 429 retry is logged: {out}"
+    );
+    assert!(out.contains("http 404: instance not found"), "{out}");
+    assert!(!out.contains(KEY), "the api key appears in the log:\n{out}");
+}
