@@ -1,7 +1,8 @@
 //! The Rain example package (stage/package/rain.lua) end to end: a node serving Rain over
 //! BSON TCP against the Vultr emulator, driven by a BSON client written here (independent
-//! of the broker's codec): Ping, List, two concurrent CreateRequests each answered by
-//! ResponseCreate then CreateDone, a failing CreateRequest, and ServerList.
+//! of the broker's codec) and by Python's `bson` (pymongo, installed by scripts/setup):
+//! Ping, List, two concurrent CreateRequests each answered by ResponseCreate then
+//! CreateDone, a failing CreateRequest, and ServerList.
 
 mod harness;
 
@@ -153,53 +154,81 @@ impl RainClient {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// A node serving stage/package/rain.lua on a free port against its own emulator.
+struct RainNode {
+    _emu: Emulator,
+    _home: harness::TestHome,
+    node: Option<std::process::Child>,
+    port: u16,
+}
+
+impl RainNode {
+    fn start() -> RainNode {
+        let emu = Emulator::start(
+            "127.0.0.1:0".parse().unwrap(),
+            EmulatorConfig {
+                api_key: KEY.into(),
+                lifecycle: Lifecycle::scaled(Duration::from_millis(200)),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let home = harness::TestHome::new();
+        home.write(
+            "conf/stage.json",
+            &json!({"%vultr": {"endpoint": emu.endpoint(), "api_key": KEY}}).to_string(),
+        );
+        let rain =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/stage/package/rain.lua")).unwrap();
+        home.write("package/rain.lua", &rain);
+        let port_file = home.path().join("port");
+        home.write(
+            "package/start.lua",
+            &format!(
+                r#"local rain = stage.load("rain")
+                   local port = check(rain.serve("tcp://127.0.0.1:0?bson=4k,1m", {{ timeout = 15000, interval = 20 }}), "rain listens")
+                   write({:?}, tostring(port.port))"#,
+                port_file.display().to_string()
+            ),
+        );
+        let mut node = home.spawn();
+        let start = Instant::now();
+        let port = loop {
+            if let Some(p) = std::fs::read_to_string(&port_file)
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+            {
+                break p;
+            }
+            if start.elapsed() > Duration::from_secs(15) || node.try_wait().unwrap().is_some() {
+                let (_, log) = harness::wait_with_output(node, Duration::from_millis(1));
+                panic!("rain did not start listening:\n{log}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        RainNode {
+            _emu: emu,
+            _home: home,
+            node: Some(node),
+            port,
+        }
+    }
+
+    /// Runs `f`; if it panics, prints the node's log before passing the panic on.
+    fn check(mut self, f: impl FnOnce(u16) + std::panic::UnwindSafe) {
+        let result = std::panic::catch_unwind(|| f(self.port));
+        let (_, log) = harness::wait_with_output(self.node.take().unwrap(), Duration::from_millis(1));
+        if let Err(e) = result {
+            eprintln!("node log:\n{log}");
+            std::panic::resume_unwind(e);
+        }
+    }
 }
 
 #[test]
 fn rain_over_bson() {
-    let emu = Emulator::start(
-        "127.0.0.1:0".parse().unwrap(),
-        EmulatorConfig {
-            api_key: KEY.into(),
-            lifecycle: Lifecycle::scaled(Duration::from_millis(200)),
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    let port = free_port();
-    let home = harness::TestHome::new();
-    home.write(
-        "conf/stage.json",
-        &json!({"%vultr": {"endpoint": emu.endpoint(), "api_key": KEY}}).to_string(),
-    );
-    let rain =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/stage/package/rain.lua")).unwrap();
-    home.write("package/rain.lua", &rain);
-    home.write(
-        "package/start.lua",
-        &format!(
-            r#"local rain = stage.load("rain")
-               check(rain.serve("tcp://127.0.0.1:{port}?bson=4k,1m", {{ timeout = 15000, interval = 20 }}), "rain listens")"#
-        ),
-    );
-    let node = home.spawn();
-    let result = std::panic::catch_unwind(|| {
-        let start = Instant::now();
-        let stream = loop {
-            match TcpStream::connect(("127.0.0.1", port)) {
-                Ok(s) => break s,
-                Err(_) if start.elapsed() < Duration::from_secs(15) => {
-                    std::thread::sleep(Duration::from_millis(50))
-                }
-                Err(e) => panic!("rain does not listen on {port}: {e}"),
-            }
-        };
+    RainNode::start().check(|port| {
+        let stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
         stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
         let mut c = RainClient { stream };
 
@@ -293,16 +322,48 @@ fn rain_over_bson() {
             .all(|s| s["tags"].as_array().unwrap().iter().any(|t| t == "rain")));
 
         c.send(json!({"Dance": 1}));
-        assert!(c.recv()["Error"]
-            .as_str()
-            .unwrap()
-            .starts_with("unknown request Dance"));
+        assert!(c.recv()["Error"].as_str().unwrap().starts_with("unknown request Dance"));
     });
-    let (_, log) = harness::wait_with_output(node, Duration::from_millis(1));
-    if let Err(e) = result {
-        eprintln!("node log:\n{log}");
-        std::panic::resume_unwind(e);
-    }
+}
+
+/// The same server through Python's `bson` (pymongo), a client no one here wrote.
+#[test]
+fn rain_with_python_bson() {
+    RainNode::start().check(|port| {
+        let script = r#"
+import bson, socket, struct, sys
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+s.settimeout(20)
+def recv():
+    hdr = s.recv(4, socket.MSG_WAITALL)
+    n = struct.unpack("<i", hdr)[0]
+    return bson.decode(hdr + s.recv(n - 4, socket.MSG_WAITALL))
+s.sendall(bson.encode({"Ping": "py"}))
+assert recv() == {"Pong": "py"}
+s.sendall(bson.encode({"CreateRequest": {"region": "fra", "plan": "vc2-1c-1gb", "os_id": 2284}}))
+s.sendall(bson.encode({"CreateRequest": {"region": "lax", "plan": "vc2-2c-4gb", "os_id": 1743}}))
+ids = [recv()["ResponseCreate"] for _ in range(2)]
+done = [recv()["CreateDone"] for _ in range(2)]
+assert sorted(d["id"] for d in done) == sorted(ids), (ids, done)
+for d in done:
+    assert (d["status"], d["power_status"], d["server_status"]) == ("active", "running", "ok"), d
+s.sendall(bson.encode({"ServerList": {}}))
+servers = recv()["ResponseServerList"]
+assert sorted(x["id"] for x in servers) == sorted(ids), servers
+print("ok", len(servers))
+"#;
+        let out = std::process::Command::new("python3")
+            .args(["-c", script, &port.to_string()])
+            .output()
+            .expect("python3 (scripts/setup installs pymongo)");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "python client failed: {text}");
+        assert_eq!(text.trim(), "ok 2");
+    });
 }
 
 #[test]
