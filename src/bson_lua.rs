@@ -96,7 +96,7 @@ pub fn encode(lua: &Lua, v: &Value, out: &mut Vec<u8>) -> Result<(), EncodeError
     let mut err: Option<EncodeError> = None;
     let res = unsafe {
         lua.exec_raw::<()>(v, |l| {
-            let r = encode_table(l, 1, out, 0, &mut err, None);
+            let r = encode_table(l, 1, out, 0, &mut err, None).map(|_| ());
             ffi::lua_settop(l, 0);
             if r.is_err() && err.is_none() {
                 err = Some(EncodeError {
@@ -208,10 +208,12 @@ unsafe fn push_doc(
         if ffi::lua_checkstack(l, 4) == 0 {
             return Err(bad("lua stack exhausted", base));
         }
+        // Sizing the table up front saves the rehashes of growing it field by field.
+        let n = count_elements(doc).min(1 << 16) as c_int;
         if array {
-            ffi::lua_createtable(l, 4, 0);
+            ffi::lua_createtable(l, n, 0);
         } else {
-            ffi::lua_createtable(l, 0, 4);
+            ffi::lua_createtable(l, 0, n);
         }
         let t = ffi::lua_gettop(l);
         let end = doc.len() - 1;
@@ -346,6 +348,40 @@ unsafe fn push_doc(
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
 
+/// How many elements `doc` holds, by skipping over them without building anything. Only a
+/// size hint: on bytes it does not understand it returns the count so far (the decoder,
+/// which validates, reports the problem).
+fn count_elements(doc: &[u8]) -> usize {
+    let end = doc.len().saturating_sub(1);
+    let (mut at, mut n) = (4, 0);
+    let len_at = |at: usize| read_i32(doc, at).map(|v| v.max(0) as usize);
+    while at < end {
+        let ty = doc[at];
+        let Some((_, next)) = cstr(&doc[..end], at + 1) else {
+            break;
+        };
+        at = next;
+        let size = match ty {
+            0x01 | 0x09 | 0x11 | 0x12 => Some(8),
+            0x02 | 0x0D | 0x0E => len_at(at).map(|l| 4 + l),
+            0x03 | 0x04 => len_at(at),
+            0x05 => len_at(at).map(|l| 5 + l),
+            0x06 | 0x0A | 0x7F | 0xFF => Some(0),
+            0x07 => Some(12),
+            0x08 => Some(1),
+            0x10 => Some(4),
+            0x13 => Some(16),
+            _ => None,
+        };
+        match size {
+            Some(sz) => at += sz,
+            None => break,
+        }
+        n += 1;
+    }
+    n
+}
+
 // ---------------------------------------------------------------------------------------
 // Encoding
 
@@ -389,6 +425,11 @@ enum Shape {
 unsafe fn shape(l: *mut ffi::lua_State, t: c_int) -> Shape {
     let (mut count, mut max, mut all_int) = (0i64, 0i64, true);
     unsafe {
+        // No `t[1]` means it cannot be a sequence: skip the counting pass (the common case
+        // of a document with string keys costs one traversal, not two).
+        if ffi::lua_rawlen(l, t) == 0 {
+            return Shape::Document;
+        }
         ffi::lua_pushnil(l);
         while ffi::lua_next(l, t) != 0 {
             count += 1;
@@ -413,43 +454,42 @@ unsafe fn shape(l: *mut ffi::lua_State, t: c_int) -> Shape {
     }
 }
 
-/// If the table at `t` has exactly one field and it is `$date` (integer) or `$oid` (24 hex
-/// digits), writes that element (type byte + key + value) and returns true.
-unsafe fn encode_special(l: *mut ffi::lua_State, t: c_int, key: &[u8], out: &mut Vec<u8>) -> bool {
-    unsafe {
-        ffi::lua_pushnil(l);
-        if ffi::lua_next(l, t) == 0 {
-            return false;
+/// A document `{["$date"] = integer}` or `{["$oid"] = 24 hex digits}` was just written as
+/// element `key` starting at `elem` (type byte) in `out`, with its body at `body`; rewrites it
+/// as a datetime or an ObjectId element. Checking the written bytes (rare, single-field
+/// documents only) costs less than a separate pass over every table.
+fn rewrite_special(out: &mut Vec<u8>, elem: usize, body: usize, key: &[u8]) {
+    let inner = &out[body + 4..];
+    let (ty, rest) = match inner.split_first() {
+        Some(x) => x,
+        None => return,
+    };
+    let special = if let Some(v) = rest.strip_prefix(b"$date\0") {
+        match *ty {
+            // The bytes were written just now by `encode_element`, so the value is complete.
+            0x10 => Some((
+                0x09,
+                (i32::from_le_bytes([v[0], v[1], v[2], v[3]]) as i64)
+                    .to_le_bytes()
+                    .to_vec(),
+            )),
+            0x12 => Some((0x09, v[..8].to_vec())),
+            _ => None,
         }
-        // stack: key, value
-        let single = {
-            ffi::lua_pushvalue(l, -2);
-            let more = ffi::lua_next(l, t) != 0;
-            if more {
-                ffi::lua_settop(l, -3);
-            }
-            !more
-        };
-        let mut done = false;
-        if single && ffi::lua_type(l, -2) == ffi::LUA_TSTRING {
-            let k = to_bytes(l, -2);
-            if k == b"$date" && ffi::lua_type(l, -1) == ffi::LUA_TNUMBER && ffi::lua_isinteger(l, -1) != 0 {
-                out.push(0x09);
-                put_key(out, key);
-                out.extend_from_slice(&ffi::lua_tointegerx(l, -1, std::ptr::null_mut()).to_le_bytes());
-                done = true;
-            } else if k == b"$oid" && ffi::lua_type(l, -1) == ffi::LUA_TSTRING {
-                let hex = to_bytes(l, -1);
-                if let Some(oid) = parse_oid(hex) {
-                    out.push(0x07);
-                    put_key(out, key);
-                    out.extend_from_slice(&oid);
-                    done = true;
-                }
-            }
-        }
-        ffi::lua_settop(l, -3);
-        done
+    } else if let Some(v) = rest.strip_prefix(b"$oid\0") {
+        // int32 length 25, 24 hex digits, NUL.
+        (*ty == 0x02 && v.len() >= 29 && v[..4] == 25i32.to_le_bytes())
+            .then(|| parse_oid(&v[4..28]))
+            .flatten()
+            .map(|oid| (0x07, oid.to_vec()))
+    } else {
+        None
+    };
+    if let Some((t, value)) = special {
+        out.truncate(elem);
+        out.push(t);
+        put_key(out, key);
+        out.extend_from_slice(&value);
     }
 }
 
@@ -478,14 +518,15 @@ unsafe fn encode_table(
     depth: u32,
     err: &mut Option<EncodeError>,
     known: Option<Shape>,
-) -> Result<(), ()> {
+) -> Result<u32, ()> {
     if depth > MAX_DEPTH {
-        return enc_err(err, "tables nested deeper than 100 levels (a cycle?)".into());
+        return enc_err(err, "tables nested deeper than 100 levels (a cycle?)".into()).map(|_| 0);
     }
+    let mut count = 0u32;
     // SAFETY: see the module comment.
     unsafe {
         if ffi::lua_checkstack(l, 6) == 0 {
-            return enc_err(err, "lua stack exhausted".into());
+            return enc_err(err, "lua stack exhausted".into()).map(|_| 0);
         }
         let start = out.len();
         out.extend_from_slice(&[0; 4]);
@@ -518,7 +559,7 @@ unsafe fn encode_table(
                         }
                         _ => {
                             let tn = type_name(ffi::lua_type(l, -2));
-                            return enc_err(err, format!("a {tn} key (keys must be strings)"));
+                            return enc_err(err, format!("a {tn} key (keys must be strings)")).map(|_| 0);
                         }
                     };
                     if key.contains(&0) {
@@ -528,6 +569,7 @@ unsafe fn encode_table(
                         add_path(err, key);
                         return Err(());
                     }
+                    count += 1;
                     ffi::lua_settop(l, -2);
                 }
             }
@@ -536,7 +578,7 @@ unsafe fn encode_table(
         let len = (out.len() - start) as i32;
         out[start..start + 4].copy_from_slice(&len.to_le_bytes());
     }
-    Ok(())
+    Ok(count)
 }
 
 fn type_name(t: c_int) -> &'static str {
@@ -610,13 +652,16 @@ unsafe fn encode_element(
             }
             ffi::LUA_TTABLE => {
                 let t = ffi::lua_gettop(l);
-                if encode_special(l, t, key, out) {
-                    return Ok(());
-                }
                 let s = shape(l, t);
-                out.push(if matches!(s, Shape::Array(_)) { 0x04 } else { 0x03 });
+                let array = matches!(s, Shape::Array(_));
+                let elem = out.len();
+                out.push(if array { 0x04 } else { 0x03 });
                 put_key(out, key);
-                encode_table(l, t, out, depth + 1, err, Some(s))?;
+                let body = out.len();
+                let fields = encode_table(l, t, out, depth + 1, err, Some(s))?;
+                if !array && fields == 1 {
+                    rewrite_special(out, elem, body, key);
+                }
             }
             other => {
                 return enc_err(err, format!("a {} value", type_name(other)));

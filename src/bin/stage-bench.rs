@@ -31,6 +31,22 @@ fn main() {
             let threads: usize = args.get(2).and_then(|p| p.parse().ok()).unwrap_or(SERVER_THREADS);
             raw_server(port, threads);
         }
+        Some("load") => {
+            // stage-bench load PORT PID small|1k DEPTH: one case against a running server.
+            let port: u16 = args.get(1).and_then(|p| p.parse().ok()).expect("port");
+            let pid: u32 = args.get(2).and_then(|p| p.parse().ok()).unwrap_or(0);
+            let doc = if args.get(3).map(String::as_str) == Some("1k") {
+                kib_doc()
+            } else {
+                small_doc()
+            };
+            let depth = args.get(4).and_then(|p| p.parse().ok()).unwrap_or(16);
+            let r = run_case(pid, ([127, 0, 0, 1], port).into(), &doc, depth);
+            println!(
+                "{:.0} msgs/s p50 {} us p99 {} us cpu {:.2} us/msg errors {}",
+                r.rate, r.p50, r.p99, r.cpu_us, r.errors
+            );
+        }
         Some("echo") | None => echo(),
         Some(other) => {
             eprintln!("usage: stage-bench [echo | raw-server PORT THREADS] (got '{other}')");

@@ -30,9 +30,19 @@ fn next_id() -> i64 {
     NEXT_ID.fetch_add(1, Ordering::Relaxed)
 }
 
+/// Field names looked up on the hot path, interned once (a `&str` key would be hashed
+/// into a new Lua string on every lookup).
+struct Keys {
+    receive: mlua::String,
+    commit: mlua::String,
+    expire: mlua::String,
+    /// The instance's callback runner (`instance::xpcall_runner`).
+    runner: Option<Function>,
+}
+
 /// The broker state of one instance (Lua app data).
-#[derive(Default)]
 struct Broker {
+    keys: Rc<Keys>,
     conns: RefCell<HashMap<i64, Rc<Conn>>>,
     /// Listening ports: id -> (port table, accept loop).
     ports: RefCell<HashMap<i64, (Table, AbortHandle)>>,
@@ -44,7 +54,18 @@ fn broker(lua: &Lua) -> Rc<Broker> {
     if let Some(b) = lua.app_data_ref::<Rc<Broker>>() {
         return b.clone();
     }
-    let b = Rc::new(Broker::default());
+    let key = |k: &str| lua.create_string(k).expect("a short Lua string");
+    let b = Rc::new(Broker {
+        keys: Rc::new(Keys {
+            receive: key("receive"),
+            commit: key("commit"),
+            expire: key("expire"),
+            runner: crate::instance::xpcall_runner(lua).ok(),
+        }),
+        conns: RefCell::default(),
+        ports: RefCell::default(),
+        udp_out: RefCell::default(),
+    });
     lua.set_app_data(b.clone());
     b
 }
@@ -77,6 +98,10 @@ struct Conn {
     /// Wakes the connection task: output was queued or a close was asked for.
     wake: Notify,
     closing: RefCell<Option<String>>,
+    keys: Rc<Keys>,
+    /// True while the connection's own task is handling frames: it writes the replies
+    /// itself afterwards, so commits need not wake it.
+    in_task: Cell<bool>,
     /// False while `accept` has not accepted it: a refused connection gets no `port.close`.
     accepted: Cell<bool>,
     /// The close is the peer's fault (bad input, back-pressure): logged as a warning.
@@ -104,14 +129,17 @@ impl Conn {
             return Some(f.clone());
         }
         if let Some(p) = &self.port {
-            if let Ok(Some(f)) = p.raw_get::<Option<Function>>("receive") {
+            if let Ok(Some(f)) = p.raw_get::<Option<Function>>(&self.keys.receive) {
                 return Some(f);
             }
         }
-        self.table.raw_get::<Option<Function>>("receive").ok().flatten()
+        self.table
+            .raw_get::<Option<Function>>(&self.keys.receive)
+            .ok()
+            .flatten()
     }
 
-    fn port_ms(&self, field: &str) -> Option<u64> {
+    fn port_ms(&self, field: &mlua::String) -> Option<u64> {
         let v: Value = self.port.as_ref()?.raw_get(field).ok()?;
         let ms = match v {
             Value::Integer(i) => i as f64,
@@ -182,7 +210,9 @@ impl Conn {
                     return Ok(0);
                 }
                 drop(out);
-                self.wake.notify_one();
+                if !self.in_task.get() {
+                    self.wake.notify_one();
+                }
                 Ok(n)
             }
             Kind::Udp { sock, peer } => {
@@ -382,6 +412,8 @@ fn new_udp(lua: &Lua, ep: &Endpoint, s: Rc<UdpSocket>, peer: Option<SocketAddr>)
         closing: RefCell::new(None),
         accepted: Cell::new(true),
         bad: RefCell::new(false),
+        keys: broker(lua).keys.clone(),
+        in_task: Cell::new(false),
     });
     add_methods(lua, &conn)?;
     broker(lua).conns.borrow_mut().insert(id, conn.clone());
@@ -449,6 +481,8 @@ fn new_tcp(lua: &Lua, ep: &Endpoint, stream: &TcpStream, port: Option<Table>) ->
         closing: RefCell::new(None),
         accepted: Cell::new(true),
         bad: RefCell::new(false),
+        keys: broker(lua).keys.clone(),
+        in_task: Cell::new(false),
     });
     add_methods(lua, &conn)?;
     broker(lua).conns.borrow_mut().insert(id, conn.clone());
@@ -479,18 +513,40 @@ async fn deliver(lua: &Lua, conn: &Rc<Conn>, data: Value, from: Option<SocketAdd
         log::warn!(target: &ctx(lua).name, "socket {}: frame dropped, no receive function", conn.id);
         return;
     };
-    let rets = match from {
-        None => call_callback(lua, "receive", &f, (conn.table.clone(), data)).await,
+    let reply = match from {
+        None => call_receive(lua, conn, &f, (&conn.table, data)).await,
         Some(a) => {
             let addr = addr_string(lua, Some(a)).unwrap_or(Value::Nil);
-            call_callback(lua, "receive", &f, (conn.table.clone(), data, addr)).await
+            call_receive(lua, conn, &f, (&conn.table, data, addr)).await
         }
     };
-    if let Some(v) = rets.as_ref().and_then(|r| r.front()) {
+    if let Some(v) = reply {
         if !v.is_nil() {
-            if let Err(e) = conn.commit(lua, v, from) {
+            if let Err(e) = conn.commit(lua, &v, from) {
                 log::error!(target: &ctx(lua).name, "socket {}: reply not sent: {e}", conn.id);
             }
+        }
+    }
+}
+
+/// `instance::call_callback` specialised for the per-frame call: the same runner (a
+/// coroutine, xpcall with traceback, errors logged and contained), but the runner is cached
+/// and only the first return value is kept, which saves the registry lookup and the
+/// `MultiValue` allocations that showed up in the echo benchmark's profile.
+async fn call_receive(lua: &Lua, conn: &Conn, f: &Function, args: impl mlua::IntoLuaMulti) -> Option<Value> {
+    let runner = conn.keys.runner.as_ref()?;
+    let mut all = args.into_lua_multi(lua).ok()?;
+    all.push_front(Value::Function(f.clone()));
+    match runner.call_async::<(bool, Value)>(all).await {
+        Ok((true, v)) => Some(v),
+        Ok((false, msg)) => {
+            let msg = msg.to_string().unwrap_or_else(|_| "unknown error".into());
+            log::error!(target: &ctx(lua).name, "error in receive: {msg}");
+            None
+        }
+        Err(e) => {
+            log::error!(target: &ctx(lua).name, "error in receive: {}", crate::script_error::format(&e));
+            None
         }
     }
 }
@@ -530,6 +586,7 @@ async fn run_tcp(lua: Lua, conn: Rc<Conn>, stream: TcpStream) {
     let mut flush_at: Option<Instant> = None;
     let (reason, bad): (String, bool) = 'conn: loop {
         // Hand every complete frame to the script, in order.
+        conn.in_task.set(true);
         while !conn.is_closing() {
             match next_frame(conn.framing, &buf[pos..filled], conn.max_in) {
                 Ok(Some(f)) => {
@@ -551,6 +608,7 @@ async fn run_tcp(lua: Lua, conn: Rc<Conn>, stream: TcpStream) {
                 Err(e) => break 'conn (e.to_string(), true),
             }
         }
+        conn.in_task.set(false);
         if pos > 0 {
             buf.copy_within(pos..filled, 0);
             filled -= pos;
@@ -559,7 +617,7 @@ async fn run_tcp(lua: Lua, conn: Rc<Conn>, stream: TcpStream) {
         // Output: at once, or after `port.commit` ms to coalesce writes.
         let has_out = !conn.out.borrow().is_empty();
         if has_out {
-            let due = match (flush_at, conn.port_ms("commit")) {
+            let due = match (flush_at, conn.port_ms(&conn.keys.commit)) {
                 (Some(t), _) => t <= Instant::now(),
                 (None, Some(ms)) => {
                     flush_at = Some(Instant::now() + Duration::from_millis(ms));
@@ -578,7 +636,7 @@ async fn run_tcp(lua: Lua, conn: Rc<Conn>, stream: TcpStream) {
             break (r, *conn.bad.borrow());
         }
         let pending = !conn.out.borrow().is_empty() && flush_at.is_none();
-        let expire = conn.port_ms("expire");
+        let expire = conn.port_ms(&conn.keys.expire);
         let idle_at = expire.map(|ms| last_read + Duration::from_millis(ms));
         if filled == buf.len() {
             // A frame larger than the buffer (but within IN): grow to what it needs.
