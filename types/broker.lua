@@ -11,6 +11,7 @@
 ---@field [1] broker.addr|nil the peer address
 ---@field [-1] broker.addr|nil the local address
 ---@field receive? fun(socket: broker.socket, data: any, addr?: broker.addr): any frames of a joined socket go here unless on_connect returned a function
+---@field onclose? fun(socket: broker.socket) a joined socket's close callback
 local socket = {}
 
 ---Queues `v` (table → BSON, or JSON on text sockets; string → bytes), framed per the socket's framing.

@@ -111,23 +111,28 @@ fn small_doc() -> Vec<u8> {
         .end()
 }
 
-/// About 1 KiB: the small document plus an inventory array of small documents.
+/// 1 KiB: the small document plus an inventory array of small documents, padded to 1024.
 fn kib_doc() -> Vec<u8> {
-    let mut items = Doc::new();
-    for i in 0..24 {
-        items = items.sub(
-            &i.to_string(),
-            0x03,
-            Doc::new().int("id", 1000 + i).str("kind", "potion"),
-        );
-    }
-    Doc::new()
-        .str("cmd", "inventory")
-        .int("seq", 12345)
-        .str("name", "player-0042")
-        .sub("pos", 0x03, Doc::new().dbl("x", 10.5).dbl("y", -3.25))
-        .sub("items", 0x04, items)
-        .end()
+    let build = |pad: usize| {
+        let mut items = Doc::new();
+        for i in 0..26 {
+            items = items.sub(
+                &i.to_string(),
+                0x03,
+                Doc::new().int("id", 1000 + i).str("kind", "potion"),
+            );
+        }
+        Doc::new()
+            .str("cmd", "inventory")
+            .int("seq", 12345)
+            .str("name", "player-0042")
+            .sub("pos", 0x03, Doc::new().dbl("x", 10.5).dbl("y", -3.25))
+            .sub("items", 0x04, items)
+            .str("note", &"n".repeat(pad))
+            .end()
+    };
+    let pad = 1024usize.saturating_sub(build(0).len());
+    build(pad)
 }
 
 // ---------------------------------------------------------------------------------------
