@@ -748,6 +748,36 @@ mod tests {
     }
 
     #[test]
+    fn special_documents_become_bson_types() {
+        let lua = Lua::new();
+        let v: Value = lua
+            .load(
+                r#"return {kd = {["$date"] = 5}, ko = {["$oid"] = "0123456789abcdef01234567"},
+                             knd = {["$date"] = "x"}, kno = {["$oid"] = "xyz"}}"#,
+            )
+            .eval()
+            .unwrap();
+        let b = encode_vec(&lua, &v).unwrap();
+        // Find each element's type byte by its key.
+        let ty = |key: &[u8]| {
+            let k = [key, b"\0"].concat();
+            let at = b.windows(k.len()).position(|w| w == k.as_slice()).unwrap();
+            b[at - 1]
+        };
+        assert_eq!(ty(b"kd"), 0x09);
+        assert_eq!(ty(b"ko"), 0x07);
+        assert_eq!(ty(b"knd"), 0x03);
+        assert_eq!(ty(b"kno"), 0x03);
+        let d: Value = decode(&lua, &b).unwrap();
+        let t = d.as_table().unwrap();
+        assert_eq!(t.get::<Table>("kd").unwrap().get::<i64>("$date").unwrap(), 5);
+        assert_eq!(
+            t.get::<Table>("knd").unwrap().get::<String>("$date").unwrap(),
+            "x"
+        );
+    }
+
+    #[test]
     fn encode_errors_name_the_path() {
         let lua = Lua::new();
         let v: Value = lua.load("return {a = {b = {print}}}").eval().unwrap();

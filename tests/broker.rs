@@ -21,6 +21,7 @@ scenarios! {
     broker_packet_text => "broker/packet_text.lua",
     broker_udp_ipv6 => "broker/udp_ipv6.lua",
     broker_expire_commit => "broker/expire_commit.lua",
+    broker_multicast => "broker/multicast.lua",
 }
 
 /// A node started from a script; killed on drop. The script writes its listening port to
