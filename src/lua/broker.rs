@@ -237,6 +237,12 @@ fn udp_send(sock: &UdpSocket, buf: &[u8], to: SocketAddr) -> usize {
 }
 
 pub fn open(lua: &Lua) -> mlua::Result<Table> {
+    // Generational GC: a served frame leaves short-lived tables (the decoded document, the
+    // reply) as its garbage, which young collections reclaim without re-marking the whole
+    // heap. Measured in `scripts/bench echo`: about 10% less CPU per message. (0, 0 keep
+    // Lua's default parameters.) It belongs to the instance's setup; it is here until the
+    // instance code chooses a GC mode for every state.
+    lua.gc_gen(0, 0);
     let t = lua.create_table()?;
     t.set("ready", lua.create_async_function(ready)?)?;
     t.set("join", lua.create_async_function(join)?)?;
@@ -959,11 +965,10 @@ fn addr_arg(v: &Value) -> mlua::Result<SocketAddr> {
     }
 }
 
-fn addr_fields(lua: &Lua, a: &SocketAddr, t: Table) -> mlua::Result<Table> {
+fn addr_fields(a: &SocketAddr, t: Table) -> mlua::Result<Table> {
     t.set("host", a.ip().to_string())?;
     t.set("port", a.port())?;
     t.set("family", if a.is_ipv4() { 4 } else { 6 })?;
-    let _ = lua;
     Ok(t)
 }
 
@@ -972,7 +977,7 @@ fn addr_fields(lua: &Lua, a: &SocketAddr, t: Table) -> mlua::Result<Table> {
 fn ntoa(lua: &Lua, (addr, t): (Value, Option<Table>)) -> mlua::Result<Value> {
     let a = addr_arg(&addr)?;
     match t {
-        Some(t) => addr_fields(lua, &a, t).map(Value::Table),
+        Some(t) => addr_fields(&a, t).map(Value::Table),
         None => lua.create_string(sock::ntoa(&a)).map(Value::String),
     }
 }
@@ -984,7 +989,7 @@ fn aton(lua: &Lua, (s, t): (String, Option<Table>)) -> mlua::Result<Value> {
         return Ok(Value::Nil);
     };
     match t {
-        Some(t) => addr_fields(lua, &a, t).map(Value::Table),
+        Some(t) => addr_fields(&a, t).map(Value::Table),
         None => lua.create_string(sock::ntoa(&a)).map(Value::String),
     }
 }
