@@ -484,8 +484,8 @@ fn echo() {
     );
     println!("documents: small {} bytes, 1k {} bytes", small.len(), kib.len());
     println!(
-        "{:<14} {:<6} {:>11} {:>8} {:>8} {:>9} {:>7}  {}",
-        "case", "server", "msgs/s", "p50 us", "p99 us", "cpu us/m", "errors", "busy server threads"
+        "{:<14} {:<6} {:>11} {:>8} {:>8} {:>9} {:>7}  busy server threads",
+        "case", "server", "msgs/s", "p50 us", "p99 us", "cpu us/m", "errors"
     );
     let mut failed = false;
     for (name, doc) in [("small", &small), ("1k", &kib)] {
