@@ -67,6 +67,48 @@ pub fn decode(lua: &Lua, bytes: &[u8]) -> Result<Value, DecodeError> {
     }
 }
 
+/// Decodes the frames `ranges` of `buf` into `t[1..n]` in ONE protected call: BSON documents
+/// when `bson`, else strings (packet payloads, text lines). Returns n; on a bad document,
+/// how many were decoded before it, and why it is bad.
+pub fn decode_batch(
+    lua: &Lua,
+    t: &mlua::Table,
+    buf: &[u8],
+    ranges: &[(usize, usize)],
+    bson: bool,
+) -> Result<usize, (usize, DecodeError)> {
+    let mut done = 0usize;
+    let mut err: Option<DecodeError> = None;
+    let res = unsafe {
+        lua.exec_raw::<()>(t, |l| {
+            // Stack index 1 is `t`.
+            for (i, &(a, b)) in ranges.iter().enumerate() {
+                let bytes = &buf[a..b];
+                if bson {
+                    if let Err(e) = push_doc(l, bytes, 0, false, 0) {
+                        err = Some(e);
+                        break;
+                    }
+                } else {
+                    if ffi::lua_checkstack(l, 2) == 0 {
+                        err = Some(bad("lua stack exhausted", 0));
+                        break;
+                    }
+                    push_bytes(l, bytes);
+                }
+                ffi::lua_rawseti(l, 1, (i + 1) as ffi::lua_Integer);
+                done = i + 1;
+            }
+            ffi::lua_settop(l, 0);
+        })
+    };
+    match (res, err) {
+        (_, Some(e)) => Err((done, e)),
+        (Ok(()), None) => Ok(done),
+        (Err(_), None) => Err((done, bad("out of memory", 0))),
+    }
+}
+
 /// Why a value could not be encoded; `path` names where in the value it sits.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EncodeError {
@@ -862,6 +904,21 @@ mod tests {
                 let _ = decode(&lua, &m[..cut]);
             }
         }
+    }
+
+    #[test]
+    fn decode_batch_fills_slots_and_stops_at_a_bad_document() {
+        let lua = Lua::new();
+        let good = [12u8, 0, 0, 0, 0x10, b'a', 0, 1, 0, 0, 0, 0];
+        let bad = [12u8, 0, 0, 0, 0x42, b'a', 0, 1, 0, 0, 0, 0];
+        let buf = [&good[..], &good[..], &bad[..]].concat();
+        let t = lua.create_table().unwrap();
+        let r = decode_batch(&lua, &t, &buf, &[(0, 12), (12, 24), (24, 36)], true);
+        assert_eq!(r.unwrap_err().0, 2);
+        assert_eq!(t.get::<Table>(2).unwrap().get::<i64>("a").unwrap(), 1);
+        let r = decode_batch(&lua, &t, b"xyhello", &[(0, 2), (2, 7)], false);
+        assert_eq!(r, Ok(2));
+        assert_eq!(t.get::<String>(2).unwrap(), "hello");
     }
 
     #[test]
