@@ -746,6 +746,7 @@ async fn run_tcp(lua: Lua, conn: Rc<Conn>) {
             }
         }
         conn.in_task.set(false);
+        let served = pos > 0;
         if pos > 0 {
             buf.copy_within(pos..filled, 0);
             filled -= pos;
@@ -771,6 +772,12 @@ async fn run_tcp(lua: Lua, conn: Rc<Conn>) {
         }
         if let Some(r) = conn.closing.borrow().clone() {
             break (r, *conn.bad.borrow());
+        }
+        if served {
+            // Fairness: a connection that always has frames waiting would otherwise be
+            // served again at once (tokio's budget allows ~128 rounds), holding up the
+            // other connections of this instance for milliseconds.
+            tokio::task::yield_now().await;
         }
         let pending = !conn.out.borrow().is_empty() && flush_at.is_none();
         let expire = conn.port_ms(&conn.keys.expire);
