@@ -872,8 +872,23 @@ async fn run_udp(lua: Lua, conn: Rc<Conn>, s: Rc<UdpSocket>) {
             }
         };
         let frame = &buf[..n];
-        let ok = match next_frame(conn.framing, frame, conn.max_in) {
-            Ok(Some(f)) if f.consumed == n || conn.framing == Framing::Text => Ok(f),
+        // A datagram is one frame: for text, the whole datagram is the line (a trailing
+        // newline is optional); for bson and packet, the length field must match it.
+        let checked = match conn.framing {
+            Framing::Text if n > conn.max_in => Err(crate::net::framing::FrameError::TooLarge {
+                framing: "text",
+                len: n as u64,
+                limit: conn.max_in,
+            }),
+            Framing::Text => Ok(Some(crate::net::framing::Frame {
+                start: 0,
+                end: n,
+                consumed: n,
+            })),
+            f => next_frame(f, frame, conn.max_in),
+        };
+        let ok = match checked {
+            Ok(Some(f)) if f.consumed == n => Ok(f),
             Ok(_) => Err(format!(
                 "datagram of {n} bytes is not exactly one {} frame",
                 conn.framing.name()
@@ -887,8 +902,7 @@ async fn run_udp(lua: Lua, conn: Rc<Conn>, s: Rc<UdpSocket>) {
                 continue;
             }
         };
-        let end = if conn.framing == Framing::Text { n } else { f.end };
-        match frame_value(&lua, conn.framing, &frame[f.start..end]) {
+        match frame_value(&lua, conn.framing, &frame[f.start..f.end]) {
             Ok(v) => {
                 if let Kind::Udp { peer, .. } = &conn.kind {
                     peer.set(Some(from));
