@@ -67,6 +67,48 @@ pub fn decode(lua: &Lua, bytes: &[u8]) -> Result<Value, DecodeError> {
     }
 }
 
+/// Decodes the frames `ranges` of `buf` into `t[1..n]` in ONE protected call: BSON documents
+/// when `bson`, else strings (packet payloads, text lines). Returns n; on a bad document,
+/// how many were decoded before it, and why it is bad.
+pub fn decode_batch(
+    lua: &Lua,
+    t: &mlua::Table,
+    buf: &[u8],
+    ranges: &[(usize, usize)],
+    bson: bool,
+) -> Result<usize, (usize, DecodeError)> {
+    let mut done = 0usize;
+    let mut err: Option<DecodeError> = None;
+    let res = unsafe {
+        lua.exec_raw::<()>(t, |l| {
+            // Stack index 1 is `t`.
+            for (i, &(a, b)) in ranges.iter().enumerate() {
+                let bytes = &buf[a..b];
+                if bson {
+                    if let Err(e) = push_doc(l, bytes, 0, false, 0) {
+                        err = Some(e);
+                        break;
+                    }
+                } else {
+                    if ffi::lua_checkstack(l, 2) == 0 {
+                        err = Some(bad("lua stack exhausted", 0));
+                        break;
+                    }
+                    push_bytes(l, bytes);
+                }
+                ffi::lua_rawseti(l, 1, (i + 1) as ffi::lua_Integer);
+                done = i + 1;
+            }
+            ffi::lua_settop(l, 0);
+        })
+    };
+    match (res, err) {
+        (_, Some(e)) => Err((done, e)),
+        (Ok(()), None) => Ok(done),
+        (Err(_), None) => Err((done, bad("out of memory", 0))),
+    }
+}
+
 /// Why a value could not be encoded; `path` names where in the value it sits.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EncodeError {
@@ -96,7 +138,7 @@ pub fn encode(lua: &Lua, v: &Value, out: &mut Vec<u8>) -> Result<(), EncodeError
     let mut err: Option<EncodeError> = None;
     let res = unsafe {
         lua.exec_raw::<()>(v, |l| {
-            let r = encode_table(l, 1, out, 0, &mut err, None);
+            let r = encode_table(l, 1, out, 0, &mut err, None).map(|_| ());
             ffi::lua_settop(l, 0);
             if r.is_err() && err.is_none() {
                 err = Some(EncodeError {
@@ -208,10 +250,12 @@ unsafe fn push_doc(
         if ffi::lua_checkstack(l, 4) == 0 {
             return Err(bad("lua stack exhausted", base));
         }
+        // Sizing the table up front saves the rehashes of growing it field by field.
+        let n = count_elements(doc).min(1 << 16) as c_int;
         if array {
-            ffi::lua_createtable(l, 4, 0);
+            ffi::lua_createtable(l, n, 0);
         } else {
-            ffi::lua_createtable(l, 0, 4);
+            ffi::lua_createtable(l, 0, n);
         }
         let t = ffi::lua_gettop(l);
         let end = doc.len() - 1;
@@ -346,6 +390,40 @@ unsafe fn push_doc(
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
 
+/// How many elements `doc` holds, by skipping over them without building anything. Only a
+/// size hint: on bytes it does not understand it returns the count so far (the decoder,
+/// which validates, reports the problem).
+fn count_elements(doc: &[u8]) -> usize {
+    let end = doc.len().saturating_sub(1);
+    let (mut at, mut n) = (4, 0);
+    let len_at = |at: usize| read_i32(doc, at).map(|v| v.max(0) as usize);
+    while at < end {
+        let ty = doc[at];
+        let Some((_, next)) = cstr(&doc[..end], at + 1) else {
+            break;
+        };
+        at = next;
+        let size = match ty {
+            0x01 | 0x09 | 0x11 | 0x12 => Some(8),
+            0x02 | 0x0D | 0x0E => len_at(at).map(|l| 4 + l),
+            0x03 | 0x04 => len_at(at),
+            0x05 => len_at(at).map(|l| 5 + l),
+            0x06 | 0x0A | 0x7F | 0xFF => Some(0),
+            0x07 => Some(12),
+            0x08 => Some(1),
+            0x10 => Some(4),
+            0x13 => Some(16),
+            _ => None,
+        };
+        match size {
+            Some(sz) => at += sz,
+            None => break,
+        }
+        n += 1;
+    }
+    n
+}
+
 // ---------------------------------------------------------------------------------------
 // Encoding
 
@@ -389,6 +467,11 @@ enum Shape {
 unsafe fn shape(l: *mut ffi::lua_State, t: c_int) -> Shape {
     let (mut count, mut max, mut all_int) = (0i64, 0i64, true);
     unsafe {
+        // No `t[1]` means it cannot be a sequence: skip the counting pass (the common case
+        // of a document with string keys costs one traversal, not two).
+        if ffi::lua_rawlen(l, t) == 0 {
+            return Shape::Document;
+        }
         ffi::lua_pushnil(l);
         while ffi::lua_next(l, t) != 0 {
             count += 1;
@@ -413,43 +496,42 @@ unsafe fn shape(l: *mut ffi::lua_State, t: c_int) -> Shape {
     }
 }
 
-/// If the table at `t` has exactly one field and it is `$date` (integer) or `$oid` (24 hex
-/// digits), writes that element (type byte + key + value) and returns true.
-unsafe fn encode_special(l: *mut ffi::lua_State, t: c_int, key: &[u8], out: &mut Vec<u8>) -> bool {
-    unsafe {
-        ffi::lua_pushnil(l);
-        if ffi::lua_next(l, t) == 0 {
-            return false;
+/// A document `{["$date"] = integer}` or `{["$oid"] = 24 hex digits}` was just written as
+/// element `key` starting at `elem` (type byte) in `out`, with its body at `body`; rewrites it
+/// as a datetime or an ObjectId element. Checking the written bytes (rare, single-field
+/// documents only) costs less than a separate pass over every table.
+fn rewrite_special(out: &mut Vec<u8>, elem: usize, body: usize, key: &[u8]) {
+    let inner = &out[body + 4..];
+    let (ty, rest) = match inner.split_first() {
+        Some(x) => x,
+        None => return,
+    };
+    let special = if let Some(v) = rest.strip_prefix(b"$date\0") {
+        match *ty {
+            // The bytes were written just now by `encode_element`, so the value is complete.
+            0x10 => Some((
+                0x09,
+                (i32::from_le_bytes([v[0], v[1], v[2], v[3]]) as i64)
+                    .to_le_bytes()
+                    .to_vec(),
+            )),
+            0x12 => Some((0x09, v[..8].to_vec())),
+            _ => None,
         }
-        // stack: key, value
-        let single = {
-            ffi::lua_pushvalue(l, -2);
-            let more = ffi::lua_next(l, t) != 0;
-            if more {
-                ffi::lua_settop(l, -3);
-            }
-            !more
-        };
-        let mut done = false;
-        if single && ffi::lua_type(l, -2) == ffi::LUA_TSTRING {
-            let k = to_bytes(l, -2);
-            if k == b"$date" && ffi::lua_type(l, -1) == ffi::LUA_TNUMBER && ffi::lua_isinteger(l, -1) != 0 {
-                out.push(0x09);
-                put_key(out, key);
-                out.extend_from_slice(&ffi::lua_tointegerx(l, -1, std::ptr::null_mut()).to_le_bytes());
-                done = true;
-            } else if k == b"$oid" && ffi::lua_type(l, -1) == ffi::LUA_TSTRING {
-                let hex = to_bytes(l, -1);
-                if let Some(oid) = parse_oid(hex) {
-                    out.push(0x07);
-                    put_key(out, key);
-                    out.extend_from_slice(&oid);
-                    done = true;
-                }
-            }
-        }
-        ffi::lua_settop(l, -3);
-        done
+    } else if let Some(v) = rest.strip_prefix(b"$oid\0") {
+        // int32 length 25, 24 hex digits, NUL.
+        (*ty == 0x02 && v.len() >= 29 && v[..4] == 25i32.to_le_bytes())
+            .then(|| parse_oid(&v[4..28]))
+            .flatten()
+            .map(|oid| (0x07, oid.to_vec()))
+    } else {
+        None
+    };
+    if let Some((t, value)) = special {
+        out.truncate(elem);
+        out.push(t);
+        put_key(out, key);
+        out.extend_from_slice(&value);
     }
 }
 
@@ -478,14 +560,15 @@ unsafe fn encode_table(
     depth: u32,
     err: &mut Option<EncodeError>,
     known: Option<Shape>,
-) -> Result<(), ()> {
+) -> Result<u32, ()> {
     if depth > MAX_DEPTH {
-        return enc_err(err, "tables nested deeper than 100 levels (a cycle?)".into());
+        return enc_err(err, "tables nested deeper than 100 levels (a cycle?)".into()).map(|_| 0);
     }
+    let mut count = 0u32;
     // SAFETY: see the module comment.
     unsafe {
         if ffi::lua_checkstack(l, 6) == 0 {
-            return enc_err(err, "lua stack exhausted".into());
+            return enc_err(err, "lua stack exhausted".into()).map(|_| 0);
         }
         let start = out.len();
         out.extend_from_slice(&[0; 4]);
@@ -518,7 +601,7 @@ unsafe fn encode_table(
                         }
                         _ => {
                             let tn = type_name(ffi::lua_type(l, -2));
-                            return enc_err(err, format!("a {tn} key (keys must be strings)"));
+                            return enc_err(err, format!("a {tn} key (keys must be strings)")).map(|_| 0);
                         }
                     };
                     if key.contains(&0) {
@@ -528,6 +611,7 @@ unsafe fn encode_table(
                         add_path(err, key);
                         return Err(());
                     }
+                    count += 1;
                     ffi::lua_settop(l, -2);
                 }
             }
@@ -536,7 +620,7 @@ unsafe fn encode_table(
         let len = (out.len() - start) as i32;
         out[start..start + 4].copy_from_slice(&len.to_le_bytes());
     }
-    Ok(())
+    Ok(count)
 }
 
 fn type_name(t: c_int) -> &'static str {
@@ -610,13 +694,16 @@ unsafe fn encode_element(
             }
             ffi::LUA_TTABLE => {
                 let t = ffi::lua_gettop(l);
-                if encode_special(l, t, key, out) {
-                    return Ok(());
-                }
                 let s = shape(l, t);
-                out.push(if matches!(s, Shape::Array(_)) { 0x04 } else { 0x03 });
+                let array = matches!(s, Shape::Array(_));
+                let elem = out.len();
+                out.push(if array { 0x04 } else { 0x03 });
                 put_key(out, key);
-                encode_table(l, t, out, depth + 1, err, Some(s))?;
+                let body = out.len();
+                let fields = encode_table(l, t, out, depth + 1, err, Some(s))?;
+                if !array && fields == 1 {
+                    rewrite_special(out, elem, body, key);
+                }
             }
             other => {
                 return enc_err(err, format!("a {} value", type_name(other)));
@@ -700,6 +787,36 @@ mod tests {
             .eval()
             .unwrap();
         assert!(ok);
+    }
+
+    #[test]
+    fn special_documents_become_bson_types() {
+        let lua = Lua::new();
+        let v: Value = lua
+            .load(
+                r#"return {kd = {["$date"] = 5}, ko = {["$oid"] = "0123456789abcdef01234567"},
+                             knd = {["$date"] = "x"}, kno = {["$oid"] = "xyz"}}"#,
+            )
+            .eval()
+            .unwrap();
+        let b = encode_vec(&lua, &v).unwrap();
+        // Find each element's type byte by its key.
+        let ty = |key: &[u8]| {
+            let k = [key, b"\0"].concat();
+            let at = b.windows(k.len()).position(|w| w == k.as_slice()).unwrap();
+            b[at - 1]
+        };
+        assert_eq!(ty(b"kd"), 0x09);
+        assert_eq!(ty(b"ko"), 0x07);
+        assert_eq!(ty(b"knd"), 0x03);
+        assert_eq!(ty(b"kno"), 0x03);
+        let d: Value = decode(&lua, &b).unwrap();
+        let t = d.as_table().unwrap();
+        assert_eq!(t.get::<Table>("kd").unwrap().get::<i64>("$date").unwrap(), 5);
+        assert_eq!(
+            t.get::<Table>("knd").unwrap().get::<String>("$date").unwrap(),
+            "x"
+        );
     }
 
     #[test]
@@ -787,6 +904,21 @@ mod tests {
                 let _ = decode(&lua, &m[..cut]);
             }
         }
+    }
+
+    #[test]
+    fn decode_batch_fills_slots_and_stops_at_a_bad_document() {
+        let lua = Lua::new();
+        let good = [12u8, 0, 0, 0, 0x10, b'a', 0, 1, 0, 0, 0, 0];
+        let bad = [12u8, 0, 0, 0, 0x42, b'a', 0, 1, 0, 0, 0, 0];
+        let buf = [&good[..], &good[..], &bad[..]].concat();
+        let t = lua.create_table().unwrap();
+        let r = decode_batch(&lua, &t, &buf, &[(0, 12), (12, 24), (24, 36)], true);
+        assert_eq!(r.unwrap_err().0, 2);
+        assert_eq!(t.get::<Table>(2).unwrap().get::<i64>("a").unwrap(), 1);
+        let r = decode_batch(&lua, &t, b"xyhello", &[(0, 2), (2, 7)], false);
+        assert_eq!(r, Ok(2));
+        assert_eq!(t.get::<String>(2).unwrap(), "hello");
     }
 
     #[test]

@@ -21,6 +21,8 @@ scenarios! {
     broker_packet_text => "broker/packet_text.lua",
     broker_udp_ipv6 => "broker/udp_ipv6.lua",
     broker_expire_commit => "broker/expire_commit.lua",
+    broker_multicast => "broker/multicast.lua",
+    broker_pipeline => "broker/pipeline.lua",
 }
 
 /// A node started from a script; killed on drop. The script writes its listening port to
@@ -440,7 +442,11 @@ local sp = broker.ready("tcp://127.0.0.1:0?bson=1k,64k", function() return funct
     local pad = string.rep("x", 1000)
     stage.addtask(1, function()
         for _ = 1, 100 do
-            if socket.commit({ pad = pad }) == 0 then write(PORTFILE .. "closed", "1") return nil end
+            if socket.commit({ pad = pad }) == 0 then
+                stage.sleep(200) -- let the connection's task log why it closed
+                write(PORTFILE .. "closed", "1")
+                return nil
+            end
         end
         return 1
     end)

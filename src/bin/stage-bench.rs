@@ -31,6 +31,22 @@ fn main() {
             let threads: usize = args.get(2).and_then(|p| p.parse().ok()).unwrap_or(SERVER_THREADS);
             raw_server(port, threads);
         }
+        Some("load") => {
+            // stage-bench load PORT PID small|1k DEPTH: one case against a running server.
+            let port: u16 = args.get(1).and_then(|p| p.parse().ok()).expect("port");
+            let pid: u32 = args.get(2).and_then(|p| p.parse().ok()).unwrap_or(0);
+            let doc = if args.get(3).map(String::as_str) == Some("1k") {
+                kib_doc()
+            } else {
+                small_doc()
+            };
+            let depth = args.get(4).and_then(|p| p.parse().ok()).unwrap_or(16);
+            let r = run_case(pid, ([127, 0, 0, 1], port).into(), &doc, depth);
+            println!(
+                "{:.0} msgs/s p50 {} us p99 {} us cpu {:.2} us/msg errors {}",
+                r.rate, r.p50, r.p99, r.cpu_us, r.errors
+            );
+        }
         Some("echo") | None => echo(),
         Some(other) => {
             eprintln!("usage: stage-bench [echo | raw-server PORT THREADS] (got '{other}')");
@@ -95,23 +111,28 @@ fn small_doc() -> Vec<u8> {
         .end()
 }
 
-/// About 1 KiB: the small document plus an inventory array of small documents.
+/// 1 KiB: the small document plus an inventory array of small documents, padded to 1024.
 fn kib_doc() -> Vec<u8> {
-    let mut items = Doc::new();
-    for i in 0..24 {
-        items = items.sub(
-            &i.to_string(),
-            0x03,
-            Doc::new().int("id", 1000 + i).str("kind", "potion"),
-        );
-    }
-    Doc::new()
-        .str("cmd", "inventory")
-        .int("seq", 12345)
-        .str("name", "player-0042")
-        .sub("pos", 0x03, Doc::new().dbl("x", 10.5).dbl("y", -3.25))
-        .sub("items", 0x04, items)
-        .end()
+    let build = |pad: usize| {
+        let mut items = Doc::new();
+        for i in 0..26 {
+            items = items.sub(
+                &i.to_string(),
+                0x03,
+                Doc::new().int("id", 1000 + i).str("kind", "potion"),
+            );
+        }
+        Doc::new()
+            .str("cmd", "inventory")
+            .int("seq", 12345)
+            .str("name", "player-0042")
+            .sub("pos", 0x03, Doc::new().dbl("x", 10.5).dbl("y", -3.25))
+            .sub("items", 0x04, items)
+            .str("note", &"n".repeat(pad))
+            .end()
+    };
+    let pad = 1024usize.saturating_sub(build(0).len());
+    build(pad)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -267,6 +288,9 @@ struct Result1 {
     p99: u32,
     cpu_us: f64,
     errors: u64,
+    /// CPU use of each busy server thread during the measurement, e.g. "61% 100%": shows
+    /// how evenly SO_REUSEPORT spread the connections.
+    threads: String,
 }
 
 fn cpu_ticks(pid: u32) -> u64 {
@@ -277,6 +301,26 @@ fn cpu_ticks(pid: u32) -> u64 {
     // utime and stime are fields 14 and 15 of the file, i.e. 12 and 13 after the name.
     f.get(11).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0)
         + f.get(12).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0)
+}
+
+/// CPU ticks of each thread of `pid`, by thread id.
+fn thread_ticks(pid: u32) -> Vec<(String, u64)> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return vec![];
+    };
+    let mut out: Vec<(String, u64)> = dir
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let tid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let s = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).ok()?;
+            let rest = s.rsplit_once(')')?.1.to_string();
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let t = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+            Some((tid.to_string(), t))
+        })
+        .collect();
+    out.sort();
+    out
 }
 
 fn run_case(pid: u32, addr: SocketAddr, doc: &[u8], depth: usize) -> Result1 {
@@ -295,17 +339,18 @@ fn run_case(pid: u32, addr: SocketAddr, doc: &[u8], depth: usize) -> Result1 {
             .collect();
         tokio::time::sleep_until((start + WARMUP).into()).await;
         let c0 = cpu_ticks(pid);
+        let th0 = thread_ticks(pid);
         let t0 = Instant::now();
         let mut all = Stats::default();
         let mut c1 = None;
         for t in tasks {
             let st = t.await.unwrap();
-            c1.get_or_insert_with(|| (cpu_ticks(pid), Instant::now()));
+            c1.get_or_insert_with(|| (cpu_ticks(pid), Instant::now(), thread_ticks(pid)));
             all.frames += st.frames;
             all.errors += st.errors;
             all.lat.extend(st.lat);
         }
-        let (c1, t1) = c1.unwrap();
+        let (c1, t1, th1) = c1.unwrap();
         let secs = (t1 - t0).as_secs_f64().max(1e-3);
         all.lat.sort_unstable();
         let pct = |p: f64| {
@@ -320,6 +365,15 @@ fn run_case(pid: u32, addr: SocketAddr, doc: &[u8], depth: usize) -> Result1 {
             p99: pct(0.99),
             cpu_us: (c1 - c0) as f64 / tick * 1e6 / (all.frames.max(1) as f64),
             errors: all.errors,
+            threads: th1
+                .iter()
+                .filter_map(|(tid, t)| {
+                    let before = th0.iter().find(|(t0, _)| t0 == tid).map(|x| x.1).unwrap_or(0);
+                    let pct = (t - before) as f64 / tick / secs * 100.0;
+                    (pct >= 5.0).then(|| format!("{pct:.0}%"))
+                })
+                .collect::<Vec<_>>()
+                .join(" "),
         }
     })
 }
@@ -430,7 +484,7 @@ fn echo() {
     );
     println!("documents: small {} bytes, 1k {} bytes", small.len(), kib.len());
     println!(
-        "{:<14} {:<6} {:>11} {:>8} {:>8} {:>9} {:>7}",
+        "{:<14} {:<6} {:>11} {:>8} {:>8} {:>9} {:>7}  busy server threads",
         "case", "server", "msgs/s", "p50 us", "p99 us", "cpu us/m", "errors"
     );
     let mut failed = false;
@@ -449,8 +503,8 @@ fn echo() {
             };
             for (who, r) in [("raw", &raw), ("stage", &stg)] {
                 println!(
-                    "{case:<14} {who:<6} {:>11.0} {:>8} {:>8} {:>9.2} {:>7}",
-                    r.rate, r.p50, r.p99, r.cpu_us, r.errors
+                    "{case:<14} {who:<6} {:>11.0} {:>8} {:>8} {:>9.2} {:>7}  {}",
+                    r.rate, r.p50, r.p99, r.cpu_us, r.errors, r.threads
                 );
             }
             println!(

@@ -23,4 +23,13 @@ c.commit({ fine = true })
 for _ = 1, 100 do if #inbox > 0 then break end stage.sleep(5) end
 eq(#inbox, 1, "the connection survived the error")
 eq(inbox[1].ok, 2)
+
+-- a joined socket's onclose runs when the server closes it
+local gone = false
+local sp2 = broker.ready("tcp://127.0.0.1:0", function() return function(s) s.close() end end)
+local j = broker.join("tcp://127.0.0.1:" .. sp2.port)
+j.onclose = function(s) gone = s.id end
+j.commit({ x = 1 })
+for _ = 1, 100 do if gone then break end stage.sleep(5) end
+eq(gone, j.id, "socket.onclose ran")
 done()

@@ -14,6 +14,16 @@ end)
 c.commit({ ping = 7 })
 for _ = 1, 100 do if #got > 0 then break end stage.sleep(5) end
 eq(got[1] and got[1].pong, 7, "udp round trip")
+-- text over UDP: the datagram is the line, with or without its newline
+local tu = broker.ready("udp://127.0.0.1:0?text", function() return function(s, line) return "re:" .. line end end)
+local lines = {}
+local tc = broker.join("udp://127.0.0.1:" .. tu[-1]:match(":(%d+)$") .. "?text", function()
+    return function(_, l) lines[#lines + 1] = l end
+end)
+tc.commit("no newline")
+for _ = 1, 100 do if #lines > 0 then break end stage.sleep(5) end
+eq(lines[1], "re:no newline", "udp text round trip")
+
 -- broker.signal(addr, v): one datagram from the broker's own socket (reply goes nowhere)
 eq(broker.signal("127.0.0.1:" .. port, { ping = 8 }), 1)
 

@@ -1,0 +1,103 @@
+---@meta
+-- LuaLS type stubs for the `broker` module (docs/broker.md).
+
+---An address: "1.2.3.4:80" or "[::1]:80".
+---@alias broker.addr string
+
+---A connection (or UDP socket). Any other field is the script's own.
+---@class broker.socket
+---@field id integer the socket id, unique in the process (also socket[0])
+---@field [0] integer
+---@field [1] broker.addr|nil the peer address
+---@field [-1] broker.addr|nil the local address
+---@field receive? fun(socket: broker.socket, data: any, addr?: broker.addr): any frames of a joined socket go here unless on_connect returned a function
+---@field onclose? fun(socket: broker.socket) a joined socket's close callback
+local socket = {}
+
+---Queues `v` (table → BSON, or JSON on text sockets; string → bytes), framed per the socket's framing.
+---@param v table|string
+---@param addr? broker.addr UDP: the destination
+---@return integer bytes queued (0 when closed)
+function socket.commit(v, addr) end
+
+---Sends what is queued, then closes the connection.
+function socket.close() end
+
+---A listening port.
+---@class broker.port
+---@field id integer for broker.close
+---@field port integer the bound port (useful with port 0)
+---@field [-1] broker.addr the local address
+---@field receive? fun(socket: broker.socket, data: any, addr?: broker.addr): any called with each frame when accept returned true; a non-nil return value is committed
+---@field close? fun(socket: broker.socket) called when an accepted connection closes
+---@field expire? integer close connections idle this many ms (-1: never)
+---@field commit? integer hold replies this many ms to coalesce writes
+
+---@class broker.addrinfo
+---@field host string
+---@field port integer
+---@field family 4|6
+
+---@class broker.ifaddr
+---@field name string
+---@field addr string
+---@field family 4|6
+
+---@class broker
+broker = {}
+
+---Listens on `tcp://host:port?FRAMING=IN,OUT` or `udp://host:port?FRAMING`.
+---`accept` returns a function (its receive function), true (use port.receive) or false (refuse).
+---@param uri string
+---@param accept fun(socket: broker.socket, addr: broker.addr|nil): (fun(socket: broker.socket, data: any, addr?: broker.addr): any)|boolean|nil
+---@return broker.port|broker.socket|integer port (UDP: the socket), or an errno
+---@return string? message on failure
+function broker.ready(uri, accept) end
+
+---Connects; yields until connected.
+---@param uri string
+---@param on_connect? fun(socket: broker.socket, addr: broker.addr): (fun(socket: broker.socket, data: any): any)|boolean|nil
+---@return broker.socket|integer socket, or an errno
+---@return string? message on failure
+function broker.join(uri, on_connect) end
+
+---Closes sockets or ports of this instance.
+---@param id integer|broker.socket|integer[]
+---@return integer closed
+function broker.close(id) end
+
+---The socket object of an id of this instance.
+---@param id integer
+---@return broker.socket|nil
+function broker.f(id) end
+
+---id: deliver v as if received; {ids}: send v to them; "host:port": send one UDP datagram.
+---@param target integer|integer[]|broker.addr
+---@param v table|string
+---@return integer reached
+function broker.signal(target, v) end
+
+---stage.submit keyed by the socket.
+---@param socket broker.socket|integer
+---@param f function
+---@param ... any
+function broker.submit(socket, f, ...) end
+
+---The text form of an address; with `t`, fills and returns t.host, t.port, t.family.
+---@param addr broker.addr|{host: string, port: integer}
+---@param t? table
+---@return broker.addr|broker.addrinfo
+function broker.ntoa(addr, t) end
+
+---Parses "host:port" (an IP or localhost); nil when it cannot. With `t`, fills and returns it.
+---@param s string
+---@param t? table
+---@return broker.addr|broker.addrinfo|nil
+function broker.aton(s, t) end
+
+---Interface addresses; with a name, that interface's first address.
+---@param name? string
+---@return broker.ifaddr[]|string|nil
+function broker.ifaddr(name) end
+
+return broker
