@@ -57,6 +57,9 @@ local function handler(e)
     if not msg:find("stack traceback:", 1, true) then msg = traceback(msg, 2) end
     return (msg:gsub("\n%s*%[C%]: in %a+ 'xpcall'.*$", ""))
 end
+local function single(f, ...)
+    return xpcall(f, handler, ...)
+end
 return function(f, socket, batch, n, reply)
     local errs
     for i = 1, n do
@@ -75,7 +78,7 @@ return function(f, socket, batch, n, reply)
         end
     end
     return errs
-end
+end, single
 "#;
 
 fn next_id() -> i64 {
@@ -88,10 +91,11 @@ struct Keys {
     receive: mlua::String,
     commit: mlua::String,
     expire: mlua::String,
-    /// The instance's callback runner (`instance::xpcall_runner`).
-    runner: Option<Function>,
-    /// `BATCH_RUNNER`, compiled once per instance.
+    /// `BATCH_RUNNER`'s two functions, compiled once per instance: the batch loop and the
+    /// one-frame runner (`xpcall(f, handler, ...)`, as `instance::xpcall_runner` but
+    /// without the wrapper's closure per call).
     batch_runner: Option<Function>,
+    runner: Option<Function>,
 }
 
 /// The broker state of one instance (Lua app data).
@@ -109,13 +113,24 @@ fn broker(lua: &Lua) -> Rc<Broker> {
         return b.clone();
     }
     let key = |k: &str| lua.create_string(k).expect("a short Lua string");
+    let runners = match lua
+        .load(BATCH_RUNNER)
+        .set_name("=broker")
+        .eval::<(Function, Function)>()
+    {
+        Ok(r) => Some(r),
+        Err(e) => {
+            log::error!("broker: cannot compile its runner: {e}");
+            None
+        }
+    };
     let b = Rc::new(Broker {
         keys: Rc::new(Keys {
             receive: key("receive"),
             commit: key("commit"),
             expire: key("expire"),
-            runner: crate::instance::xpcall_runner(lua).ok(),
-            batch_runner: lua.load(BATCH_RUNNER).set_name("=broker").eval().ok(),
+            batch_runner: runners.as_ref().map(|r| r.0.clone()),
+            runner: runners.map(|r| r.1),
         }),
         conns: RefCell::default(),
         ports: RefCell::default(),
@@ -646,10 +661,11 @@ async fn deliver_batch(lua: &Lua, conn: &Rc<Conn>, n: usize) {
     }
 }
 
-/// `instance::call_callback` specialised for the per-frame call: the same runner (a
-/// coroutine, xpcall with traceback, errors logged and contained), but the runner is cached
-/// and only the first return value is kept, which saves the registry lookup and the
-/// `MultiValue` allocations that showed up in the echo benchmark's profile.
+/// `instance::call_callback` specialised for the per-frame call: the same guarantees (a
+/// coroutine, xpcall with the same traceback handler, errors logged and contained), with
+/// `BATCH_RUNNER`'s one-frame runner and only the first return value kept, which saves the
+/// registry lookup, a closure and the `MultiValue` allocations that showed up in the echo
+/// benchmark's profile.
 async fn call_receive(lua: &Lua, conn: &Conn, f: &Function, args: impl mlua::IntoLuaMulti) -> Option<Value> {
     let runner = conn.keys.runner.as_ref()?;
     let mut all = args.into_lua_multi(lua).ok()?;
