@@ -36,13 +36,31 @@ const MAX_BATCH: usize = 64;
 /// One coroutine per batch instead of one per frame is what the echo benchmark's profile
 /// asked for; a handler that yields (waits) still works, it just holds the rest of its batch.
 const BATCH_RUNNER: &str = r#"
-local xpcall, pcall, traceback, tostring = xpcall, pcall, debug.traceback, tostring
+-- The instance wraps the global pcall/xpcall (so that Rust errors reach scripts as strings);
+-- the wrapper costs a closure per call, so the loop below uses the raw xpcall (an upvalue of
+-- the wrapper) and converts error values itself, on the error path only.
+local function raw(f, name)
+    for i = 1, 16 do
+        local n, v = debug.getupvalue(f, i)
+        if n == nil then break end
+        if n == name then return v end
+    end
+    return f
+end
+local xpcall, pcall, error, traceback, tostring, type = raw(xpcall, "raw_xpcall"), pcall, error, debug.traceback, tostring, type
 local function handler(e)
+    if type(e) ~= "string" then
+        local _, m = pcall(error, e, 0) -- the wrapped pcall turns a Rust error into its message
+        e = m
+    end
     local msg = tostring(e)
     if not msg:find("stack traceback:", 1, true) then msg = traceback(msg, 2) end
-    return (msg:gsub("\n%s*%[C%]: in function 'xpcall'.*$", ""))
+    return (msg:gsub("\n%s*%[C%]: in %a+ 'xpcall'.*$", ""))
 end
-return function(f, socket, batch, n, commit)
+local function single(f, ...)
+    return xpcall(f, handler, ...)
+end
+return function(f, socket, batch, n, reply)
     local errs
     for i = 1, n do
         local data = batch[i]
@@ -52,15 +70,15 @@ return function(f, socket, batch, n, commit)
             errs = errs or {}
             errs[#errs + 1] = "error in receive: " .. tostring(r)
         elseif r ~= nil then
-            local ok2, e = pcall(commit, r)
-            if not ok2 then
+            local e = reply(r)
+            if e then
                 errs = errs or {}
-                errs[#errs + 1] = "socket " .. tostring(socket.id) .. ": reply not sent: " .. tostring(e)
+                errs[#errs + 1] = "socket " .. tostring(socket.id) .. ": reply not sent: " .. e
             end
         end
     end
     return errs
-end
+end, single
 "#;
 
 fn next_id() -> i64 {
@@ -73,10 +91,11 @@ struct Keys {
     receive: mlua::String,
     commit: mlua::String,
     expire: mlua::String,
-    /// The instance's callback runner (`instance::xpcall_runner`).
-    runner: Option<Function>,
-    /// `BATCH_RUNNER`, compiled once per instance.
+    /// `BATCH_RUNNER`'s two functions, compiled once per instance: the batch loop and the
+    /// one-frame runner (`xpcall(f, handler, ...)`, as `instance::xpcall_runner` but
+    /// without the wrapper's closure per call).
     batch_runner: Option<Function>,
+    runner: Option<Function>,
 }
 
 /// The broker state of one instance (Lua app data).
@@ -94,13 +113,24 @@ fn broker(lua: &Lua) -> Rc<Broker> {
         return b.clone();
     }
     let key = |k: &str| lua.create_string(k).expect("a short Lua string");
+    let runners = match lua
+        .load(BATCH_RUNNER)
+        .set_name("=broker")
+        .eval::<(Function, Function)>()
+    {
+        Ok(r) => Some(r),
+        Err(e) => {
+            log::error!("broker: cannot compile its runner: {e}");
+            None
+        }
+    };
     let b = Rc::new(Broker {
         keys: Rc::new(Keys {
             receive: key("receive"),
             commit: key("commit"),
             expire: key("expire"),
-            runner: crate::instance::xpcall_runner(lua).ok(),
-            batch_runner: lua.load(BATCH_RUNNER).set_name("=broker").eval().ok(),
+            batch_runner: runners.as_ref().map(|r| r.0.clone()),
+            runner: runners.map(|r| r.1),
         }),
         conns: RefCell::default(),
         ports: RefCell::default(),
@@ -143,6 +173,8 @@ struct Conn {
     keys: Rc<Keys>,
     /// Frames being handed to the script (reused; the runner clears each slot it takes).
     batch: Table,
+    /// `commit` for the batch runner: returns an error message instead of raising.
+    reply: RefCell<Option<Function>>,
     /// True while the connection's own task is handling frames: it writes the replies
     /// itself afterwards, so commits need not wake it.
     in_task: Cell<bool>,
@@ -364,6 +396,13 @@ fn add_methods(lua: &Lua, conn: &Rc<Conn>) -> mlua::Result<()> {
         })?,
     )?;
     let w: Weak<Conn> = Rc::downgrade(conn);
+    *conn.reply.borrow_mut() = Some(lua.create_function(move |lua, v: Value| {
+        let Some(c) = w.upgrade() else { return Ok(None) };
+        Ok(c.commit(lua, &v, None)
+            .err()
+            .map(|e| crate::script_error::message(&e)))
+    })?);
+    let w: Weak<Conn> = Rc::downgrade(conn);
     conn.table.raw_set(
         "close",
         lua.create_function(move |_, ()| {
@@ -475,6 +514,7 @@ fn new_udp(lua: &Lua, ep: &Endpoint, s: Rc<UdpSocket>, peer: Option<SocketAddr>)
         bad: RefCell::new(false),
         keys: broker(lua).keys.clone(),
         batch: lua.create_table()?,
+        reply: RefCell::new(None),
         in_task: Cell::new(false),
     });
     add_methods(lua, &conn)?;
@@ -545,6 +585,7 @@ fn new_tcp(lua: &Lua, ep: &Endpoint, stream: TcpStream, port: Option<Table>) -> 
         bad: RefCell::new(false),
         keys: broker(lua).keys.clone(),
         batch: lua.create_table()?,
+        reply: RefCell::new(None),
         in_task: Cell::new(false),
     });
     add_methods(lua, &conn)?;
@@ -586,7 +627,7 @@ async fn deliver(lua: &Lua, conn: &Rc<Conn>, data: Value, from: Option<SocketAdd
     if let Some(v) = reply {
         if !v.is_nil() {
             if let Err(e) = conn.commit(lua, &v, from) {
-                log::error!(target: &ctx(lua).name, "socket {}: reply not sent: {e}", conn.id);
+                log::error!(target: &ctx(lua).name, "socket {}: reply not sent: {}", conn.id, crate::script_error::message(&e));
             }
         }
     }
@@ -594,34 +635,37 @@ async fn deliver(lua: &Lua, conn: &Rc<Conn>, data: Value, from: Option<SocketAdd
 
 /// Hands frames `batch[1..n]` to the receive function (see `BATCH_RUNNER`).
 async fn deliver_batch(lua: &Lua, conn: &Rc<Conn>, n: usize) {
-    let name = ctx(lua).name.clone();
     let f = conn.receiver();
-    let commit = conn.table.raw_get::<Function>(&conn.keys.commit).ok();
-    let (Some(f), Some(runner), Some(commit)) = (f, conn.keys.batch_runner.as_ref(), commit) else {
-        log::warn!(target: &name, "socket {}: {n} frame(s) dropped, no receive function", conn.id);
+    let reply = conn.reply.borrow().clone();
+    let (Some(f), Some(runner), Some(reply)) = (f, conn.keys.batch_runner.as_ref(), reply) else {
+        log::warn!(target: &ctx(lua).name, "socket {}: {n} frame(s) dropped, no receive function", conn.id);
         for i in 1..=n {
             let _ = conn.batch.raw_set(i, Value::Nil);
         }
         return;
     };
     match runner
-        .call_async::<Option<Table>>((f, &conn.table, &conn.batch, n, commit))
+        .call_async::<Option<Table>>((f, &conn.table, &conn.batch, n, reply))
         .await
     {
         Ok(None) => {}
         Ok(Some(errs)) => {
+            let name = ctx(lua).name.clone();
             for e in errs.sequence_values::<String>().flatten() {
                 log::error!(target: &name, "{e}");
             }
         }
-        Err(e) => log::error!(target: &name, "error in receive: {}", crate::script_error::format(&e)),
+        Err(e) => {
+            log::error!(target: &ctx(lua).name, "error in receive: {}", crate::script_error::format(&e))
+        }
     }
 }
 
-/// `instance::call_callback` specialised for the per-frame call: the same runner (a
-/// coroutine, xpcall with traceback, errors logged and contained), but the runner is cached
-/// and only the first return value is kept, which saves the registry lookup and the
-/// `MultiValue` allocations that showed up in the echo benchmark's profile.
+/// `instance::call_callback` specialised for the per-frame call: the same guarantees (a
+/// coroutine, xpcall with the same traceback handler, errors logged and contained), with
+/// `BATCH_RUNNER`'s one-frame runner and only the first return value kept, which saves the
+/// registry lookup, a closure and the `MultiValue` allocations that showed up in the echo
+/// benchmark's profile.
 async fn call_receive(lua: &Lua, conn: &Conn, f: &Function, args: impl mlua::IntoLuaMulti) -> Option<Value> {
     let runner = conn.keys.runner.as_ref()?;
     let mut all = args.into_lua_multi(lua).ok()?;

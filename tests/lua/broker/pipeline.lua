@@ -3,8 +3,10 @@
 local sp = broker.ready("tcp://127.0.0.1:0?bson=1k,64k", function() return true end)
 sp.receive = function(socket, d)
     if d.boom then error("boom " .. d.n) end
+    if d.n == 2 then socket.commit(print) end  -- a Rust error raised inside the handler
     if d.nap then stage.sleep(20) end
     socket.commit({ n = d.n, pre = true })
+    if d.n == 5 then return print end          -- a reply that cannot be sent
     return { n = d.n }
 end
 local got = {}
@@ -15,8 +17,9 @@ end)
 for n = 1, 6 do
     c.commit({ n = n, boom = (n == 3) or nil, nap = (n == 4) or nil })
 end
-for _ = 1, 200 do if #got >= 10 then break end stage.sleep(5) end
-eq(table.concat(got, ","), "1a,1b,2a,2b,4a,4b,5a,5b,6a,6b", "order kept, frame 3 failed alone")
+for _ = 1, 200 do if #got >= 7 then break end stage.sleep(5) end
+stage.sleep(20)
+eq(table.concat(got, ","), "1a,1b,4a,4b,5a,6a,6b", "order kept, failing frames failed alone")
 
 -- a bad document after good ones in the same read: the good ones are answered, then the
 -- connection closes (a string committed on a bson socket is sent as raw bytes)
