@@ -37,10 +37,24 @@ pub fn ctx(lua: &Lua) -> Rc<InstanceCtx> {
 }
 
 const XPCALL_RUNNER: &str = "stage.xpcall";
+const ERROR_HANDLER: &str = "stage.error_handler";
+const RAW_XPCALL: &str = "stage.raw_xpcall";
 
-/// `function(f, ...) return xpcall(f, traceback_handler, ...) end`, created once per state.
+/// `function(f, ...) return xpcall(f, error_handler, ...) end`, created once per state.
 pub fn xpcall_runner(lua: &Lua) -> mlua::Result<Function> {
     lua.named_registry_value(XPCALL_RUNNER)
+}
+
+/// The message handler every callback runs under: the error as text (Rust errors
+/// included) followed by the traceback, without the runner's own frames.
+pub fn error_handler(lua: &Lua) -> mlua::Result<Function> {
+    lua.named_registry_value(ERROR_HANDLER)
+}
+
+/// Lua's own `xpcall`, before the wrapper scripts see (which costs a closure per call);
+/// for hot paths that pass `error_handler` themselves.
+pub fn raw_xpcall(lua: &Lua) -> mlua::Result<Function> {
+    lua.named_registry_value(RAW_XPCALL)
 }
 
 fn install_runner(lua: &Lua) -> mlua::Result<()> {
@@ -52,41 +66,38 @@ fn install_runner(lua: &Lua) -> mlua::Result<()> {
             .map(Value::String),
         other => Ok(other),
     })?;
-    lua.load(
-        r#"
-        local errmsg, raw_pcall, raw_xpcall = ...
-        local function fix(ok, ...)
-            if ok then return ok, ... end
-            return false, errmsg((...))
-        end
-        pcall = function(f, ...) return fix(raw_pcall(f, ...)) end
-        xpcall = function(f, h, ...)
-            return raw_xpcall(f, function(e) return h(errmsg(e)) end, ...)
-        end
-        "#,
-    )
-    .set_name("=stage")
-    .call::<()>((
-        errmsg,
-        lua.globals().get::<Function>("pcall")?,
-        lua.globals().get::<Function>("xpcall")?,
-    ))?;
-    let runner: Function = lua
+    let raw_xpcall_fn = lua.globals().get::<Function>("xpcall")?;
+    let (runner, handler): (Function, Function) = lua
         .load(
             r#"
-            local xpcall, traceback, tostring = xpcall, debug.traceback, tostring
-            local function handler(e)
-                local msg = tostring(e)
-                if not msg:find("stack traceback:", 1, true) then msg = traceback(msg, 2) end
-                -- The frames of this runner are noise to the script author.
-                return (msg:gsub("\n%s*%[C%]: in function 'xpcall'.*$", ""))
+            local errmsg, raw_pcall, raw_xpcall = ...
+            local traceback, tostring = debug.traceback, tostring
+            local function fix(ok, ...)
+                if ok then return ok, ... end
+                return false, errmsg((...))
             end
-            return function(f, ...) return xpcall(f, handler, ...) end
+            pcall = function(f, ...) return fix(raw_pcall(f, ...)) end
+            xpcall = function(f, h, ...)
+                return raw_xpcall(f, function(e) return h(errmsg(e)) end, ...)
+            end
+            local function handler(e)
+                local msg = tostring(errmsg(e))
+                if not msg:find("stack traceback:", 1, true) then msg = traceback(msg, 2) end
+                -- The frames of the runner are noise to the script author.
+                return (msg:gsub("\n%s*%[C%]: in %a+ 'xpcall'.*$", ""))
+            end
+            return function(f, ...) return raw_xpcall(f, handler, ...) end, handler
             "#,
         )
         .set_name("=stage")
-        .eval()?;
-    lua.set_named_registry_value(XPCALL_RUNNER, runner)
+        .call((
+            errmsg,
+            lua.globals().get::<Function>("pcall")?,
+            raw_xpcall_fn.clone(),
+        ))?;
+    lua.set_named_registry_value(XPCALL_RUNNER, runner)?;
+    lua.set_named_registry_value(ERROR_HANDLER, handler)?;
+    lua.set_named_registry_value(RAW_XPCALL, raw_xpcall_fn)
 }
 
 /// Runs `f(args)` as a coroutine; on error, logs `what` with the message and traceback
@@ -231,6 +242,10 @@ fn new_state(node: &Arc<NodeShared>, spec: &InstanceSpec, number: usize) -> mlua
         submits: RefCell::new(HashMap::new()),
     });
     lua.set_app_data(ctx);
+    // Generational GC: callbacks leave short-lived tables (decoded frames, replies,
+    // messages) as their garbage, which young collections reclaim without re-marking the
+    // whole heap; measured by `scripts/bench echo` at about 10% less CPU per message.
+    lua.gc_gen(0, 0);
     install_runner(&lua)?;
     crate::lua::register_all(&lua)?;
     let package: mlua::Table = lua.globals().get("package")?;

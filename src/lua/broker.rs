@@ -36,30 +36,10 @@ const MAX_BATCH: usize = 64;
 /// One coroutine per batch instead of one per frame is what the echo benchmark's profile
 /// asked for; a handler that yields (waits) still works, it just holds the rest of its batch.
 const BATCH_RUNNER: &str = r#"
--- The instance wraps the global pcall/xpcall (so that Rust errors reach scripts as strings);
--- the wrapper costs a closure per call, so the loop below uses the raw xpcall (an upvalue of
--- the wrapper) and converts error values itself, on the error path only.
-local function raw(f, name)
-    for i = 1, 16 do
-        local n, v = debug.getupvalue(f, i)
-        if n == nil then break end
-        if n == name then return v end
-    end
-    return f
-end
-local xpcall, pcall, error, traceback, tostring, type = raw(xpcall, "raw_xpcall"), pcall, error, debug.traceback, tostring, type
-local function handler(e)
-    if type(e) ~= "string" then
-        local _, m = pcall(error, e, 0) -- the wrapped pcall turns a Rust error into its message
-        e = m
-    end
-    local msg = tostring(e)
-    if not msg:find("stack traceback:", 1, true) then msg = traceback(msg, 2) end
-    return (msg:gsub("\n%s*%[C%]: in %a+ 'xpcall'.*$", ""))
-end
-local function single(f, ...)
-    return xpcall(f, handler, ...)
-end
+-- Receives Lua's raw xpcall and the instance's error handler (see instance.rs): the
+-- scripts' global xpcall is a wrapper that costs a closure per call.
+local xpcall, handler = ...
+local tostring = tostring
 return function(f, socket, batch, n, reply)
     local errs
     for i = 1, n do
@@ -78,7 +58,7 @@ return function(f, socket, batch, n, reply)
         end
     end
     return errs
-end, single
+end
 "#;
 
 fn next_id() -> i64 {
@@ -91,9 +71,8 @@ struct Keys {
     receive: mlua::String,
     commit: mlua::String,
     expire: mlua::String,
-    /// `BATCH_RUNNER`'s two functions, compiled once per instance: the batch loop and the
-    /// one-frame runner (`xpcall(f, handler, ...)`, as `instance::xpcall_runner` but
-    /// without the wrapper's closure per call).
+    /// `BATCH_RUNNER`'s batch loop, compiled once per instance, and the instance's
+    /// one-call runner (`instance::xpcall_runner`), kept here to skip a registry lookup.
     batch_runner: Option<Function>,
     runner: Option<Function>,
 }
@@ -113,11 +92,14 @@ fn broker(lua: &Lua) -> Rc<Broker> {
         return b.clone();
     }
     let key = |k: &str| lua.create_string(k).expect("a short Lua string");
-    let runners = match lua
-        .load(BATCH_RUNNER)
-        .set_name("=broker")
-        .eval::<(Function, Function)>()
-    {
+    let runners = (|| -> mlua::Result<(Function, Function)> {
+        let batch = lua.load(BATCH_RUNNER).set_name("=broker").call((
+            crate::instance::raw_xpcall(lua)?,
+            crate::instance::error_handler(lua)?,
+        ))?;
+        Ok((batch, crate::instance::xpcall_runner(lua)?))
+    })();
+    let runners = match runners {
         Ok(r) => Some(r),
         Err(e) => {
             log::error!("broker: cannot compile its runner: {e}");
@@ -324,12 +306,6 @@ fn udp_send(sock: &UdpSocket, buf: &[u8], to: SocketAddr) -> usize {
 }
 
 pub fn open(lua: &Lua) -> mlua::Result<Table> {
-    // Generational GC: a served frame leaves short-lived tables (the decoded document, the
-    // reply) as its garbage, which young collections reclaim without re-marking the whole
-    // heap. Measured in `scripts/bench echo`: about 10% less CPU per message. (0, 0 keep
-    // Lua's default parameters.) It belongs to the instance's setup; it is here until the
-    // instance code chooses a GC mode for every state.
-    lua.gc_gen(0, 0);
     let t = lua.create_table()?;
     t.set("ready", lua.create_async_function(ready)?)?;
     t.set("join", lua.create_async_function(join)?)?;
@@ -663,7 +639,7 @@ async fn deliver_batch(lua: &Lua, conn: &Rc<Conn>, n: usize) {
 
 /// `instance::call_callback` specialised for the per-frame call: the same guarantees (a
 /// coroutine, xpcall with the same traceback handler, errors logged and contained), with
-/// `BATCH_RUNNER`'s one-frame runner and only the first return value kept, which saves the
+/// the instance's runner cached in `Keys` and only the first return value kept, which saves the
 /// registry lookup, a closure and the `MultiValue` allocations that showed up in the echo
 /// benchmark's profile.
 async fn call_receive(lua: &Lua, conn: &Conn, f: &Function, args: impl mlua::IntoLuaMulti) -> Option<Value> {

@@ -25,7 +25,7 @@ function check(cond, msg)
 end
 local function show(v)
     if type(v) == "string" then return string.format("%q", v) end
-    return tostring(v) .. " (" .. math.type(v) or type(v) .. ")"
+    return tostring(v) .. " (" .. (math.type(v) or type(v)) .. ")"
 end
 function eq(got, want, msg)
     if got ~= want or math.type(got) ~= math.type(want) then
