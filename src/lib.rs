@@ -4,6 +4,7 @@
 
 pub mod check;
 pub mod config;
+pub mod db;
 pub mod home;
 pub mod instance;
 pub mod loader;

@@ -5,6 +5,7 @@ use mlua::{Lua, Table};
 
 pub mod bundle;
 pub mod logger;
+pub mod odbc;
 pub mod process;
 pub mod stage;
 
@@ -17,6 +18,7 @@ const MODULES: &[(&str, Open)] = &[
     ("process", process::open),
     ("logger", logger::open),
     ("bundle", bundle::open),
+    ("odbc", odbc::open),
 ];
 
 /// Registers every module as a global and in `package.loaded`, so that both
