@@ -69,6 +69,10 @@ fn describe(dt: DataType) -> (&'static str, Kind, Option<usize>, i16) {
         DataType::WVarchar { length } => ("WVARCHAR", Kind::Chars, n(length), 0),
         DataType::LongVarchar { length } => ("LONGVARCHAR", Kind::Chars, n(length), 0),
         DataType::WLongVarchar { length } => ("WLONGVARCHAR", Kind::Chars, n(length), 0),
+        // sqliteodbc reports BIGINT columns with the C type code SQL_C_SBIGINT (-25).
+        DataType::Other { data_type, .. } if matches!(data_type.0, -25 | -27 | -5) => {
+            ("BIGINT", Kind::Int, None, 0)
+        }
         _ => ("OTHER", Kind::Text, None, 0),
     }
 }
@@ -292,6 +296,8 @@ fn read_cursor(mut cursor: impl Cursor, result: &mut QueryResult) -> Result<()> 
         for i in 0..kinds.len() {
             let kind = &kinds[i].clone();
             let col = i as u16 + 1;
+            // odbc-api expects a buffer that ends in zeroes before it reads text into it.
+            buf.clear();
             let v = match kind {
                 Kind::Int => {
                     let mut x = Nullable::<i64>::null();
@@ -324,6 +330,7 @@ fn read_cursor(mut cursor: impl Cursor, result: &mut QueryResult) -> Result<()> 
                             return Err(e);
                         }
                         kinds[i] = Kind::Text;
+                        buf.clear();
                         if row.get_text(col, &mut buf)? {
                             text_value(Kind::Text, &buf)
                         } else {

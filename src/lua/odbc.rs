@@ -77,10 +77,12 @@ end
 
 local odbc = {}
 odbc.new = function(conn, f)
-    local adp = adapter(raw_new(conn))
+    local raw = raw_new(conn)
+    local adp = adapter(raw)
     if f == nil then return adp end
     local res = pack(pcall(f, adp))
-    local closed, why = pcall(adp.close)
+    -- Closing commits an open transaction when f succeeded and rolls it back when it failed.
+    local closed, why = pcall(raw.close, res[1])
     if not res[1] then error(res[2], 0) end
     if not closed then error(why, 0) end
     return unpack(res, 2, res.n)
@@ -125,10 +127,12 @@ pub fn to_db(v: &LuaValue, what: &str) -> mlua::Result<db::Value> {
         LuaValue::Integer(i) => db::Value::Int(*i),
         LuaValue::Number(n) => db::Value::Float(*n),
         LuaValue::String(s) => {
+            // Strings that are not UTF-8 text, or hold a NUL byte (which text columns and
+            // C-string drivers cut at), travel as binary.
             let b = s.as_bytes();
             match std::str::from_utf8(&b) {
-                Ok(t) => db::Value::Text(t.to_string()),
-                Err(_) => db::Value::Bytes(b.to_vec()),
+                Ok(t) if !t.contains('\0') => db::Value::Text(t.to_string()),
+                _ => db::Value::Bytes(b.to_vec()),
             }
         }
         other => {
