@@ -6,6 +6,7 @@ logger.info("example home started on " .. process.node .. ", instance " .. proce
 -- in rollback/; stage.load picks the first that works.
 local greet = stage.load("greeting+hello")
 logger.info(greet("operator"))
+stage.load("db_example").record_start(process.node)  -- SQLite through odbc: package/db_example.lua
 
 -- A heartbeat every 30 s: returning the delay runs the task again.
 stage.addtask(30000, function ()
