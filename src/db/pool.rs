@@ -276,3 +276,63 @@ impl Drop for PooledConn {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_executor_runs_calls_and_survives_panics() {
+        let exec: &'static Executor = Box::leak(Box::new(Executor::new(2)));
+        assert_eq!(exec.run(|| 6 * 7).await.unwrap(), 42);
+        let e = exec.run(|| -> i32 { panic!("driver bug") }).await.unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "odbc: an odbc worker thread failed while running the call"
+        );
+        assert_eq!(
+            exec.run(|| 1).await.unwrap(),
+            1,
+            "the worker thread is still there"
+        );
+    }
+
+    /// Needs the SQLite ODBC driver (scripts/setup installs it).
+    #[tokio::test]
+    async fn the_pool_bounds_checkouts_and_reuses_connections() {
+        let exec: &'static Executor = Box::leak(Box::new(Executor::new(2)));
+        let spec = ConnSpec::from_string("DRIVER={SQLite3};DATABASE=:memory:;stage_test=pool");
+        let pool = Pool::get(&spec, 2);
+        let a = pool
+            .checkout(exec, Duration::from_secs(5))
+            .await
+            .expect("sqlite odbc driver");
+        let b = pool.checkout(exec, Duration::from_secs(5)).await.unwrap();
+        let e = pool
+            .checkout(exec, Duration::from_millis(50))
+            .await
+            .err()
+            .expect("a third checkout waits");
+        assert!(
+            e.to_string().starts_with(
+                "odbc: no free connection for DRIVER={SQLite3};DATABASE=:memory:;stage_test=pool within"
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().ends_with("(pool of 2)"), "{e}");
+        drop(a);
+        let c = pool.checkout(exec, Duration::from_secs(5)).await.unwrap();
+        assert_eq!(pool.opened(), 2, "the returned connection was reused");
+        drop((b, c));
+        assert_eq!(pool.idle_count(), 2);
+        // A connection that lost its link is not returned to the pool.
+        let mut d = pool.checkout(exec, Duration::from_secs(5)).await.unwrap();
+        d.note_error(&DbError::Driver {
+            state: "08S01".into(),
+            native: 0,
+            message: "link failure".into(),
+        });
+        drop(d);
+        assert_eq!(pool.idle_count(), 1);
+    }
+}
