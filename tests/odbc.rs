@@ -140,6 +140,11 @@ on_all_databases! {
 }
 
 #[test]
+fn postgres_slow_query_and_execute_timeout() {
+    run_on(Db::Postgres, "odbc/slow.lua");
+}
+
+#[test]
 fn cache_and_purge() {
     run_on(Db::Sqlite, "odbc/cache.lua");
 }
