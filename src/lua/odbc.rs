@@ -203,7 +203,10 @@ fn spec_of(lua: &Lua, conn: &LuaValue) -> mlua::Result<ConnSpec> {
                 };
                 attrs.push((k, a));
             }
-            ConnSpec::from_attrs("odbc.new", &attrs).map_err(lua_err)
+            let mut spec = ConnSpec::from_attrs("odbc.new", &attrs).map_err(lua_err)?;
+            // Messages name the connection by its string, without the password.
+            spec.label = ConnSpec::from_string(&spec.conn_str).label;
+            Ok(spec)
         }
         other => Err(mlua::Error::RuntimeError(format!(
             "odbc.new: expected a connection name, a connection string or a table of attributes, found a {}",
@@ -218,6 +221,9 @@ type Shared = Arc<Mutex<Option<Session>>>;
 struct Adapter {
     session: Shared,
     exec: &'static Executor,
+    /// A copy of the session's dialect, readable without locking the session (which a
+    /// worker may hold for the length of a query).
+    driver: db::QueryDriver,
 }
 
 impl Adapter {
@@ -258,6 +264,7 @@ async fn new_adapter(lua: &Lua, conn: LuaValue) -> mlua::Result<Table> {
     let adapter = Rc::new(Adapter {
         session: Arc::new(Mutex::new(Some(session))),
         exec,
+        driver: spec.driver,
     });
     raw_adapter(lua, adapter)
 }
@@ -641,14 +648,7 @@ async fn apply(
         };
         let current = read_current(&rows, snap.keys.len())?;
         let changes = snap.diff(&current, &table);
-        let driver = r
-            .adapter
-            .session
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-            .map(|s| s.driver);
-        let driver = driver.ok_or_else(|| rt("odbc: apply: the adapter is closed"))?;
+        let driver = r.adapter.driver;
         let statements: Vec<_> = changes
             .iter()
             .map(|c| {
