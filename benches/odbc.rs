@@ -79,6 +79,18 @@ fn direct(env: &Environment, conn_str: &str) -> (usize, f64) {
     (n, n as f64 / start.elapsed().as_secs_f64())
 }
 
+/// The same with `threads` connections on as many threads (the pool's parallelism).
+fn direct_parallel(env: &Environment, conn_str: &str, threads: usize) -> f64 {
+    let start = Instant::now();
+    let total: usize = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|_| s.spawn(|| direct(env, conn_str).0))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).sum()
+    });
+    total as f64 / start.elapsed().as_secs_f64()
+}
+
 const LUA_POINT_READS: &str = r#"
 local conn, coroutines, max_n, seconds = CONN, COROUTINES, MAX_N, SECONDS
 local done_n, finished, started = 0, 0, process.tick
@@ -194,18 +206,19 @@ fn main() {
     }
     println!("point reads: SELECT id, name, level FROM bench_users WHERE id = ? ({ROWS} rows), up to {MAX_QUERIES} queries or {SECONDS} s each");
     println!(
-        "{:<11} {:>14} {:>16} {:>7} {:>18} {:>7}",
-        "database", "direct q/s", "Lua 1 coro q/s", "ratio", "Lua 4 coros q/s", "ratio"
+        "{:<11} {:>11} {:>15} {:>6} | {:>13} {:>16} {:>6}",
+        "database", "direct q/s", "Lua 1 coro q/s", "ratio", "direct 4 thr", "Lua 4 coros q/s", "ratio"
     );
     for (name, conn) in &targets {
         setup(&env, conn);
         let (_, direct_rate) = direct(&env, conn);
         let one = field(&run_lua(LUA_POINT_READS, conn, 1), "rate");
+        let direct4 = direct_parallel(&env, conn, 4);
         let four = field(&run_lua(LUA_POINT_READS, conn, 4), "rate");
         println!(
-            "{name:<11} {direct_rate:>14.0} {one:>16.0} {:>7.2} {four:>18.0} {:>7.2}",
+            "{name:<11} {direct_rate:>11.0} {one:>15.0} {:>6.2} | {direct4:>13.0} {four:>16.0} {:>6.2}",
             one / direct_rate,
-            four / direct_rate
+            four / direct4
         );
     }
     if targets.len() > 1 {
