@@ -271,12 +271,16 @@ pub fn execute(
 fn read_cursor(mut cursor: impl Cursor, result: &mut QueryResult) -> Result<()> {
     let ncols = cursor.num_result_cols()?.max(0) as u16;
     for i in 1..=ncols {
-        let name = cursor.col_name(i)?;
-        let dt = cursor.col_data_type(i)?;
-        let (type_name, kind, size, scale) = describe(dt);
-        let nullable = match cursor.col_nullability(i) {
-            Ok(odbc_api::Nullability::Nullable) => Some(true),
-            Ok(odbc_api::Nullability::NoNulls) => Some(false),
+        // One SQLDescribeCol per column gives name, type and nullability in one driver call.
+        let mut desc = odbc_api::ColumnDescription::default();
+        cursor.describe_col(i, &mut desc)?;
+        let name = desc
+            .name_to_string()
+            .unwrap_or_else(|_| String::from_utf8_lossy(&desc.name).into_owned());
+        let (type_name, kind, size, scale) = describe(desc.data_type);
+        let nullable = match desc.nullability {
+            odbc_api::Nullability::Nullable => Some(true),
+            odbc_api::Nullability::NoNulls => Some(false),
             _ => None,
         };
         result.columns.push(Column {
