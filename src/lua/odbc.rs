@@ -7,63 +7,59 @@
 
 use crate::db::track::{Current, KeyAtom, KeyPart, Snapshot};
 use crate::db::{self, ConnSpec, DbError, Executor, Param, Pool, QueryResult, Session};
-use mlua::{Lua, MultiValue, Table, Value as LuaValue};
+use mlua::{AnyUserData, Lua, MultiValue, Table, Value as LuaValue};
 use std::cell::RefCell;
 use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 
 const PRELUDE: &str = r#"
-local raw_new = ...
-local type, select, error, pcall, setmetatable = type, select, error, pcall, setmetatable
+local R = ...
+local type, error, pcall, setmetatable = type, error, pcall, setmetatable
 local pack, unpack = table.pack, table.unpack
+local r_new, r_execute, r_query, r_exec = R.new, R.execute, R.query, R.exec
+local r_begin, r_commit, r_rollback, r_close = R.begin, R.commit, R.rollback, R.close
+local r_fetch, r_columns, r_apply = R.fetch, R.columns, R.apply
 
 -- rows table -> the apply function of the resultset that fetched it (weak keys)
 local fetched = setmetatable({}, { __mode = "k" })
 
-local function finish(ok, ...)
-    if not ok then error((...), 0) end
-    return ...
-end
-
-local function resultset(raw)
-    local rs = { affected = raw.affected }
+local function resultset(h, affected)
+    local rs = { affected = affected, erase = R.erase, near = R.near }
     local function apply(rows, tbl, f)
         if type(tbl) == "function" then tbl, f = nil, tbl end
-        local keys, log = raw.apply(rows, tbl)
+        local keys, log = r_apply(h, rows, tbl)
         if f then return f(keys, log) end
         return keys, log
     end
     rs.fetch = function(keys, f)
         if type(keys) == "function" then keys, f = nil, keys end
-        local rows = raw.fetch(keys)
+        local rows = r_fetch(h, keys)
         if type(rows) == "table" then fetched[rows] = apply end
         if f then return f(rows) end
         return rows
     end
     rs.columns = function(f)
-        local cols = raw.columns()
+        local cols = r_columns(h)
         if f then return f(cols) end
         return cols
     end
     rs.apply = apply
-    rs.erase = raw.erase
-    rs.near = raw.near
     return rs
 end
 
-local function adapter(raw)
+local function adapter(h)
     local adp = {}
-    adp.execute = function(sql, ...) return resultset(raw.execute(sql, ...)) end
-    adp.query = raw.query
-    adp.exec = raw.exec
-    adp.commit = raw.commit
-    adp.rollback = raw.rollback
-    adp.close = function() return raw.close(true) end
+    adp.execute = function(sql, ...) return resultset(r_execute(h, sql, ...)) end
+    adp.query = function(sql, ...) return r_query(h, sql, ...) end
+    adp.exec = function(sql, ...) return r_exec(h, sql, ...) end
+    adp.commit = function() return r_commit(h) end
+    adp.rollback = function() return r_rollback(h) end
+    adp.close = function() return r_close(h, true) end
     adp.begin = function(f)
-        raw.begin()
+        r_begin(h)
         if f == nil then return end
         local res = pack(pcall(f, adp))
-        if res[1] and res[2] == true then raw.commit() else raw.rollback() end
+        if res[1] and res[2] == true then r_commit(h) else r_rollback(h) end
         if not res[1] then error(res[2], 0) end
         return unpack(res, 2, res.n)
     end
@@ -77,12 +73,12 @@ end
 
 local odbc = {}
 odbc.new = function(conn, f)
-    local raw = raw_new(conn)
-    local adp = adapter(raw)
+    local h = r_new(conn)
+    local adp = adapter(h)
     if f == nil then return adp end
     local res = pack(pcall(f, adp))
     -- Closing commits an open transaction when f succeeded and rolls it back when it failed.
-    local closed, why = pcall(raw.close, res[1])
+    local closed, why = pcall(r_close, h, res[1])
     if not res[1] then error(res[2], 0) end
     if not closed then error(why, 0) end
     return unpack(res, 2, res.n)
@@ -109,9 +105,7 @@ return odbc
 "#;
 
 pub fn open(lua: &Lua) -> mlua::Result<Table> {
-    let raw_new =
-        lua.create_async_function(|lua, conn: LuaValue| async move { new_adapter(&lua, conn).await })?;
-    lua.load(PRELUDE).set_name("=odbc").call(raw_new)
+    lua.load(PRELUDE).set_name("=odbc").call(raw_functions(lua)?)
 }
 
 fn lua_err(e: DbError) -> mlua::Error {
@@ -247,7 +241,7 @@ impl Adapter {
     }
 }
 
-async fn new_adapter(lua: &Lua, conn: LuaValue) -> mlua::Result<Table> {
+async fn new_adapter(lua: &Lua, conn: LuaValue) -> mlua::Result<AdapterHandle> {
     let spec = spec_of(lua, &conn)?;
     let workers = crate::instance::ctx(lua).node.config.workers;
     let exec = Executor::global(workers);
@@ -266,7 +260,7 @@ async fn new_adapter(lua: &Lua, conn: LuaValue) -> mlua::Result<Table> {
         exec,
         driver: spec.driver,
     });
-    raw_adapter(lua, adapter)
+    Ok(AdapterHandle(adapter))
 }
 
 /// `execute`'s first argument: SQL, or `{sql, "i", "C", ...}` with type letters.
@@ -317,114 +311,6 @@ fn row_table(lua: &Lua, result: &QueryResult, row: &[db::Value]) -> mlua::Result
     Ok(t)
 }
 
-fn raw_adapter(lua: &Lua, adapter: Rc<Adapter>) -> mlua::Result<Table> {
-    let raw = lua.create_table()?;
-    let a = adapter.clone();
-    raw.set(
-        "execute",
-        lua.create_async_function(move |lua, (sql, args): (LuaValue, MultiValue)| {
-            let a = a.clone();
-            async move {
-                let (sql, letters) = parse_statement(sql)?;
-                let params = params_of(&letters, &args)?;
-                let text = sql.clone();
-                let result = a.run(move |s| s.execute(&text, &params)).await?;
-                raw_resultset(&lua, a, sql, result)
-            }
-        })?,
-    )?;
-    let a = adapter.clone();
-    raw.set(
-        "query",
-        lua.create_async_function(move |lua, (sql, args): (LuaValue, MultiValue)| {
-            let a = a.clone();
-            async move {
-                let (sql, letters) = parse_statement(sql)?;
-                let params = params_of(&letters, &args)?;
-                let result = a.run(move |s| s.execute(&sql, &params)).await?;
-                let list = lua.create_table_with_capacity(result.rows.len(), 0)?;
-                for row in &result.rows {
-                    list.raw_push(row_table(&lua, &result, row)?)?;
-                }
-                Ok(list)
-            }
-        })?,
-    )?;
-    let a = adapter.clone();
-    raw.set(
-        "exec",
-        lua.create_async_function(move |lua, (sql, args): (LuaValue, MultiValue)| {
-            let a = a.clone();
-            async move {
-                let (sql, letters) = parse_statement(sql)?;
-                let params = params_of(&letters, &args)?;
-                let (affected, id) = a
-                    .run(move |s| {
-                        let r = s.execute(&sql, &params)?;
-                        let id = if db::session::is_insert(&sql) {
-                            s.last_insert_id()?
-                        } else {
-                            db::Value::Null
-                        };
-                        Ok((r.affected, id))
-                    })
-                    .await?;
-                let id = if id.is_null() {
-                    LuaValue::Nil
-                } else {
-                    to_lua(&lua, &id)?
-                };
-                Ok((affected, id))
-            }
-        })?,
-    )?;
-    let a = adapter.clone();
-    raw.set(
-        "begin",
-        lua.create_async_function(move |_, ()| {
-            let a = a.clone();
-            async move { a.run(|s| s.begin()).await }
-        })?,
-    )?;
-    for (name, commit) in [("commit", true), ("rollback", false)] {
-        let a = adapter.clone();
-        raw.set(
-            name,
-            lua.create_async_function(move |_, ()| {
-                let a = a.clone();
-                async move { a.run(move |s| s.finish(commit)).await }
-            })?,
-        )?;
-    }
-    let a = adapter.clone();
-    raw.set(
-        "close",
-        lua.create_async_function(move |_, commit: Option<bool>| {
-            let a = a.clone();
-            async move {
-                let session = a.session.clone();
-                // Ends an open transaction, then hands the connection back to its pool (the
-                // session's drop does that, on this thread, without blocking).
-                let r = a
-                    .exec
-                    .run(move || {
-                        let mut guard = session.lock().unwrap_or_else(|e| e.into_inner());
-                        let r = match guard.as_mut() {
-                            Some(s) => s.finish(commit.unwrap_or(true)),
-                            None => Ok(()),
-                        };
-                        guard.take();
-                        r
-                    })
-                    .await
-                    .map_err(lua_err)?;
-                r.map_err(lua_err)
-            }
-        })?,
-    )?;
-    Ok(raw)
-}
-
 struct Resultset {
     adapter: Rc<Adapter>,
     sql: String,
@@ -459,23 +345,142 @@ fn parse_keys(keys: &LuaValue) -> mlua::Result<Vec<KeyPart>> {
     })
 }
 
-fn raw_resultset(lua: &Lua, adapter: Rc<Adapter>, sql: String, result: QueryResult) -> mlua::Result<Table> {
+/// The adapter as Lua holds it; when Lua collects it, the connection goes back to its pool.
+struct AdapterHandle(Rc<Adapter>);
+
+impl mlua::UserData for AdapterHandle {}
+
+/// A resultset as Lua holds it.
+struct RsHandle(Rc<RefCell<Resultset>>);
+
+impl mlua::UserData for RsHandle {}
+
+fn adapter_of(h: &AnyUserData) -> mlua::Result<Rc<Adapter>> {
+    Ok(h.borrow::<AdapterHandle>()?.0.clone())
+}
+
+fn resultset_of(h: &AnyUserData) -> mlua::Result<Rc<RefCell<Resultset>>> {
+    Ok(h.borrow::<RsHandle>()?.0.clone())
+}
+
+/// The raw functions the prelude builds adapters and resultsets from. They are created once
+/// per Lua state and take the adapter or resultset handle as their first argument, so a
+/// query creates no Rust functions.
+fn raw_functions(lua: &Lua) -> mlua::Result<Table> {
     let raw = lua.create_table()?;
-    if let Some(n) = result.affected {
-        raw.set("affected", n)?;
+    raw.set(
+        "new",
+        lua.create_async_function(|lua, conn: LuaValue| async move { new_adapter(&lua, conn).await })?,
+    )?;
+    raw.set(
+        "execute",
+        lua.create_async_function(
+            |lua, (h, sql, args): (AnyUserData, LuaValue, MultiValue)| async move {
+                let a = adapter_of(&h)?;
+                let (sql, letters) = parse_statement(sql)?;
+                let params = params_of(&letters, &args)?;
+                let text = sql.clone();
+                let result = a.run(move |s| s.execute(&text, &params)).await?;
+                let affected = result.affected;
+                let rs = Resultset {
+                    adapter: a,
+                    sql,
+                    result,
+                    snapshot: None,
+                };
+                Ok((
+                    lua.create_userdata(RsHandle(Rc::new(RefCell::new(rs))))?,
+                    affected,
+                ))
+            },
+        )?,
+    )?;
+    raw.set(
+        "query",
+        lua.create_async_function(
+            |lua, (h, sql, args): (AnyUserData, LuaValue, MultiValue)| async move {
+                let a = adapter_of(&h)?;
+                let (sql, letters) = parse_statement(sql)?;
+                let params = params_of(&letters, &args)?;
+                let result = a.run(move |s| s.execute(&sql, &params)).await?;
+                let list = lua.create_table_with_capacity(result.rows.len(), 0)?;
+                for row in &result.rows {
+                    list.raw_push(row_table(&lua, &result, row)?)?;
+                }
+                Ok(list)
+            },
+        )?,
+    )?;
+    raw.set(
+        "exec",
+        lua.create_async_function(
+            |lua, (h, sql, args): (AnyUserData, LuaValue, MultiValue)| async move {
+                let a = adapter_of(&h)?;
+                let (sql, letters) = parse_statement(sql)?;
+                let params = params_of(&letters, &args)?;
+                let (affected, id) = a
+                    .run(move |s| {
+                        let r = s.execute(&sql, &params)?;
+                        let id = if db::session::is_insert(&sql) {
+                            s.last_insert_id()?
+                        } else {
+                            db::Value::Null
+                        };
+                        Ok((r.affected, id))
+                    })
+                    .await?;
+                let id = if id.is_null() {
+                    LuaValue::Nil
+                } else {
+                    to_lua(&lua, &id)?
+                };
+                Ok((affected, id))
+            },
+        )?,
+    )?;
+    raw.set(
+        "begin",
+        lua.create_async_function(
+            |_, h: AnyUserData| async move { adapter_of(&h)?.run(|s| s.begin()).await },
+        )?,
+    )?;
+    for (name, commit) in [("commit", true), ("rollback", false)] {
+        raw.set(
+            name,
+            lua.create_async_function(move |_, h: AnyUserData| async move {
+                adapter_of(&h)?.run(move |s| s.finish(commit)).await
+            })?,
+        )?;
     }
-    let rs = Rc::new(RefCell::new(Resultset {
-        adapter,
-        sql,
-        result,
-        snapshot: None,
-    }));
-    let r = rs.clone();
+    raw.set(
+        "close",
+        lua.create_async_function(|_, (h, commit): (AnyUserData, Option<bool>)| async move {
+            let a = adapter_of(&h)?;
+            let session = a.session.clone();
+            // Ends an open transaction, then hands the connection back to its pool (the
+            // session's drop does that, without blocking).
+            let r = a
+                .exec
+                .run(move || {
+                    let mut guard = session.lock().unwrap_or_else(|e| e.into_inner());
+                    let r = match guard.as_mut() {
+                        Some(s) => s.finish(commit.unwrap_or(true)),
+                        None => Ok(()),
+                    };
+                    guard.take();
+                    r
+                })
+                .await
+                .map_err(lua_err)?;
+            r.map_err(lua_err)
+        })?,
+    )?;
     raw.set(
         "fetch",
-        lua.create_function(move |lua, keys: LuaValue| {
+        lua.create_function(|lua, (h, keys): (AnyUserData, LuaValue)| {
+            let rs = resultset_of(&h)?;
             let keys = parse_keys(&keys)?;
-            let mut rs = r.borrow_mut();
+            let mut rs = rs.borrow_mut();
             let snap = Snapshot::new(rs.result.columns.clone(), &rs.result.rows, keys).map_err(lua_err)?;
             let out = if snap.keys.is_empty() {
                 match snap.rows.first() {
@@ -508,11 +513,11 @@ fn raw_resultset(lua: &Lua, adapter: Rc<Adapter>, sql: String, result: QueryResu
             Ok(out)
         })?,
     )?;
-    let r = rs.clone();
     raw.set(
         "columns",
-        lua.create_function(move |lua, ()| {
-            let rs = r.borrow();
+        lua.create_function(|lua, h: AnyUserData| {
+            let rs = resultset_of(&h)?;
+            let rs = rs.borrow();
             let list = lua.create_table()?;
             for c in &rs.result.columns {
                 let t = lua.create_table()?;
@@ -561,13 +566,14 @@ fn raw_resultset(lua: &Lua, adapter: Rc<Adapter>, sql: String, result: QueryResu
             Ok(t)
         })?,
     )?;
-    let r = rs.clone();
     raw.set(
         "apply",
-        lua.create_async_function(move |lua, (rows, table): (LuaValue, Option<String>)| {
-            let r = r.clone();
-            async move { apply(&lua, &r, rows, table).await }
-        })?,
+        lua.create_async_function(
+            |lua, (h, rows, table): (AnyUserData, LuaValue, Option<String>)| async move {
+                let rs = resultset_of(&h)?;
+                apply(&lua, &rs, rows, table).await
+            },
+        )?,
     )?;
     Ok(raw)
 }
