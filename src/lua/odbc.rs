@@ -1,6 +1,7 @@
 //! The `odbc` module: thin glue between Lua and `crate::db`. Rust provides raw functions
-//! (connect, execute, fetch, apply, transactions) that convert values and run the blocking
-//! parts on the ODBC executor, so the calling coroutine yields; a small Lua prelude builds the
+//! (connect, execute, fetch, apply, transactions), created once per Lua state and taking an
+//! adapter or resultset handle (userdata), that convert values and run the blocking parts on
+//! the ODBC executor, so the calling coroutine yields; a small Lua prelude builds the
 //! adapter and resultset tables around them and handles the optional callback forms
 //! (`odbc.new(conn, f)`, `begin(f)`, `fetch(keys, f)`, `apply(rows, table, f)`) so those
 //! callbacks may yield too.
