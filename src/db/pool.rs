@@ -121,15 +121,43 @@ impl Pool {
         pools
             .entry(spec.pool_key())
             .or_insert_with(|| {
-                Arc::new(Pool {
+                let pool = Arc::new(Pool {
                     spec: spec.clone(),
                     size: size.max(1),
                     permits: Arc::new(Semaphore::new(size.max(1))),
                     idle: Mutex::new(Vec::new()),
                     opened: Default::default(),
-                })
+                });
+                pool.start_sweeper();
+                pool
             })
             .clone()
+    }
+
+    /// Closes idle connections older than `IDLE_EVICT` even when nobody checks out, from a
+    /// thread of its own (closing may block); it ends when the pool is gone.
+    fn start_sweeper(self: &Arc<Self>) {
+        let weak = Arc::downgrade(self);
+        let _ = std::thread::Builder::new()
+            .name("odbc-sweep".into())
+            .spawn(move || loop {
+                std::thread::sleep(IDLE_EVICT / 4);
+                let Some(pool) = weak.upgrade() else { return };
+                let stale = pool.take_stale();
+                drop(pool);
+                drop(stale);
+            });
+    }
+
+    /// Removes and returns the idle connections older than `IDLE_EVICT`.
+    fn take_stale(&self) -> Vec<Idle> {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        let (fresh, stale): (Vec<Idle>, Vec<Idle>) = idle
+            .drain(..)
+            .partition(|i| now.duration_since(i.since) < IDLE_EVICT);
+        *idle = fresh;
+        stale
     }
 
     pub fn opened(&self) -> usize {
@@ -154,15 +182,8 @@ impl Pool {
                 })
             }
         };
-        let (candidate, stale) = {
-            let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-            let now = Instant::now();
-            let (fresh, stale): (Vec<Idle>, Vec<Idle>) = idle
-                .drain(..)
-                .partition(|i| now.duration_since(i.since) < IDLE_EVICT);
-            *idle = fresh;
-            (idle.pop(), stale)
-        };
+        let stale = self.take_stale();
+        let candidate = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
         if !stale.is_empty() {
             exec.spawn(move || drop(stale));
         }
@@ -334,5 +355,11 @@ mod tests {
         });
         drop(d);
         assert_eq!(pool.idle_count(), 1);
+        // Idle eviction: a connection idle for longer than IDLE_EVICT is closed.
+        for i in pool.idle.lock().unwrap().iter_mut() {
+            i.since -= IDLE_EVICT + Duration::from_secs(1);
+        }
+        assert_eq!(pool.take_stale().len(), 1);
+        assert_eq!(pool.idle_count(), 0);
     }
 }
