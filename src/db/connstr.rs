@@ -72,7 +72,8 @@ impl QueryDriver {
     pub fn last_insert_id_sql(self) -> &'static str {
         match self {
             QueryDriver::Mysql => "SELECT LAST_INSERT_ID()",
-            QueryDriver::Mssql => "SELECT SCOPE_IDENTITY()",
+            // SCOPE_IDENTITY() is NULL in a batch of its own; @@IDENTITY is per connection.
+            QueryDriver::Mssql => "SELECT @@IDENTITY",
             QueryDriver::Postgres => "SELECT lastval()",
             QueryDriver::Sqlite => "SELECT last_insert_rowid()",
         }
