@@ -3,6 +3,7 @@
 FROM rust:1-bookworm AS build
 WORKDIR /src
 COPY scripts/ scripts/
+COPY conf/ conf/
 RUN scripts/setup
 COPY . .
 RUN cargo build --release --locked
@@ -10,6 +11,7 @@ RUN cargo build --release --locked
 FROM debian:bookworm-slim
 WORKDIR /opt/stage
 COPY scripts/ /usr/local/share/stage/scripts/
+COPY conf/ /usr/local/share/stage/conf/
 # The runtime needs no compiler; scripts/setup installs the client libraries and drivers.
 RUN STAGE_SETUP_RUNTIME_ONLY=1 /usr/local/share/stage/scripts/setup
 COPY --from=build /src/target/release/stage /usr/local/bin/stage

@@ -6,6 +6,7 @@ pub mod bson_lua;
 pub mod check;
 pub mod cloud;
 pub mod config;
+pub mod db;
 pub mod home;
 pub mod instance;
 pub mod loader;

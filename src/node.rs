@@ -89,6 +89,7 @@ pub fn open_home(root: &Path) -> anyhow::Result<(PathBuf, Config, Home)> {
 pub fn run(root: &Path, args: Vec<String>) -> anyhow::Result<i32> {
     let (root, config, home) = open_home(root)?;
     std::env::set_current_dir(&root)?;
+    crate::db::use_home_odbcinst(&root);
     for w in &config.warnings {
         log::warn!("{w}");
     }

@@ -7,6 +7,7 @@ use std::path::Path;
 const FILES: &[(&str, &str)] = &[
     ("conf/stage.json", include_str!("../conf/stage.json")),
     ("conf/log4rs.yaml", include_str!("../conf/log4rs.yaml")),
+    ("conf/odbcinst.ini", include_str!("../conf/odbcinst.ini")),
     ("package/start.lua", include_str!("../conf/start.lua")),
 ];
 

@@ -6,6 +6,7 @@ use mlua::{Lua, Table};
 pub mod broker;
 pub mod bundle;
 pub mod logger;
+pub mod odbc;
 pub mod process;
 pub mod stage;
 pub mod vultr;
@@ -21,6 +22,7 @@ const MODULES: &[(&str, Open)] = &[
     ("bundle", bundle::open),
     ("vultr", vultr::open),
     ("broker", broker::open),
+    ("odbc", odbc::open),
 ];
 
 /// Registers every module as a global and in `package.loaded`, so that both

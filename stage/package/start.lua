@@ -6,6 +6,7 @@ logger.info("example home started on " .. process.node .. ", instance " .. proce
 -- in rollback/; stage.load picks the first that works.
 local greet = stage.load("greeting+hello")
 logger.info(greet("operator"))
+stage.load("db_example").record_start(process.node)  -- SQLite through odbc: package/db_example.lua
 
 -- A BSON service on tcp 8801 (listed in #services, so every instance and every process
 -- running this home shares the port). Try it: stage send 127.0.0.1:8801 '{"cmd":"login","user":"kim"}'
