@@ -24,7 +24,7 @@ pub fn init(root: &Path) -> anyhow::Result<String> {
 /// Console logging only (used by commands other than `run` and when no file is given).
 pub fn init_console(level: LevelFilter) -> anyhow::Result<()> {
     use log4rs::append::console::{ConsoleAppender, Target};
-    use log4rs::config::{Appender, Config, Root};
+    use log4rs::config::{Appender, Config, Logger, Root};
     use log4rs::encode::pattern::PatternEncoder;
     let level = std::env::var("STAGE_LOG")
         .ok()
@@ -36,6 +36,9 @@ pub fn init_console(level: LevelFilter) -> anyhow::Result<()> {
         .build();
     let config = Config::builder()
         .appender(Appender::builder().build("console", Box::new(console)))
+        // odbc-api logs every driver diagnostic (notices included) as a warning; stage
+        // raises the ones that matter as Lua errors with SQLSTATE, so keep only errors.
+        .logger(Logger::builder().build("odbc_api", LevelFilter::Error))
         .build(Root::builder().appender("console").build(level))?;
     log4rs::init_config(config)?;
     Ok(())
