@@ -295,8 +295,9 @@ pub fn spawn(
             }
         };
         let mut shutdown = node.shutdown.subscribe();
+        let inbox = node.router.take_inbox(number).map(|i| Rc::new(RefCell::new(i)));
         let local = LocalSet::new();
-        local.block_on(&rt, async move {
+        local.block_on(&rt, async {
             let lua = match new_state(&node, &spec, number) {
                 Ok(lua) => lua,
                 Err(e) => {
@@ -308,10 +309,19 @@ pub fn spawn(
                 }
             };
             spawn_local(boot(lua.clone(), spec.entry.clone()));
+            // Spawned after boot, messages are served once boot has run up to its first
+            // yield: handlers registered at the top of the entry script are in place.
+            if let Some(inbox) = inbox.clone() {
+                spawn_local(crate::lua::messages::serve(lua, inbox));
+            }
             let _ = shutdown.wait_for(|stop| *stop).await;
             log::debug!("{name}: stopping");
         });
         // Dropping the LocalSet here drops every pending timer and coroutine of the instance.
         drop(local);
+        // The serving task is gone with the LocalSet: answer what is still queued.
+        if let Some(inbox) = inbox {
+            node.router.drain(&mut inbox.borrow_mut(), number);
+        }
     })
 }

@@ -11,6 +11,8 @@ pub mod logging;
 pub mod lua;
 pub mod node;
 pub mod random;
+pub mod router;
 pub mod scaffold;
 pub mod script_error;
 pub mod usage;
+pub mod value;

@@ -5,8 +5,10 @@ use mlua::{Lua, Table};
 
 pub mod bundle;
 pub mod logger;
+pub mod messages;
 pub mod process;
 pub mod stage;
+pub mod thread;
 
 /// A module's constructor.
 type Open = fn(&Lua) -> mlua::Result<Table>;
@@ -17,6 +19,7 @@ const MODULES: &[(&str, Open)] = &[
     ("process", process::open),
     ("logger", logger::open),
     ("bundle", bundle::open),
+    ("thread", thread::open),
 ];
 
 /// Registers every module as a global and in `package.loaded`, so that both
@@ -33,5 +36,6 @@ pub fn register_all(lua: &Lua) -> mlua::Result<()> {
     lua.globals().set("log4cxx", logger.clone())?;
     loaded.set("log4cxx", logger)?;
     logger::replace_print(lua)?;
+    thread::install_sandbox(lua)?;
     Ok(())
 }

@@ -1,0 +1,438 @@
+//! The Lua side of messages between instances: `stage.waitfor`, `stage.signal`,
+//! `stage.request`, the `_WAITFOR` global, and the loop that hands an instance's queued
+//! messages to its handlers. Targets, lookup order and delivery are in `router.rs`; value
+//! copying in `value.rs`.
+
+use crate::instance::{call_callback, ctx};
+use crate::router::{self, Message, ReplyTo, Scope, SenderInfo, Target};
+use crate::value;
+use mlua::{Function, Lua, MultiValue, Table, UserData, Value};
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::Arc;
+use tokio::task::spawn_local;
+
+/// A registered handler and the values bound to it by `stage.waitfor(id, f, ...)`.
+struct Handler {
+    f: Function,
+    bound: Vec<Value>,
+}
+
+/// The per-instance message state, kept as app data of the instance's Lua state.
+struct Messages {
+    handlers: RefCell<HashMap<String, Rc<Handler>>>,
+    /// `{[coroutine] = _WAITFOR table}`, weak-keyed: the context of each running handler.
+    contexts: Table,
+    /// `run(w, f, ...)`: records `w` as the context of the running coroutine, then `f(...)`.
+    run: Function,
+    me: Arc<SenderInfo>,
+}
+
+/// A reply route (`_WAITFOR[2]`): used once, by the first reply. `kept` is set when the
+/// script reads `_WAITFOR[2]`: a handler that then returns no values leaves the reply to it.
+pub struct Route {
+    to: RefCell<Option<ReplyTo>>,
+    kept: std::cell::Cell<bool>,
+}
+
+impl Route {
+    fn new(to: ReplyTo) -> Route {
+        Route {
+            to: RefCell::new(Some(to)),
+            kept: std::cell::Cell::new(false),
+        }
+    }
+}
+
+impl UserData for Route {}
+
+fn messages(lua: &Lua) -> Rc<Messages> {
+    lua.app_data_ref::<Rc<Messages>>()
+        .expect("stage.open registers messages")
+        .clone()
+}
+
+fn rt_err(msg: impl Into<String>) -> mlua::Error {
+    mlua::Error::runtime(msg.into())
+}
+
+const PRELUDE: &str = r#"
+local contexts, raw_signal, sync_signal, keep = ...
+local running, xpcall, traceback, tostring, error, type = coroutine.running, xpcall, debug.traceback, tostring, error, type
+local function handler(e)
+    local m = tostring(e)
+    if not m:find("stack traceback:", 1, true) then m = traceback(m, 2) end
+    return m
+end
+local function finish(co, ok, ...)
+    contexts[co] = nil
+    if not ok then error((...), 0) end
+    return ...
+end
+local function run(w, f, ...)
+    local co = running()
+    contexts[co] = w
+    return finish(co, xpcall(f, handler, ...))
+end
+local waitfor = setmetatable({}, {
+    __index = function(_, k)
+        local w = contexts[running()]
+        if not w then return nil end
+        local v = w[k]
+        if k == 2 and v then keep(v) end
+        return v
+    end,
+    __newindex = function() error("_WAITFOR is read-only", 2) end,
+})
+local function signal(target, ...)
+    if type(target) == "string" and target:byte(1) == 58 then return sync_signal(target, ...) end
+    return raw_signal(target, ...)
+end
+return run, waitfor, signal
+"#;
+
+/// Adds `waitfor`, `signal` and `request` to the `stage` table and sets `_WAITFOR`.
+pub fn register(lua: &Lua, stage: &Table) -> mlua::Result<()> {
+    let c = ctx(lua);
+    let contexts = lua.create_table()?;
+    let weak = lua.create_table()?;
+    weak.set("__mode", "k")?;
+    contexts.set_metatable(Some(weak))?;
+    let raw_signal = lua.create_function(signal)?;
+    let sync_signal = lua.create_async_function(|lua, (target, args): (String, MultiValue)| async move {
+        let n = match sync_call(&lua, &target, args).await? {
+            Some(_) => 1,
+            None => 0,
+        };
+        Ok(n)
+    })?;
+    let (run, waitfor_proxy, signal_fn): (Function, Table, Function) =
+        lua.load(PRELUDE).set_name("=stage.messages").call((
+            contexts.clone(),
+            raw_signal,
+            sync_signal,
+            lua.create_function(|_, ud: mlua::AnyUserData| {
+                ud.borrow::<Route>()?.kept.set(true);
+                Ok(())
+            })?,
+        ))?;
+    lua.set_app_data(Rc::new(Messages {
+        handlers: RefCell::new(HashMap::new()),
+        contexts,
+        run,
+        me: Arc::new(c.node.router.sender(c.number)),
+    }));
+    lua.globals().set("_WAITFOR", waitfor_proxy)?;
+    stage.set("waitfor", lua.create_function(waitfor)?)?;
+    stage.set("signal", signal_fn)?;
+    stage.set("request", lua.create_async_function(request)?)?;
+    Ok(())
+}
+
+/// `stage.waitfor([id,] f, ...)`, `stage.waitfor(id, nil)`, `stage.waitfor(id)`.
+fn waitfor(lua: &Lua, args: MultiValue) -> mlua::Result<MultiValue> {
+    let m = messages(lua);
+    let mut args = args.into_vec();
+    let id = match args.first() {
+        Some(Value::String(s)) => Some(s.to_str()?.to_string()),
+        Some(Value::Function(_)) => None,
+        Some(Value::Integer(_) | Value::Number(_)) => Some(args[0].to_string()?),
+        other => {
+            return Err(rt_err(format!(
+                "stage.waitfor: expected a message id or a function, got a {}",
+                other.map_or("no value", |v| v.type_name())
+            )))
+        }
+    };
+    let Some(id) = id else {
+        // Without an id: a generated one, unique in the process.
+        let c = ctx(lua);
+        let id = format!("{}#{}#{}", c.stage_id, c.number, c.node.router.next_id());
+        let Value::Function(f) = args.remove(0) else {
+            unreachable!()
+        };
+        m.handlers
+            .borrow_mut()
+            .insert(id.clone(), Rc::new(Handler { f, bound: args }));
+        return lua
+            .create_string(&id)
+            .map(|s| MultiValue::from_iter([Value::String(s)]));
+    };
+    if id.is_empty() {
+        return Err(rt_err("stage.waitfor: the message id is empty"));
+    }
+    match args.get(1) {
+        // `stage.waitfor(id)`: the handler and its bound values.
+        None => {
+            let h = m.handlers.borrow().get(&id).cloned();
+            Ok(match h {
+                Some(h) => MultiValue::from_iter([
+                    Value::Function(h.f.clone()),
+                    Value::Table(lua.create_sequence_from(h.bound.iter().cloned())?),
+                ]),
+                None => MultiValue::from_iter([Value::Nil]),
+            })
+        }
+        Some(Value::Nil) => {
+            let removed = m.handlers.borrow_mut().remove(&id).is_some();
+            Ok(MultiValue::from_iter([Value::Boolean(removed)]))
+        }
+        Some(Value::Function(f)) => {
+            let f = f.clone();
+            let bound = args.split_off(2);
+            m.handlers
+                .borrow_mut()
+                .insert(id.clone(), Rc::new(Handler { f, bound }));
+            Ok(MultiValue::from_iter([Value::String(lua.create_string(&id)?)]))
+        }
+        Some(other) => Err(rt_err(format!(
+            "stage.waitfor: expected a function or nil for \"{id}\", got a {}",
+            other.type_name()
+        ))),
+    }
+}
+
+/// The `_WAITFOR` table of the handler running in the current coroutine.
+fn current_context(lua: &Lua) -> mlua::Result<Option<Table>> {
+    messages(lua).contexts.raw_get(lua.current_thread())
+}
+
+/// Sends `reply` through `route` (once; later replies are dropped). Returns 1 if sent.
+fn send_reply(lua: &Lua, route: &Route, reply: router::Reply) -> usize {
+    let Some(to) = route.to.borrow_mut().take() else {
+        return 0;
+    };
+    let c = ctx(lua);
+    usize::from(c.node.router.reply(to, messages(lua).me.clone(), reply))
+}
+
+/// `stage.signal(target, ...)` for every target but `:msg` (see the prelude).
+fn signal(lua: &Lua, (target, args): (Value, MultiValue)) -> mlua::Result<usize> {
+    let route = match target {
+        Value::String(s) => {
+            let target = s.to_str()?.to_string();
+            return send(lua, &target, args, 2);
+        }
+        Value::UserData(ud) => ud,
+        Value::Nil => {
+            let Some(w) = current_context(lua)? else {
+                return Err(rt_err(
+                    "stage.signal(nil, ...): no message is being handled in this coroutine",
+                ));
+            };
+            match w.raw_get::<Value>(2)? {
+                Value::UserData(ud) => ud,
+                // The sender did not ask for a reply.
+                _ => return Ok(0),
+            }
+        }
+        other => {
+            return Err(rt_err(format!(
+                "stage.signal: expected a target string, a reply route or nil, got a {}",
+                other.type_name()
+            )))
+        }
+    };
+    let route = route
+        .borrow::<Route>()
+        .map_err(|_| rt_err("stage.signal: this userdata is not a reply route"))?;
+    let values = value::from_lua_multi(lua, args, "arg", 2).map_err(|e| rt_err(e.to_string()))?;
+    Ok(send_reply(lua, &route, Ok(values)))
+}
+
+/// Parses `target`, copies `args` and delivers; returns how many instances took it.
+fn send(lua: &Lua, target: &str, args: MultiValue, first_arg: usize) -> mlua::Result<usize> {
+    let c = ctx(lua);
+    let t = Target::parse(target, &c.stage_id).map_err(|e| rt_err(e.to_string()))?;
+    let values = value::from_lua_multi(lua, args, "arg", first_arg).map_err(|e| rt_err(e.to_string()))?;
+    let reply = t.reply.map(|id| ReplyTo::Handler {
+        instance: c.number,
+        id,
+    });
+    let msg = Message {
+        id: t.id,
+        from: messages(lua).me.clone(),
+        values,
+        reply,
+    };
+    Ok(c.node.router.deliver(t.scope, &t.stage, msg).unwrap_or(0))
+}
+
+/// `:msg`: calls the handler of this instance in place; `None` when there is none.
+async fn sync_call(lua: &Lua, target: &str, args: MultiValue) -> mlua::Result<Option<MultiValue>> {
+    let c = ctx(lua);
+    let t = Target::parse(target, &c.stage_id).map_err(|e| rt_err(e.to_string()))?;
+    let m = messages(lua);
+    let found = {
+        let handlers = m.handlers.borrow();
+        router::lookup(&handlers, &t.id).map(|(k, h)| (k.to_string(), h.clone()))
+    };
+    let Some((hid, h)) = found else {
+        return Ok(None);
+    };
+    let w = context_table(lua, &hid, &t.id, &m.me, None)?;
+    let mut all = MultiValue::from_iter([Value::Table(w), Value::Function(h.f.clone())]);
+    all.extend(h.bound.iter().cloned());
+    all.extend(args);
+    Ok(Some(
+        call_callback(lua, &format!("handler '{hid}'"), &m.run, all)
+            .await
+            .unwrap_or_default(),
+    ))
+}
+
+/// `stage.request(target, timeout_ms, ...)`.
+async fn request(
+    lua: Lua,
+    (target, timeout, args): (String, Option<f64>, MultiValue),
+) -> mlua::Result<MultiValue> {
+    let c = ctx(&lua);
+    let t = Target::parse(&target, &c.stage_id).map_err(|e| rt_err(e.to_string()))?;
+    let fail = |lua: &Lua, why: &str| -> mlua::Result<MultiValue> {
+        Ok(MultiValue::from_iter([
+            Value::Nil,
+            Value::String(lua.create_string(why)?),
+        ]))
+    };
+    match t.scope {
+        Scope::Sync => {
+            return match sync_call(&lua, &target, args).await? {
+                Some(rets) => Ok(rets),
+                None => fail(&lua, "no route"),
+            }
+        }
+        Scope::All => {
+            return Err(rt_err(
+                "stage.request: cannot wait for the replies of a broadcast ('*')",
+            ))
+        }
+        _ => {}
+    }
+    if t.reply.is_some() {
+        return Err(rt_err(
+            "stage.request: the reply comes back to the caller; drop '=cb' from the target",
+        ));
+    }
+    let values = value::from_lua_multi(&lua, args, "arg", 3).map_err(|e| rt_err(e.to_string()))?;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let msg = Message {
+        id: t.id,
+        from: messages(&lua).me.clone(),
+        values,
+        reply: Some(ReplyTo::Request(tx)),
+    };
+    if let Err(u) = c.node.router.deliver(t.scope, &t.stage, msg) {
+        return fail(&lua, u.reason());
+    }
+    let timeout = timeout.unwrap_or(0.0);
+    let reply = if timeout > 0.0 {
+        match tokio::time::timeout(crate::lua::stage::ms_duration(timeout), rx).await {
+            Ok(r) => r,
+            Err(_) => return fail(&lua, "timeout"),
+        }
+    } else {
+        rx.await
+    };
+    match reply {
+        Ok(Ok(values)) => value::to_lua_multi(&lua, &values),
+        Ok(Err(why)) => fail(&lua, &why),
+        // The handling instance stopped with the message in hand.
+        Err(_) => fail(&lua, "shutting down"),
+    }
+}
+
+/// Builds the `_WAITFOR` table of one handler call.
+fn context_table(
+    lua: &Lua,
+    hid: &str,
+    id: &str,
+    from: &SenderInfo,
+    route: Option<Route>,
+) -> mlua::Result<Table> {
+    let w = lua.create_table_with_capacity(3, 1)?;
+    w.raw_set(-1, hid)?;
+    w.raw_set(0, id)?;
+    let sender = lua.create_table_with_capacity(0, 3)?;
+    sender.raw_set("node", from.node.as_str())?;
+    sender.raw_set("stage", from.stage.as_str())?;
+    sender.raw_set("instance", from.instance)?;
+    w.raw_set(1, sender)?;
+    if let Some(r) = route {
+        w.raw_set(2, lua.create_userdata(r)?)?;
+    }
+    Ok(w)
+}
+
+/// Hands the instance's queued messages to their handlers, each in its own coroutine.
+// The inbox stays borrowed across awaits on purpose: this task is its only user until the
+// instance's LocalSet is dropped, after which the instance drains it (`Router::drain`).
+#[allow(clippy::await_holding_refcell_ref)]
+pub async fn serve(lua: Lua, inbox: Rc<RefCell<router::Inbox>>) {
+    let mut inbox = inbox.borrow_mut();
+    while let Some(msg) = inbox.recv().await {
+        if let Err(e) = dispatch(&lua, msg) {
+            log::error!(target: &ctx(&lua).name, "cannot deliver a message: {e}");
+        }
+    }
+}
+
+fn dispatch(lua: &Lua, msg: Message) -> mlua::Result<()> {
+    let m = messages(lua);
+    let found = {
+        let handlers = m.handlers.borrow();
+        router::lookup(&handlers, &msg.id).map(|(k, h)| (k.to_string(), h.clone()))
+    };
+    let router = &ctx(lua).node.router;
+    let Some((hid, h)) = found else {
+        log::warn!(target: &ctx(lua).name, "no handler for message '{}' (dropped)", msg.id);
+        if let Some(to) = msg.reply {
+            router.reply(to, m.me.clone(), Err(format!("no handler for '{}'", msg.id)));
+        }
+        return Ok(());
+    };
+    let values = match value::to_lua_multi(lua, &msg.values) {
+        Ok(v) => v,
+        Err(e) => {
+            if let Some(to) = msg.reply {
+                router.reply(
+                    to,
+                    m.me.clone(),
+                    Err(format!("cannot receive message '{}': {e}", msg.id)),
+                );
+            }
+            return Err(e);
+        }
+    };
+    let has_route = msg.reply.is_some();
+    let w = context_table(lua, &hid, &msg.id, &msg.from, msg.reply.map(Route::new))?;
+    let route = if has_route {
+        Some(w.raw_get::<mlua::AnyUserData>(2)?)
+    } else {
+        None
+    };
+    let mut all = MultiValue::from_iter([Value::Table(w), Value::Function(h.f.clone())]);
+    all.extend(h.bound.iter().cloned());
+    all.extend(values);
+    let lua = lua.clone();
+    let run = m.run.clone();
+    spawn_local(async move {
+        let rets = call_callback(&lua, &format!("handler '{hid}'"), &run, all).await;
+        let Some(route) = route else { return };
+        let Ok(route) = route.borrow::<Route>() else {
+            return;
+        };
+        let reply = match rets {
+            // The script took the route to answer later (or never).
+            Some(rets) if rets.is_empty() && route.kept.get() => return,
+            Some(rets) => value::from_lua_multi(&lua, rets, "return", 1).map_err(|e| {
+                let msg = format!("handler '{hid}': {e}");
+                log::error!(target: &ctx(&lua).name, "{msg}");
+                msg
+            }),
+            None => Err(format!("error in handler '{hid}'")),
+        };
+        send_reply(&lua, &route, reply);
+    });
+    Ok(())
+}
