@@ -156,8 +156,13 @@ pub fn lookup_order(id: &str) -> Vec<&str> {
 
 /// Finds the first registered handler for message `id` in lookup order.
 pub fn lookup<'m, H>(handlers: &'m HashMap<String, H>, id: &str) -> Option<(&'m str, &'m H)> {
+    // The exact id is the common case: found without building the list.
+    if let Some((k, h)) = handlers.get_key_value(id) {
+        return Some((k.as_str(), h));
+    }
     lookup_order(id)
         .into_iter()
+        .skip(1)
         .find_map(|k| handlers.get_key_value(k).map(|(k, h)| (k.as_str(), h)))
 }
 

@@ -42,10 +42,19 @@ pub fn from_lua_multi(
     base: &str,
     first: usize,
 ) -> Result<Vec<Value>, SendError> {
+    let mut walk = Walk {
+        lua,
+        open: HashSet::new(),
+    };
     values
         .into_iter()
         .enumerate()
-        .map(|(i, v)| from_lua(lua, &v, &format!("{base} {}", first + i)))
+        .map(|(i, v)| {
+            walk.value(&v, 0).map_err(|mut e| {
+                e.path.insert_str(0, &format!("{base} {}", first + i));
+                e
+            })
+        })
         .collect()
 }
 
@@ -53,26 +62,28 @@ pub fn from_lua_multi(
 pub fn from_lua(lua: &Lua, v: &mlua::Value, path: &str) -> Result<Value, SendError> {
     let mut walk = Walk {
         lua,
-        path: path.to_string(),
         open: HashSet::new(),
     };
-    walk.value(v, 0)
+    walk.value(v, 0).map_err(|mut e| {
+        e.path.insert_str(0, path);
+        e
+    })
 }
 
 struct Walk<'a> {
     lua: &'a Lua,
-    /// The path of the value being converted; extended and truncated while descending.
-    path: String,
     /// Tables on the current path: meeting one again is a cycle. A table reached twice
     /// through different paths (shared, not cyclic) is simply copied twice.
     open: HashSet<usize>,
 }
 
 impl Walk<'_> {
+    /// An error at the current value; each table level on the way out prepends its key,
+    /// so the success path never builds path strings.
     fn fail(&self, what: impl Into<String>) -> SendError {
         SendError {
             what: what.into(),
-            path: self.path.clone(),
+            path: String::new(),
         }
     }
 
@@ -101,18 +112,18 @@ impl Walk<'_> {
         let mut result = Ok(());
         // `for_each` walks with raw `next`: metatables are not consulted, as for any copy.
         let walked = t.for_each(|k: mlua::Value, v: mlua::Value| {
-            let len = self.path.len();
-            push_key(&mut self.path, &k);
             let pair = self
                 .value(&k, depth + 1)
                 .and_then(|key| Ok((key, self.value(&v, depth + 1)?)));
-            self.path.truncate(len);
             match pair {
                 Ok(p) => {
                     pairs.push(p);
                     Ok(())
                 }
-                Err(e) => {
+                Err(mut e) => {
+                    let mut seg = String::new();
+                    push_key(&mut seg, &k);
+                    e.path.insert_str(0, &seg);
                     result = Err(e);
                     // Stop the walk; the error itself is carried in `result`.
                     Err(mlua::Error::runtime("stop"))

@@ -22,30 +22,66 @@ struct Handler {
 /// The per-instance message state, kept as app data of the instance's Lua state.
 struct Messages {
     handlers: RefCell<HashMap<String, Rc<Handler>>>,
-    /// `{[coroutine] = _WAITFOR table}`, weak-keyed: the context of each running handler.
+    /// `{[coroutine] = Call}`, weak-keyed: the call each running handler is serving.
     contexts: Table,
-    /// `run(w, f, ...)`: records `w` as the context of the running coroutine, then `f(...)`.
+    /// `run(call, f, ...)`: records the call of the running coroutine, then `f(...)`.
     run: Function,
     me: Arc<SenderInfo>,
 }
 
-/// A reply route (`_WAITFOR[2]`): used once, by the first reply. `kept` is set when the
-/// script reads `_WAITFOR[2]`: a handler that then returns no values leaves the reply to it.
-pub struct Route {
+/// One handler call: what `_WAITFOR` shows while it runs, and its reply route
+/// (`_WAITFOR[2]` is this userdata itself, used once, by the first reply). `kept` is set
+/// when the script reads `_WAITFOR[2]`: a handler that then returns no values leaves the
+/// reply to the script. One userdata per message keeps the garbage per message small.
+pub struct Call {
+    hid: String,
+    id: String,
+    from: Arc<SenderInfo>,
+    wants_reply: bool,
     to: RefCell<Option<ReplyTo>>,
     kept: std::cell::Cell<bool>,
 }
 
-impl Route {
-    fn new(to: ReplyTo) -> Route {
-        Route {
-            to: RefCell::new(Some(to)),
+impl Call {
+    fn new(hid: String, id: String, from: Arc<SenderInfo>, to: Option<ReplyTo>) -> Call {
+        Call {
+            hid,
+            id,
+            from,
+            wants_reply: to.is_some(),
+            to: RefCell::new(to),
             kept: std::cell::Cell::new(false),
         }
     }
 }
 
-impl UserData for Route {}
+impl UserData for Call {}
+
+/// `_WAITFOR[k]` of a call: `[-1]` handler id, `[0]` message id, `[1]` sender, `[2]` route.
+fn call_field(lua: &Lua, (ud, k): (mlua::AnyUserData, Value)) -> mlua::Result<Value> {
+    let c = ud.borrow::<Call>()?;
+    let k = match k {
+        Value::Integer(i) => i,
+        Value::Number(n) if n.fract() == 0.0 => n as i64,
+        _ => return Ok(Value::Nil),
+    };
+    Ok(match k {
+        -1 => Value::String(lua.create_string(&c.hid)?),
+        0 => Value::String(lua.create_string(&c.id)?),
+        1 => {
+            let sender = lua.create_table_with_capacity(0, 3)?;
+            sender.raw_set("node", c.from.node.as_str())?;
+            sender.raw_set("stage", c.from.stage.as_str())?;
+            sender.raw_set("instance", c.from.instance)?;
+            Value::Table(sender)
+        }
+        2 if c.wants_reply => {
+            c.kept.set(true);
+            Value::UserData(ud.clone())
+        }
+        _ => Value::Nil,
+    })
+}
 
 fn messages(lua: &Lua) -> Rc<Messages> {
     lua.app_data_ref::<Rc<Messages>>()
@@ -58,7 +94,7 @@ fn rt_err(msg: impl Into<String>) -> mlua::Error {
 }
 
 const PRELUDE: &str = r#"
-local contexts, raw_signal, sync_signal, keep = ...
+local contexts, raw_signal, sync_signal, field = ...
 local running, xpcall, traceback, tostring, error, type = coroutine.running, xpcall, debug.traceback, tostring, error, type
 local function handler(e)
     local m = tostring(e)
@@ -70,18 +106,15 @@ local function finish(co, ok, ...)
     if not ok then error((...), 0) end
     return ...
 end
-local function run(w, f, ...)
+local function run(call, f, ...)
     local co = running()
-    contexts[co] = w
+    contexts[co] = call
     return finish(co, xpcall(f, handler, ...))
 end
 local waitfor = setmetatable({}, {
     __index = function(_, k)
-        local w = contexts[running()]
-        if not w then return nil end
-        local v = w[k]
-        if k == 2 and v then keep(v) end
-        return v
+        local c = contexts[running()]
+        if c then return field(c, k) end
     end,
     __newindex = function() error("_WAITFOR is read-only", 2) end,
 })
@@ -112,10 +145,7 @@ pub fn register(lua: &Lua, stage: &Table) -> mlua::Result<()> {
             contexts.clone(),
             raw_signal,
             sync_signal,
-            lua.create_function(|_, ud: mlua::AnyUserData| {
-                ud.borrow::<Route>()?.kept.set(true);
-                Ok(())
-            })?,
+            lua.create_function(call_field)?,
         ))?;
     lua.set_app_data(Rc::new(Messages {
         handlers: RefCell::new(HashMap::new()),
@@ -193,13 +223,13 @@ fn waitfor(lua: &Lua, args: MultiValue) -> mlua::Result<MultiValue> {
     }
 }
 
-/// The `_WAITFOR` table of the handler running in the current coroutine.
-fn current_context(lua: &Lua) -> mlua::Result<Option<Table>> {
+/// The call being handled in the current coroutine.
+fn current_call(lua: &Lua) -> mlua::Result<Option<mlua::AnyUserData>> {
     messages(lua).contexts.raw_get(lua.current_thread())
 }
 
 /// Sends `reply` through `route` (once; later replies are dropped). Returns 1 if sent.
-fn send_reply(lua: &Lua, route: &Route, reply: router::Reply) -> usize {
+fn send_reply(lua: &Lua, route: &Call, reply: router::Reply) -> usize {
     let Some(to) = route.to.borrow_mut().take() else {
         return 0;
     };
@@ -215,18 +245,14 @@ fn signal(lua: &Lua, (target, args): (Value, MultiValue)) -> mlua::Result<usize>
             return send(lua, &target, args, 2);
         }
         Value::UserData(ud) => ud,
-        Value::Nil => {
-            let Some(w) = current_context(lua)? else {
+        Value::Nil => match current_call(lua)? {
+            Some(ud) => ud,
+            None => {
                 return Err(rt_err(
                     "stage.signal(nil, ...): no message is being handled in this coroutine",
-                ));
-            };
-            match w.raw_get::<Value>(2)? {
-                Value::UserData(ud) => ud,
-                // The sender did not ask for a reply.
-                _ => return Ok(0),
+                ))
             }
-        }
+        },
         other => {
             return Err(rt_err(format!(
                 "stage.signal: expected a target string, a reply route or nil, got a {}",
@@ -235,8 +261,12 @@ fn signal(lua: &Lua, (target, args): (Value, MultiValue)) -> mlua::Result<usize>
         }
     };
     let route = route
-        .borrow::<Route>()
+        .borrow::<Call>()
         .map_err(|_| rt_err("stage.signal: this userdata is not a reply route"))?;
+    if !route.wants_reply {
+        // The sender did not ask for a reply.
+        return Ok(0);
+    }
     let values = value::from_lua_multi(lua, args, "arg", 2).map_err(|e| rt_err(e.to_string()))?;
     Ok(send_reply(lua, &route, Ok(values)))
 }
@@ -271,8 +301,8 @@ async fn sync_call(lua: &Lua, target: &str, args: MultiValue) -> mlua::Result<Op
     let Some((hid, h)) = found else {
         return Ok(None);
     };
-    let w = context_table(lua, &hid, &t.id, &m.me, None)?;
-    let mut all = MultiValue::from_iter([Value::Table(w), Value::Function(h.f.clone())]);
+    let call = lua.create_userdata(Call::new(hid.clone(), t.id, m.me.clone(), None))?;
+    let mut all = MultiValue::from_iter([Value::UserData(call), Value::Function(h.f.clone())]);
     all.extend(h.bound.iter().cloned());
     all.extend(args);
     Ok(Some(
@@ -342,29 +372,6 @@ async fn request(
     }
 }
 
-/// Builds the `_WAITFOR` table of one handler call.
-fn context_table(
-    lua: &Lua,
-    hid: &str,
-    id: &str,
-    from: &SenderInfo,
-    route: Option<Route>,
-) -> mlua::Result<Table> {
-    let w = lua.create_table_with_capacity(3, 1)?;
-    w.raw_set(-1, hid)?;
-    w.raw_set(0, id)?;
-    let sender = lua.create_table_with_capacity(0, 3)?;
-    sender.raw_set("node", from.node.as_str())?;
-    sender.raw_set("stage", from.stage.as_str())?;
-    sender.raw_set("instance", from.instance)?;
-    w.raw_set(1, sender)?;
-    if let Some(r) = route {
-        w.raw_set(2, lua.create_userdata(r)?)?;
-    }
-    Ok(w)
-}
-
-/// Hands the instance's queued messages to their handlers, each in its own coroutine.
 // The inbox stays borrowed across awaits on purpose: this task is its only user until the
 // instance's LocalSet is dropped, after which the instance drains it (`Router::drain`).
 #[allow(clippy::await_holding_refcell_ref)]
@@ -405,13 +412,9 @@ fn dispatch(lua: &Lua, msg: Message) -> mlua::Result<()> {
         }
     };
     let has_route = msg.reply.is_some();
-    let w = context_table(lua, &hid, &msg.id, &msg.from, msg.reply.map(Route::new))?;
-    let route = if has_route {
-        Some(w.raw_get::<mlua::AnyUserData>(2)?)
-    } else {
-        None
-    };
-    let mut all = MultiValue::from_iter([Value::Table(w), Value::Function(h.f.clone())]);
+    let call = lua.create_userdata(Call::new(hid.clone(), msg.id, msg.from, msg.reply))?;
+    let route = has_route.then(|| call.clone());
+    let mut all = MultiValue::from_iter([Value::UserData(call), Value::Function(h.f.clone())]);
     all.extend(h.bound.iter().cloned());
     all.extend(values);
     let lua = lua.clone();
@@ -419,7 +422,7 @@ fn dispatch(lua: &Lua, msg: Message) -> mlua::Result<()> {
     spawn_local(async move {
         let rets = call_callback(&lua, &format!("handler '{hid}'"), &run, all).await;
         let Some(route) = route else { return };
-        let Ok(route) = route.borrow::<Route>() else {
+        let Ok(route) = route.borrow::<Call>() else {
             return;
         };
         let reply = match rets {

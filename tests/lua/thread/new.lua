@@ -1,4 +1,4 @@
---! {"#threads": [2, 16]}
+--! {"#threads": [2, 24]}
 -- thread.new runs a function on the blocking pool in its own Lua state; .waitfor gets
 -- early thread.signal values, then the return values.
 local got = {}
@@ -51,6 +51,23 @@ for _ = 1, 200 do
     stage.sleep(10)
 end
 eq(sum, 420)
+
+-- the pool's queue is bounded by #threads[1]: a full queue is an error, never a wait
+local accepted, full_err, finished = 0, nil, 0
+for _ = 1, 40 do
+    local ok, e = pcall(thread.new, function() local c = os.clock(); while os.clock() - c < 0.05 do end end)
+    if not ok then full_err = e; break end
+    e.waitfor(function() finished = finished + 1 end)
+    accepted = accepted + 1
+end
+check(full_err and full_err:find("thread.new: the blocking pool's queue is full (24 jobs waiting, #threads[1])", 1, true),
+    tostring(full_err))
+check(accepted >= 24 and accepted <= 26, "accepted " .. accepted)
+for _ = 1, 300 do
+    if finished == accepted then break end
+    stage.sleep(10)
+end
+eq(finished, accepted, "every accepted job finished")
 
 -- functions with upvalues cannot go; thread.signal only inside thread.new
 local up = 1
