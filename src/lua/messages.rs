@@ -378,13 +378,28 @@ async fn request(
 pub async fn serve(lua: Lua, inbox: Rc<RefCell<router::Inbox>>) {
     let mut inbox = inbox.borrow_mut();
     while let Some(msg) = inbox.recv().await {
-        if let Err(e) = dispatch(&lua, msg) {
-            log::error!(target: &ctx(&lua).name, "cannot deliver a message: {e}");
+        let mut call = match dispatch(&lua, msg) {
+            Ok(Some(call)) => call,
+            Ok(None) => continue,
+            Err(e) => {
+                log::error!(target: &ctx(&lua).name, "cannot deliver a message: {e}");
+                continue;
+            }
+        };
+        // Most handlers return without yielding: run them here, in order, and give only
+        // those that wait a task of their own (its first poll takes over the wake-ups).
+        let finished =
+            std::future::poll_fn(|cx| std::task::Poll::Ready(call.as_mut().poll(cx).is_ready())).await;
+        if !finished {
+            spawn_local(call);
         }
     }
 }
 
-fn dispatch(lua: &Lua, msg: Message) -> mlua::Result<()> {
+type HandlerCall = std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>;
+
+/// Prepares the handler call for `msg`; `None` when it was answered already (no handler).
+fn dispatch(lua: &Lua, msg: Message) -> mlua::Result<Option<HandlerCall>> {
     let m = messages(lua);
     let found = {
         let handlers = m.handlers.borrow();
@@ -396,7 +411,7 @@ fn dispatch(lua: &Lua, msg: Message) -> mlua::Result<()> {
         if let Some(to) = msg.reply {
             router.reply(to, m.me.clone(), Err(format!("no handler for '{}'", msg.id)));
         }
-        return Ok(());
+        return Ok(None);
     };
     let values = match value::to_lua_multi(lua, &msg.values) {
         Ok(v) => v,
@@ -419,7 +434,7 @@ fn dispatch(lua: &Lua, msg: Message) -> mlua::Result<()> {
     all.extend(values);
     let lua = lua.clone();
     let run = m.run.clone();
-    spawn_local(async move {
+    Ok(Some(Box::pin(async move {
         let rets = call_callback(&lua, &format!("handler '{hid}'"), &run, all).await;
         let Some(route) = route else { return };
         let Ok(route) = route.borrow::<Call>() else {
@@ -436,6 +451,5 @@ fn dispatch(lua: &Lua, msg: Message) -> mlua::Result<()> {
             None => Err(format!("error in handler '{hid}'")),
         };
         send_reply(&lua, &route, reply);
-    });
-    Ok(())
+    })))
 }
