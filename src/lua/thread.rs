@@ -100,6 +100,7 @@ fn run_job(lua: &Lua, job: &Job) -> Result<Vec<Sent>, String> {
 /// A worker's Lua state: the standard libraries, `thread.signal` and `print` (to the log).
 fn worker_state() -> mlua::Result<Lua> {
     let lua = unsafe { Lua::unsafe_new_with(StdLib::ALL, LuaOptions::new()) };
+    lua.gc_gen(0, 0);
     lua.set_app_data(CurrentJob(RefCell::new(None)));
     let t = lua.create_table()?;
     t.set(
