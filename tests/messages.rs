@@ -18,4 +18,5 @@ scenarios! {
     messages_full_queue => "messages/full_queue.lua",
     messages_sandbox => "messages/sandbox.lua",
     thread_new => "thread/new.lua",
+    thread_reuse => "thread/reuse.lua",
 }

@@ -25,6 +25,17 @@ eq(got[1], "hi")
 eq(got[2], "hi")
 eq(got[3], "hi")
 
+-- "*w:count=cb": every instance replies to handler cb here
+local replied = {}
+stage.waitfor("on_count", function(who) replied[#replied + 1] = who end)
+eq(stage.signal("*w:count=on_count"), 3)
+for _ = 1, 100 do
+    if #replied == 3 then break end
+    stage.sleep(10)
+end
+table.sort(replied)
+eq(table.concat(replied, ","), "1,2,3")
+
 -- "*msg": every instance of the sender's own stage (here: just this one)
 local mine = 0
 stage.waitfor("self", function() mine = mine + 1 end)
