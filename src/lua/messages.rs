@@ -289,8 +289,13 @@ fn send(lua: &Lua, target: &str, args: MultiValue, first_arg: usize) -> mlua::Re
     Ok(c.node.router.deliver(t.scope, &t.stage, msg).unwrap_or(0))
 }
 
-/// `:msg`: calls the handler of this instance in place; `None` when there is none.
-async fn sync_call(lua: &Lua, target: &str, args: MultiValue) -> mlua::Result<Option<MultiValue>> {
+/// `:msg`: calls the handler of this instance in place. `None` when there is none;
+/// `Some(Err(reason))` when it raised (the error is logged).
+async fn sync_call(
+    lua: &Lua,
+    target: &str,
+    args: MultiValue,
+) -> mlua::Result<Option<Result<MultiValue, String>>> {
     let c = ctx(lua);
     let t = Target::parse(target, &c.stage_id).map_err(|e| rt_err(e.to_string()))?;
     let m = messages(lua);
@@ -308,7 +313,7 @@ async fn sync_call(lua: &Lua, target: &str, args: MultiValue) -> mlua::Result<Op
     Ok(Some(
         call_callback(lua, &format!("handler '{hid}'"), &m.run, all)
             .await
-            .unwrap_or_default(),
+            .ok_or_else(|| format!("error in handler '{hid}'")),
     ))
 }
 
@@ -328,7 +333,8 @@ async fn request(
     match t.scope {
         Scope::Sync => {
             return match sync_call(&lua, &target, args).await? {
-                Some(rets) => Ok(rets),
+                Some(Ok(rets)) => Ok(rets),
+                Some(Err(why)) => fail(&lua, &why),
                 None => fail(&lua, "no route"),
             }
         }

@@ -152,10 +152,9 @@ fn pump(lua: &Lua, h: &Rc<Handle>) {
             let Some(cb) = h.cb.borrow().clone() else { break };
             let args = match ev {
                 Event::Signal(v) | Event::Done(Ok(v)) => value::to_lua_multi(&lua, &v),
-                Event::Done(Err(msg)) => Ok(MultiValue::from_iter([
-                    Value::Nil,
-                    Value::String(lua.create_string(&msg).expect("string")),
-                ])),
+                Event::Done(Err(msg)) => lua
+                    .create_string(&msg)
+                    .map(|s| MultiValue::from_iter([Value::Nil, Value::String(s)])),
             };
             match args {
                 Ok(args) => {

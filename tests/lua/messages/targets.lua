@@ -61,19 +61,24 @@ for _ = 1, 10 do seen[stage.request("ping", 2000)] = true end
 check(seen["pong from 0"] and seen["pong from 1"], "both instances of stage answer ping")
 
 -- ":msg": this instance, synchronously
-local got
+local got, v, e
 stage.waitfor("local.x", function(a) got = a; return a + 1 end)
 eq(stage.signal(":local.x", 5), 1)
 eq(got, 5, "the handler ran before signal returned")
 eq(stage.request(":local.x", 100, 6), 7)
 eq(stage.signal(":local.y.z", 1), 0, "no handler local.y.z / local.y. here")
+stage.waitfor("local.err", function() error("local boom") end)
+eq(stage.signal(":local.err"), 1, "the handler ran (its error is logged)")
+v, e = stage.request(":local.err", 100)
+eq(v, nil)
+eq(e, "error in handler 'local.err'")
 stage.waitfor("local.", function() return "prefix" end)
 eq(stage.request(":local.y", 100), "prefix")
 
 -- "=stage:msg": this process only; "+stage:msg": other nodes only (none yet)
 eq(stage.request("=db:load_user", 2000, 1).id, 1)
 eq(stage.signal("+db:load_user", 1), 0)
-local v, e = stage.request("+db:load_user", 100, 1)
+v, e = stage.request("+db:load_user", 100, 1)
 eq(v, nil)
 eq(e, "no route")
 
