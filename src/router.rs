@@ -410,6 +410,12 @@ impl Router {
                 n += 1;
             }
         }
+        if n > 0 {
+            log::info!(
+                "{}#{number}: answered {n} queued message(s) with \"shutting down\"",
+                self.stages[number]
+            );
+        }
         n
     }
 
