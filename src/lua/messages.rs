@@ -15,8 +15,22 @@ use tokio::task::spawn_local;
 
 /// A registered handler and the values bound to it by `stage.waitfor(id, f, ...)`.
 struct Handler {
+    /// The id it was registered under (`_WAITFOR[-1]`) and how its errors name it.
+    hid: Rc<str>,
+    what: String,
     f: Function,
     bound: Vec<Value>,
+}
+
+impl Handler {
+    fn new(hid: &str, f: Function, bound: Vec<Value>) -> Rc<Handler> {
+        Rc::new(Handler {
+            hid: hid.into(),
+            what: format!("handler '{hid}'"),
+            f,
+            bound,
+        })
+    }
 }
 
 /// The per-instance message state, kept as app data of the instance's Lua state.
@@ -34,7 +48,7 @@ struct Messages {
 /// when the script reads `_WAITFOR[2]`: a handler that then returns no values leaves the
 /// reply to the script. One userdata per message keeps the garbage per message small.
 pub struct Call {
-    hid: String,
+    hid: Rc<str>,
     id: String,
     from: Arc<SenderInfo>,
     wants_reply: bool,
@@ -43,7 +57,7 @@ pub struct Call {
 }
 
 impl Call {
-    fn new(hid: String, id: String, from: Arc<SenderInfo>, to: Option<ReplyTo>) -> Call {
+    fn new(hid: Rc<str>, id: String, from: Arc<SenderInfo>, to: Option<ReplyTo>) -> Call {
         Call {
             hid,
             id,
@@ -66,7 +80,7 @@ fn call_field(lua: &Lua, (ud, k): (mlua::AnyUserData, Value)) -> mlua::Result<Va
         _ => return Ok(Value::Nil),
     };
     Ok(match k {
-        -1 => Value::String(lua.create_string(&c.hid)?),
+        -1 => Value::String(lua.create_string(&*c.hid)?),
         0 => Value::String(lua.create_string(&c.id)?),
         1 => {
             let sender = lua.create_table_with_capacity(0, 3)?;
@@ -184,7 +198,7 @@ fn waitfor(lua: &Lua, args: MultiValue) -> mlua::Result<MultiValue> {
         };
         m.handlers
             .borrow_mut()
-            .insert(id.clone(), Rc::new(Handler { f, bound: args }));
+            .insert(id.clone(), Handler::new(&id, f, args));
         return lua
             .create_string(&id)
             .map(|s| MultiValue::from_iter([Value::String(s)]));
@@ -213,7 +227,7 @@ fn waitfor(lua: &Lua, args: MultiValue) -> mlua::Result<MultiValue> {
             let bound = args.split_off(2);
             m.handlers
                 .borrow_mut()
-                .insert(id.clone(), Rc::new(Handler { f, bound }));
+                .insert(id.clone(), Handler::new(&id, f, bound));
             Ok(MultiValue::from_iter([Value::String(lua.create_string(&id)?)]))
         }
         Some(other) => Err(rt_err(format!(
@@ -301,19 +315,19 @@ async fn sync_call(
     let m = messages(lua);
     let found = {
         let handlers = m.handlers.borrow();
-        router::lookup(&handlers, &t.id).map(|(k, h)| (k.to_string(), h.clone()))
+        router::lookup(&handlers, &t.id).map(|(_, h)| h.clone())
     };
-    let Some((hid, h)) = found else {
+    let Some(h) = found else {
         return Ok(None);
     };
-    let call = lua.create_userdata(Call::new(hid.clone(), t.id, m.me.clone(), None))?;
+    let call = lua.create_userdata(Call::new(h.hid.clone(), t.id, m.me.clone(), None))?;
     let mut all = MultiValue::from_iter([Value::UserData(call), Value::Function(h.f.clone())]);
     all.extend(h.bound.iter().cloned());
     all.extend(args);
     Ok(Some(
-        call_callback(lua, &format!("handler '{hid}'"), &m.run, all)
+        call_callback(lua, &h.what, &m.run, all)
             .await
-            .ok_or_else(|| format!("error in handler '{hid}'")),
+            .ok_or_else(|| format!("error in {}", h.what)),
     ))
 }
 
@@ -409,10 +423,10 @@ fn dispatch(lua: &Lua, msg: Message) -> mlua::Result<Option<HandlerCall>> {
     let m = messages(lua);
     let found = {
         let handlers = m.handlers.borrow();
-        router::lookup(&handlers, &msg.id).map(|(k, h)| (k.to_string(), h.clone()))
+        router::lookup(&handlers, &msg.id).map(|(_, h)| h.clone())
     };
     let router = &ctx(lua).node.router;
-    let Some((hid, h)) = found else {
+    let Some(h) = found else {
         log::warn!(target: &ctx(lua).name, "no handler for message '{}' (dropped)", msg.id);
         if let Some(to) = msg.reply {
             router.reply(to, m.me.clone(), Err(format!("no handler for '{}'", msg.id)));
@@ -433,7 +447,7 @@ fn dispatch(lua: &Lua, msg: Message) -> mlua::Result<Option<HandlerCall>> {
         }
     };
     let has_route = msg.reply.is_some();
-    let call = lua.create_userdata(Call::new(hid.clone(), msg.id, msg.from, msg.reply))?;
+    let call = lua.create_userdata(Call::new(h.hid.clone(), msg.id, msg.from, msg.reply))?;
     let route = has_route.then(|| call.clone());
     let mut all = MultiValue::from_iter([Value::UserData(call), Value::Function(h.f.clone())]);
     all.extend(h.bound.iter().cloned());
@@ -441,7 +455,7 @@ fn dispatch(lua: &Lua, msg: Message) -> mlua::Result<Option<HandlerCall>> {
     let lua = lua.clone();
     let run = m.run.clone();
     Ok(Some(Box::pin(async move {
-        let rets = call_callback(&lua, &format!("handler '{hid}'"), &run, all).await;
+        let rets = call_callback(&lua, &h.what, &run, all).await;
         let Some(route) = route else { return };
         let Ok(route) = route.borrow::<Call>() else {
             return;
@@ -450,11 +464,11 @@ fn dispatch(lua: &Lua, msg: Message) -> mlua::Result<Option<HandlerCall>> {
             // The script took the route to answer later (or never).
             Some(rets) if rets.is_empty() && route.kept.get() => return,
             Some(rets) => value::from_lua_multi(&lua, rets, "return", 1).map_err(|e| {
-                let msg = format!("handler '{hid}': {e}");
+                let msg = format!("{}: {e}", h.what);
                 log::error!(target: &ctx(&lua).name, "{msg}");
                 msg
             }),
-            None => Err(format!("error in handler '{hid}'")),
+            None => Err(format!("error in {}", h.what)),
         };
         send_reply(&lua, &route, reply);
     })))
