@@ -28,11 +28,25 @@ pub struct NodeShared {
     pub node_name: String,
     /// `process.title`, as last set.
     pub title: Mutex<String>,
+    /// The mailboxes of every instance (`stage.signal`, `stage.request`).
+    pub router: crate::router::Router,
+    /// The blocking-work pool of `thread.new`, started on first use.
+    pub threads: std::sync::OnceLock<crate::lua::thread::Pool>,
+    /// Globals shared by `_SANDBOX[""] = {"*NAME"}`: the last committed value of each.
+    pub sandbox: Mutex<std::collections::HashMap<String, crate::value::Value>>,
 }
 
 impl NodeShared {
     pub fn new(config: Config, home: Home, args: Vec<String>) -> Arc<NodeShared> {
         let (shutdown, _) = tokio::sync::watch::channel(false);
+        let node_name = hostname();
+        let stages: Vec<String> = config.startup.iter().map(|s| s.stage_id.clone()).collect();
+        let router = crate::router::Router::new(
+            &node_name,
+            &stages,
+            config.queue,
+            Box::new(crate::router::NoRemote),
+        );
         Arc::new(NodeShared {
             config: Arc::new(config),
             home: Arc::new(home),
@@ -42,8 +56,11 @@ impl NodeShared {
             shutdown,
             args,
             started: Instant::now(),
-            node_name: hostname(),
+            node_name,
             title: Mutex::new("stage".into()),
+            router,
+            threads: std::sync::OnceLock::new(),
+            sandbox: Mutex::new(std::collections::HashMap::new()),
         })
     }
 

@@ -6,9 +6,11 @@ use mlua::{Lua, Table};
 pub mod broker;
 pub mod bundle;
 pub mod logger;
+pub mod messages;
 pub mod odbc;
 pub mod process;
 pub mod stage;
+pub mod thread;
 pub mod vultr;
 
 /// A module's constructor.
@@ -23,6 +25,7 @@ const MODULES: &[(&str, Open)] = &[
     ("vultr", vultr::open),
     ("broker", broker::open),
     ("odbc", odbc::open),
+    ("thread", thread::open),
 ];
 
 /// Registers every module as a global and in `package.loaded`, so that both
@@ -39,5 +42,6 @@ pub fn register_all(lua: &Lua) -> mlua::Result<()> {
     lua.globals().set("log4cxx", logger.clone())?;
     loaded.set("log4cxx", logger)?;
     logger::replace_print(lua)?;
+    thread::install_sandbox(lua)?;
     Ok(())
 }

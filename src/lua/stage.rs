@@ -32,6 +32,7 @@ pub fn open(lua: &Lua) -> mlua::Result<Table> {
             Ok(())
         })?,
     )?;
+    crate::lua::messages::register(lua, &t)?;
     Ok(t)
 }
 

@@ -1,0 +1,475 @@
+//! The Lua side of messages between instances: `stage.waitfor`, `stage.signal`,
+//! `stage.request`, the `_WAITFOR` global, and the loop that hands an instance's queued
+//! messages to its handlers. Targets, lookup order and delivery are in `router.rs`; value
+//! copying in `value.rs`.
+
+use crate::instance::{call_callback, ctx};
+use crate::router::{self, Message, ReplyTo, Scope, SenderInfo, Target};
+use crate::value;
+use mlua::{Function, Lua, MultiValue, Table, UserData, Value};
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::Arc;
+use tokio::task::spawn_local;
+
+/// A registered handler and the values bound to it by `stage.waitfor(id, f, ...)`.
+struct Handler {
+    /// The id it was registered under (`_WAITFOR[-1]`) and how its errors name it.
+    hid: Rc<str>,
+    what: String,
+    f: Function,
+    bound: Vec<Value>,
+}
+
+impl Handler {
+    fn new(hid: &str, f: Function, bound: Vec<Value>) -> Rc<Handler> {
+        Rc::new(Handler {
+            hid: hid.into(),
+            what: format!("handler '{hid}'"),
+            f,
+            bound,
+        })
+    }
+}
+
+/// The per-instance message state, kept as app data of the instance's Lua state.
+struct Messages {
+    handlers: RefCell<HashMap<String, Rc<Handler>>>,
+    /// `{[coroutine] = Call}`, weak-keyed: the call each running handler is serving.
+    contexts: Table,
+    /// `run(call, f, ...)`: records the call of the running coroutine, then `f(...)`.
+    run: Function,
+    me: Arc<SenderInfo>,
+}
+
+/// One handler call: what `_WAITFOR` shows while it runs, and its reply route
+/// (`_WAITFOR[2]` is this userdata itself, used once, by the first reply). `kept` is set
+/// when the script reads `_WAITFOR[2]`: a handler that then returns no values leaves the
+/// reply to the script. One userdata per message keeps the garbage per message small.
+pub struct Call {
+    hid: Rc<str>,
+    id: String,
+    from: Arc<SenderInfo>,
+    wants_reply: bool,
+    to: RefCell<Option<ReplyTo>>,
+    kept: std::cell::Cell<bool>,
+}
+
+impl Call {
+    fn new(hid: Rc<str>, id: String, from: Arc<SenderInfo>, to: Option<ReplyTo>) -> Call {
+        Call {
+            hid,
+            id,
+            from,
+            wants_reply: to.is_some(),
+            to: RefCell::new(to),
+            kept: std::cell::Cell::new(false),
+        }
+    }
+}
+
+impl UserData for Call {}
+
+/// `_WAITFOR[k]` of a call: `[-1]` handler id, `[0]` message id, `[1]` sender, `[2]` route.
+fn call_field(lua: &Lua, (ud, k): (mlua::AnyUserData, Value)) -> mlua::Result<Value> {
+    let c = ud.borrow::<Call>()?;
+    let k = match k {
+        Value::Integer(i) => i,
+        Value::Number(n) if n.fract() == 0.0 => n as i64,
+        _ => return Ok(Value::Nil),
+    };
+    Ok(match k {
+        -1 => Value::String(lua.create_string(&*c.hid)?),
+        0 => Value::String(lua.create_string(&c.id)?),
+        1 => {
+            let sender = lua.create_table_with_capacity(0, 3)?;
+            sender.raw_set("node", c.from.node.as_str())?;
+            sender.raw_set("stage", c.from.stage.as_str())?;
+            sender.raw_set("instance", c.from.instance)?;
+            Value::Table(sender)
+        }
+        2 if c.wants_reply => {
+            c.kept.set(true);
+            Value::UserData(ud.clone())
+        }
+        _ => Value::Nil,
+    })
+}
+
+fn messages(lua: &Lua) -> Rc<Messages> {
+    lua.app_data_ref::<Rc<Messages>>()
+        .expect("stage.open registers messages")
+        .clone()
+}
+
+fn rt_err(msg: impl Into<String>) -> mlua::Error {
+    mlua::Error::runtime(msg.into())
+}
+
+const PRELUDE: &str = r#"
+local contexts, raw_signal, sync_signal, field = ...
+local running, xpcall, traceback, tostring, error, type = coroutine.running, xpcall, debug.traceback, tostring, error, type
+local function handler(e)
+    local m = tostring(e)
+    if not m:find("stack traceback:", 1, true) then m = traceback(m, 2) end
+    return m
+end
+local function finish(co, ok, ...)
+    contexts[co] = nil
+    if not ok then error((...), 0) end
+    return ...
+end
+local function run(call, f, ...)
+    local co = running()
+    contexts[co] = call
+    return finish(co, xpcall(f, handler, ...))
+end
+local waitfor = setmetatable({}, {
+    __index = function(_, k)
+        local c = contexts[running()]
+        if c then return field(c, k) end
+    end,
+    __newindex = function() error("_WAITFOR is read-only", 2) end,
+})
+local function signal(target, ...)
+    if type(target) == "string" and target:byte(1) == 58 then return sync_signal(target, ...) end
+    return raw_signal(target, ...)
+end
+return run, waitfor, signal
+"#;
+
+/// Adds `waitfor`, `signal` and `request` to the `stage` table and sets `_WAITFOR`.
+pub fn register(lua: &Lua, stage: &Table) -> mlua::Result<()> {
+    let c = ctx(lua);
+    let contexts = lua.create_table()?;
+    let weak = lua.create_table()?;
+    weak.set("__mode", "k")?;
+    contexts.set_metatable(Some(weak))?;
+    let raw_signal = lua.create_function(signal)?;
+    let sync_signal = lua.create_async_function(|lua, (target, args): (String, MultiValue)| async move {
+        let n = match sync_call(&lua, &target, args).await? {
+            Some(_) => 1,
+            None => 0,
+        };
+        Ok(n)
+    })?;
+    let (run, waitfor_proxy, signal_fn): (Function, Table, Function) =
+        lua.load(PRELUDE).set_name("=stage.messages").call((
+            contexts.clone(),
+            raw_signal,
+            sync_signal,
+            lua.create_function(call_field)?,
+        ))?;
+    lua.set_app_data(Rc::new(Messages {
+        handlers: RefCell::new(HashMap::new()),
+        contexts,
+        run,
+        me: Arc::new(c.node.router.sender(c.number)),
+    }));
+    lua.globals().set("_WAITFOR", waitfor_proxy)?;
+    stage.set("waitfor", lua.create_function(waitfor)?)?;
+    stage.set("signal", signal_fn)?;
+    stage.set("request", lua.create_async_function(request)?)?;
+    Ok(())
+}
+
+/// `stage.waitfor([id,] f, ...)`, `stage.waitfor(id, nil)`, `stage.waitfor(id)`.
+fn waitfor(lua: &Lua, args: MultiValue) -> mlua::Result<MultiValue> {
+    let m = messages(lua);
+    let mut args = args.into_vec();
+    let id = match args.first() {
+        Some(Value::String(s)) => Some(s.to_str()?.to_string()),
+        Some(Value::Function(_)) => None,
+        Some(Value::Integer(_) | Value::Number(_)) => Some(args[0].to_string()?),
+        other => {
+            return Err(rt_err(format!(
+                "stage.waitfor: expected a message id or a function, got a {}",
+                other.map_or("no value", |v| v.type_name())
+            )))
+        }
+    };
+    let Some(id) = id else {
+        // Without an id: a generated one, unique in the process.
+        let c = ctx(lua);
+        let id = format!("{}#{}#{}", c.stage_id, c.number, c.node.router.next_id());
+        let Value::Function(f) = args.remove(0) else {
+            unreachable!()
+        };
+        m.handlers
+            .borrow_mut()
+            .insert(id.clone(), Handler::new(&id, f, args));
+        return lua
+            .create_string(&id)
+            .map(|s| MultiValue::from_iter([Value::String(s)]));
+    };
+    if id.is_empty() {
+        return Err(rt_err("stage.waitfor: the message id is empty"));
+    }
+    match args.get(1) {
+        // `stage.waitfor(id)`: the handler and its bound values.
+        None => {
+            let h = m.handlers.borrow().get(&id).cloned();
+            Ok(match h {
+                Some(h) => MultiValue::from_iter([
+                    Value::Function(h.f.clone()),
+                    Value::Table(lua.create_sequence_from(h.bound.iter().cloned())?),
+                ]),
+                None => MultiValue::from_iter([Value::Nil]),
+            })
+        }
+        Some(Value::Nil) => {
+            let removed = m.handlers.borrow_mut().remove(&id).is_some();
+            Ok(MultiValue::from_iter([Value::Boolean(removed)]))
+        }
+        Some(Value::Function(f)) => {
+            let f = f.clone();
+            let bound = args.split_off(2);
+            m.handlers
+                .borrow_mut()
+                .insert(id.clone(), Handler::new(&id, f, bound));
+            Ok(MultiValue::from_iter([Value::String(lua.create_string(&id)?)]))
+        }
+        Some(other) => Err(rt_err(format!(
+            "stage.waitfor: expected a function or nil for \"{id}\", got a {}",
+            other.type_name()
+        ))),
+    }
+}
+
+/// The call being handled in the current coroutine.
+fn current_call(lua: &Lua) -> mlua::Result<Option<mlua::AnyUserData>> {
+    messages(lua).contexts.raw_get(lua.current_thread())
+}
+
+/// Sends `reply` through `route` (once; later replies are dropped). Returns 1 if sent.
+fn send_reply(lua: &Lua, route: &Call, reply: router::Reply) -> usize {
+    let Some(to) = route.to.borrow_mut().take() else {
+        return 0;
+    };
+    let c = ctx(lua);
+    usize::from(c.node.router.reply(to, messages(lua).me.clone(), reply))
+}
+
+/// `stage.signal(target, ...)` for every target but `:msg` (see the prelude).
+fn signal(lua: &Lua, (target, args): (Value, MultiValue)) -> mlua::Result<usize> {
+    let route = match target {
+        Value::String(s) => {
+            let target = s.to_str()?.to_string();
+            return send(lua, &target, args, 2);
+        }
+        Value::UserData(ud) => ud,
+        Value::Nil => match current_call(lua)? {
+            Some(ud) => ud,
+            None => {
+                return Err(rt_err(
+                    "stage.signal(nil, ...): no message is being handled in this coroutine",
+                ))
+            }
+        },
+        other => {
+            return Err(rt_err(format!(
+                "stage.signal: expected a target string, a reply route or nil, got a {}",
+                other.type_name()
+            )))
+        }
+    };
+    let route = route
+        .borrow::<Call>()
+        .map_err(|_| rt_err("stage.signal: this userdata is not a reply route"))?;
+    if !route.wants_reply {
+        // The sender did not ask for a reply.
+        return Ok(0);
+    }
+    let values = value::from_lua_multi(lua, args, "arg", 2).map_err(|e| rt_err(e.to_string()))?;
+    Ok(send_reply(lua, &route, Ok(values)))
+}
+
+/// Parses `target`, copies `args` and delivers; returns how many instances took it.
+fn send(lua: &Lua, target: &str, args: MultiValue, first_arg: usize) -> mlua::Result<usize> {
+    let c = ctx(lua);
+    let t = Target::parse(target, &c.stage_id).map_err(|e| rt_err(e.to_string()))?;
+    let values = value::from_lua_multi(lua, args, "arg", first_arg).map_err(|e| rt_err(e.to_string()))?;
+    let reply = t.reply.map(|id| ReplyTo::Handler {
+        instance: c.number,
+        id,
+    });
+    let msg = Message {
+        id: t.id,
+        from: messages(lua).me.clone(),
+        values,
+        reply,
+    };
+    Ok(c.node.router.deliver(t.scope, &t.stage, msg).unwrap_or(0))
+}
+
+/// `:msg`: calls the handler of this instance in place. `None` when there is none;
+/// `Some(Err(reason))` when it raised (the error is logged).
+async fn sync_call(
+    lua: &Lua,
+    target: &str,
+    args: MultiValue,
+) -> mlua::Result<Option<Result<MultiValue, String>>> {
+    let c = ctx(lua);
+    let t = Target::parse(target, &c.stage_id).map_err(|e| rt_err(e.to_string()))?;
+    let m = messages(lua);
+    let found = {
+        let handlers = m.handlers.borrow();
+        router::lookup(&handlers, &t.id).map(|(_, h)| h.clone())
+    };
+    let Some(h) = found else {
+        return Ok(None);
+    };
+    let call = lua.create_userdata(Call::new(h.hid.clone(), t.id, m.me.clone(), None))?;
+    let mut all = MultiValue::from_iter([Value::UserData(call), Value::Function(h.f.clone())]);
+    all.extend(h.bound.iter().cloned());
+    all.extend(args);
+    Ok(Some(
+        call_callback(lua, &h.what, &m.run, all)
+            .await
+            .ok_or_else(|| format!("error in {}", h.what)),
+    ))
+}
+
+/// `stage.request(target, timeout_ms, ...)`.
+async fn request(
+    lua: Lua,
+    (target, timeout, args): (String, Option<f64>, MultiValue),
+) -> mlua::Result<MultiValue> {
+    let c = ctx(&lua);
+    let t = Target::parse(&target, &c.stage_id).map_err(|e| rt_err(e.to_string()))?;
+    let fail = |lua: &Lua, why: &str| -> mlua::Result<MultiValue> {
+        Ok(MultiValue::from_iter([
+            Value::Nil,
+            Value::String(lua.create_string(why)?),
+        ]))
+    };
+    match t.scope {
+        Scope::Sync => {
+            return match sync_call(&lua, &target, args).await? {
+                Some(Ok(rets)) => Ok(rets),
+                Some(Err(why)) => fail(&lua, &why),
+                None => fail(&lua, "no route"),
+            }
+        }
+        Scope::All => {
+            return Err(rt_err(
+                "stage.request: cannot wait for the replies of a broadcast ('*')",
+            ))
+        }
+        _ => {}
+    }
+    if t.reply.is_some() {
+        return Err(rt_err(
+            "stage.request: the reply comes back to the caller; drop '=cb' from the target",
+        ));
+    }
+    let values = value::from_lua_multi(&lua, args, "arg", 3).map_err(|e| rt_err(e.to_string()))?;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let msg = Message {
+        id: t.id,
+        from: messages(&lua).me.clone(),
+        values,
+        reply: Some(ReplyTo::Request(tx)),
+    };
+    if let Err(u) = c.node.router.deliver(t.scope, &t.stage, msg) {
+        return fail(&lua, u.reason());
+    }
+    let timeout = timeout.unwrap_or(0.0);
+    let reply = if timeout > 0.0 {
+        match tokio::time::timeout(crate::lua::stage::ms_duration(timeout), rx).await {
+            Ok(r) => r,
+            Err(_) => return fail(&lua, "timeout"),
+        }
+    } else {
+        rx.await
+    };
+    match reply {
+        Ok(Ok(values)) => value::to_lua_multi(&lua, &values),
+        Ok(Err(why)) => fail(&lua, &why),
+        // The handling instance stopped with the message in hand.
+        Err(_) => fail(&lua, "shutting down"),
+    }
+}
+
+// The inbox stays borrowed across awaits on purpose: this task is its only user until the
+// instance's LocalSet is dropped, after which the instance drains it (`Router::drain`).
+#[allow(clippy::await_holding_refcell_ref)]
+pub async fn serve(lua: Lua, inbox: Rc<RefCell<router::Inbox>>) {
+    let mut inbox = inbox.borrow_mut();
+    while let Some(msg) = inbox.recv().await {
+        let mut call = match dispatch(&lua, msg) {
+            Ok(Some(call)) => call,
+            Ok(None) => continue,
+            Err(e) => {
+                log::error!(target: &ctx(&lua).name, "cannot deliver a message: {e}");
+                continue;
+            }
+        };
+        // Most handlers return without yielding: run them here, in order, and give only
+        // those that wait a task of their own (its first poll takes over the wake-ups).
+        let finished =
+            std::future::poll_fn(|cx| std::task::Poll::Ready(call.as_mut().poll(cx).is_ready())).await;
+        if !finished {
+            spawn_local(call);
+        }
+    }
+}
+
+type HandlerCall = std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>;
+
+/// Prepares the handler call for `msg`; `None` when it was answered already (no handler).
+fn dispatch(lua: &Lua, msg: Message) -> mlua::Result<Option<HandlerCall>> {
+    let m = messages(lua);
+    let found = {
+        let handlers = m.handlers.borrow();
+        router::lookup(&handlers, &msg.id).map(|(_, h)| h.clone())
+    };
+    let router = &ctx(lua).node.router;
+    let Some(h) = found else {
+        log::warn!(target: &ctx(lua).name, "no handler for message '{}' (dropped)", msg.id);
+        if let Some(to) = msg.reply {
+            router.reply(to, m.me.clone(), Err(format!("no handler for '{}'", msg.id)));
+        }
+        return Ok(None);
+    };
+    let values = match value::to_lua_multi(lua, &msg.values) {
+        Ok(v) => v,
+        Err(e) => {
+            if let Some(to) = msg.reply {
+                router.reply(
+                    to,
+                    m.me.clone(),
+                    Err(format!("cannot receive message '{}': {e}", msg.id)),
+                );
+            }
+            return Err(e);
+        }
+    };
+    let has_route = msg.reply.is_some();
+    let call = lua.create_userdata(Call::new(h.hid.clone(), msg.id, msg.from, msg.reply))?;
+    let route = has_route.then(|| call.clone());
+    let mut all = MultiValue::from_iter([Value::UserData(call), Value::Function(h.f.clone())]);
+    all.extend(h.bound.iter().cloned());
+    all.extend(values);
+    let lua = lua.clone();
+    let run = m.run.clone();
+    Ok(Some(Box::pin(async move {
+        let rets = call_callback(&lua, &h.what, &run, all).await;
+        let Some(route) = route else { return };
+        let Ok(route) = route.borrow::<Call>() else {
+            return;
+        };
+        let reply = match rets {
+            // The script took the route to answer later (or never).
+            Some(rets) if rets.is_empty() && route.kept.get() => return,
+            Some(rets) => value::from_lua_multi(&lua, rets, "return", 1).map_err(|e| {
+                let msg = format!("{}: {e}", h.what);
+                log::error!(target: &ctx(&lua).name, "{msg}");
+                msg
+            }),
+            None => Err(format!("error in {}", h.what)),
+        };
+        send_reply(&lua, &route, reply);
+    })))
+}

@@ -1,0 +1,377 @@
+//! The `thread` module: `thread.new(f, ...)` runs `f` on the blocking-work pool (worker
+//! threads with their own, reused Lua states) and `.waitfor(cb)` receives its results in the
+//! calling instance; `thread.signal(v)` inside `f` sends early values. Also `_SANDBOX`,
+//! the globals shared by every instance of the process.
+
+use crate::instance::{call_callback, ctx};
+use crate::value::{self, Value as Sent};
+use mlua::{Function, Lua, LuaOptions, MultiValue, StdLib, Table, Value};
+use std::cell::RefCell;
+use std::collections::{HashSet, VecDeque};
+use std::rc::Rc;
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use tokio::sync::mpsc;
+
+/// What a running job sends back to the instance that started it.
+enum Event {
+    Signal(Vec<Sent>),
+    Done(Result<Vec<Sent>, String>),
+}
+
+struct Job {
+    code: Vec<u8>,
+    args: Vec<Sent>,
+    events: mpsc::Sender<Event>,
+}
+
+/// The blocking-work pool: `#threads[0]` worker threads taking jobs from one queue of
+/// `#threads[1]` entries.
+pub struct Pool {
+    jobs: SyncSender<Job>,
+    queue: usize,
+}
+
+impl Pool {
+    pub fn start(workers: usize, queue: usize) -> Pool {
+        let (tx, rx) = sync_channel::<Job>(queue.max(1));
+        let rx = Arc::new(Mutex::new(rx));
+        for i in 0..workers.max(1) {
+            let rx = rx.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("thread#{i}"))
+                .spawn(move || worker(&rx));
+            if let Err(e) = spawned {
+                log::error!("thread.new: cannot start worker thread {i}: {e}");
+            }
+        }
+        Pool {
+            jobs: tx,
+            queue: queue.max(1),
+        }
+    }
+}
+
+/// The job whose function runs on this worker's state now (for `thread.signal`).
+struct CurrentJob(RefCell<Option<mpsc::Sender<Event>>>);
+
+fn worker(rx: &Mutex<Receiver<Job>>) {
+    let lua = match worker_state() {
+        Ok(l) => l,
+        Err(e) => {
+            log::error!("thread.new: cannot create a worker's Lua state: {e}");
+            return;
+        }
+    };
+    loop {
+        // The lock is held only while waiting for the next job, never while running one.
+        let job = match rx.lock().expect("job queue").recv() {
+            Ok(j) => j,
+            Err(_) => return,
+        };
+        let events = job.events.clone();
+        *lua.app_data_ref::<CurrentJob>()
+            .expect("worker job")
+            .0
+            .borrow_mut() = Some(events.clone());
+        let result = run_job(&lua, &job);
+        *lua.app_data_ref::<CurrentJob>()
+            .expect("worker job")
+            .0
+            .borrow_mut() = None;
+        if let Err(e) = &result {
+            log::error!(target: "thread", "error in thread.new function: {e}");
+        }
+        let _ = events.blocking_send(Event::Done(result));
+    }
+}
+
+fn run_job(lua: &Lua, job: &Job) -> Result<Vec<Sent>, String> {
+    let f = match value::to_lua(lua, &Sent::Function(job.code.clone())) {
+        Ok(Value::Function(f)) => f,
+        Ok(_) => return Err("thread.new: not a function".into()),
+        Err(e) => return Err(crate::script_error::format(&e)),
+    };
+    let args = value::to_lua_multi(lua, &job.args).map_err(|e| crate::script_error::format(&e))?;
+    let rets: MultiValue = f.call(args).map_err(|e| crate::script_error::format(&e))?;
+    value::from_lua_multi(lua, rets, "return", 1).map_err(|e| e.to_string())
+}
+
+/// A worker's Lua state: the standard libraries, `thread.signal` and `print` (to the log).
+fn worker_state() -> mlua::Result<Lua> {
+    let lua = unsafe { Lua::unsafe_new_with(StdLib::ALL, LuaOptions::new()) };
+    lua.gc_gen(0, 0);
+    lua.set_app_data(CurrentJob(RefCell::new(None)));
+    let t = lua.create_table()?;
+    t.set(
+        "signal",
+        lua.create_function(|lua, args: MultiValue| {
+            let values = value::from_lua_multi(lua, args, "arg", 1)
+                .map_err(|e| mlua::Error::runtime(format!("thread.signal: {e}")))?;
+            let tx = lua
+                .app_data_ref::<CurrentJob>()
+                .and_then(|j| j.0.borrow().clone());
+            match tx {
+                // A worker thread may block: this is the pool for blocking work.
+                Some(tx) => Ok(tx.blocking_send(Event::Signal(values)).is_ok()),
+                None => Ok(false),
+            }
+        })?,
+    )?;
+    lua.globals().set("thread", t)?;
+    lua.globals().set(
+        "print",
+        lua.create_function(|_, args: MultiValue| {
+            let parts: Vec<String> = args.iter().map(|v| v.to_string().unwrap_or_default()).collect();
+            log::info!(target: "thread", "{}", parts.join("\t"));
+            Ok(())
+        })?,
+    )?;
+    Ok(lua)
+}
+
+/// The calling instance's side of one job: callback, and events not yet delivered.
+struct Handle {
+    cb: RefCell<Option<Function>>,
+    pending: RefCell<VecDeque<Event>>,
+    pumping: std::cell::Cell<bool>,
+}
+
+/// Delivers pending events to the callback, one at a time and in order.
+fn pump(lua: &Lua, h: &Rc<Handle>) {
+    if h.pumping.get() || h.cb.borrow().is_none() || h.pending.borrow().is_empty() {
+        return;
+    }
+    h.pumping.set(true);
+    let (lua, h) = (lua.clone(), h.clone());
+    tokio::task::spawn_local(async move {
+        loop {
+            let Some(ev) = h.pending.borrow_mut().pop_front() else {
+                break;
+            };
+            let Some(cb) = h.cb.borrow().clone() else { break };
+            let args = match ev {
+                Event::Signal(v) | Event::Done(Ok(v)) => value::to_lua_multi(&lua, &v),
+                Event::Done(Err(msg)) => lua
+                    .create_string(&msg)
+                    .map(|s| MultiValue::from_iter([Value::Nil, Value::String(s)])),
+            };
+            match args {
+                Ok(args) => {
+                    call_callback(&lua, "thread waitfor callback", &cb, args).await;
+                }
+                Err(e) => log::error!(target: &ctx(&lua).name, "thread.new result: {e}"),
+            }
+        }
+        h.pumping.set(false);
+    });
+}
+
+pub fn open(lua: &Lua) -> mlua::Result<Table> {
+    let t = lua.create_table()?;
+    t.set("new", lua.create_function(new)?)?;
+    t.set(
+        "signal",
+        lua.create_function(|_, _: MultiValue| -> mlua::Result<()> {
+            Err(mlua::Error::runtime(
+                "thread.signal: only a function run by thread.new can signal",
+            ))
+        })?,
+    )?;
+    Ok(t)
+}
+
+/// `thread.new(f, ...)` → an object whose `.waitfor(cb)` receives `f`'s results.
+fn new(lua: &Lua, (f, args): (Function, MultiValue)) -> mlua::Result<Table> {
+    let c = ctx(lua);
+    let err = |e: String| mlua::Error::runtime(format!("thread.new: {e}"));
+    let Sent::Function(code) =
+        value::from_lua(lua, &Value::Function(f), "arg 1").map_err(|e| err(e.to_string()))?
+    else {
+        return Err(err("expected a function".into()));
+    };
+    let args = value::from_lua_multi(lua, args, "arg", 2).map_err(|e| err(e.to_string()))?;
+    let pool = c
+        .node
+        .threads
+        .get_or_init(|| Pool::start(c.node.config.workers, c.node.config.queue));
+    let (tx, mut rx) = mpsc::channel(64);
+    match pool.jobs.try_send(Job {
+        code,
+        args,
+        events: tx,
+    }) {
+        Ok(()) => {}
+        Err(TrySendError::Full(_)) => {
+            return Err(err(format!(
+                "the blocking pool's queue is full ({} jobs waiting, #threads[1])",
+                pool.queue
+            )))
+        }
+        Err(TrySendError::Disconnected(_)) => return Err(err("the blocking pool has stopped".into())),
+    }
+    let h = Rc::new(Handle {
+        cb: RefCell::new(None),
+        pending: RefCell::new(VecDeque::new()),
+        pumping: std::cell::Cell::new(false),
+    });
+    {
+        let (lua, h) = (lua.clone(), h.clone());
+        tokio::task::spawn_local(async move {
+            while let Some(ev) = rx.recv().await {
+                h.pending.borrow_mut().push_back(ev);
+                pump(&lua, &h);
+            }
+        });
+    }
+    let obj = lua.create_table()?;
+    let h2 = h.clone();
+    let this = obj.clone();
+    obj.set(
+        "waitfor",
+        lua.create_function(move |lua, args: MultiValue| {
+            // Both `obj.waitfor(cb)` and `obj:waitfor(cb)` work.
+            let cb = args.iter().find_map(|v| match v {
+                Value::Function(f) => Some(f.clone()),
+                _ => None,
+            });
+            let Some(cb) = cb else {
+                return Err(mlua::Error::runtime("waitfor: expected a callback function"));
+            };
+            *h2.cb.borrow_mut() = Some(cb);
+            pump(lua, &h2);
+            Ok(this.clone())
+        })?,
+    )?;
+    Ok(obj)
+}
+
+/// Installs `_SANDBOX`: `_SANDBOX[""] = {"*NAME", ...}` makes global `NAME` shared by all
+/// instances of the process. The names live in `NodeShared::sandbox`; each read of such a
+/// global gets a fresh copy of the latest value, each assignment replaces it.
+pub fn install_sandbox(lua: &Lua) -> mlua::Result<()> {
+    let shared: Rc<RefCell<HashSet<String>>> = Rc::new(RefCell::new(HashSet::new()));
+    let sandbox = lua.create_table()?;
+    let meta = lua.create_table()?;
+    let names = shared.clone();
+    meta.set(
+        "__index",
+        lua.create_function(move |lua, (_, k): (Table, Value)| {
+            if matches!(&k, Value::String(s) if s.as_bytes().is_empty()) {
+                let mut list: Vec<String> = names.borrow().iter().map(|n| format!("*{n}")).collect();
+                list.sort();
+                return Ok(Value::Table(lua.create_sequence_from(list)?));
+            }
+            Ok(Value::Nil)
+        })?,
+    )?;
+    let names = shared.clone();
+    meta.set(
+        "__newindex",
+        lua.create_function(move |lua, (t, k, v): (Table, Value, Value)| {
+            if !matches!(&k, Value::String(s) if s.as_bytes().is_empty()) {
+                return t.raw_set(k, v);
+            }
+            let Value::Table(list) = v else {
+                return Err(mlua::Error::runtime("_SANDBOX[\"\"]: expected a list of \"*NAME\" strings"));
+            };
+            for entry in list.sequence_values::<String>() {
+                let entry = entry?;
+                let Some(name) = entry.strip_prefix('*').filter(|n| !n.is_empty()) else {
+                    return Err(mlua::Error::runtime(format!(
+                        "_SANDBOX[\"\"]: expected \"*NAME\" (a global shared by all instances), got \"{entry}\""
+                    )));
+                };
+                share_global(lua, &names, name)?;
+            }
+            Ok(())
+        })?,
+    )?;
+    sandbox.set_metatable(Some(meta))?;
+    lua.globals().set("_SANDBOX", sandbox)?;
+    Ok(())
+}
+
+/// Makes global `name` shared: a value already set here is committed unless another
+/// instance committed one first; the global then lives only in the node-wide store.
+fn share_global(lua: &Lua, names: &Rc<RefCell<HashSet<String>>>, name: &str) -> mlua::Result<()> {
+    let globals = lua.globals();
+    let first = names.borrow().is_empty();
+    if !names.borrow_mut().insert(name.to_string()) {
+        return Ok(());
+    }
+    let node = ctx(lua).node.clone();
+    let current: Value = globals.raw_get(name)?;
+    if !current.is_nil() {
+        let v = value::from_lua(lua, &current, &format!("global {name}"))
+            .map_err(|e| mlua::Error::runtime(format!("_SANDBOX: {e}")))?;
+        node.sandbox
+            .lock()
+            .expect("sandbox")
+            .entry(name.to_string())
+            .or_insert(v);
+        globals.raw_set(name, Value::Nil)?;
+    }
+    if !first {
+        return Ok(());
+    }
+    // The globals table gets (or extends) a metatable that routes shared names to the store
+    // and everything else to what was there before (e.g. a strict-mode __index).
+    let meta = match globals.metatable() {
+        Some(m) => m,
+        None => {
+            let m = lua.create_table()?;
+            globals.set_metatable(Some(m.clone()))?;
+            m
+        }
+    };
+    let old_index: Value = meta.raw_get("__index")?;
+    let old_newindex: Value = meta.raw_get("__newindex")?;
+    let (n1, node1) = (names.clone(), node.clone());
+    meta.raw_set(
+        "__index",
+        lua.create_function(move |lua, (t, k): (Table, Value)| {
+            if let Value::String(s) = &k {
+                let key = s.to_str()?.to_string();
+                if n1.borrow().contains(&key) {
+                    let v = node1.sandbox.lock().expect("sandbox").get(&key).cloned();
+                    return match v {
+                        Some(v) => value::to_lua(lua, &v),
+                        None => Ok(Value::Nil),
+                    };
+                }
+            }
+            match &old_index {
+                Value::Function(f) => f.call::<Value>((t, k)),
+                Value::Table(o) => o.get::<Value>(k),
+                _ => Ok(Value::Nil),
+            }
+        })?,
+    )?;
+    let n2 = names.clone();
+    meta.raw_set(
+        "__newindex",
+        lua.create_function(move |lua, (t, k, v): (Table, Value, Value)| {
+            if let Value::String(s) = &k {
+                let key = s.to_str()?.to_string();
+                if n2.borrow().contains(&key) {
+                    let mut store = node.sandbox.lock().expect("sandbox");
+                    if v.is_nil() {
+                        store.remove(&key);
+                    } else {
+                        let sent = value::from_lua(lua, &v, &format!("global {key}"))
+                            .map_err(|e| mlua::Error::runtime(e.to_string()))?;
+                        store.insert(key, sent);
+                    }
+                    return Ok(());
+                }
+            }
+            match &old_newindex {
+                Value::Function(f) => f.call::<()>((t, k, v)),
+                Value::Table(o) => o.set(k, v),
+                _ => t.raw_set(k, v),
+            }
+        })?,
+    )?;
+    Ok(())
+}
