@@ -1,6 +1,7 @@
 //! The broker: Lua scenarios under tests/lua/broker/, and tests that drive a node from
 //! outside with clients no one here wrote (Python's `bson`, `nc`) and raw sockets.
 
+#[macro_use]
 mod harness;
 
 use harness::{stage_bin, wait_with_output, TestHome};
@@ -8,12 +9,6 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-macro_rules! scenarios {
-    ($($name:ident => $path:literal,)*) => {
-        $(#[test] fn $name() { harness::run_scenario($path); })*
-    };
-}
 
 scenarios! {
     broker_join_api => "broker/join_api.lua",

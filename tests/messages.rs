@@ -1,13 +1,8 @@
 //! Messages between instances (stage.waitfor / signal / request), thread.new and _SANDBOX:
 //! one test per Lua scenario under tests/lua/messages/ and tests/lua/thread/.
 
+#[macro_use]
 mod harness;
-
-macro_rules! scenarios {
-    ($($name:ident => $path:literal,)*) => {
-        $(#[test] fn $name() { harness::run_scenario($path); })*
-    };
-}
 
 scenarios! {
     messages_targets => "messages/targets.lua",

@@ -1,12 +1,7 @@
 //! One test per Lua scenario under tests/lua/ (see tests/harness/mod.rs for the rules).
 
+#[macro_use]
 mod harness;
-
-macro_rules! scenarios {
-    ($($name:ident => $path:literal,)*) => {
-        $(#[test] fn $name() { harness::run_scenario($path); })*
-    };
-}
 
 scenarios! {
     stage_search_path => "stage/search_path.lua",

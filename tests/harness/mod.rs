@@ -50,6 +50,15 @@ function read(path)
 end
 "#;
 
+/// One `#[test]` per scenario: `scenarios! { name => "module/case.lua", }`
+/// (use with `#[macro_use] mod harness;`).
+#[allow(unused_macros)]
+macro_rules! scenarios {
+    ($($name:ident => $path:literal,)*) => {
+        $(#[test] fn $name() { harness::run_scenario($path); })*
+    };
+}
+
 /// The built binary under test.
 pub fn stage_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_stage"))
