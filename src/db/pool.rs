@@ -2,6 +2,9 @@
 //!
 //! `Executor`: a fixed set of worker threads (`#threads[0]`) that run every blocking ODBC
 //! call; an instance awaits the result, so its Lua coroutine yields and its thread stays free.
+//! Jobs wait in one queue (mutex + condvar); a worker that finds the executor idle after its
+//! job spins briefly (`WORKER_SPIN`, yielding its core to any thread that wants it) for the
+//! next one, so a coroutine querying in a loop does not pay a worker wake-up per query.
 //! `Pool`: one per connection string, at most `size` connections checked out at once (a
 //! semaphore; waiters queue without holding a thread), idle connections evicted after
 //! `IDLE_EVICT`, and a health check on checkout so that a database that went away and came
@@ -9,9 +12,9 @@
 
 use super::{ConnSpec, DbError, Result};
 use odbc_api::{Connection, ConnectionOptions, Environment};
-use std::collections::HashMap;
-use std::sync::mpsc;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -20,41 +23,133 @@ pub const IDLE_EVICT: Duration = Duration::from_secs(60);
 /// An idle connection older than this is pinged (`SELECT 1`) before it is handed out.
 pub const PING_AFTER: Duration = Duration::from_secs(1);
 
-type Job = Box<dyn FnOnce() + Send>;
+/// A job gets the queue to report itself finished (`Queue::done`) before it hands out its
+/// result, so that the caller's next call already sees it gone.
+type Job = Box<dyn FnOnce(&Queue) + Send>;
+
+/// How long a worker that just finished a job keeps looking for the next one before it
+/// parks: a query submitted meanwhile starts without a thread wake-up.
+pub const WORKER_SPIN: Duration = Duration::from_micros(50);
+
+/// The jobs waiting for a worker, and which workers are looking for one.
+struct Queue {
+    jobs: Mutex<VecDeque<Job>>,
+    ready: Condvar,
+    /// Jobs in `jobs`, readable without the lock (for spinning workers).
+    pending: AtomicUsize,
+    /// Workers spinning for the next job (at most `max_spinners`); changed under the lock.
+    spinning: AtomicUsize,
+    /// Workers parked on `ready`; changed under the lock.
+    sleeping: AtomicUsize,
+    /// Jobs submitted and not finished yet (queued or running).
+    in_flight: AtomicUsize,
+    max_spinners: usize,
+    spin: Duration,
+}
+
+impl Queue {
+    fn push(&self, job: Job) {
+        let mut jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
+        jobs.push_back(job);
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        let pending = self.pending.fetch_add(1, Ordering::SeqCst) + 1;
+        // A spinning worker takes one job; wake a parked one only for jobs beyond that.
+        let wake = pending > self.spinning.load(Ordering::SeqCst) && self.sleeping.load(Ordering::SeqCst) > 0;
+        drop(jobs);
+        if wake {
+            self.ready.notify_one();
+        }
+    }
+
+    fn done(&self) {
+        self.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    fn try_pop(&self, jobs: &mut VecDeque<Job>) -> Option<Job> {
+        let job = jobs.pop_front()?;
+        self.pending.fetch_sub(1, Ordering::SeqCst);
+        Some(job)
+    }
+
+    /// The next job: spins for `spin` when no other worker is spinning, then parks.
+    fn next(&self) -> Job {
+        let mut jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(job) = self.try_pop(&mut jobs) {
+            return job;
+        }
+        // Spin only while the executor is otherwise idle: then a core is likely free (one
+        // coroutine querying in a loop); when other jobs run, their threads (and the
+        // database server's) need the CPU more than this worker needs a fast start.
+        if !self.spin.is_zero()
+            && self.in_flight.load(Ordering::SeqCst) == 0
+            && self.spinning.load(Ordering::SeqCst) < self.max_spinners
+        {
+            self.spinning.fetch_add(1, Ordering::SeqCst);
+            drop(jobs);
+            let deadline = Instant::now() + self.spin;
+            loop {
+                for _ in 0..64 {
+                    if self.pending.load(Ordering::SeqCst) > 0 {
+                        break;
+                    }
+                    std::hint::spin_loop();
+                }
+                if self.pending.load(Ordering::SeqCst) > 0 || Instant::now() >= deadline {
+                    break;
+                }
+                // Gives the core away when another thread wants it (a busy machine).
+                std::thread::yield_now();
+            }
+            jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
+            self.spinning.fetch_sub(1, Ordering::SeqCst);
+        }
+        loop {
+            if let Some(job) = self.try_pop(&mut jobs) {
+                return job;
+            }
+            self.sleeping.fetch_add(1, Ordering::SeqCst);
+            jobs = self.ready.wait(jobs).unwrap_or_else(|e| e.into_inner());
+            self.sleeping.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
 
 /// The bounded pool of threads that run blocking ODBC calls.
 pub struct Executor {
-    // The sender is behind a mutex only to make the executor `Sync`; sending never blocks.
-    tx: Mutex<mpsc::Sender<Job>>,
+    queue: Arc<Queue>,
     threads: usize,
 }
 
 impl Executor {
     pub fn new(threads: usize) -> Executor {
+        Executor::with_spin(threads, WORKER_SPIN)
+    }
+
+    /// An executor whose idle workers spin for `spin` before parking (zero: park at once).
+    pub fn with_spin(threads: usize, spin: Duration) -> Executor {
         let threads = threads.max(1);
-        let (tx, rx) = mpsc::channel::<Job>();
-        let rx = Arc::new(Mutex::new(rx));
+        let queue = Arc::new(Queue {
+            jobs: Mutex::new(VecDeque::new()),
+            ready: Condvar::new(),
+            pending: AtomicUsize::new(0),
+            spinning: AtomicUsize::new(0),
+            sleeping: AtomicUsize::new(0),
+            in_flight: AtomicUsize::new(0),
+            // One spinner is enough to pick up the next job at once; more would take CPU
+            // from the threads running queries (and from a local database server).
+            max_spinners: 1,
+            spin,
+        });
         for i in 0..threads {
-            let rx = rx.clone();
+            let queue = queue.clone();
             std::thread::Builder::new()
                 .name(format!("odbc-{i}"))
                 .spawn(move || loop {
-                    // The lock is held only while taking the next job, never while running it.
-                    let job = match rx.lock() {
-                        Ok(rx) => rx.recv(),
-                        Err(_) => return,
-                    };
-                    match job {
-                        Ok(job) => job(),
-                        Err(_) => return,
-                    }
+                    (queue.next())(&queue);
                 })
                 .expect("spawn an odbc worker thread");
         }
-        Executor {
-            tx: Mutex::new(tx),
-            threads,
-        }
+        Executor { queue, threads }
     }
 
     /// The process-wide executor; the first caller's size wins (`#threads[0]`).
@@ -70,22 +165,24 @@ impl Executor {
     /// Runs `f` on a worker thread and waits for it without blocking the caller's thread.
     pub async fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        self.spawn(move || {
-            let _ = tx.send(f());
-        });
+        self.queue.push(Box::new(move |q: &Queue| {
+            // A panic in a driver call must not take the worker thread with it.
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+            q.done();
+            if let Ok(v) = r {
+                let _ = tx.send(v);
+            }
+        }));
         rx.await
             .map_err(|_| DbError::other("an odbc worker thread failed while running the call"))
     }
 
     /// Runs `f` on a worker thread without waiting for it.
     pub fn spawn(&self, f: impl FnOnce() + Send + 'static) {
-        let job: Job = Box::new(move || {
-            // A panic in a driver call must not take the worker thread with it.
+        self.queue.push(Box::new(move |q: &Queue| {
             let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
-        });
-        if let Ok(tx) = self.tx.lock() {
-            let _ = tx.send(job);
-        }
+            q.done();
+        }));
     }
 }
 
@@ -316,6 +413,38 @@ mod tests {
             1,
             "the worker thread is still there"
         );
+    }
+
+    #[tokio::test]
+    async fn jobs_beyond_the_spinning_worker_wake_parked_workers() {
+        // Two workers, one of them spinning at most: four slow jobs at once must still run
+        // two at a time (no job waits for the spinner when a parked worker is free).
+        let exec: &'static Executor = Box::leak(Box::new(Executor::with_spin(2, Duration::from_millis(20))));
+        let started = Instant::now();
+        let slow = || exec.run(|| std::thread::sleep(Duration::from_millis(100)));
+        let (a, b, c, d) = tokio::join!(slow(), slow(), slow(), slow());
+        for r in [a, b, c, d] {
+            r.unwrap();
+        }
+        let took = started.elapsed();
+        assert!(took >= Duration::from_millis(200), "{took:?}");
+        assert!(
+            took < Duration::from_millis(390),
+            "two workers ran in parallel: {took:?}"
+        );
+        assert_eq!(exec.queue.in_flight.load(Ordering::SeqCst), 0);
+        assert_eq!(exec.queue.pending.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn a_spinning_worker_takes_the_next_job_and_the_results_are_right() {
+        let exec: &'static Executor = Box::leak(Box::new(Executor::with_spin(1, Duration::from_millis(5))));
+        for i in 0..2000u64 {
+            assert_eq!(exec.run(move || i * 2).await.unwrap(), i * 2);
+        }
+        let e = exec.run(|| -> i32 { panic!("driver bug") }).await.unwrap_err();
+        assert!(e.to_string().contains("worker thread failed"), "{e}");
+        assert_eq!(exec.queue.in_flight.load(Ordering::SeqCst), 0);
     }
 
     /// Needs the SQLite ODBC driver (scripts/setup installs it).
