@@ -115,6 +115,12 @@ fn lua_err(e: DbError) -> mlua::Error {
 
 /// A Lua value as a database value.
 pub fn to_db(v: &LuaValue, what: &str) -> mlua::Result<db::Value> {
+    to_db_named(v, || what.to_string())
+}
+
+/// `to_db` that names the value (`what`) only when it cannot be stored, so that converting
+/// a query's parameters formats nothing.
+fn to_db_named(v: &LuaValue, what: impl FnOnce() -> String) -> mlua::Result<db::Value> {
     Ok(match v {
         LuaValue::Nil => db::Value::Null,
         LuaValue::LightUserData(p) if p.0.is_null() => db::Value::Null,
@@ -132,7 +138,8 @@ pub fn to_db(v: &LuaValue, what: &str) -> mlua::Result<db::Value> {
         }
         other => {
             return Err(mlua::Error::RuntimeError(format!(
-                "odbc: {what}: cannot store a {} in the database",
+                "odbc: {}: cannot store a {} in the database",
+                what(),
                 other.type_name()
             )))
         }
@@ -272,8 +279,8 @@ fn parse_statement(sql: LuaValue) -> mlua::Result<(String, Vec<char>)> {
             let sql: String = t.get(1)?;
             let mut letters = Vec::new();
             for i in 2..=t.raw_len() {
-                let l: String = t.get(i)?;
-                for c in l.chars() {
+                let l: mlua::String = t.get(i)?;
+                for c in l.to_str()?.chars() {
                     if !db::session::LETTERS.contains(c) {
                         return Err(mlua::Error::RuntimeError(format!(
                             "odbc: unknown parameter type '{c}' (expected one of {})",
@@ -297,7 +304,7 @@ fn params_of(letters: &[char], args: &MultiValue) -> mlua::Result<Vec<Param>> {
         .enumerate()
         .map(|(i, v)| {
             Ok(Param {
-                value: to_db(v, &format!("parameter {}", i + 1))?,
+                value: to_db_named(v, || format!("parameter {}", i + 1))?,
                 letter: letters.get(i).copied(),
             })
         })
@@ -380,8 +387,8 @@ fn raw_functions(lua: &Lua) -> mlua::Result<Table> {
                 let a = adapter_of(&h)?;
                 let (sql, letters) = parse_statement(sql)?;
                 let params = params_of(&letters, &args)?;
-                let text = sql.clone();
-                let result = a.run(move |s| s.execute(&text, &params)).await?;
+                // The SQL goes to the worker and comes back with the result (no copy).
+                let (result, sql) = a.run(move |s| Ok((s.execute(&sql, &params)?, sql))).await?;
                 let affected = result.affected;
                 let rs = Resultset {
                     adapter: a,
@@ -769,4 +776,39 @@ async fn apply(
         log.raw_push(entry)?;
     }
     Ok((ai, log))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parameters_convert_and_a_bad_one_is_named_by_its_position() {
+        let lua = Lua::new();
+        let args = MultiValue::from_vec(vec![
+            LuaValue::Integer(7),
+            LuaValue::String(lua.create_string("kim").unwrap()),
+            LuaValue::Table(lua.create_table().unwrap()),
+        ]);
+        let e = params_of(&['i'], &args).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "runtime error: odbc: parameter 3: cannot store a table in the database"
+        );
+        let ok = params_of(&['i'], &MultiValue::from_vec(args.into_iter().take(2).collect())).unwrap();
+        assert_eq!(ok[0].value, db::Value::Int(7));
+        assert_eq!(ok[0].letter, Some('i'));
+        assert_eq!(ok[1].value, db::Value::Text("kim".into()));
+        assert_eq!(ok[1].letter, None);
+        let e = to_db(
+            &LuaValue::Function(lua.create_function(|_, ()| Ok(())).unwrap()),
+            "key",
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .ends_with("odbc: key: cannot store a function in the database"),
+            "{e}"
+        );
+    }
 }
