@@ -45,7 +45,14 @@ struct Queue {
     in_flight: AtomicUsize,
     max_spinners: usize,
     spin: Duration,
+    /// Idle moments left in which workers park without spinning, after a spin that found
+    /// nothing (the caller takes longer than `spin` to come back, e.g. a busy machine).
+    skip_spins: AtomicUsize,
 }
+
+/// After a spin that found no job, this many idle moments park without spinning; then a
+/// spin is tried again.
+const SKIP_AFTER_MISS: usize = 16;
 
 impl Queue {
     fn push(&self, job: Job) {
@@ -59,6 +66,13 @@ impl Queue {
         if wake {
             self.ready.notify_one();
         }
+    }
+
+    /// Whether this idle moment should park at once (counts down the skips after a miss).
+    fn skip_spin(&self) -> bool {
+        self.skip_spins
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
     }
 
     fn done(&self) {
@@ -83,6 +97,7 @@ impl Queue {
         if !self.spin.is_zero()
             && self.in_flight.load(Ordering::SeqCst) == 0
             && self.spinning.load(Ordering::SeqCst) < self.max_spinners
+            && !self.skip_spin()
         {
             self.spinning.fetch_add(1, Ordering::SeqCst);
             drop(jobs);
@@ -102,6 +117,10 @@ impl Queue {
             }
             jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
             self.spinning.fetch_sub(1, Ordering::SeqCst);
+            if jobs.is_empty() {
+                // Spinning wasted the core: do without it for a while.
+                self.skip_spins.store(SKIP_AFTER_MISS, Ordering::SeqCst);
+            }
         }
         loop {
             if let Some(job) = self.try_pop(&mut jobs) {
@@ -139,6 +158,7 @@ impl Executor {
             // from the threads running queries (and from a local database server).
             max_spinners: 1,
             spin,
+            skip_spins: AtomicUsize::new(0),
         });
         for i in 0..threads {
             let queue = queue.clone();
@@ -445,6 +465,36 @@ mod tests {
         let e = exec.run(|| -> i32 { panic!("driver bug") }).await.unwrap_err();
         assert!(e.to_string().contains("worker thread failed"), "{e}");
         assert_eq!(exec.queue.in_flight.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn a_spin_that_finds_nothing_turns_spinning_off_for_a_while() {
+        let exec: &'static Executor = Box::leak(Box::new(Executor::with_spin(1, Duration::from_micros(200))));
+        let q = &exec.queue;
+        // A new worker is idle too: let it spin, miss and park, then start from no skips.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while q.sleeping.load(Ordering::SeqCst) == 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        q.skip_spins.store(0, Ordering::SeqCst);
+        exec.run(|| ()).await.unwrap();
+        // The worker spins for 200 us after the job, finds nothing and parks.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while q.sleeping.load(Ordering::SeqCst) == 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(q.skip_spins.load(Ordering::SeqCst), SKIP_AFTER_MISS);
+        // The next idle moments park without spinning, counting the skips down.
+        exec.run(|| ()).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while q.skip_spins.load(Ordering::SeqCst) == SKIP_AFTER_MISS && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(q.skip_spins.load(Ordering::SeqCst), SKIP_AFTER_MISS - 1);
+        for _ in 0..SKIP_AFTER_MISS * 2 {
+            q.skip_spin();
+        }
+        assert_eq!(q.skip_spins.load(Ordering::SeqCst), 0, "the count stops at zero");
     }
 
     /// Needs the SQLite ODBC driver (scripts/setup installs it).
