@@ -227,10 +227,16 @@ impl InstanceCtx {
     }
 }
 
+/// Finished coroutines kept for reuse per instance.
+const THREAD_POOL: usize = 128;
+
 /// Creates the Lua state of an instance with every stage module registered.
 fn new_state(node: &Arc<NodeShared>, spec: &InstanceSpec, number: usize) -> mlua::Result<Lua> {
     // The debug library is loaded on purpose: tracebacks and tools such as StackTracePlus need it.
-    let lua = unsafe { Lua::unsafe_new_with(StdLib::ALL, LuaOptions::new()) };
+    // Coroutines of finished callbacks (message handlers, `stage.submit`, ...) are reset
+    // and reused instead of being created and collected per call (`scripts/bench messages`).
+    let options = LuaOptions::new().thread_pool_size(THREAD_POOL);
+    let lua = unsafe { Lua::unsafe_new_with(StdLib::ALL, options) };
     // Every async call (stage.request, stage.sleep, ...) leaves a small userdata with a
     // finalizer that owns its Rust future. The default incremental collector falls behind
     // such garbage under load (hundreds of MB after 10^5 requests, `scripts/bench messages`);
