@@ -108,14 +108,27 @@ pub async fn call_callback(
     f: &Function,
     args: impl IntoLuaMulti,
 ) -> Option<MultiValue> {
-    let result = match xpcall_runner(lua) {
-        Ok(runner) => {
-            let mut all = args.into_lua_multi(lua).ok()?;
-            all.push_front(Value::Function(f.clone()));
-            runner.call_async::<MultiValue>(all).await
+    let runner = match xpcall_runner(lua) {
+        Ok(runner) => runner,
+        Err(e) => {
+            log::error!(target: &ctx(lua).name, "error in {what}: {}", crate::script_error::format(&e));
+            return None;
         }
-        Err(e) => Err(e),
     };
+    let mut all = args.into_lua_multi(lua).ok()?;
+    all.push_front(Value::Function(f.clone()));
+    run_callback(lua, what, &runner, all).await
+}
+
+/// `call_callback` for hot paths: `runner` is `xpcall_runner(lua)`, fetched once, and
+/// `f_args` is the function followed by its arguments.
+pub async fn run_callback(
+    lua: &Lua,
+    what: &str,
+    runner: &Function,
+    f_args: MultiValue,
+) -> Option<MultiValue> {
+    let result = runner.call_async::<MultiValue>(f_args).await;
     match result {
         Ok(mut rets) => match rets.pop_front() {
             Some(Value::Boolean(true)) => Some(rets),

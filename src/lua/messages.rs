@@ -3,7 +3,7 @@
 //! messages to its handlers. Targets, lookup order and delivery are in `router.rs`; value
 //! copying in `value.rs`.
 
-use crate::instance::{call_callback, ctx};
+use crate::instance::{call_callback, ctx, run_callback, InstanceCtx};
 use crate::router::{self, Message, ReplyTo, Scope, SenderInfo, Target};
 use crate::value;
 use mlua::{Function, Lua, MultiValue, Table, UserData, Value};
@@ -397,12 +397,22 @@ async fn request(
 #[allow(clippy::await_holding_refcell_ref)]
 pub async fn serve(lua: Lua, inbox: Rc<RefCell<router::Inbox>>) {
     let mut inbox = inbox.borrow_mut();
+    // Looked up once rather than per message.
+    let m = messages(&lua);
+    let c = ctx(&lua);
+    let runner = match crate::instance::xpcall_runner(&lua) {
+        Ok(r) => r,
+        Err(e) => {
+            log::error!(target: &c.name, "cannot serve messages: {e}");
+            return;
+        }
+    };
     while let Some(msg) = inbox.recv().await {
-        let mut call = match dispatch(&lua, msg) {
+        let mut call = match dispatch(&lua, &m, &c, &runner, msg) {
             Ok(Some(call)) => call,
             Ok(None) => continue,
             Err(e) => {
-                log::error!(target: &ctx(&lua).name, "cannot deliver a message: {e}");
+                log::error!(target: &c.name, "cannot deliver a message: {e}");
                 continue;
             }
         };
@@ -419,43 +429,53 @@ pub async fn serve(lua: Lua, inbox: Rc<RefCell<router::Inbox>>) {
 type HandlerCall = std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>;
 
 /// Prepares the handler call for `msg`; `None` when it was answered already (no handler).
-fn dispatch(lua: &Lua, msg: Message) -> mlua::Result<Option<HandlerCall>> {
-    let m = messages(lua);
+fn dispatch(
+    lua: &Lua,
+    m: &Rc<Messages>,
+    c: &Rc<InstanceCtx>,
+    runner: &Function,
+    msg: Message,
+) -> mlua::Result<Option<HandlerCall>> {
     let found = {
         let handlers = m.handlers.borrow();
         router::lookup(&handlers, &msg.id).map(|(_, h)| h.clone())
     };
-    let router = &ctx(lua).node.router;
+    let router = &c.node.router;
     let Some(h) = found else {
-        log::warn!(target: &ctx(lua).name, "no handler for message '{}' (dropped)", msg.id);
+        log::warn!(target: &c.name, "no handler for message '{}' (dropped)", msg.id);
         if let Some(to) = msg.reply {
             router.reply(to, m.me.clone(), Err(format!("no handler for '{}'", msg.id)));
         }
         return Ok(None);
     };
-    let values = match value::to_lua_multi(lua, &msg.values) {
-        Ok(v) => v,
-        Err(e) => {
-            if let Some(to) = msg.reply {
-                router.reply(
-                    to,
-                    m.me.clone(),
-                    Err(format!("cannot receive message '{}': {e}", msg.id)),
-                );
+    // `run(call, f, bound..., values...)`, built in one go.
+    let mut all = MultiValue::with_capacity(3 + h.bound.len() + msg.values.len());
+    all.push_back(Value::Function(m.run.clone()));
+    all.push_back(Value::Nil);
+    all.push_back(Value::Function(h.f.clone()));
+    all.extend(h.bound.iter().cloned());
+    for v in &msg.values {
+        match value::to_lua(lua, v) {
+            Ok(v) => all.push_back(v),
+            Err(e) => {
+                if let Some(to) = msg.reply {
+                    router.reply(
+                        to,
+                        m.me.clone(),
+                        Err(format!("cannot receive message '{}': {e}", msg.id)),
+                    );
+                }
+                return Err(e);
             }
-            return Err(e);
         }
-    };
+    }
     let has_route = msg.reply.is_some();
     let call = lua.create_userdata(Call::new(h.hid.clone(), msg.id, msg.from, msg.reply))?;
     let route = has_route.then(|| call.clone());
-    let mut all = MultiValue::from_iter([Value::UserData(call), Value::Function(h.f.clone())]);
-    all.extend(h.bound.iter().cloned());
-    all.extend(values);
-    let lua = lua.clone();
-    let run = m.run.clone();
+    all[1] = Value::UserData(call);
+    let (lua, m, c, runner) = (lua.clone(), m.clone(), c.clone(), runner.clone());
     Ok(Some(Box::pin(async move {
-        let rets = call_callback(&lua, &h.what, &run, all).await;
+        let rets = run_callback(&lua, &h.what, &runner, all).await;
         let Some(route) = route else { return };
         let Ok(route) = route.borrow::<Call>() else {
             return;
@@ -465,11 +485,14 @@ fn dispatch(lua: &Lua, msg: Message) -> mlua::Result<Option<HandlerCall>> {
             Some(rets) if rets.is_empty() && route.kept.get() => return,
             Some(rets) => value::from_lua_multi(&lua, rets, "return", 1).map_err(|e| {
                 let msg = format!("{}: {e}", h.what);
-                log::error!(target: &ctx(&lua).name, "{msg}");
+                log::error!(target: &c.name, "{msg}");
                 msg
             }),
             None => Err(format!("error in {}", h.what)),
         };
-        send_reply(&lua, &route, reply);
+        let to = route.to.borrow_mut().take();
+        if let Some(to) = to {
+            c.node.router.reply(to, m.me.clone(), reply);
+        }
     })))
 }
