@@ -97,6 +97,53 @@ fn call_field(lua: &Lua, (ud, k): (mlua::AnyUserData, Value)) -> mlua::Result<Va
     })
 }
 
+/// Parsed targets of one instance, by target string: scripts send to a few fixed targets,
+/// so most sends skip parsing. Bounded: cleared when it reaches `TARGET_CACHE` entries.
+struct TargetCache {
+    own_stage: String,
+    map: RefCell<HashMap<String, Rc<Target>>>,
+}
+
+const TARGET_CACHE: usize = 256;
+
+impl TargetCache {
+    fn new(own_stage: &str) -> TargetCache {
+        TargetCache {
+            own_stage: own_stage.to_string(),
+            map: RefCell::new(HashMap::new()),
+        }
+    }
+
+    /// `Target::parse(target, own_stage)`; errors are not cached.
+    fn get(&self, target: &str) -> Result<Rc<Target>, router::TargetError> {
+        if let Some(t) = self.map.borrow().get(target) {
+            return Ok(t.clone());
+        }
+        let t = Rc::new(Target::parse(target, &self.own_stage)?);
+        let mut map = self.map.borrow_mut();
+        if map.len() >= TARGET_CACHE {
+            map.clear();
+        }
+        map.insert(target.to_string(), t.clone());
+        Ok(t)
+    }
+}
+
+/// What `stage.signal` and `stage.request` need, captured by them once (no app data
+/// lookups per message). Holds no Lua values, so capturing it makes no cycle.
+struct Out {
+    node: Arc<crate::node::NodeShared>,
+    number: usize,
+    me: Arc<SenderInfo>,
+    targets: TargetCache,
+}
+
+impl Out {
+    fn target(&self, target: &str) -> mlua::Result<Rc<Target>> {
+        self.targets.get(target).map_err(|e| rt_err(e.to_string()))
+    }
+}
+
 fn messages(lua: &Lua) -> Rc<Messages> {
     lua.app_data_ref::<Rc<Messages>>()
         .expect("stage.open registers messages")
@@ -146,7 +193,15 @@ pub fn register(lua: &Lua, stage: &Table) -> mlua::Result<()> {
     let weak = lua.create_table()?;
     weak.set("__mode", "k")?;
     contexts.set_metatable(Some(weak))?;
-    let raw_signal = lua.create_function(signal)?;
+    let me = Arc::new(c.node.router.sender(c.number));
+    let out = Rc::new(Out {
+        node: c.node.clone(),
+        number: c.number,
+        me: me.clone(),
+        targets: TargetCache::new(&c.stage_id),
+    });
+    let o = out.clone();
+    let raw_signal = lua.create_function(move |lua, args| signal(lua, &o, args))?;
     let sync_signal = lua.create_async_function(|lua, (target, args): (String, MultiValue)| async move {
         let n = match sync_call(&lua, &target, args).await? {
             Some(_) => 1,
@@ -165,12 +220,15 @@ pub fn register(lua: &Lua, stage: &Table) -> mlua::Result<()> {
         handlers: RefCell::new(HashMap::new()),
         contexts,
         run,
-        me: Arc::new(c.node.router.sender(c.number)),
+        me,
     }));
     lua.globals().set("_WAITFOR", waitfor_proxy)?;
     stage.set("waitfor", lua.create_function(waitfor)?)?;
     stage.set("signal", signal_fn)?;
-    stage.set("request", lua.create_async_function(request)?)?;
+    stage.set(
+        "request",
+        lua.create_async_function(move |lua, args| request(lua, out.clone(), args))?,
+    )?;
     Ok(())
 }
 
@@ -252,11 +310,11 @@ fn send_reply(lua: &Lua, route: &Call, reply: router::Reply) -> usize {
 }
 
 /// `stage.signal(target, ...)` for every target but `:msg` (see the prelude).
-fn signal(lua: &Lua, (target, args): (Value, MultiValue)) -> mlua::Result<usize> {
+fn signal(lua: &Lua, out: &Out, (target, args): (Value, MultiValue)) -> mlua::Result<usize> {
     let route = match target {
         Value::String(s) => {
-            let target = s.to_str()?.to_string();
-            return send(lua, &target, args, 2);
+            let t = out.target(&s.to_str()?)?;
+            return send(lua, out, &t, args, 2);
         }
         Value::UserData(ud) => ud,
         Value::Nil => match current_call(lua)? {
@@ -286,21 +344,19 @@ fn signal(lua: &Lua, (target, args): (Value, MultiValue)) -> mlua::Result<usize>
 }
 
 /// Parses `target`, copies `args` and delivers; returns how many instances took it.
-fn send(lua: &Lua, target: &str, args: MultiValue, first_arg: usize) -> mlua::Result<usize> {
-    let c = ctx(lua);
-    let t = Target::parse(target, &c.stage_id).map_err(|e| rt_err(e.to_string()))?;
+fn send(lua: &Lua, out: &Out, t: &Target, args: MultiValue, first_arg: usize) -> mlua::Result<usize> {
     let values = value::from_lua_multi(lua, args, "arg", first_arg).map_err(|e| rt_err(e.to_string()))?;
-    let reply = t.reply.map(|id| ReplyTo::Handler {
-        instance: c.number,
-        id,
+    let reply = t.reply.as_ref().map(|id| ReplyTo::Handler {
+        instance: out.number,
+        id: id.clone(),
     });
     let msg = Message {
-        id: t.id,
-        from: messages(lua).me.clone(),
+        id: t.id.clone(),
+        from: out.me.clone(),
         values,
         reply,
     };
-    Ok(c.node.router.deliver(t.scope, &t.stage, msg).unwrap_or(0))
+    Ok(out.node.router.deliver(t.scope, &t.stage, msg).unwrap_or(0))
 }
 
 /// `:msg`: calls the handler of this instance in place. `None` when there is none;
@@ -334,10 +390,10 @@ async fn sync_call(
 /// `stage.request(target, timeout_ms, ...)`.
 async fn request(
     lua: Lua,
+    out: Rc<Out>,
     (target, timeout, args): (String, Option<f64>, MultiValue),
 ) -> mlua::Result<MultiValue> {
-    let c = ctx(&lua);
-    let t = Target::parse(&target, &c.stage_id).map_err(|e| rt_err(e.to_string()))?;
+    let t = out.target(&target)?;
     let fail = |lua: &Lua, why: &str| -> mlua::Result<MultiValue> {
         Ok(MultiValue::from_iter([
             Value::Nil,
@@ -367,12 +423,12 @@ async fn request(
     let values = value::from_lua_multi(&lua, args, "arg", 3).map_err(|e| rt_err(e.to_string()))?;
     let (tx, rx) = tokio::sync::oneshot::channel();
     let msg = Message {
-        id: t.id,
-        from: messages(&lua).me.clone(),
+        id: t.id.clone(),
+        from: out.me.clone(),
         values,
         reply: Some(ReplyTo::Request(tx)),
     };
-    if let Err(u) = c.node.router.deliver(t.scope, &t.stage, msg) {
+    if let Err(u) = out.node.router.deliver(t.scope, &t.stage, msg) {
         return fail(&lua, u.reason());
     }
     let timeout = timeout.unwrap_or(0.0);
@@ -495,4 +551,32 @@ fn dispatch(
             c.node.router.reply(to, m.me.clone(), reply);
         }
     })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn target_cache_parses_once_and_stays_bounded() {
+        let cache = TargetCache::new("me");
+        let a = cache.get("db:load_user=on_user").unwrap();
+        assert_eq!(*a, Target::parse("db:load_user=on_user", "me").unwrap());
+        let b = cache.get("db:load_user=on_user").unwrap();
+        assert!(Rc::ptr_eq(&a, &b), "the second lookup is the cached parse");
+        assert_eq!(
+            cache.get("hello").unwrap().stage,
+            "me",
+            "relative to the own stage"
+        );
+        // errors are returned each time and never cached
+        assert!(cache.get("db:x=").is_err());
+        assert!(cache.get("db:x=").is_err());
+        assert_eq!(cache.map.borrow().len(), 2);
+        for i in 0..TARGET_CACHE * 2 {
+            let t = cache.get(&format!("s:m{i}")).unwrap();
+            assert_eq!(t.id, format!("s:m{i}"));
+            assert!(cache.map.borrow().len() <= TARGET_CACHE);
+        }
+    }
 }
