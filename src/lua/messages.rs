@@ -36,17 +36,85 @@ impl Handler {
 /// The per-instance message state, kept as app data of the instance's Lua state.
 struct Messages {
     handlers: RefCell<HashMap<String, Rc<Handler>>>,
-    /// `{[coroutine] = Call}`, weak-keyed: the call each running handler is serving.
+    /// `{[coroutine] = key in calls}`, weak-keyed: the call each running handler serves.
     contexts: Table,
+    /// The calls being handled. A plain integer in `contexts` rather than a userdata per
+    /// message: a userdata (with its finalizer) per message cost ~10% of a message.
+    calls: RefCell<Slab<Rc<Call>>>,
     /// `run(call, f, ...)`: records the call of the running coroutine, then `f(...)`.
     run: Function,
     me: Arc<SenderInfo>,
 }
 
+/// A vector with reusable slots: keys stay valid until removed.
+struct Slab<T> {
+    items: Vec<Option<T>>,
+    free: Vec<usize>,
+}
+
+impl<T> Slab<T> {
+    fn new() -> Slab<T> {
+        Slab {
+            items: Vec::new(),
+            free: Vec::new(),
+        }
+    }
+
+    fn insert(&mut self, v: T) -> usize {
+        match self.free.pop() {
+            Some(k) => {
+                self.items[k] = Some(v);
+                k
+            }
+            None => {
+                self.items.push(Some(v));
+                self.items.len() - 1
+            }
+        }
+    }
+
+    fn get(&self, k: usize) -> Option<&T> {
+        self.items.get(k)?.as_ref()
+    }
+
+    fn remove(&mut self, k: usize) -> Option<T> {
+        let v = self.items.get_mut(k)?.take()?;
+        self.free.push(k);
+        Some(v)
+    }
+}
+
+/// Removes a call from `Messages::calls` when its handler is done (or dropped).
+struct CallSlot {
+    m: Rc<Messages>,
+    key: usize,
+}
+
+impl CallSlot {
+    fn new(m: &Rc<Messages>, call: Rc<Call>) -> CallSlot {
+        let key = m.calls.borrow_mut().insert(call);
+        CallSlot { m: m.clone(), key }
+    }
+}
+
+impl Drop for CallSlot {
+    fn drop(&mut self) {
+        let call = self.m.calls.borrow_mut().remove(self.key);
+        // Breaks the cycle route userdata -> call -> route userdata.
+        let route = call.and_then(|c| c.route.borrow_mut().take());
+        drop(route);
+    }
+}
+
+/// `_WAITFOR[2]`: a reply route, made the first time a handler asks for it.
+struct Route(Rc<Call>);
+
+impl UserData for Route {}
+
 /// One handler call: what `_WAITFOR` shows while it runs, and its reply route
-/// (`_WAITFOR[2]` is this userdata itself, used once, by the first reply). `kept` is set
+/// (`_WAITFOR[2]`, a `Route` userdata, used once, by the first reply). `kept` is set
 /// when the script reads `_WAITFOR[2]`: a handler that then returns no values leaves the
-/// reply to the script. One userdata per message keeps the garbage per message small.
+/// reply to the script.
 pub struct Call {
     hid: Rc<str>,
     id: String,
@@ -54,6 +122,8 @@ pub struct Call {
     wants_reply: bool,
     to: RefCell<Option<ReplyTo>>,
     kept: std::cell::Cell<bool>,
+    /// The `Route` of this call while it is being handled (so `_WAITFOR[2]` is one value).
+    route: RefCell<Option<mlua::AnyUserData>>,
 }
 
 impl Call {
@@ -65,15 +135,17 @@ impl Call {
             wants_reply: to.is_some(),
             to: RefCell::new(to),
             kept: std::cell::Cell::new(false),
+            route: RefCell::new(None),
         }
     }
 }
 
-impl UserData for Call {}
-
-/// `_WAITFOR[k]` of a call: `[-1]` handler id, `[0]` message id, `[1]` sender, `[2]` route.
-fn call_field(lua: &Lua, (ud, k): (mlua::AnyUserData, Value)) -> mlua::Result<Value> {
-    let c = ud.borrow::<Call>()?;
+/// `_WAITFOR[k]` of call `key`: `[-1]` handler id, `[0]` message id, `[1]` sender,
+/// `[2]` route.
+fn call_field(lua: &Lua, (key, k): (usize, Value)) -> mlua::Result<Value> {
+    let Some(c) = messages(lua).calls.borrow().get(key).cloned() else {
+        return Ok(Value::Nil);
+    };
     let k = match k {
         Value::Integer(i) => i,
         Value::Number(n) if n.fract() == 0.0 => n as i64,
@@ -91,7 +163,16 @@ fn call_field(lua: &Lua, (ud, k): (mlua::AnyUserData, Value)) -> mlua::Result<Va
         }
         2 if c.wants_reply => {
             c.kept.set(true);
-            Value::UserData(ud.clone())
+            let cached = c.route.borrow().clone();
+            let ud = match cached {
+                Some(ud) => ud,
+                None => {
+                    let ud = lua.create_userdata(Route(c.clone()))?;
+                    *c.route.borrow_mut() = Some(ud.clone());
+                    ud
+                }
+            };
+            Value::UserData(ud)
         }
         _ => Value::Nil,
     })
@@ -219,6 +300,7 @@ pub fn register(lua: &Lua, stage: &Table) -> mlua::Result<()> {
     lua.set_app_data(Rc::new(Messages {
         handlers: RefCell::new(HashMap::new()),
         contexts,
+        calls: RefCell::new(Slab::new()),
         run,
         me,
     }));
@@ -296,8 +378,10 @@ fn waitfor(lua: &Lua, args: MultiValue) -> mlua::Result<MultiValue> {
 }
 
 /// The call being handled in the current coroutine.
-fn current_call(lua: &Lua) -> mlua::Result<Option<mlua::AnyUserData>> {
-    messages(lua).contexts.raw_get(lua.current_thread())
+fn current_call(lua: &Lua) -> mlua::Result<Option<Rc<Call>>> {
+    let m = messages(lua);
+    let key: Option<usize> = m.contexts.raw_get(lua.current_thread())?;
+    Ok(key.and_then(|k| m.calls.borrow().get(k).cloned()))
 }
 
 /// Sends `reply` through `route` (once; later replies are dropped). Returns 1 if sent.
@@ -316,9 +400,13 @@ fn signal(lua: &Lua, out: &Out, (target, args): (Value, MultiValue)) -> mlua::Re
             let t = out.target(&s.to_str()?)?;
             return send(lua, out, &t, args, 2);
         }
-        Value::UserData(ud) => ud,
+        Value::UserData(ud) => ud
+            .borrow::<Route>()
+            .map_err(|_| rt_err("stage.signal: this userdata is not a reply route"))?
+            .0
+            .clone(),
         Value::Nil => match current_call(lua)? {
-            Some(ud) => ud,
+            Some(call) => call,
             None => {
                 return Err(rt_err(
                     "stage.signal(nil, ...): no message is being handled in this coroutine",
@@ -332,9 +420,6 @@ fn signal(lua: &Lua, out: &Out, (target, args): (Value, MultiValue)) -> mlua::Re
             )))
         }
     };
-    let route = route
-        .borrow::<Call>()
-        .map_err(|_| rt_err("stage.signal: this userdata is not a reply route"))?;
     if !route.wants_reply {
         // The sender did not ask for a reply.
         return Ok(0);
@@ -376,15 +461,13 @@ async fn sync_call(
     let Some(h) = found else {
         return Ok(None);
     };
-    let call = lua.create_userdata(Call::new(h.hid.clone(), t.id, m.me.clone(), None))?;
-    let mut all = MultiValue::from_iter([Value::UserData(call), Value::Function(h.f.clone())]);
+    let slot = CallSlot::new(&m, Rc::new(Call::new(h.hid.clone(), t.id, m.me.clone(), None)));
+    let mut all = MultiValue::from_iter([Value::Integer(slot.key as i64), Value::Function(h.f.clone())]);
     all.extend(h.bound.iter().cloned());
     all.extend(args);
-    Ok(Some(
-        call_callback(lua, &h.what, &m.run, all)
-            .await
-            .ok_or_else(|| format!("error in {}", h.what)),
-    ))
+    let rets = call_callback(lua, &h.what, &m.run, all).await;
+    drop(slot);
+    Ok(Some(rets.ok_or_else(|| format!("error in {}", h.what))))
 }
 
 /// `stage.request(target, timeout_ms, ...)`.
@@ -525,17 +608,16 @@ fn dispatch(
             }
         }
     }
-    let has_route = msg.reply.is_some();
-    let call = lua.create_userdata(Call::new(h.hid.clone(), msg.id, msg.from, msg.reply))?;
-    let route = has_route.then(|| call.clone());
-    all[1] = Value::UserData(call);
+    let route = Rc::new(Call::new(h.hid.clone(), msg.id, msg.from, msg.reply));
+    let slot = CallSlot::new(m, route.clone());
+    all[1] = Value::Integer(slot.key as i64);
     let (lua, m, c, runner) = (lua.clone(), m.clone(), c.clone(), runner.clone());
     Ok(Some(Box::pin(async move {
         let rets = run_callback(&lua, &h.what, &runner, all).await;
-        let Some(route) = route else { return };
-        let Ok(route) = route.borrow::<Call>() else {
+        drop(slot);
+        if !route.wants_reply {
             return;
-        };
+        }
         let reply = match rets {
             // The script took the route to answer later (or never).
             Some(rets) if rets.is_empty() && route.kept.get() => return,
@@ -556,6 +638,22 @@ fn dispatch(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn slab_reuses_removed_slots_only() {
+        let mut s = Slab::new();
+        let (a, b) = (s.insert("a"), s.insert("b"));
+        assert_ne!(a, b);
+        assert_eq!((s.get(a), s.get(b)), (Some(&"a"), Some(&"b")));
+        assert_eq!(s.remove(a), Some("a"));
+        assert_eq!(s.get(a), None);
+        assert_eq!(s.remove(a), None, "a key is removed once");
+        assert_eq!(s.get(99), None);
+        let c = s.insert("c");
+        assert_eq!(c, a, "the freed slot is reused");
+        assert_eq!(s.get(b), Some(&"b"), "other keys stay valid");
+        assert_eq!(s.items.len(), 2);
+    }
 
     #[test]
     fn target_cache_parses_once_and_stays_bounded() {
