@@ -108,14 +108,27 @@ pub async fn call_callback(
     f: &Function,
     args: impl IntoLuaMulti,
 ) -> Option<MultiValue> {
-    let result = match xpcall_runner(lua) {
-        Ok(runner) => {
-            let mut all = args.into_lua_multi(lua).ok()?;
-            all.push_front(Value::Function(f.clone()));
-            runner.call_async::<MultiValue>(all).await
+    let runner = match xpcall_runner(lua) {
+        Ok(runner) => runner,
+        Err(e) => {
+            log::error!(target: &ctx(lua).name, "error in {what}: {}", crate::script_error::format(&e));
+            return None;
         }
-        Err(e) => Err(e),
     };
+    let mut all = args.into_lua_multi(lua).ok()?;
+    all.push_front(Value::Function(f.clone()));
+    run_callback(lua, what, &runner, all).await
+}
+
+/// `call_callback` for hot paths: `runner` is `xpcall_runner(lua)`, fetched once, and
+/// `f_args` is the function followed by its arguments.
+pub async fn run_callback(
+    lua: &Lua,
+    what: &str,
+    runner: &Function,
+    f_args: MultiValue,
+) -> Option<MultiValue> {
+    let result = runner.call_async::<MultiValue>(f_args).await;
     match result {
         Ok(mut rets) => match rets.pop_front() {
             Some(Value::Boolean(true)) => Some(rets),
@@ -227,10 +240,16 @@ impl InstanceCtx {
     }
 }
 
+/// Finished coroutines kept for reuse per instance.
+const THREAD_POOL: usize = 128;
+
 /// Creates the Lua state of an instance with every stage module registered.
 fn new_state(node: &Arc<NodeShared>, spec: &InstanceSpec, number: usize) -> mlua::Result<Lua> {
     // The debug library is loaded on purpose: tracebacks and tools such as StackTracePlus need it.
-    let lua = unsafe { Lua::unsafe_new_with(StdLib::ALL, LuaOptions::new()) };
+    // Coroutines of finished callbacks (message handlers, `stage.submit`, ...) are reset
+    // and reused instead of being created and collected per call (`scripts/bench messages`).
+    let options = LuaOptions::new().thread_pool_size(THREAD_POOL);
+    let lua = unsafe { Lua::unsafe_new_with(StdLib::ALL, options) };
     // Every async call (stage.request, stage.sleep, ...) leaves a small userdata with a
     // finalizer that owns its Rust future. The default incremental collector falls behind
     // such garbage under load (hundreds of MB after 10^5 requests, `scripts/bench messages`);

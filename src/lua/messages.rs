@@ -3,7 +3,7 @@
 //! messages to its handlers. Targets, lookup order and delivery are in `router.rs`; value
 //! copying in `value.rs`.
 
-use crate::instance::{call_callback, ctx};
+use crate::instance::{call_callback, ctx, run_callback, InstanceCtx};
 use crate::router::{self, Message, ReplyTo, Scope, SenderInfo, Target};
 use crate::value;
 use mlua::{Function, Lua, MultiValue, Table, UserData, Value};
@@ -36,17 +36,85 @@ impl Handler {
 /// The per-instance message state, kept as app data of the instance's Lua state.
 struct Messages {
     handlers: RefCell<HashMap<String, Rc<Handler>>>,
-    /// `{[coroutine] = Call}`, weak-keyed: the call each running handler is serving.
+    /// `{[coroutine] = key in calls}`, weak-keyed: the call each running handler serves.
     contexts: Table,
+    /// The calls being handled. A plain integer in `contexts` rather than a userdata per
+    /// message: a userdata (with its finalizer) per message cost ~10% of a message.
+    calls: RefCell<Slab<Rc<Call>>>,
     /// `run(call, f, ...)`: records the call of the running coroutine, then `f(...)`.
     run: Function,
     me: Arc<SenderInfo>,
 }
 
+/// A vector with reusable slots: keys stay valid until removed.
+struct Slab<T> {
+    items: Vec<Option<T>>,
+    free: Vec<usize>,
+}
+
+impl<T> Slab<T> {
+    fn new() -> Slab<T> {
+        Slab {
+            items: Vec::new(),
+            free: Vec::new(),
+        }
+    }
+
+    fn insert(&mut self, v: T) -> usize {
+        match self.free.pop() {
+            Some(k) => {
+                self.items[k] = Some(v);
+                k
+            }
+            None => {
+                self.items.push(Some(v));
+                self.items.len() - 1
+            }
+        }
+    }
+
+    fn get(&self, k: usize) -> Option<&T> {
+        self.items.get(k)?.as_ref()
+    }
+
+    fn remove(&mut self, k: usize) -> Option<T> {
+        let v = self.items.get_mut(k)?.take()?;
+        self.free.push(k);
+        Some(v)
+    }
+}
+
+/// Removes a call from `Messages::calls` when its handler is done (or dropped).
+struct CallSlot {
+    m: Rc<Messages>,
+    key: usize,
+}
+
+impl CallSlot {
+    fn new(m: &Rc<Messages>, call: Rc<Call>) -> CallSlot {
+        let key = m.calls.borrow_mut().insert(call);
+        CallSlot { m: m.clone(), key }
+    }
+}
+
+impl Drop for CallSlot {
+    fn drop(&mut self) {
+        let call = self.m.calls.borrow_mut().remove(self.key);
+        // Breaks the cycle route userdata -> call -> route userdata.
+        let route = call.and_then(|c| c.route.borrow_mut().take());
+        drop(route);
+    }
+}
+
+/// `_WAITFOR[2]`: a reply route, made the first time a handler asks for it.
+struct Route(Rc<Call>);
+
+impl UserData for Route {}
+
 /// One handler call: what `_WAITFOR` shows while it runs, and its reply route
-/// (`_WAITFOR[2]` is this userdata itself, used once, by the first reply). `kept` is set
+/// (`_WAITFOR[2]`, a `Route` userdata, used once, by the first reply). `kept` is set
 /// when the script reads `_WAITFOR[2]`: a handler that then returns no values leaves the
-/// reply to the script. One userdata per message keeps the garbage per message small.
+/// reply to the script.
 pub struct Call {
     hid: Rc<str>,
     id: String,
@@ -54,6 +122,8 @@ pub struct Call {
     wants_reply: bool,
     to: RefCell<Option<ReplyTo>>,
     kept: std::cell::Cell<bool>,
+    /// The `Route` of this call while it is being handled (so `_WAITFOR[2]` is one value).
+    route: RefCell<Option<mlua::AnyUserData>>,
 }
 
 impl Call {
@@ -65,15 +135,17 @@ impl Call {
             wants_reply: to.is_some(),
             to: RefCell::new(to),
             kept: std::cell::Cell::new(false),
+            route: RefCell::new(None),
         }
     }
 }
 
-impl UserData for Call {}
-
-/// `_WAITFOR[k]` of a call: `[-1]` handler id, `[0]` message id, `[1]` sender, `[2]` route.
-fn call_field(lua: &Lua, (ud, k): (mlua::AnyUserData, Value)) -> mlua::Result<Value> {
-    let c = ud.borrow::<Call>()?;
+/// `_WAITFOR[k]` of call `key`: `[-1]` handler id, `[0]` message id, `[1]` sender,
+/// `[2]` route.
+fn call_field(lua: &Lua, (key, k): (usize, Value)) -> mlua::Result<Value> {
+    let Some(c) = messages(lua).calls.borrow().get(key).cloned() else {
+        return Ok(Value::Nil);
+    };
     let k = match k {
         Value::Integer(i) => i,
         Value::Number(n) if n.fract() == 0.0 => n as i64,
@@ -91,10 +163,66 @@ fn call_field(lua: &Lua, (ud, k): (mlua::AnyUserData, Value)) -> mlua::Result<Va
         }
         2 if c.wants_reply => {
             c.kept.set(true);
-            Value::UserData(ud.clone())
+            let cached = c.route.borrow().clone();
+            let ud = match cached {
+                Some(ud) => ud,
+                None => {
+                    let ud = lua.create_userdata(Route(c.clone()))?;
+                    *c.route.borrow_mut() = Some(ud.clone());
+                    ud
+                }
+            };
+            Value::UserData(ud)
         }
         _ => Value::Nil,
     })
+}
+
+/// Parsed targets of one instance, by target string: scripts send to a few fixed targets,
+/// so most sends skip parsing. Bounded: cleared when it reaches `TARGET_CACHE` entries.
+struct TargetCache {
+    own_stage: String,
+    map: RefCell<HashMap<String, Rc<Target>>>,
+}
+
+const TARGET_CACHE: usize = 256;
+
+impl TargetCache {
+    fn new(own_stage: &str) -> TargetCache {
+        TargetCache {
+            own_stage: own_stage.to_string(),
+            map: RefCell::new(HashMap::new()),
+        }
+    }
+
+    /// `Target::parse(target, own_stage)`; errors are not cached.
+    fn get(&self, target: &str) -> Result<Rc<Target>, router::TargetError> {
+        if let Some(t) = self.map.borrow().get(target) {
+            return Ok(t.clone());
+        }
+        let t = Rc::new(Target::parse(target, &self.own_stage)?);
+        let mut map = self.map.borrow_mut();
+        if map.len() >= TARGET_CACHE {
+            map.clear();
+        }
+        map.insert(target.to_string(), t.clone());
+        Ok(t)
+    }
+}
+
+/// What `stage.signal` and `stage.request` need, captured by them once (no app data
+/// lookups per message). Holds no Lua values, so capturing it makes no cycle.
+struct Out {
+    node: Arc<crate::node::NodeShared>,
+    number: usize,
+    me: Arc<SenderInfo>,
+    targets: TargetCache,
+}
+
+impl Out {
+    fn target(&self, target: &str) -> mlua::Result<Rc<Target>> {
+        self.targets.get(target).map_err(|e| rt_err(e.to_string()))
+    }
 }
 
 fn messages(lua: &Lua) -> Rc<Messages> {
@@ -146,7 +274,15 @@ pub fn register(lua: &Lua, stage: &Table) -> mlua::Result<()> {
     let weak = lua.create_table()?;
     weak.set("__mode", "k")?;
     contexts.set_metatable(Some(weak))?;
-    let raw_signal = lua.create_function(signal)?;
+    let me = Arc::new(c.node.router.sender(c.number));
+    let out = Rc::new(Out {
+        node: c.node.clone(),
+        number: c.number,
+        me: me.clone(),
+        targets: TargetCache::new(&c.stage_id),
+    });
+    let o = out.clone();
+    let raw_signal = lua.create_function(move |lua, args| signal(lua, &o, args))?;
     let sync_signal = lua.create_async_function(|lua, (target, args): (String, MultiValue)| async move {
         let n = match sync_call(&lua, &target, args).await? {
             Some(_) => 1,
@@ -164,13 +300,17 @@ pub fn register(lua: &Lua, stage: &Table) -> mlua::Result<()> {
     lua.set_app_data(Rc::new(Messages {
         handlers: RefCell::new(HashMap::new()),
         contexts,
+        calls: RefCell::new(Slab::new()),
         run,
-        me: Arc::new(c.node.router.sender(c.number)),
+        me,
     }));
     lua.globals().set("_WAITFOR", waitfor_proxy)?;
     stage.set("waitfor", lua.create_function(waitfor)?)?;
     stage.set("signal", signal_fn)?;
-    stage.set("request", lua.create_async_function(request)?)?;
+    stage.set(
+        "request",
+        lua.create_async_function(move |lua, args| request(lua, out.clone(), args))?,
+    )?;
     Ok(())
 }
 
@@ -238,8 +378,10 @@ fn waitfor(lua: &Lua, args: MultiValue) -> mlua::Result<MultiValue> {
 }
 
 /// The call being handled in the current coroutine.
-fn current_call(lua: &Lua) -> mlua::Result<Option<mlua::AnyUserData>> {
-    messages(lua).contexts.raw_get(lua.current_thread())
+fn current_call(lua: &Lua) -> mlua::Result<Option<Rc<Call>>> {
+    let m = messages(lua);
+    let key: Option<usize> = m.contexts.raw_get(lua.current_thread())?;
+    Ok(key.and_then(|k| m.calls.borrow().get(k).cloned()))
 }
 
 /// Sends `reply` through `route` (once; later replies are dropped). Returns 1 if sent.
@@ -252,15 +394,19 @@ fn send_reply(lua: &Lua, route: &Call, reply: router::Reply) -> usize {
 }
 
 /// `stage.signal(target, ...)` for every target but `:msg` (see the prelude).
-fn signal(lua: &Lua, (target, args): (Value, MultiValue)) -> mlua::Result<usize> {
+fn signal(lua: &Lua, out: &Out, (target, args): (Value, MultiValue)) -> mlua::Result<usize> {
     let route = match target {
         Value::String(s) => {
-            let target = s.to_str()?.to_string();
-            return send(lua, &target, args, 2);
+            let t = out.target(&s.to_str()?)?;
+            return send(lua, out, &t, args, 2);
         }
-        Value::UserData(ud) => ud,
+        Value::UserData(ud) => ud
+            .borrow::<Route>()
+            .map_err(|_| rt_err("stage.signal: this userdata is not a reply route"))?
+            .0
+            .clone(),
         Value::Nil => match current_call(lua)? {
-            Some(ud) => ud,
+            Some(call) => call,
             None => {
                 return Err(rt_err(
                     "stage.signal(nil, ...): no message is being handled in this coroutine",
@@ -274,9 +420,6 @@ fn signal(lua: &Lua, (target, args): (Value, MultiValue)) -> mlua::Result<usize>
             )))
         }
     };
-    let route = route
-        .borrow::<Call>()
-        .map_err(|_| rt_err("stage.signal: this userdata is not a reply route"))?;
     if !route.wants_reply {
         // The sender did not ask for a reply.
         return Ok(0);
@@ -286,21 +429,19 @@ fn signal(lua: &Lua, (target, args): (Value, MultiValue)) -> mlua::Result<usize>
 }
 
 /// Parses `target`, copies `args` and delivers; returns how many instances took it.
-fn send(lua: &Lua, target: &str, args: MultiValue, first_arg: usize) -> mlua::Result<usize> {
-    let c = ctx(lua);
-    let t = Target::parse(target, &c.stage_id).map_err(|e| rt_err(e.to_string()))?;
+fn send(lua: &Lua, out: &Out, t: &Target, args: MultiValue, first_arg: usize) -> mlua::Result<usize> {
     let values = value::from_lua_multi(lua, args, "arg", first_arg).map_err(|e| rt_err(e.to_string()))?;
-    let reply = t.reply.map(|id| ReplyTo::Handler {
-        instance: c.number,
-        id,
+    let reply = t.reply.as_ref().map(|id| ReplyTo::Handler {
+        instance: out.number,
+        id: id.clone(),
     });
     let msg = Message {
-        id: t.id,
-        from: messages(lua).me.clone(),
+        id: t.id.clone(),
+        from: out.me.clone(),
         values,
         reply,
     };
-    Ok(c.node.router.deliver(t.scope, &t.stage, msg).unwrap_or(0))
+    Ok(out.node.router.deliver(t.scope, &t.stage, msg).unwrap_or(0))
 }
 
 /// `:msg`: calls the handler of this instance in place. `None` when there is none;
@@ -320,24 +461,22 @@ async fn sync_call(
     let Some(h) = found else {
         return Ok(None);
     };
-    let call = lua.create_userdata(Call::new(h.hid.clone(), t.id, m.me.clone(), None))?;
-    let mut all = MultiValue::from_iter([Value::UserData(call), Value::Function(h.f.clone())]);
+    let slot = CallSlot::new(&m, Rc::new(Call::new(h.hid.clone(), t.id, m.me.clone(), None)));
+    let mut all = MultiValue::from_iter([Value::Integer(slot.key as i64), Value::Function(h.f.clone())]);
     all.extend(h.bound.iter().cloned());
     all.extend(args);
-    Ok(Some(
-        call_callback(lua, &h.what, &m.run, all)
-            .await
-            .ok_or_else(|| format!("error in {}", h.what)),
-    ))
+    let rets = call_callback(lua, &h.what, &m.run, all).await;
+    drop(slot);
+    Ok(Some(rets.ok_or_else(|| format!("error in {}", h.what))))
 }
 
 /// `stage.request(target, timeout_ms, ...)`.
 async fn request(
     lua: Lua,
+    out: Rc<Out>,
     (target, timeout, args): (String, Option<f64>, MultiValue),
 ) -> mlua::Result<MultiValue> {
-    let c = ctx(&lua);
-    let t = Target::parse(&target, &c.stage_id).map_err(|e| rt_err(e.to_string()))?;
+    let t = out.target(&target)?;
     let fail = |lua: &Lua, why: &str| -> mlua::Result<MultiValue> {
         Ok(MultiValue::from_iter([
             Value::Nil,
@@ -367,12 +506,12 @@ async fn request(
     let values = value::from_lua_multi(&lua, args, "arg", 3).map_err(|e| rt_err(e.to_string()))?;
     let (tx, rx) = tokio::sync::oneshot::channel();
     let msg = Message {
-        id: t.id,
-        from: messages(&lua).me.clone(),
+        id: t.id.clone(),
+        from: out.me.clone(),
         values,
         reply: Some(ReplyTo::Request(tx)),
     };
-    if let Err(u) = c.node.router.deliver(t.scope, &t.stage, msg) {
+    if let Err(u) = out.node.router.deliver(t.scope, &t.stage, msg) {
         return fail(&lua, u.reason());
     }
     let timeout = timeout.unwrap_or(0.0);
@@ -397,12 +536,22 @@ async fn request(
 #[allow(clippy::await_holding_refcell_ref)]
 pub async fn serve(lua: Lua, inbox: Rc<RefCell<router::Inbox>>) {
     let mut inbox = inbox.borrow_mut();
+    // Looked up once rather than per message.
+    let m = messages(&lua);
+    let c = ctx(&lua);
+    let runner = match crate::instance::xpcall_runner(&lua) {
+        Ok(r) => r,
+        Err(e) => {
+            log::error!(target: &c.name, "cannot serve messages: {e}");
+            return;
+        }
+    };
     while let Some(msg) = inbox.recv().await {
-        let mut call = match dispatch(&lua, msg) {
+        let mut call = match dispatch(&lua, &m, &c, &runner, msg) {
             Ok(Some(call)) => call,
             Ok(None) => continue,
             Err(e) => {
-                log::error!(target: &ctx(&lua).name, "cannot deliver a message: {e}");
+                log::error!(target: &c.name, "cannot deliver a message: {e}");
                 continue;
             }
         };
@@ -419,57 +568,113 @@ pub async fn serve(lua: Lua, inbox: Rc<RefCell<router::Inbox>>) {
 type HandlerCall = std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>;
 
 /// Prepares the handler call for `msg`; `None` when it was answered already (no handler).
-fn dispatch(lua: &Lua, msg: Message) -> mlua::Result<Option<HandlerCall>> {
-    let m = messages(lua);
+fn dispatch(
+    lua: &Lua,
+    m: &Rc<Messages>,
+    c: &Rc<InstanceCtx>,
+    runner: &Function,
+    msg: Message,
+) -> mlua::Result<Option<HandlerCall>> {
     let found = {
         let handlers = m.handlers.borrow();
         router::lookup(&handlers, &msg.id).map(|(_, h)| h.clone())
     };
-    let router = &ctx(lua).node.router;
+    let router = &c.node.router;
     let Some(h) = found else {
-        log::warn!(target: &ctx(lua).name, "no handler for message '{}' (dropped)", msg.id);
+        log::warn!(target: &c.name, "no handler for message '{}' (dropped)", msg.id);
         if let Some(to) = msg.reply {
             router.reply(to, m.me.clone(), Err(format!("no handler for '{}'", msg.id)));
         }
         return Ok(None);
     };
-    let values = match value::to_lua_multi(lua, &msg.values) {
-        Ok(v) => v,
-        Err(e) => {
-            if let Some(to) = msg.reply {
-                router.reply(
-                    to,
-                    m.me.clone(),
-                    Err(format!("cannot receive message '{}': {e}", msg.id)),
-                );
-            }
-            return Err(e);
-        }
-    };
-    let has_route = msg.reply.is_some();
-    let call = lua.create_userdata(Call::new(h.hid.clone(), msg.id, msg.from, msg.reply))?;
-    let route = has_route.then(|| call.clone());
-    let mut all = MultiValue::from_iter([Value::UserData(call), Value::Function(h.f.clone())]);
+    // `run(call, f, bound..., values...)`, built in one go.
+    let mut all = MultiValue::with_capacity(3 + h.bound.len() + msg.values.len());
+    all.push_back(Value::Function(m.run.clone()));
+    all.push_back(Value::Nil);
+    all.push_back(Value::Function(h.f.clone()));
     all.extend(h.bound.iter().cloned());
-    all.extend(values);
-    let lua = lua.clone();
-    let run = m.run.clone();
+    for v in &msg.values {
+        match value::to_lua(lua, v) {
+            Ok(v) => all.push_back(v),
+            Err(e) => {
+                if let Some(to) = msg.reply {
+                    router.reply(
+                        to,
+                        m.me.clone(),
+                        Err(format!("cannot receive message '{}': {e}", msg.id)),
+                    );
+                }
+                return Err(e);
+            }
+        }
+    }
+    let route = Rc::new(Call::new(h.hid.clone(), msg.id, msg.from, msg.reply));
+    let slot = CallSlot::new(m, route.clone());
+    all[1] = Value::Integer(slot.key as i64);
+    let (lua, m, c, runner) = (lua.clone(), m.clone(), c.clone(), runner.clone());
     Ok(Some(Box::pin(async move {
-        let rets = call_callback(&lua, &h.what, &run, all).await;
-        let Some(route) = route else { return };
-        let Ok(route) = route.borrow::<Call>() else {
+        let rets = run_callback(&lua, &h.what, &runner, all).await;
+        drop(slot);
+        if !route.wants_reply {
             return;
-        };
+        }
         let reply = match rets {
             // The script took the route to answer later (or never).
             Some(rets) if rets.is_empty() && route.kept.get() => return,
             Some(rets) => value::from_lua_multi(&lua, rets, "return", 1).map_err(|e| {
                 let msg = format!("{}: {e}", h.what);
-                log::error!(target: &ctx(&lua).name, "{msg}");
+                log::error!(target: &c.name, "{msg}");
                 msg
             }),
             None => Err(format!("error in {}", h.what)),
         };
-        send_reply(&lua, &route, reply);
+        let to = route.to.borrow_mut().take();
+        if let Some(to) = to {
+            c.node.router.reply(to, m.me.clone(), reply);
+        }
     })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slab_reuses_removed_slots_only() {
+        let mut s = Slab::new();
+        let (a, b) = (s.insert("a"), s.insert("b"));
+        assert_ne!(a, b);
+        assert_eq!((s.get(a), s.get(b)), (Some(&"a"), Some(&"b")));
+        assert_eq!(s.remove(a), Some("a"));
+        assert_eq!(s.get(a), None);
+        assert_eq!(s.remove(a), None, "a key is removed once");
+        assert_eq!(s.get(99), None);
+        let c = s.insert("c");
+        assert_eq!(c, a, "the freed slot is reused");
+        assert_eq!(s.get(b), Some(&"b"), "other keys stay valid");
+        assert_eq!(s.items.len(), 2);
+    }
+
+    #[test]
+    fn target_cache_parses_once_and_stays_bounded() {
+        let cache = TargetCache::new("me");
+        let a = cache.get("db:load_user=on_user").unwrap();
+        assert_eq!(*a, Target::parse("db:load_user=on_user", "me").unwrap());
+        let b = cache.get("db:load_user=on_user").unwrap();
+        assert!(Rc::ptr_eq(&a, &b), "the second lookup is the cached parse");
+        assert_eq!(
+            cache.get("hello").unwrap().stage,
+            "me",
+            "relative to the own stage"
+        );
+        // errors are returned each time and never cached
+        assert!(cache.get("db:x=").is_err());
+        assert!(cache.get("db:x=").is_err());
+        assert_eq!(cache.map.borrow().len(), 2);
+        for i in 0..TARGET_CACHE * 2 {
+            let t = cache.get(&format!("s:m{i}")).unwrap();
+            assert_eq!(t.id, format!("s:m{i}"));
+            assert!(cache.map.borrow().len() <= TARGET_CACHE);
+        }
+    }
 }
