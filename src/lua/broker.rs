@@ -470,29 +470,11 @@ async fn ready(lua: Lua, (uri, accept): (String, Function)) -> mlua::Result<Mult
 fn new_udp(lua: &Lua, ep: &Endpoint, s: Rc<UdpSocket>, peer: Option<SocketAddr>) -> mlua::Result<Rc<Conn>> {
     let id = next_id();
     let table = socket_table(lua, id, peer, s.local_addr().ok())?;
-    let conn = Rc::new(Conn {
-        id,
-        framing: ep.framing,
-        max_in: ep.max_in,
-        max_out: ep.max_out,
-        peer,
-        port: Some(table.clone()),
-        table,
-        handler: RefCell::new(None),
-        kind: Kind::Udp {
-            sock: s.clone(),
-            peer: Cell::new(peer),
-        },
-        out: RefCell::new(Vec::new()),
-        wake: Notify::new(),
-        closing: RefCell::new(None),
-        accepted: Cell::new(true),
-        bad: RefCell::new(false),
-        keys: broker(lua).keys.clone(),
-        batch: lua.create_table()?,
-        reply: RefCell::new(None),
-        in_task: Cell::new(false),
-    });
+    let kind = Kind::Udp {
+        sock: s.clone(),
+        peer: Cell::new(peer),
+    };
+    let conn = new_conn(lua, ep, id, peer, table.clone(), Some(table), kind)?;
     add_methods(lua, &conn)?;
     broker(lua).conns.borrow_mut().insert(id, conn.clone());
     spawn_local(run_udp(lua.clone(), conn.clone(), s));
@@ -544,7 +526,23 @@ fn new_tcp(lua: &Lua, ep: &Endpoint, stream: TcpStream, port: Option<Table>) -> 
     let id = next_id();
     let peer = stream.peer_addr().ok();
     let table = socket_table(lua, id, peer, stream.local_addr().ok())?;
-    let conn = Rc::new(Conn {
+    let conn = new_conn(lua, ep, id, peer, table, port, Kind::Tcp(Rc::new(stream)))?;
+    add_methods(lua, &conn)?;
+    broker(lua).conns.borrow_mut().insert(id, conn.clone());
+    Ok(conn)
+}
+
+/// The state shared by TCP and UDP sockets, fresh: accepted, nothing queued.
+fn new_conn(
+    lua: &Lua,
+    ep: &Endpoint,
+    id: i64,
+    peer: Option<SocketAddr>,
+    table: Table,
+    port: Option<Table>,
+    kind: Kind,
+) -> mlua::Result<Rc<Conn>> {
+    Ok(Rc::new(Conn {
         id,
         framing: ep.framing,
         max_in: ep.max_in,
@@ -553,7 +551,7 @@ fn new_tcp(lua: &Lua, ep: &Endpoint, stream: TcpStream, port: Option<Table>) -> 
         table,
         port,
         handler: RefCell::new(None),
-        kind: Kind::Tcp(Rc::new(stream)),
+        kind,
         out: RefCell::new(Vec::new()),
         wake: Notify::new(),
         closing: RefCell::new(None),
@@ -563,10 +561,7 @@ fn new_tcp(lua: &Lua, ep: &Endpoint, stream: TcpStream, port: Option<Table>) -> 
         batch: lua.create_table()?,
         reply: RefCell::new(None),
         in_task: Cell::new(false),
-    });
-    add_methods(lua, &conn)?;
-    broker(lua).conns.borrow_mut().insert(id, conn.clone());
-    Ok(conn)
+    }))
 }
 
 /// Turns a frame's bytes into the value a script receives.
