@@ -367,6 +367,19 @@ fn adapter_of(h: &AnyUserData) -> mlua::Result<Rc<Adapter>> {
     Ok(h.borrow::<AdapterHandle>()?.0.clone())
 }
 
+/// What `execute`, `query` and `exec` start from: the adapter, the SQL and its parameters
+/// converted by their type letters.
+fn statement_of(
+    h: &AnyUserData,
+    sql: LuaValue,
+    args: &MultiValue,
+) -> mlua::Result<(Rc<Adapter>, String, Vec<Param>)> {
+    let a = adapter_of(h)?;
+    let (sql, letters) = parse_statement(sql)?;
+    let params = params_of(&letters, args)?;
+    Ok((a, sql, params))
+}
+
 fn resultset_of(h: &AnyUserData) -> mlua::Result<Rc<RefCell<Resultset>>> {
     Ok(h.borrow::<RsHandle>()?.0.clone())
 }
@@ -384,9 +397,7 @@ fn raw_functions(lua: &Lua) -> mlua::Result<Table> {
         "execute",
         lua.create_async_function(
             |lua, (h, sql, args): (AnyUserData, LuaValue, MultiValue)| async move {
-                let a = adapter_of(&h)?;
-                let (sql, letters) = parse_statement(sql)?;
-                let params = params_of(&letters, &args)?;
+                let (a, sql, params) = statement_of(&h, sql, &args)?;
                 // The SQL goes to the worker and comes back with the result (no copy).
                 let (result, sql) = a.run(move |s| Ok((s.execute(&sql, &params)?, sql))).await?;
                 let affected = result.affected;
@@ -407,9 +418,7 @@ fn raw_functions(lua: &Lua) -> mlua::Result<Table> {
         "query",
         lua.create_async_function(
             |lua, (h, sql, args): (AnyUserData, LuaValue, MultiValue)| async move {
-                let a = adapter_of(&h)?;
-                let (sql, letters) = parse_statement(sql)?;
-                let params = params_of(&letters, &args)?;
+                let (a, sql, params) = statement_of(&h, sql, &args)?;
                 let result = a.run(move |s| s.execute(&sql, &params)).await?;
                 let list = lua.create_table_with_capacity(result.rows.len(), 0)?;
                 for row in &result.rows {
@@ -423,9 +432,7 @@ fn raw_functions(lua: &Lua) -> mlua::Result<Table> {
         "exec",
         lua.create_async_function(
             |lua, (h, sql, args): (AnyUserData, LuaValue, MultiValue)| async move {
-                let a = adapter_of(&h)?;
-                let (sql, letters) = parse_statement(sql)?;
-                let params = params_of(&letters, &args)?;
+                let (a, sql, params) = statement_of(&h, sql, &args)?;
                 let (affected, id) = a
                     .run(move |s| {
                         let r = s.execute(&sql, &params)?;
