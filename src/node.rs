@@ -99,6 +99,10 @@ pub fn open_home(root: &Path) -> anyhow::Result<(PathBuf, Config, Home)> {
         Config::load(&root.join("conf/stage.json")).map_err(|e| anyhow::anyhow!("conf/stage.json: {e}"))?;
     let home = Home::new(&root, &config.lua.package)
         .map_err(|e| anyhow::anyhow!("conf/stage.json: lua.%package: {e}"))?;
+    // Sections that belong to a client are checked here too, so a mistake stops the node at
+    // start with the key named, instead of failing every instance's Lua state.
+    crate::cloud::vultr::Settings::from_config(config.vultr.as_ref())
+        .map_err(|e| anyhow::anyhow!("conf/stage.json: {e}"))?;
     Ok((root, config, home))
 }
 

@@ -85,6 +85,7 @@ fn bad_config_names_the_key() {
         ),
         (r##"{"lua": {"%pakage": []}}"##, "lua.%pakage: unknown key"),
         (r##"{"#threads": [1,"##, "invalid JSON"),
+        (r##"{"%vultr": {"api_kee": "x"}}"##, "%vultr.api_kee: unknown key"),
     ] {
         let home = TestHome::new();
         home.write("conf/stage.json", conf);
