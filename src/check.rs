@@ -30,7 +30,7 @@ fn lua_files(dir: &Path, out: &mut Vec<PathBuf>, recurse: bool) {
 
 pub fn check(root: &Path) -> anyhow::Result<Report> {
     let mut report = Report::default();
-    let (root, config, home) = match crate::node::open_home(root) {
+    let (root, config, home) = match crate::host::node::open_home(root) {
         Ok(v) => v,
         Err(e) => {
             report.lines.push(format!("{e}"));
@@ -62,7 +62,7 @@ pub fn check(root: &Path) -> anyhow::Result<Report> {
             }
         };
         if let Err(e) = lua.load(src).set_name(format!("@{rel}")).into_function() {
-            report.lines.push(crate::script_error::format(&e));
+            report.lines.push(crate::host::script_error::format(&e));
             report.problems += 1;
         }
     }

@@ -73,7 +73,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             }
-            match stage::node::run(&home, args) {
+            match run(&home, args) {
                 Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
                 Err(e) => {
                     log::error!("{e:#}");
@@ -140,4 +140,27 @@ fn main() -> ExitCode {
         Command::Vultr(args) => stage::vultr_cli::run(args),
         Command::VultrEmulator(args) => stage::vultr_cli::run_emulator(args),
     }
+}
+
+/// `stage run`: starts the node, stops it on SIGINT/SIGTERM (or when a script asks), and
+/// returns its exit status.
+fn run(home: &std::path::Path, args: Vec<String>) -> anyhow::Result<i32> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    // Installed before the instances start, so an early signal stops the node cleanly.
+    let (mut term, mut int) = {
+        let _guard = rt.enter();
+        (signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?)
+    };
+    let node = stage::host::run::start(home, args, stage::lua::bindings())?;
+    rt.block_on(async {
+        tokio::select! {
+            _ = term.recv() => log::info!("SIGTERM: stopping"),
+            _ = int.recv() => log::info!("SIGINT: stopping"),
+            _ = node.stopped() => log::info!("stop requested by a script"),
+        }
+    });
+    Ok(node.join())
 }

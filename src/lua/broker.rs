@@ -6,7 +6,7 @@
 //! unique in the process, so an id of another instance is simply not found here.
 
 use crate::bson_lua;
-use crate::instance::{call_callback, ctx};
+use crate::host::{call_callback, ctx};
 use crate::net::framing::{next_frame, put_frame, Framing};
 use crate::net::sock;
 use crate::net::uri::{self, Endpoint, Proto};
@@ -94,10 +94,10 @@ fn broker(lua: &Lua) -> Rc<Broker> {
     let key = |k: &str| lua.create_string(k).expect("a short Lua string");
     let runners = (|| -> mlua::Result<(Function, Function)> {
         let batch = lua.load(BATCH_RUNNER).set_name("=broker").call((
-            crate::instance::raw_xpcall(lua)?,
-            crate::instance::error_handler(lua)?,
+            crate::host::callback::raw_xpcall(lua)?,
+            crate::host::callback::error_handler(lua)?,
         ))?;
-        Ok((batch, crate::instance::xpcall_runner(lua)?))
+        Ok((batch, crate::host::callback::xpcall_runner(lua)?))
     })();
     let runners = match runners {
         Ok(r) => Some(r),
@@ -376,7 +376,7 @@ fn add_methods(lua: &Lua, conn: &Rc<Conn>) -> mlua::Result<()> {
         let Some(c) = w.upgrade() else { return Ok(None) };
         Ok(c.commit(lua, &v, None)
             .err()
-            .map(|e| crate::script_error::message(&e)))
+            .map(|e| crate::host::script_error::message(&e)))
     })?);
     let w: Weak<Conn> = Rc::downgrade(conn);
     conn.table.raw_set(
@@ -598,7 +598,7 @@ async fn deliver(lua: &Lua, conn: &Rc<Conn>, data: Value, from: Option<SocketAdd
     if let Some(v) = reply {
         if !v.is_nil() {
             if let Err(e) = conn.commit(lua, &v, from) {
-                log::error!(target: &ctx(lua).name, "socket {}: reply not sent: {}", conn.id, crate::script_error::message(&e));
+                log::error!(target: &ctx(lua).name, "socket {}: reply not sent: {}", conn.id, crate::host::script_error::message(&e));
             }
         }
     }
@@ -627,7 +627,7 @@ async fn deliver_batch(lua: &Lua, conn: &Rc<Conn>, n: usize) {
             }
         }
         Err(e) => {
-            log::error!(target: &ctx(lua).name, "error in receive: {}", crate::script_error::format(&e))
+            log::error!(target: &ctx(lua).name, "error in receive: {}", crate::host::script_error::format(&e))
         }
     }
 }
@@ -649,7 +649,7 @@ async fn call_receive(lua: &Lua, conn: &Conn, f: &Function, args: impl mlua::Int
             None
         }
         Err(e) => {
-            log::error!(target: &ctx(lua).name, "error in receive: {}", crate::script_error::format(&e));
+            log::error!(target: &ctx(lua).name, "error in receive: {}", crate::host::script_error::format(&e));
             None
         }
     }

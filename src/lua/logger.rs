@@ -1,6 +1,6 @@
 //! The `logger` module (alias `log4cxx`) and `print`, written through log4rs.
 
-use crate::instance::ctx;
+use crate::host::ctx;
 use crate::logging::{expand, parse_route, Caller};
 use log::Level;
 use mlua::{Lua, Table, Value, Variadic};

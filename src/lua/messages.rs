@@ -3,7 +3,7 @@
 //! messages to its handlers. Targets, lookup order and delivery are in `router.rs`; value
 //! copying in `value.rs`.
 
-use crate::instance::{call_callback, ctx, run_callback, InstanceCtx};
+use crate::host::{call_callback, ctx, run_callback, InstanceCtx};
 use crate::router::{self, Message, ReplyTo, Scope, SenderInfo, Target};
 use crate::value;
 use mlua::{Function, Lua, MultiValue, Table, UserData, Value};
@@ -213,7 +213,7 @@ impl TargetCache {
 /// What `stage.signal` and `stage.request` need, captured by them once (no app data
 /// lookups per message). Holds no Lua values, so capturing it makes no cycle.
 struct Out {
-    node: Arc<crate::node::NodeShared>,
+    node: Arc<crate::host::node::NodeShared>,
     number: usize,
     me: Arc<SenderInfo>,
     targets: TargetCache,
@@ -539,7 +539,7 @@ pub async fn serve(lua: Lua, inbox: Rc<RefCell<router::Inbox>>) {
     // Looked up once rather than per message.
     let m = messages(&lua);
     let c = ctx(&lua);
-    let runner = match crate::instance::xpcall_runner(&lua) {
+    let runner = match crate::host::callback::xpcall_runner(&lua) {
         Ok(r) => r,
         Err(e) => {
             log::error!(target: &c.name, "cannot serve messages: {e}");

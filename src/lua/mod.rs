@@ -1,6 +1,7 @@
 //! The Lua modules, one file each, listed in one place. Each file has one
 //! `open(lua) -> Table` entry point of thin glue over the core modules.
 
+use crate::host::{Bindings, Inbox, LocalTask};
 use mlua::{Lua, Table};
 
 pub mod broker;
@@ -44,4 +45,15 @@ pub fn register_all(lua: &Lua) -> mlua::Result<()> {
     logger::replace_print(lua)?;
     thread::install_sandbox(lua)?;
     Ok(())
+}
+
+/// What the host needs from the bindings: module registration and message serving.
+pub fn bindings() -> Bindings {
+    fn serve(lua: Lua, inbox: Inbox) -> LocalTask {
+        Box::pin(messages::serve(lua, inbox))
+    }
+    Bindings {
+        register: register_all,
+        serve,
+    }
 }

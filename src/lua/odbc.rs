@@ -176,7 +176,7 @@ fn spec_of(lua: &Lua, conn: &LuaValue) -> mlua::Result<ConnSpec> {
     match conn {
         LuaValue::String(s) => {
             let s = s.to_str()?.to_string();
-            let ctx = crate::instance::ctx(lua);
+            let ctx = crate::host::ctx(lua);
             if let Some(json) = ctx.node.config.lua.odbc.get(&s) {
                 ConnSpec::from_json(&s, json).map_err(lua_err)
             } else if s.contains('=') {
@@ -251,7 +251,7 @@ impl Adapter {
 
 async fn new_adapter(lua: &Lua, conn: LuaValue) -> mlua::Result<AdapterHandle> {
     let spec = spec_of(lua, &conn)?;
-    let workers = crate::instance::ctx(lua).node.config.workers;
+    let workers = crate::host::ctx(lua).node.config.workers;
     let exec = Executor::global(workers);
     let pool = Pool::get(&spec, workers);
     let pooled = pool

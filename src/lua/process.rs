@@ -2,7 +2,7 @@
 //! `node`), configuration and environment values (`process["$key"]`, `process["%ENV"]`),
 //! the process title, and `process.exit` (ext).
 
-use crate::instance::ctx;
+use crate::host::ctx;
 use mlua::{Lua, LuaSerdeExt, Table, Value};
 
 pub fn open(lua: &Lua) -> mlua::Result<Table> {

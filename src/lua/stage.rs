@@ -2,8 +2,8 @@
 //! (`addtask`, `sleep`) and keyed work (`submit`).
 
 use crate::home::split_name;
-use crate::instance::ctx;
-use crate::loader::{LoadError, Loaded};
+use crate::host::ctx;
+use crate::host::loader::{LoadError, Loaded};
 use mlua::{Function, Lua, MultiValue, Table, Value, Variadic};
 use std::time::Duration;
 

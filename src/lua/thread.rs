@@ -3,14 +3,13 @@
 //! calling instance; `thread.signal(v)` inside `f` sends early values. Also `_SANDBOX`,
 //! the globals shared by every instance of the process.
 
-use crate::instance::{call_callback, ctx};
+use crate::host::workers::Pool;
+use crate::host::{call_callback, ctx};
 use crate::value::{self, Value as Sent};
 use mlua::{Function, Lua, LuaOptions, MultiValue, StdLib, Table, Value};
 use std::cell::RefCell;
 use std::collections::{HashSet, VecDeque};
 use std::rc::Rc;
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
-use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc;
 
 /// What a running job sends back to the instance that started it.
@@ -25,75 +24,53 @@ struct Job {
     events: mpsc::Sender<Event>,
 }
 
-/// The blocking-work pool: `#threads[0]` worker threads taking jobs from one queue of
-/// `#threads[1]` entries.
-pub struct Pool {
-    jobs: SyncSender<Job>,
-    queue: usize,
-}
-
-impl Pool {
-    pub fn start(workers: usize, queue: usize) -> Pool {
-        let (tx, rx) = sync_channel::<Job>(queue.max(1));
-        let rx = Arc::new(Mutex::new(rx));
-        for i in 0..workers.max(1) {
-            let rx = rx.clone();
-            let spawned = std::thread::Builder::new()
-                .name(format!("thread#{i}"))
-                .spawn(move || worker(&rx));
-            if let Err(e) = spawned {
-                log::error!("thread.new: cannot start worker thread {i}: {e}");
-            }
-        }
-        Pool {
-            jobs: tx,
-            queue: queue.max(1),
-        }
-    }
+thread_local! {
+    /// A worker thread's Lua state, created on its first job and reused for the next ones.
+    static WORKER_STATE: std::cell::OnceCell<Option<Lua>> = const { std::cell::OnceCell::new() };
 }
 
 /// The job whose function runs on this worker's state now (for `thread.signal`).
 struct CurrentJob(RefCell<Option<mpsc::Sender<Event>>>);
 
-fn worker(rx: &Mutex<Receiver<Job>>) {
-    let lua = match worker_state() {
-        Ok(l) => l,
-        Err(e) => {
-            log::error!("thread.new: cannot create a worker's Lua state: {e}");
-            return;
-        }
-    };
-    loop {
-        // The lock is held only while waiting for the next job, never while running one.
-        let job = match rx.lock().expect("job queue").recv() {
-            Ok(j) => j,
-            Err(_) => return,
+/// Runs one `thread.new` job on the calling worker thread.
+fn run_on_worker(job: Job) {
+    let events = job.events.clone();
+    let result = WORKER_STATE.with(|state| {
+        let lua = state.get_or_init(|| match worker_state() {
+            Ok(l) => Some(l),
+            Err(e) => {
+                log::error!("thread.new: cannot create a worker's Lua state: {e}");
+                None
+            }
+        });
+        let Some(lua) = lua else {
+            return Err("thread.new: the worker has no Lua state".to_string());
         };
-        let events = job.events.clone();
         *lua.app_data_ref::<CurrentJob>()
             .expect("worker job")
             .0
             .borrow_mut() = Some(events.clone());
-        let result = run_job(&lua, &job);
+        let result = run_job(lua, &job);
         *lua.app_data_ref::<CurrentJob>()
             .expect("worker job")
             .0
             .borrow_mut() = None;
-        if let Err(e) = &result {
-            log::error!(target: "thread", "error in thread.new function: {e}");
-        }
-        let _ = events.blocking_send(Event::Done(result));
+        result
+    });
+    if let Err(e) = &result {
+        log::error!(target: "thread", "error in thread.new function: {e}");
     }
+    let _ = events.blocking_send(Event::Done(result));
 }
 
 fn run_job(lua: &Lua, job: &Job) -> Result<Vec<Sent>, String> {
     let f = match value::to_lua(lua, &Sent::Function(job.code.clone())) {
         Ok(Value::Function(f)) => f,
         Ok(_) => return Err("thread.new: not a function".into()),
-        Err(e) => return Err(crate::script_error::format(&e)),
+        Err(e) => return Err(crate::host::script_error::format(&e)),
     };
-    let args = value::to_lua_multi(lua, &job.args).map_err(|e| crate::script_error::format(&e))?;
-    let rets: MultiValue = f.call(args).map_err(|e| crate::script_error::format(&e))?;
+    let args = value::to_lua_multi(lua, &job.args).map_err(|e| crate::host::script_error::format(&e))?;
+    let rets: MultiValue = f.call(args).map_err(|e| crate::host::script_error::format(&e))?;
     value::from_lua_multi(lua, rets, "return", 1).map_err(|e| e.to_string())
 }
 
@@ -194,22 +171,15 @@ fn new(lua: &Lua, (f, args): (Function, MultiValue)) -> mlua::Result<Table> {
     let pool = c
         .node
         .threads
-        .get_or_init(|| Pool::start(c.node.config.workers, c.node.config.queue));
+        .get_or_init(|| Pool::start("thread", c.node.config.workers, c.node.config.queue));
     let (tx, mut rx) = mpsc::channel(64);
-    match pool.jobs.try_send(Job {
+    let job = Job {
         code,
         args,
         events: tx,
-    }) {
-        Ok(()) => {}
-        Err(TrySendError::Full(_)) => {
-            return Err(err(format!(
-                "the blocking pool's queue is full ({} jobs waiting, #threads[1])",
-                pool.queue
-            )))
-        }
-        Err(TrySendError::Disconnected(_)) => return Err(err("the blocking pool has stopped".into())),
-    }
+    };
+    pool.try_submit(Box::new(move || run_on_worker(job)))
+        .map_err(|e| err(e.to_string()))?;
     let h = Rc::new(Handle {
         cb: RefCell::new(None),
         pending: RefCell::new(VecDeque::new()),

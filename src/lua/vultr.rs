@@ -4,7 +4,7 @@
 //! message; the API key never reaches Lua, logs or error text.
 
 use crate::cloud::vultr::{Client, CreateRequest, InstanceFilter, Settings, VultrError, WaitOptions};
-use crate::instance::{call_callback, ctx};
+use crate::host::{call_callback, ctx};
 use mlua::{AnyUserData, Function, Lua, LuaSerdeExt, MultiValue, SerializeOptions, Table, Value};
 use serde_json::Value as Json;
 use std::time::Duration;

@@ -89,7 +89,7 @@ impl Loader {
         lua.load(src)
             .set_name(format!("@{}", self.display_path(path)))
             .into_function()
-            .map_err(|e| crate::script_error::format(&e))
+            .map_err(|e| crate::host::script_error::format(&e))
     }
 
     /// Loads `name` (a file name, without `+id`). `reload = false` is `stage.require`:
@@ -206,11 +206,11 @@ impl Loader {
     /// Compiles and runs one file as a coroutine (it may yield while loading).
     async fn run(&self, lua: &Lua, path: &Path) -> Result<Value, String> {
         let f = self.compile(lua, path)?;
-        let runner = crate::instance::xpcall_runner(lua).map_err(|e| e.to_string())?;
+        let runner = crate::host::callback::xpcall_runner(lua).map_err(|e| e.to_string())?;
         let mut rets = runner
             .call_async::<mlua::MultiValue>(f)
             .await
-            .map_err(|e| crate::script_error::format(&e))?;
+            .map_err(|e| crate::host::script_error::format(&e))?;
         match rets.pop_front() {
             Some(Value::Boolean(true)) => Ok(rets.pop_front().unwrap_or(Value::Nil)),
             _ => Err(rets

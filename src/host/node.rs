@@ -1,6 +1,6 @@
-//! One `stage run` process: reads the home's configuration, watches its scripts, starts the
-//! instances of `#startup`, logs USAGE, and stops everything on SIGINT/SIGTERM or
-//! `process.exit`.
+//! `NodeShared`: what every instance of one `stage run` process shares (configuration,
+//! home, hot-reload generation, router, worker pool, shutdown signal), and the home's
+//! opening and watching.
 
 use crate::config::Config;
 use crate::home::Home;
@@ -9,7 +9,7 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// What every instance of the process shares.
 pub struct NodeShared {
@@ -31,7 +31,7 @@ pub struct NodeShared {
     /// The mailboxes of every instance (`stage.signal`, `stage.request`).
     pub router: crate::router::Router,
     /// The blocking-work pool of `thread.new`, started on first use.
-    pub threads: std::sync::OnceLock<crate::lua::thread::Pool>,
+    pub threads: std::sync::OnceLock<crate::host::workers::Pool>,
     /// Globals shared by `_SANDBOX[""] = {"*NAME"}`: the last committed value of each.
     pub sandbox: Mutex<std::collections::HashMap<String, crate::value::Value>>,
 }
@@ -78,7 +78,7 @@ fn hostname() -> String {
 }
 
 /// Watches the home for changed `.lua` files and moves `generation` on each change.
-fn watch(root: &Path, generation: Arc<AtomicU64>) -> notify::Result<notify::RecommendedWatcher> {
+pub(crate) fn watch(root: &Path, generation: Arc<AtomicU64>) -> notify::Result<notify::RecommendedWatcher> {
     let mut w = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
         if let Ok(ev) = res {
             if ev.paths.iter().any(|p| p.extension().is_some_and(|e| e == "lua")) {
@@ -104,75 +104,4 @@ pub fn open_home(root: &Path) -> anyhow::Result<(PathBuf, Config, Home)> {
     crate::cloud::vultr::Settings::from_config(config.vultr.as_ref())
         .map_err(|e| anyhow::anyhow!("conf/stage.json: {e}"))?;
     Ok((root, config, home))
-}
-
-/// Runs a node until it is told to stop; returns the exit status.
-pub fn run(root: &Path, args: Vec<String>) -> anyhow::Result<i32> {
-    let (root, config, home) = open_home(root)?;
-    std::env::set_current_dir(&root)?;
-    crate::db::use_home_odbcinst(&root);
-    for w in &config.warnings {
-        log::warn!("{w}");
-    }
-    let node = NodeShared::new(config, home, args);
-    let _watcher = match watch(&root, node.generation.clone()) {
-        Ok(w) => Some(w),
-        Err(e) => {
-            log::warn!("hot reload is off: cannot watch {}: {e}", root.display());
-            None
-        }
-    };
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let mut threads = vec![];
-    for (number, spec) in node.config.startup.iter().enumerate() {
-        threads.push(crate::instance::spawn(node.clone(), spec.clone(), number)?);
-    }
-    log::info!(
-        "READY {}: {} instance(s) in {}",
-        std::process::id(),
-        threads.len(),
-        root.display()
-    );
-    rt.block_on(async {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
-        let mut stop = node.shutdown.subscribe();
-        let usage_every = node.config.usage_secs;
-        let usage = async {
-            if usage_every == 0 {
-                return std::future::pending().await;
-            }
-            let mut tick = tokio::time::interval(Duration::from_secs(usage_every));
-            tick.tick().await;
-            loop {
-                tick.tick().await;
-                log::warn!("{}", crate::usage::line());
-            }
-        };
-        tokio::select! {
-            _ = term.recv() => log::info!("SIGTERM: stopping"),
-            _ = int.recv() => log::info!("SIGINT: stopping"),
-            _ = stop.wait_for(|s| *s) => log::info!("stop requested by a script"),
-            _ = usage => {}
-        }
-        anyhow::Ok(())
-    })?;
-    node.shutdown.send_replace(true);
-    // Instances finish the callback they run and drop their timers; a script stuck in an
-    // endless loop cannot be interrupted, so the process does not wait for it forever.
-    let deadline = Instant::now() + Duration::from_secs(4);
-    for t in threads {
-        while !t.is_finished() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        if t.is_finished() {
-            let _ = t.join();
-        } else {
-            log::warn!("an instance did not stop within 4 s; exiting anyway");
-        }
-    }
-    Ok(node.exit_code.load(Ordering::SeqCst))
 }

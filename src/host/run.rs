@@ -1,0 +1,132 @@
+//! Starting and stopping a node in-process: `start` boots the instances of `#startup` and
+//! returns a `NodeHandle`; `stop(code)` asks every instance to stop and `join()` waits for
+//! them. Signals are the caller's business (`main.rs`), so tests and benchmarks can run a
+//! whole node without a process of its own.
+
+use crate::host::node::{open_home, watch, NodeShared};
+use crate::host::Bindings;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// How long `join` waits for instances to finish the callback they run.
+const STOP_GRACE: Duration = Duration::from_secs(4);
+
+/// A running node: its shared state, instance threads and home watcher.
+pub struct NodeHandle {
+    node: Arc<NodeShared>,
+    threads: Vec<JoinHandle<()>>,
+    _watcher: Option<notify::RecommendedWatcher>,
+}
+
+/// Opens the home at `root`, makes it the working directory, and starts every instance of
+/// `#startup` with `bindings` registered in its Lua state.
+pub fn start(root: &Path, args: Vec<String>, bindings: Bindings) -> anyhow::Result<NodeHandle> {
+    let (root, config, home) = open_home(root)?;
+    std::env::set_current_dir(&root)?;
+    crate::db::use_home_odbcinst(&root);
+    for w in &config.warnings {
+        log::warn!("{w}");
+    }
+    let node = NodeShared::new(config, home, args);
+    let watcher = match watch(&root, node.generation.clone()) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            log::warn!("hot reload is off: cannot watch {}: {e}", root.display());
+            None
+        }
+    };
+    let mut threads = vec![];
+    for (number, spec) in node.config.startup.iter().enumerate() {
+        threads.push(crate::host::instance::spawn(
+            node.clone(),
+            spec.clone(),
+            number,
+            bindings,
+        )?);
+    }
+    spawn_usage(&node);
+    log::info!(
+        "READY {}: {} instance(s) in {}",
+        std::process::id(),
+        threads.len(),
+        root.display()
+    );
+    Ok(NodeHandle {
+        node,
+        threads,
+        _watcher: watcher,
+    })
+}
+
+/// Logs the USAGE line every `#usage` seconds until the node stops.
+fn spawn_usage(node: &Arc<NodeShared>) {
+    let every = node.config.usage_secs;
+    if every == 0 {
+        return;
+    }
+    let mut stop = node.shutdown.subscribe();
+    let spawned = std::thread::Builder::new().name("usage".into()).spawn(move || {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+        else {
+            return;
+        };
+        rt.block_on(async {
+            let mut tick = tokio::time::interval(Duration::from_secs(every));
+            tick.tick().await;
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => log::warn!("{}", crate::usage::line()),
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+            }
+        });
+    });
+    if let Err(e) = spawned {
+        log::warn!("USAGE line is off: cannot start its thread: {e}");
+    }
+}
+
+impl NodeHandle {
+    /// What the instances share.
+    pub fn node(&self) -> &Arc<NodeShared> {
+        &self.node
+    }
+
+    /// Asks every instance to stop, with `code` as the node's exit status.
+    pub fn stop(&self, code: i32) {
+        self.node.request_stop(code);
+    }
+
+    /// Waits until something asks the node to stop (`stop`, `process.exit`, a signal
+    /// handler calling `NodeShared::shutdown`).
+    pub async fn stopped(&self) {
+        let mut rx = self.node.shutdown.subscribe();
+        let _ = rx.wait_for(|s| *s).await;
+    }
+
+    /// Stops the node if no one has yet, waits for its instances (at most `STOP_GRACE`:
+    /// a script stuck in an endless loop cannot be interrupted), and returns the exit status.
+    pub fn join(self) -> i32 {
+        self.node.shutdown.send_replace(true);
+        let deadline = Instant::now() + STOP_GRACE;
+        for t in self.threads {
+            while !t.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if t.is_finished() {
+                let _ = t.join();
+            } else {
+                log::warn!(
+                    "an instance did not stop within {} s; exiting anyway",
+                    STOP_GRACE.as_secs()
+                );
+            }
+        }
+        self.node.exit_code.load(Ordering::SeqCst)
+    }
+}

@@ -1,0 +1,93 @@
+//! Timing of script work: `stage.addtask` timers, `stage.submit` keyed queues, and the
+//! "run me again after N ms" rule for callbacks that return a number.
+
+use crate::host::callback::{call_callback, spawn_callback};
+use crate::host::context::{ctx, InstanceCtx};
+use mlua::{Function, Lua, MultiValue, Value};
+use std::collections::VecDeque;
+use std::time::Duration;
+use tokio::task::spawn_local;
+
+/// A positive number returned by a callback: "run me again after that many ms".
+pub fn rerun_after(rets: &Option<MultiValue>) -> Option<Duration> {
+    let ms = match rets.as_ref()?.front()? {
+        Value::Integer(i) => *i as f64,
+        Value::Number(n) => *n,
+        _ => return None,
+    };
+    (ms > 0.0).then(|| Duration::from_secs_f64(ms / 1000.0))
+}
+
+impl InstanceCtx {
+    /// `stage.addtask`: runs `f(args)` after `delay`, again while it returns a positive number.
+    pub fn add_task(&self, lua: &Lua, delay: Duration, f: Function, args: MultiValue) -> i64 {
+        let id = self.next_task.get() + 1;
+        self.next_task.set(id);
+        let lua2 = lua.clone();
+        let handle = spawn_local(async move {
+            let mut delay = delay;
+            loop {
+                tokio::time::sleep(delay).await;
+                let rets = call_callback(&lua2, "task", &f, args.clone()).await;
+                match rerun_after(&rets) {
+                    Some(d) => delay = d,
+                    None => break,
+                }
+            }
+            ctx(&lua2).tasks.borrow_mut().remove(&id);
+        });
+        self.tasks.borrow_mut().insert(id, handle.abort_handle());
+        id
+    }
+
+    /// Cancels a task; returns whether it was still pending.
+    pub fn cancel_task(&self, id: i64) -> bool {
+        match self.tasks.borrow_mut().remove(&id) {
+            Some(h) => {
+                h.abort();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// `stage.submit`: calls with the same non-empty key run one after the other, in order.
+    pub fn submit(&self, lua: &Lua, key: Option<String>, f: Function, args: MultiValue) {
+        let Some(key) = key else {
+            spawn_callback(lua, "submit".into(), f, args);
+            return;
+        };
+        {
+            let mut submits = self.submits.borrow_mut();
+            if let Some(queue) = submits.get_mut(&key) {
+                queue.push_back((f, args));
+                return;
+            }
+            submits.insert(key.clone(), VecDeque::new());
+        }
+        let lua = lua.clone();
+        spawn_local(async move {
+            let (mut f, mut args) = (f, args);
+            loop {
+                let rets = call_callback(&lua, "submit", &f, args.clone()).await;
+                if let Some(d) = rerun_after(&rets) {
+                    tokio::time::sleep(d).await;
+                    continue;
+                }
+                let next = {
+                    let ctx = ctx(&lua);
+                    let mut submits = ctx.submits.borrow_mut();
+                    let next = submits.get_mut(&key).and_then(|q| q.pop_front());
+                    if next.is_none() {
+                        submits.remove(&key);
+                    }
+                    next
+                };
+                match next {
+                    Some((nf, na)) => (f, args) = (nf, na),
+                    None => break,
+                }
+            }
+        });
+    }
+}
