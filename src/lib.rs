@@ -2,7 +2,6 @@
 //!
 //! The map of the code is ARCHITECTURE.md; the Lua API is documented under docs/.
 
-pub mod bson_lua;
 pub mod check;
 pub mod cloud;
 pub mod config;

@@ -12,6 +12,7 @@ scenarios! {
     messages_values => "messages/values.lua",
     messages_full_queue => "messages/full_queue.lua",
     messages_sandbox => "messages/sandbox.lua",
+    messages_no_debug => "messages/no_debug.lua",
     thread_new => "thread/new.lua",
     thread_reuse => "thread/reuse.lua",
 }

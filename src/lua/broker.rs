@@ -5,8 +5,8 @@
 //! writes it — no thread hop per frame. Sockets are registered per instance by id; ids are
 //! unique in the process, so an id of another instance is simply not found here.
 
-use crate::bson_lua;
 use crate::host::{call_callback, ctx};
+use crate::lua::bson as bson_lua;
 use crate::net::framing::{next_frame, put_frame, Framing};
 use crate::net::sock;
 use crate::net::uri::{self, Endpoint, Proto};

@@ -54,10 +54,10 @@ fn json(lua: &Lua, v: Value) -> mlua::Result<Value> {
 /// `bundle.bson(v)`: BSON bytes -> table, table -> BSON bytes (the broker's codec).
 fn bson(lua: &Lua, v: Value) -> mlua::Result<Value> {
     match &v {
-        Value::String(s) => crate::bson_lua::decode(lua, &s.as_bytes())
+        Value::String(s) => crate::lua::bson::decode(lua, &s.as_bytes())
             .map_err(|e| mlua::Error::runtime(format!("bundle.bson: {e}"))),
         Value::Table(_) => {
-            let bytes = crate::bson_lua::encode_vec(lua, &v)
+            let bytes = crate::lua::bson::encode_vec(lua, &v)
                 .map_err(|e| mlua::Error::runtime(format!("bundle.bson: {e}")))?;
             lua.create_string(bytes).map(Value::String)
         }

@@ -4,8 +4,8 @@
 //! copying in `value.rs`.
 
 use crate::host::{call_callback, ctx, run_callback, InstanceCtx};
+use crate::lua::value;
 use crate::router::{self, Message, ReplyTo, Scope, SenderInfo, Target};
-use crate::value;
 use mlua::{Function, Lua, MultiValue, Table, UserData, Value};
 use std::cell::RefCell;
 use std::collections::HashMap;

@@ -5,6 +5,7 @@ use crate::host::{Bindings, Inbox, LocalTask};
 use mlua::{Lua, Table};
 
 pub mod broker;
+pub mod bson;
 pub mod bundle;
 pub mod logger;
 pub mod messages;
@@ -12,6 +13,7 @@ pub mod odbc;
 pub mod process;
 pub mod stage;
 pub mod thread;
+pub mod value;
 pub mod vultr;
 
 /// A module's constructor.

@@ -5,7 +5,8 @@
 
 use crate::host::workers::Pool;
 use crate::host::{call_callback, ctx};
-use crate::value::{self, Value as Sent};
+use crate::lua::value;
+use crate::value::Value as Sent;
 use mlua::{Function, Lua, LuaOptions, MultiValue, StdLib, Table, Value};
 use std::cell::RefCell;
 use std::collections::{HashSet, VecDeque};
