@@ -3,7 +3,7 @@
 //! a `stage` home whose handler is `return function(socket, data) return data end`, drives
 //! both with the same loopback load (64 connections x 16 frames in flight, and 64 x 1; small
 //! and 1 KiB documents), and prints msgs/s, p50/p99 latency, server CPU per message (from
-//! /proc/<pid>/stat) and the ratio stage / raw. Every load loop is bounded in time and count.
+//! `/proc/<pid>/stat`) and the ratio stage / raw. Every load loop is bounded in time and count.
 //!
 //! `stage-bench raw-server PORT THREADS` runs only the baseline server (used by `echo`).
 

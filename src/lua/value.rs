@@ -1,4 +1,4 @@
-//! Lua values <-> [`Value`](crate::value::Value), the copy that crosses instances:
+//! Lua values <-> [`Value`], the copy that crosses instances:
 //! `from_lua` walks a Lua value (tables recursively, functions checked to have no upvalue
 //! but `_ENV` and dumped as bytecode) and names where anything that cannot travel sits;
 //! `to_lua` builds the value in another state, functions getting that state's globals.
