@@ -218,6 +218,9 @@ const CORE: &[&str] = &[
     "src/config.rs",
     "src/home.rs",
     "src/value.rs",
+    "src/logging.rs",
+    "src/random.rs",
+    "src/usage.rs",
     "src/cluster",
     "src/stages",
 ];
