@@ -7,7 +7,8 @@
 
 use crate::host::{call_callback, ctx};
 use crate::lua::bson as bson_lua;
-use crate::net::framing::{next_frame, put_frame, Framing};
+use crate::net::conn::{FrameReader, OutBuf, OutError};
+use crate::net::framing::{next_frame, Framing};
 use crate::net::sock;
 use crate::net::uri::{self, Endpoint, Proto};
 use mlua::{Function, Lua, MultiValue, Table, Value, Variadic};
@@ -138,7 +139,6 @@ struct Conn {
     id: i64,
     framing: Framing,
     max_in: usize,
-    max_out: usize,
     peer: Option<SocketAddr>,
     /// The script's socket object.
     table: Table,
@@ -147,8 +147,8 @@ struct Conn {
     /// The receive function returned by `accept` / `on_connect`.
     handler: RefCell<Option<Function>>,
     kind: Kind,
-    /// Framed, unsent output.
-    out: RefCell<Vec<u8>>,
+    /// Framed, unsent output (TCP).
+    out: RefCell<OutBuf>,
     /// Wakes the connection task: output was queued or a close was asked for.
     wake: Notify,
     closing: RefCell<Option<String>>,
@@ -180,6 +180,12 @@ impl Conn {
         self.wake.notify_one();
     }
 
+    /// Closes because of the peer (bad input, back-pressure): logged as a warning.
+    fn close_bad(&self, reason: &str) {
+        self.close(reason);
+        *self.bad.borrow_mut() = true;
+    }
+
     /// Where frames go: the accept/on_connect function, else `port.receive`, else
     /// `socket.receive`.
     fn receiver(&self) -> Option<Function> {
@@ -208,39 +214,24 @@ impl Conn {
     }
 
     /// Frames `v` into `out` per the framing. Returns the bytes queued.
-    fn frame_value(&self, lua: &Lua, v: &Value, out: &mut Vec<u8>) -> mlua::Result<usize> {
-        let start = out.len();
+    fn frame_value(&self, lua: &Lua, v: &Value, out: &mut OutBuf) -> mlua::Result<usize> {
         match (self.framing, v) {
-            (Framing::Bson, Value::Table(_)) => {
-                bson_lua::encode(lua, v, out).map_err(mlua::Error::runtime)?
-            }
-            (Framing::Packet, Value::Table(_)) => {
-                out.extend_from_slice(&[0; 4]);
-                if let Err(e) = bson_lua::encode(lua, v, out) {
-                    out.truncate(start);
-                    return Err(mlua::Error::runtime(e));
-                }
-                let len = (out.len() - start) as i32;
-                out[start..start + 4].copy_from_slice(&len.to_le_bytes());
-            }
-            (Framing::Text, Value::Table(_)) => {
-                let json =
-                    serde_json::to_vec(v).map_err(|e| mlua::Error::runtime(format!("socket.commit: {e}")))?;
-                put_frame(Framing::Text, &json, out);
-            }
-            (f, Value::String(s)) => put_frame(f, &s.as_bytes(), out),
+            (Framing::Bson | Framing::Packet, Value::Table(_)) => out
+                .put_with(|b| bson_lua::encode(lua, v, b))
+                .map_err(mlua::Error::runtime),
+            (Framing::Text, Value::Table(_)) => out
+                .put_with(|b| serde_json::to_writer(b, v))
+                .map_err(|e| mlua::Error::runtime(format!("socket.commit: {e}"))),
+            (_, Value::String(s)) => Ok(out.put_frame(&s.as_bytes())),
             (f, Value::Integer(_) | Value::Number(_)) if f != Framing::Bson => {
-                put_frame(f, v.to_string()?.as_bytes(), out)
+                Ok(out.put_frame(v.to_string()?.as_bytes()))
             }
-            (f, other) => {
-                return Err(mlua::Error::runtime(format!(
-                    "socket.commit: cannot send a {} on a {} socket (expected a table or a string)",
-                    other.type_name(),
-                    f.name()
-                )))
-            }
+            (f, other) => Err(mlua::Error::runtime(format!(
+                "socket.commit: cannot send a {} on a {} socket (expected a table or a string)",
+                other.type_name(),
+                f.name()
+            ))),
         }
-        Ok(out.len() - start)
     }
 
     /// `socket.commit(v [, addr])`: queues (TCP) or sends (UDP) one frame.
@@ -252,30 +243,20 @@ impl Conn {
             Kind::Tcp(stream) => {
                 let mut out = self.out.borrow_mut();
                 let n = self.frame_value(lua, v, &mut out)?;
-                if out.len() > self.max_out / 2 {
+                if out.wants_flush() {
                     // Replies are normally written once per read batch (fewer syscalls);
                     // when they pile up towards OUT, write what the socket takes now.
                     drop(out);
                     if let Err(e) = flush(self, stream) {
-                        self.close(&e);
-                        *self.bad.borrow_mut() = true;
+                        self.close_bad(&e.to_string());
                         return Ok(0);
                     }
                     out = self.out.borrow_mut();
                 }
-                if out.len() > self.max_out {
-                    // Back-pressure: the peer does not read fast enough (or the script sends
-                    // too much at once). Close rather than let memory grow without bound.
-                    let reason = format!(
-                        "unsent output of {} bytes exceeds {} OUT limit {}",
-                        out.len(),
-                        self.framing.name(),
-                        self.max_out
-                    );
-                    out.clear();
+                if let Some(e) = out.overflow() {
+                    // Back-pressure: close rather than let memory grow without bound.
                     drop(out);
-                    self.close(&reason);
-                    *self.bad.borrow_mut() = true;
+                    self.close_bad(&e.to_string());
                     return Ok(0);
                 }
                 drop(out);
@@ -290,9 +271,9 @@ impl Conn {
                         "socket.commit: a udp socket needs an address (no peer yet)",
                     ));
                 };
-                let mut buf = Vec::with_capacity(64);
+                let mut buf = OutBuf::new(self.framing, usize::MAX);
                 self.frame_value(lua, v, &mut buf)?;
-                Ok(udp_send(sock, &buf, to))
+                Ok(udp_send(sock, buf.bytes(), to))
             }
         }
     }
@@ -546,13 +527,12 @@ fn new_conn(
         id,
         framing: ep.framing,
         max_in: ep.max_in,
-        max_out: ep.max_out,
         peer,
         table,
         port,
         handler: RefCell::new(None),
         kind,
-        out: RefCell::new(Vec::new()),
+        out: RefCell::new(OutBuf::new(ep.framing, ep.max_out)),
         wake: Notify::new(),
         closing: RefCell::new(None),
         accepted: Cell::new(true),
@@ -655,135 +635,30 @@ async fn call_receive(lua: &Lua, conn: &Conn, f: &Function, args: impl mlua::Int
     }
 }
 
-/// Writes what it can of the output without waiting; an error or unsent output over `OUT`
-/// is a reason to close.
-fn flush(conn: &Conn, stream: &TcpStream) -> Result<(), String> {
-    let mut out = conn.out.borrow_mut();
-    while !out.is_empty() {
-        match stream.try_write(&out) {
-            Ok(n) => {
-                out.drain(..n);
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-            Err(e) => return Err(format!("write failed: {e}")),
-        }
-    }
-    if out.len() > conn.max_out {
-        return Err(format!(
-            "unsent output of {} bytes exceeds {} OUT limit {}",
-            out.len(),
-            conn.framing.name(),
-            conn.max_out
-        ));
-    }
-    if out.is_empty() && out.capacity() > 256 * 1024 {
-        out.shrink_to(16 * 1024);
-    }
-    Ok(())
+/// Writes what the socket takes of the output without waiting; an error or unsent output
+/// over `OUT` is a reason to close.
+fn flush(conn: &Conn, stream: &TcpStream) -> Result<(), OutError> {
+    conn.out.borrow_mut().flush(|b| stream.try_write(b))
 }
 
-/// The life of one TCP connection.
+/// Why a connection's loop ended: the reason logged, and whether it is the peer's fault.
+type End = (String, bool);
+
+/// The life of one TCP connection: read → cut → deliver → flush, until it closes.
 async fn run_tcp(lua: Lua, conn: Rc<Conn>) {
     let Kind::Tcp(stream) = &conn.kind else { return };
     let stream = stream.clone();
-    let mut ranges: Vec<(usize, usize)> = Vec::with_capacity(MAX_BATCH);
-    let mut buf: Vec<u8> = vec![0; 16 * 1024];
-    let (mut filled, mut pos) = (0usize, 0usize);
+    let mut reader = FrameReader::new(conn.framing, conn.max_in);
     let mut last_read = Instant::now();
     let mut flush_at: Option<Instant> = None;
-    let (reason, bad): (String, bool) = 'conn: loop {
-        // Hand every complete frame to the script, in order.
-        conn.in_task.set(true);
-        while !conn.is_closing() {
-            // Cut the complete frames in the buffer (at most MAX_BATCH) ...
-            ranges.clear();
-            let mut bad_frame = None;
-            while ranges.len() < MAX_BATCH {
-                match next_frame(conn.framing, &buf[pos..filled], conn.max_in) {
-                    Ok(Some(f)) => {
-                        let (start, mut end) = (pos + f.start, pos + f.end);
-                        if conn.framing == Framing::Text {
-                            // The script gets the line without its `\n` (or `\r\n`).
-                            end -= 1;
-                            if end > start && buf[end - 1] == b'\r' {
-                                end -= 1;
-                            }
-                        }
-                        ranges.push((start, end));
-                        pos += f.consumed;
-                    }
-                    Ok(None) => break,
-                    Err(e) => {
-                        bad_frame = Some(e.to_string());
-                        break;
-                    }
-                }
-            }
-            if ranges.is_empty() {
-                match bad_frame {
-                    Some(e) => break 'conn (e, true),
-                    None => break,
-                }
-            }
-            // A single frame (the request/response case) goes the direct way: fewer steps
-            // than the batch runner's Lua loop.
-            if ranges.len() == 1 {
-                let (a, b) = ranges[0];
-                let data = match conn.framing {
-                    Framing::Bson => bson_lua::decode(&lua, &buf[a..b]).map_err(|e| e.to_string()),
-                    _ => lua
-                        .create_string(&buf[a..b])
-                        .map(Value::String)
-                        .map_err(|e| e.to_string()),
-                };
-                match data {
-                    Ok(v) => deliver(&lua, &conn, v, None).await,
-                    Err(e) => break 'conn (e, true),
-                }
-                if let Some(e) = bad_frame {
-                    break 'conn (e, true);
-                }
-                continue;
-            }
-            // ... decode them in one protected call, and hand them to the script in one
-            // coroutine; the frames before a bad one are still served.
-            let (n, bad_doc) =
-                match bson_lua::decode_batch(&lua, &conn.batch, &buf, &ranges, conn.framing == Framing::Bson)
-                {
-                    Ok(n) => (n, None),
-                    Err((n, e)) => (n, Some(e.to_string())),
-                };
-            if n > 0 {
-                deliver_batch(&lua, &conn, n).await;
-            }
-            if let Some(e) = bad_doc.or(bad_frame) {
-                break 'conn (e, true);
-            }
+    let (reason, bad) = loop {
+        if let Err(e) = serve(&lua, &conn, &mut reader).await {
+            break (e, true);
         }
-        conn.in_task.set(false);
-        let served = pos > 0;
-        if pos > 0 {
-            buf.copy_within(pos..filled, 0);
-            filled -= pos;
-            pos = 0;
-        }
-        // Output: at once, or after `port.commit` ms to coalesce writes.
-        let has_out = !conn.out.borrow().is_empty();
-        if has_out {
-            let due = match (flush_at, conn.port_ms(&conn.keys.commit)) {
-                (Some(t), _) => t <= Instant::now(),
-                (None, Some(ms)) => {
-                    flush_at = Some(Instant::now() + Duration::from_millis(ms));
-                    false
-                }
-                (None, None) => true,
-            };
-            if due {
-                flush_at = None;
-                if let Err(e) = flush(&conn, &stream) {
-                    break (e, true);
-                }
-            }
+        let served = reader.consumed_any();
+        reader.compact();
+        if let Err(e) = write_out(&conn, &stream, &mut flush_at) {
+            break (e.to_string(), true);
         }
         if let Some(r) = conn.closing.borrow().clone() {
             break (r, *conn.bad.borrow());
@@ -794,48 +669,130 @@ async fn run_tcp(lua: Lua, conn: Rc<Conn>) {
             // other connections of this instance for milliseconds.
             tokio::task::yield_now().await;
         }
-        let pending = !conn.out.borrow().is_empty() && flush_at.is_none();
-        let expire = conn.port_ms(&conn.keys.expire);
-        let idle_at = expire.map(|ms| last_read + Duration::from_millis(ms));
-        if filled == buf.len() {
-            // A frame larger than the buffer (but within IN): grow to what it needs.
-            let need = match conn.framing {
-                Framing::Text => conn.max_in,
-                _ => i32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize,
-            };
-            buf.resize(need.max(buf.len() * 2).min(conn.max_in.max(16 * 1024)), 0);
-        }
-        tokio::select! {
-            r = stream.readable() => {
-                if let Err(e) = r { break (format!("read failed: {e}"), false); }
-                match stream.try_read(&mut buf[filled..]) {
-                    Ok(0) => {
-                        if filled > 0 {
-                            break (format!("peer closed with {filled} bytes of a partial frame"), true);
-                        }
-                        break ("peer closed".into(), false);
-                    }
-                    Ok(n) => { filled += n; last_read = Instant::now(); }
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                    Err(e) => break (format!("read failed: {e}"), false),
-                }
-            }
-            r = stream.writable(), if pending => {
-                if let Err(e) = r { break (format!("write failed: {e}"), false); }
-            }
-            _ = conn.wake.notified() => {}
-            _ = sleep_until_opt(flush_at) => {}
-            _ = sleep_until_opt(idle_at) => {
-                // Idle with half a frame read is the peer's fault (a stalled client): warn.
-                let partial = if filled > 0 { format!(" with {filled} bytes of a partial frame") } else { String::new() };
-                break (format!("idle for {} ms (port.expire){partial}", expire.unwrap_or(0)), filled > 0);
-            }
+        if let Some(end) = wait(&conn, &stream, &mut reader, &mut last_read, flush_at).await {
+            break end;
         }
     };
     // Best effort, without waiting: send what the script queued before closing (also the
     // replies to the good frames that came before a bad one).
     let _ = flush(&conn, &stream);
     finish(&lua, &conn, &reason, bad).await;
+}
+
+/// Hands every complete frame in the reader to the script, in order, at most `MAX_BATCH` at
+/// a time. A bad frame or document is an error, after the frames before it were served.
+async fn serve(lua: &Lua, conn: &Rc<Conn>, reader: &mut FrameReader) -> Result<(), String> {
+    conn.in_task.set(true);
+    let r = serve_frames(lua, conn, reader).await;
+    conn.in_task.set(false);
+    r
+}
+
+async fn serve_frames(lua: &Lua, conn: &Rc<Conn>, reader: &mut FrameReader) -> Result<(), String> {
+    while !conn.is_closing() {
+        let bad_frame = reader.cut(MAX_BATCH);
+        match reader.frames().len() {
+            0 => return bad_frame.map_or(Ok(()), |e| Err(e.to_string())),
+            // A single frame (the request/response case) goes the direct way: fewer steps
+            // than the batch runner's Lua loop.
+            1 => {
+                let frame = reader.frame(0);
+                let data = match conn.framing {
+                    Framing::Bson => bson_lua::decode(lua, frame).map_err(|e| e.to_string()),
+                    _ => lua
+                        .create_string(frame)
+                        .map(Value::String)
+                        .map_err(|e| e.to_string()),
+                };
+                deliver(lua, conn, data?, None).await;
+            }
+            // Decoded in one protected call and handed to the script in one coroutine.
+            _ => {
+                let bson = conn.framing == Framing::Bson;
+                let (n, bad_doc) =
+                    match bson_lua::decode_batch(lua, &conn.batch, reader.bytes(), reader.frames(), bson) {
+                        Ok(n) => (n, None),
+                        Err((n, e)) => (n, Some(e.to_string())),
+                    };
+                if n > 0 {
+                    deliver_batch(lua, conn, n).await;
+                }
+                if let Some(e) = bad_doc {
+                    return Err(e);
+                }
+            }
+        }
+        if let Some(e) = bad_frame {
+            return Err(e.to_string());
+        }
+    }
+    Ok(())
+}
+
+/// Writes the queued replies at once, or `port.commit` ms after the first one to coalesce
+/// writes.
+fn write_out(conn: &Conn, stream: &TcpStream, flush_at: &mut Option<Instant>) -> Result<(), OutError> {
+    if conn.out.borrow().is_empty() {
+        return Ok(());
+    }
+    let due = match (*flush_at, conn.port_ms(&conn.keys.commit)) {
+        (Some(t), _) => t <= Instant::now(),
+        (None, Some(ms)) => {
+            *flush_at = Some(Instant::now() + Duration::from_millis(ms));
+            false
+        }
+        (None, None) => true,
+    };
+    if !due {
+        return Ok(());
+    }
+    *flush_at = None;
+    flush(conn, stream)
+}
+
+/// Waits for the next thing to do: bytes (read into `reader`), room to write the output
+/// left over, a wake-up (output queued from elsewhere, or a close asked for), the commit
+/// delay, or `port.expire`. `Some` ends the connection.
+async fn wait(
+    conn: &Conn,
+    stream: &TcpStream,
+    reader: &mut FrameReader,
+    last_read: &mut Instant,
+    flush_at: Option<Instant>,
+) -> Option<End> {
+    let pending = !conn.out.borrow().is_empty() && flush_at.is_none();
+    let expire = conn.port_ms(&conn.keys.expire);
+    let idle_at = expire.map(|ms| *last_read + Duration::from_millis(ms));
+    let partial = reader.pending();
+    tokio::select! {
+        r = stream.readable() => {
+            if let Err(e) = r {
+                return Some((format!("read failed: {e}"), false));
+            }
+            match reader.fill(|b| stream.try_read_buf(b)) {
+                Ok(0) if partial > 0 => {
+                    return Some((format!("peer closed with {partial} bytes of a partial frame"), true));
+                }
+                Ok(0) => return Some(("peer closed".into(), false)),
+                Ok(_) => *last_read = Instant::now(),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => return Some((format!("read failed: {e}"), false)),
+            }
+        }
+        r = stream.writable(), if pending => {
+            if let Err(e) = r {
+                return Some((format!("write failed: {e}"), false));
+            }
+        }
+        _ = conn.wake.notified() => {}
+        _ = sleep_until_opt(flush_at) => {}
+        _ = sleep_until_opt(idle_at) => {
+            // Idle with half a frame read is the peer's fault (a stalled client): warn.
+            let tail = if partial > 0 { format!(" with {partial} bytes of a partial frame") } else { String::new() };
+            return Some((format!("idle for {} ms (port.expire){tail}", expire.unwrap_or(0)), partial > 0));
+        }
+    }
+    None
 }
 
 async fn sleep_until_opt(t: Option<Instant>) {
