@@ -18,6 +18,7 @@ scenarios! {
     broker_expire_commit => "broker/expire_commit.lua",
     broker_multicast => "broker/multicast.lua",
     broker_pipeline => "broker/pipeline.lua",
+    broker_large_frames => "broker/large_frames.lua",
 }
 
 /// A node started from a script; killed on drop. The script writes its listening port to
