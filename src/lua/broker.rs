@@ -1,14 +1,15 @@
 //! The `broker` module: listeners (`broker.ready`), outgoing connections (`broker.join`) and
 //! the socket objects scripts talk through. Every socket lives on the runtime of the instance
-//! that opened it: a connection's task reads, cuts frames (`net::framing`), decodes them
-//! (`bson_lua`), calls the script, encodes the reply into the connection's output buffer and
-//! writes it — no thread hop per frame. Sockets are registered per instance by id; ids are
+//! that opened it: a connection's task (`run_tcp`) reads into its `net::conn::FrameReader`,
+//! cuts frames, decodes them (`bson_lua`), calls the script, encodes the replies into its
+//! `net::conn::OutBuf` and writes them — no thread hop per frame. The byte handling (buffers,
+//! limits, framing) is Lua-free in `net/`; this file converts and calls scripts. Sockets are registered per instance by id; ids are
 //! unique in the process, so an id of another instance is simply not found here.
 
 use crate::host::{call_callback, ctx};
 use crate::lua::bson as bson_lua;
 use crate::net::conn::{FrameReader, OutBuf, OutError};
-use crate::net::framing::{next_frame, Framing};
+use crate::net::framing::{datagram_frame, Framing};
 use crate::net::sock;
 use crate::net::uri::{self, Endpoint, Proto};
 use mlua::{Function, Lua, MultiValue, Table, Value, Variadic};
@@ -373,18 +374,7 @@ fn add_methods(lua: &Lua, conn: &Rc<Conn>) -> mlua::Result<()> {
 }
 
 fn parse_addr(s: &str) -> mlua::Result<SocketAddr> {
-    if let Ok(a) = s.parse() {
-        return Ok(a);
-    }
-    let (h, p) = s
-        .trim_start_matches('[')
-        .rsplit_once(':')
-        .ok_or_else(|| mlua::Error::runtime(format!("bad address '{s}' (expected host:port)")))?;
-    let h = h.trim_end_matches(']');
-    p.parse::<u16>()
-        .ok()
-        .and_then(|p| sock::literal_addr(h, p))
-        .ok_or_else(|| mlua::Error::runtime(format!("bad address '{s}' (expected ip:port)")))
+    sock::parse_addr(s).map_err(mlua::Error::runtime)
 }
 
 fn io_fail(lua: &Lua, what: &str, e: std::io::Error) -> mlua::Result<MultiValue> {
@@ -844,30 +834,7 @@ async fn run_udp(lua: Lua, conn: Rc<Conn>, s: Rc<UdpSocket>) {
             }
         };
         let frame = &buf[..n];
-        // A datagram is one frame: for text, the whole datagram is the line (a trailing
-        // newline is optional); for bson and packet, the length field must match it.
-        let checked = match conn.framing {
-            Framing::Text if n > conn.max_in => Err(crate::net::framing::FrameError::TooLarge {
-                framing: "text",
-                len: n as u64,
-                limit: conn.max_in,
-            }),
-            Framing::Text => Ok(Some(crate::net::framing::Frame {
-                start: 0,
-                end: n,
-                consumed: n,
-            })),
-            f => next_frame(f, frame, conn.max_in),
-        };
-        let ok = match checked {
-            Ok(Some(f)) if f.consumed == n => Ok(f),
-            Ok(_) => Err(format!(
-                "datagram of {n} bytes is not exactly one {} frame",
-                conn.framing.name()
-            )),
-            Err(e) => Err(e.to_string()),
-        };
-        let f = match ok {
+        let f = match datagram_frame(conn.framing, frame, conn.max_in) {
             Ok(f) => f,
             Err(e) => {
                 log::warn!(target: &name, "dropped datagram from {from}: {e}");

@@ -46,6 +46,8 @@ pub enum FrameError {
         len: i64,
         min: usize,
     },
+    #[error("datagram of {len} bytes is not exactly one {framing} frame")]
+    NotOneFrame { framing: &'static str, len: usize },
 }
 
 /// A complete frame found at the start of a buffer.
@@ -111,6 +113,35 @@ pub fn next_frame(framing: Framing, buf: &[u8], limit: usize) -> Result<Option<F
                 None => Ok(None),
             }
         }
+    }
+}
+
+/// Checks that a datagram is exactly one frame: for `text` the whole datagram is the line
+/// (a trailing newline is optional, and stays in the range); for `bson` and `packet` the
+/// length field must match the datagram's size.
+pub fn datagram_frame(framing: Framing, buf: &[u8], limit: usize) -> Result<Frame, FrameError> {
+    let n = buf.len();
+    let frame = match framing {
+        Framing::Text if n > limit => {
+            return Err(FrameError::TooLarge {
+                framing: "text",
+                len: n as u64,
+                limit,
+            })
+        }
+        Framing::Text => Some(Frame {
+            start: 0,
+            end: n,
+            consumed: n,
+        }),
+        f => next_frame(f, buf, limit)?,
+    };
+    match frame {
+        Some(f) if f.consumed == n => Ok(f),
+        _ => Err(FrameError::NotOneFrame {
+            framing: framing.name(),
+            len: n,
+        }),
     }
 }
 
@@ -192,6 +223,37 @@ mod tests {
         put_frame(Framing::Text, b"hi", &mut out);
         put_frame(Framing::Text, b"there\n", &mut out);
         assert_eq!(out, b"hi\nthere\n");
+    }
+
+    #[test]
+    fn datagrams_are_one_frame() {
+        let doc = [5u8, 0, 0, 0, 0];
+        let f = datagram_frame(Framing::Bson, &doc, 100).unwrap();
+        assert_eq!((f.start, f.end), (0, 5));
+        let two = [&doc[..], &doc[..]].concat();
+        let e = datagram_frame(Framing::Bson, &two, 100).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "datagram of 10 bytes is not exactly one bson frame"
+        );
+        assert!(matches!(
+            datagram_frame(Framing::Packet, &[9, 0, 0, 0, 1], 100),
+            Err(FrameError::NotOneFrame { len: 5, .. })
+        ));
+        let f = datagram_frame(Framing::Packet, &[5, 0, 0, 0, 1], 100).unwrap();
+        assert_eq!((f.start, f.end), (4, 5));
+        let f = datagram_frame(Framing::Text, b"no newline", 100).unwrap();
+        assert_eq!(f.end, 10);
+        assert_eq!(datagram_frame(Framing::Text, b"a\nb\n", 100).unwrap().end, 4);
+        assert!(matches!(
+            datagram_frame(Framing::Text, b"0123456789", 9),
+            Err(FrameError::TooLarge {
+                len: 10,
+                limit: 9,
+                ..
+            })
+        ));
+        assert!(datagram_frame(Framing::Text, b"0123456789", 10).is_ok());
     }
 
     #[test]

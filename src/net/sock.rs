@@ -17,6 +17,22 @@ pub fn literal_addr(host: &str, port: u16) -> Option<SocketAddr> {
 
 /// Whether `port` of `proto` is listed in `#services` (`"host:port"` entries); only the port
 /// matters, since `0.0.0.0:8801` and `127.0.0.1:8801` share one port for SO_REUSEPORT.
+/// Parses `ip:port`, `[ipv6]:port` or `localhost:port`; the error names the address.
+pub fn parse_addr(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(a) = s.parse() {
+        return Ok(a);
+    }
+    let (h, p) = s
+        .trim_start_matches('[')
+        .rsplit_once(':')
+        .ok_or_else(|| format!("bad address '{s}' (expected host:port)"))?;
+    let h = h.trim_end_matches(']');
+    p.parse::<u16>()
+        .ok()
+        .and_then(|p| literal_addr(h, p))
+        .ok_or_else(|| format!("bad address '{s}' (expected ip:port)"))
+}
+
 pub fn is_shared(services: &[String], port: u16) -> bool {
     port != 0
         && services
@@ -109,6 +125,22 @@ pub fn interfaces() -> Vec<(String, IpAddr)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn addresses() {
+        assert_eq!(parse_addr("127.0.0.1:80"), Ok(([127, 0, 0, 1], 80).into()));
+        assert_eq!(parse_addr("localhost:9"), Ok(([127, 0, 0, 1], 9).into()));
+        assert_eq!(parse_addr("[::1]:7").unwrap().to_string(), "[::1]:7");
+        assert_eq!(
+            parse_addr("nohost"),
+            Err("bad address 'nohost' (expected host:port)".into())
+        );
+        assert_eq!(
+            parse_addr("example.com:80"),
+            Err("bad address 'example.com:80' (expected ip:port)".into())
+        );
+        assert!(parse_addr("127.0.0.1:99999").is_err());
+    }
 
     #[test]
     fn shared_ports() {

@@ -14,7 +14,7 @@ for n, size in ipairs(sizes) do
     local s = string.char(n) .. string.rep("x", size - 2) .. string.char(n + 100)
     c.commit({ n = n, s = s })
 end
-for _ = 1, 400 do if #got >= #sizes then break end stage.sleep(5) end
+for _ = 1, 2000 do if #got >= #sizes then break end stage.sleep(5) end
 eq(#got, #sizes, "every frame answered")
 for i, size in ipairs(sizes) do
     local d = got[i] or {}
@@ -29,7 +29,7 @@ sp.close = function() closed = true end
 got = {}
 c.commit({ n = 1, s = "ok" })
 c.commit({ n = 2, s = string.rep("y", 1024 * 1024) })
-for _ = 1, 400 do if closed then break end stage.sleep(5) end
+for _ = 1, 2000 do if closed then break end stage.sleep(5) end
 check(closed, "the connection with the oversize frame was closed")
 eq(#got, 1, "the frame before the oversize one was answered")
 done()
