@@ -16,6 +16,36 @@ scenarios! {
     stage_idle => "stage/idle.lua",
     stage_callback_errors => "stage/callback_errors.lua",
     stage_instances => "stage/instances.lua",
+    stage_durations => "stage/durations.lua",
     bundle_json_random => "bundle/json_random.lua",
     process_fields => "process/fields.lua",
+}
+
+/// A panic in a binding: one error line per failed callback, with the panic's message and
+/// the script's traceback; never Lua's "C stack overflow" from a recursing error handler.
+#[test]
+fn stage_panic() {
+    let out = harness::run_scenario_output("stage/panic.lua", |_| {});
+    assert!(!out.contains("stack overflow"), "{out}");
+    assert!(!out.contains("error in error handling"), "{out}");
+    for what in ["task", "submit"] {
+        let line = format!("error in {what}: hook panic in {what}");
+        let at: Vec<_> = out.match_indices(&line).map(|(i, _)| i).collect();
+        assert_eq!(at.len(), 1, "one error line for the {what}:\n{out}");
+        // The entry: its line, "stack traceback:", then the tab-indented frames.
+        let mut lines = out[at[0]..].lines();
+        lines.next();
+        assert_eq!(lines.next(), Some("stack traceback:"), "{out}");
+        let frames: Vec<_> = lines.take_while(|l| l.starts_with('\t')).collect();
+        assert!(
+            frames.iter().any(|f| f.contains("package/start.lua:")),
+            "the script's frames: {frames:?}"
+        );
+        assert!(frames.len() < 10, "a short traceback: {frames:?}");
+        assert!(
+            !frames.iter().any(|f| f.contains("xpcall")),
+            "no runner frames: {frames:?}"
+        );
+    }
+    assert!(out.contains("'deep_in_the_script'"), "{out}");
 }

@@ -36,37 +36,93 @@ pub(crate) fn install_runner(lua: &Lua) -> mlua::Result<()> {
         other => Ok(other),
     })?;
     let raw_xpcall_fn = lua.globals().get::<Function>("xpcall")?;
-    let (runner, handler): (Function, Function) = lua
-        .load(
-            r#"
-            local errmsg, raw_pcall, raw_xpcall = ...
-            local traceback, tostring = debug.traceback, tostring
-            local function fix(ok, ...)
-                if ok then return ok, ... end
-                return false, errmsg((...))
-            end
-            pcall = function(f, ...) return fix(raw_pcall(f, ...)) end
-            xpcall = function(f, h, ...)
-                return raw_xpcall(f, function(e) return h(errmsg(e)) end, ...)
-            end
-            local function handler(e)
-                local msg = tostring(errmsg(e))
-                if not msg:find("stack traceback:", 1, true) then msg = traceback(msg, 2) end
-                -- The frames of the runner are noise to the script author.
-                return (msg:gsub("\n%s*%[C%]: in %a+ 'xpcall'.*$", ""))
-            end
-            return function(f, ...) return raw_xpcall(f, handler, ...) end, handler
-            "#,
-        )
-        .set_name("=stage")
-        .call((
-            errmsg,
-            lua.globals().get::<Function>("pcall")?,
-            raw_xpcall_fn.clone(),
-        ))?;
+    let (runner, handler): (Function, Function) = lua.load(HANDLER).set_name("=stage").call((
+        errmsg,
+        lua.globals().get::<Function>("pcall")?,
+        raw_xpcall_fn.clone(),
+    ))?;
     lua.set_named_registry_value(XPCALL_RUNNER, runner)?;
     lua.set_named_registry_value(ERROR_HANDLER, handler)?;
     lua.set_named_registry_value(RAW_XPCALL, raw_xpcall_fn)
+}
+
+/// The script-facing `pcall`/`xpcall` and the one error handler.
+///
+/// A Rust panic inside a binding reaches Lua as an error userdata whose payload mlua hands
+/// back (re-panicking) the first time Rust converts it to a value; `errmsg` does that
+/// conversion. So `message` reads the text with `tostring` first (mlua's `__tostring` of
+/// the userdata gives a panic's message without consuming it) and runs `errmsg` only under
+/// `pcall`, keeping the text when it fails. Nothing in `handler` can raise: an error in a
+/// message handler would make Lua call the handler again, down to "C stack overflow".
+const HANDLER: &str = r#"
+local errmsg, raw_pcall, raw_xpcall = ...
+local traceback, tostring, type, gsub = debug.traceback, tostring, type, string.gsub
+-- Rust errors (mlua's error userdata) as their message, other values as they are.
+-- Never raises.
+local function value(e)
+    if type(e) ~= "userdata" then return e end
+    local ok, text = raw_pcall(tostring, e) -- a panic's message, before errmsg takes it
+    local ok2, m = raw_pcall(errmsg, e)
+    if ok2 and m ~= nil then return m end
+    if ok and type(text) == "string" then return text end
+    return "(error object is a userdata value)"
+end
+-- The text of any error value. Never raises.
+local function message(e)
+    if type(e) == "string" then return e end
+    e = value(e)
+    if type(e) == "string" then return e end
+    local ok, text = raw_pcall(tostring, e)
+    if ok and type(text) == "string" then return text end
+    return "(error object is a " .. type(e) .. " value)"
+end
+local function fix(ok, ...)
+    if ok then return ok, ... end
+    return false, value((...))
+end
+pcall = function(f, ...) return fix(raw_pcall(f, ...)) end
+-- When `h` itself raises, Lua calls the message handler again with the new error: that one
+-- is returned as is instead of calling `h` again (plain Lua would recurse until "C stack
+-- overflow").
+xpcall = function(f, h, ...)
+    local busy = false
+    return raw_xpcall(f, function(e)
+        if busy then return value(e) end
+        busy = true
+        return h(value(e))
+    end, ...)
+end
+-- Called by `handler` under pcall: level 4 of the traceback is the function that raised.
+local function describe(e)
+    local msg = message(e)
+    if not msg:find("stack traceback:", 1, true) then msg = traceback(msg, 4) end
+    -- The frames of the runner are noise to the script author.
+    return (gsub(msg, "\n%s*%[C%]: in %a+ '[%w_]*xpcall'.*$", ""))
+end
+local function handler(e)
+    local ok, msg = raw_pcall(describe, e)
+    if ok then return msg end
+    return message(e)
+end
+return function(f, ...) return raw_xpcall(f, handler, ...) end, handler
+"#;
+
+/// Runs `f_args` (a function, then its arguments) under `runner` (`xpcall_runner(lua)`)
+/// in the current coroutine: its return values, or the error's message with the script's
+/// traceback. Every callback, script load and message handler of the host runs through
+/// here.
+pub async fn run_protected(runner: &Function, f_args: MultiValue) -> Result<MultiValue, String> {
+    match runner.call_async::<MultiValue>(f_args).await {
+        Ok(mut rets) => match rets.pop_front() {
+            Some(Value::Boolean(true)) => Ok(rets),
+            _ => Err(match rets.pop_front() {
+                Some(Value::String(s)) => s.to_string_lossy(),
+                Some(other) => format!("(error object is a {} value)", other.type_name()),
+                None => "unknown error".into(),
+            }),
+        },
+        Err(e) => Err(script_error::format(&e)),
+    }
 }
 
 /// Runs `f(args)` as a coroutine; on error, logs `what` with the message and traceback
@@ -97,21 +153,10 @@ pub async fn run_callback(
     runner: &Function,
     f_args: MultiValue,
 ) -> Option<MultiValue> {
-    let result = runner.call_async::<MultiValue>(f_args).await;
-    match result {
-        Ok(mut rets) => match rets.pop_front() {
-            Some(Value::Boolean(true)) => Some(rets),
-            _ => {
-                let msg = rets
-                    .pop_front()
-                    .and_then(|v| v.to_string().ok())
-                    .unwrap_or_else(|| "unknown error".into());
-                log::error!(target: &ctx(lua).name, "error in {what}: {msg}");
-                None
-            }
-        },
-        Err(e) => {
-            log::error!(target: &ctx(lua).name, "error in {what}: {}", script_error::format(&e));
+    match run_protected(runner, f_args).await {
+        Ok(rets) => Some(rets),
+        Err(msg) => {
+            log::error!(target: &ctx(lua).name, "error in {what}: {msg}");
             None
         }
     }

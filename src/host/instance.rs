@@ -79,7 +79,7 @@ async fn boot(lua: Lua, entry: String) {
     if let Value::Function(idle) = loaded.value {
         loop {
             let rets = call_callback(&lua, "idle function", &idle, ()).await;
-            match rerun_after(&rets) {
+            match rerun_after(&lua, "idle function", &rets) {
                 Some(d) => tokio::time::sleep(d).await,
                 None => break,
             }

@@ -207,16 +207,9 @@ impl Loader {
     async fn run(&self, lua: &Lua, path: &Path) -> Result<Value, String> {
         let f = self.compile(lua, path)?;
         let runner = crate::host::callback::xpcall_runner(lua).map_err(|e| e.to_string())?;
-        let mut rets = runner
-            .call_async::<mlua::MultiValue>(f)
-            .await
-            .map_err(|e| crate::host::script_error::format(&e))?;
-        match rets.pop_front() {
-            Some(Value::Boolean(true)) => Ok(rets.pop_front().unwrap_or(Value::Nil)),
-            _ => Err(rets
-                .pop_front()
-                .map(|v| v.to_string().unwrap_or_else(|_| "error".into()))
-                .unwrap_or_else(|| "error".into())),
-        }
+        let mut rets =
+            crate::host::callback::run_protected(&runner, mlua::MultiValue::from_iter([Value::Function(f)]))
+                .await?;
+        Ok(rets.pop_front().unwrap_or(Value::Nil))
     }
 }

@@ -9,6 +9,7 @@
 
 pub mod callback;
 pub mod context;
+pub mod convert;
 pub mod instance;
 pub mod loader;
 pub mod node;

@@ -3,19 +3,20 @@
 
 use crate::host::callback::{call_callback, spawn_callback};
 use crate::host::context::{ctx, InstanceCtx};
-use mlua::{Function, Lua, MultiValue, Value};
+use crate::host::convert;
+use mlua::{Function, Lua, MultiValue};
 use std::collections::VecDeque;
 use std::time::Duration;
 use tokio::task::spawn_local;
 
-/// A positive number returned by a callback: "run me again after that many ms".
-pub fn rerun_after(rets: &Option<MultiValue>) -> Option<Duration> {
-    let ms = match rets.as_ref()?.front()? {
-        Value::Integer(i) => *i as f64,
-        Value::Number(n) => *n,
-        _ => return None,
-    };
-    (ms > 0.0).then(|| Duration::from_secs_f64(ms / 1000.0))
+/// A positive number returned by callback `what`: "run me again after that many ms"
+/// (clamped to `convert::MAX_DURATION`). NaN is logged as an error and ends the repeats.
+pub fn rerun_after(lua: &Lua, what: &str, rets: &Option<MultiValue>) -> Option<Duration> {
+    let first = rets.as_ref().and_then(|r| r.front());
+    convert::rerun_after(what, first).unwrap_or_else(|e| {
+        log::error!(target: &ctx(lua).name, "error in {what}: {e}; not run again");
+        None
+    })
 }
 
 impl InstanceCtx {
@@ -29,7 +30,7 @@ impl InstanceCtx {
             loop {
                 tokio::time::sleep(delay).await;
                 let rets = call_callback(&lua2, "task", &f, args.clone()).await;
-                match rerun_after(&rets) {
+                match rerun_after(&lua2, "task", &rets) {
                     Some(d) => delay = d,
                     None => break,
                 }
@@ -70,7 +71,7 @@ impl InstanceCtx {
             let (mut f, mut args) = (f, args);
             loop {
                 let rets = call_callback(&lua, "submit", &f, args.clone()).await;
-                if let Some(d) = rerun_after(&rets) {
+                if let Some(d) = rerun_after(&lua, "submit", &rets) {
                     tokio::time::sleep(d).await;
                     continue;
                 }

@@ -3,6 +3,7 @@
 //! messages to its handlers. Targets, lookup order and delivery are in `router.rs`; value
 //! copying in `value.rs`.
 
+use crate::host::convert::{self, IntoLuaErr, Unit};
 use crate::host::{call_callback, ctx, run_callback, InstanceCtx};
 use crate::lua::value;
 use crate::router::{self, Message, ReplyTo, Scope, SenderInfo, Target};
@@ -148,7 +149,10 @@ fn call_field(lua: &Lua, (key, k): (usize, Value)) -> mlua::Result<Value> {
     };
     let k = match k {
         Value::Integer(i) => i,
-        Value::Number(n) if n.fract() == 0.0 => n as i64,
+        Value::Number(_) => match convert::as_integer(&k) {
+            Some(i) => i,
+            None => return Ok(Value::Nil),
+        },
         _ => return Ok(Value::Nil),
     };
     Ok(match k {
@@ -221,7 +225,7 @@ struct Out {
 
 impl Out {
     fn target(&self, target: &str) -> mlua::Result<Rc<Target>> {
-        self.targets.get(target).map_err(|e| rt_err(e.to_string()))
+        Ok(self.targets.get(target)?)
     }
 }
 
@@ -236,13 +240,9 @@ fn rt_err(msg: impl Into<String>) -> mlua::Error {
 }
 
 const PRELUDE: &str = r#"
-local contexts, raw_signal, sync_signal, field = ...
-local running, xpcall, traceback, tostring, error, type = coroutine.running, xpcall, debug.traceback, tostring, error, type
-local function handler(e)
-    local m = tostring(e)
-    if not m:find("stack traceback:", 1, true) then m = traceback(m, 2) end
-    return m
-end
+-- `xpcall` is Lua's own and `handler` the host's one error handler (host::callback).
+local contexts, raw_signal, sync_signal, field, xpcall, handler = ...
+local running, error, type = coroutine.running, error, type
 local function finish(co, ok, ...)
     contexts[co] = nil
     if not ok then error((...), 0) end
@@ -296,6 +296,8 @@ pub fn register(lua: &Lua, stage: &Table) -> mlua::Result<()> {
             raw_signal,
             sync_signal,
             lua.create_function(call_field)?,
+            crate::host::callback::raw_xpcall(lua)?,
+            crate::host::callback::error_handler(lua)?,
         ))?;
     lua.set_app_data(Rc::new(Messages {
         handlers: RefCell::new(HashMap::new()),
@@ -424,13 +426,13 @@ fn signal(lua: &Lua, out: &Out, (target, args): (Value, MultiValue)) -> mlua::Re
         // The sender did not ask for a reply.
         return Ok(0);
     }
-    let values = value::from_lua_multi(lua, args, "arg", 2).map_err(|e| rt_err(e.to_string()))?;
+    let values = value::from_lua_multi(lua, args, "arg", 2).lua_err()?;
     Ok(send_reply(lua, &route, Ok(values)))
 }
 
 /// Parses `target`, copies `args` and delivers; returns how many instances took it.
 fn send(lua: &Lua, out: &Out, t: &Target, args: MultiValue, first_arg: usize) -> mlua::Result<usize> {
-    let values = value::from_lua_multi(lua, args, "arg", first_arg).map_err(|e| rt_err(e.to_string()))?;
+    let values = value::from_lua_multi(lua, args, "arg", first_arg).lua_err()?;
     let reply = t.reply.as_ref().map(|id| ReplyTo::Handler {
         instance: out.number,
         id: id.clone(),
@@ -452,7 +454,7 @@ async fn sync_call(
     args: MultiValue,
 ) -> mlua::Result<Option<Result<MultiValue, String>>> {
     let c = ctx(lua);
-    let t = Target::parse(target, &c.stage_id).map_err(|e| rt_err(e.to_string()))?;
+    let t = Target::parse(target, &c.stage_id)?;
     let m = messages(lua);
     let found = {
         let handlers = m.handlers.borrow();
@@ -503,7 +505,14 @@ async fn request(
             "stage.request: the reply comes back to the caller; drop '=cb' from the target",
         ));
     }
-    let values = value::from_lua_multi(&lua, args, "arg", 3).map_err(|e| rt_err(e.to_string()))?;
+    // 0, negative or none: no timeout.
+    let wait = match timeout {
+        Some(ms) if ms > 0.0 || ms.is_nan() => {
+            Some(convert::delay("stage.request: timeout", ms, Unit::Millis)?)
+        }
+        _ => None,
+    };
+    let values = value::from_lua_multi(&lua, args, "arg", 3).lua_err()?;
     let (tx, rx) = tokio::sync::oneshot::channel();
     let msg = Message {
         id: t.id.clone(),
@@ -514,9 +523,8 @@ async fn request(
     if let Err(u) = out.node.router.deliver(t.scope, &t.stage, msg) {
         return fail(&lua, u.reason());
     }
-    let timeout = timeout.unwrap_or(0.0);
-    let reply = if timeout > 0.0 {
-        match tokio::time::timeout(crate::lua::stage::ms_duration(timeout), rx).await {
+    let reply = if let Some(wait) = wait {
+        match tokio::time::timeout(wait, rx).await {
             Ok(r) => r,
             Err(_) => return fail(&lua, "timeout"),
         }

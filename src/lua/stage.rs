@@ -2,10 +2,10 @@
 //! (`addtask`, `sleep`) and keyed work (`submit`).
 
 use crate::home::split_name;
+use crate::host::convert::{self, Unit};
 use crate::host::ctx;
 use crate::host::loader::{LoadError, Loaded};
 use mlua::{Function, Lua, MultiValue, Table, Value, Variadic};
-use std::time::Duration;
 
 pub fn open(lua: &Lua) -> mlua::Result<Table> {
     let t = lua.create_table()?;
@@ -28,21 +28,23 @@ pub fn open(lua: &Lua) -> mlua::Result<Table> {
     t.set(
         "sleep",
         lua.create_async_function(|_, ms: f64| async move {
-            tokio::time::sleep(ms_duration(ms)).await;
+            tokio::time::sleep(convert::delay("stage.sleep(ms)", ms, Unit::Millis)?).await;
             Ok(())
         })?,
     )?;
     crate::lua::messages::register(lua, &t)?;
+    if std::env::var_os(TEST_HOOKS).is_some_and(|v| v == "1") {
+        t.set("_panic", lua.create_function(test_panic)?)?;
+    }
     Ok(t)
 }
 
-/// Milliseconds from Lua (negative and NaN count as 0).
-pub fn ms_duration(ms: f64) -> Duration {
-    if ms.is_finite() && ms > 0.0 {
-        Duration::from_secs_f64(ms / 1000.0)
-    } else {
-        Duration::ZERO
-    }
+/// With this variable set to `1`, `stage._panic(msg)` exists: a binding that panics, so
+/// tests can check that a Rust panic in a binding stays one clear error (tests/lua/stage).
+pub const TEST_HOOKS: &str = "STAGE_TEST_HOOKS";
+
+fn test_panic(_: &Lua, msg: String) -> mlua::Result<()> {
+    panic!("{msg}")
 }
 
 /// `stage.once(key, f)`: runs `f` only the first time `key` is seen in this process.
@@ -93,12 +95,10 @@ async fn load(lua: Lua, name: String, f: Option<Function>, reload: bool) -> mlua
     let (file, id) = split_name(&name);
     let c = ctx(&lua);
     let result = c.loader.load(&lua, file, reload).await;
-    let (value, info) = match &result {
-        Ok(loaded) => (pick(&lua, loaded, id)?, info_table(&lua, loaded)?),
+    let (value, info) = match result {
+        Ok(loaded) => (pick(&lua, &loaded, id)?, info_table(&lua, &loaded)?),
+        Err(e) if f.is_none() => return Err(e.into()),
         Err(e) => {
-            let Some(_) = &f else {
-                return Err(mlua::Error::runtime(e.to_string()));
-            };
             let info = lua.create_table()?;
             info.set("file", file)?;
             info.set("id", id)?;
@@ -128,11 +128,7 @@ async fn call(
         Value::String(s) => {
             let name = s.to_str()?.to_string();
             let (file, id) = split_name(&name);
-            let loaded = ctx(&lua)
-                .loader
-                .load(&lua, file, true)
-                .await
-                .map_err(|e| mlua::Error::runtime(e.to_string()))?;
+            let loaded = ctx(&lua).loader.load(&lua, file, true).await?;
             match pick(&lua, &loaded, id)? {
                 Value::Function(f) => f,
                 other => {
@@ -162,15 +158,7 @@ async fn call(
 fn addtask(lua: &Lua, (first, f, args): (Value, Option<Function>, MultiValue)) -> mlua::Result<Value> {
     let c = ctx(lua);
     let Some(f) = f else {
-        let handle = match first {
-            Value::Integer(i) => i,
-            Value::Number(n) => n as i64,
-            _ => {
-                return Err(mlua::Error::runtime(
-                    "stage.addtask(handle, nil): handle must be a number",
-                ))
-            }
-        };
+        let handle = convert::integer("stage.addtask(handle, nil): handle", &first)?;
         return Ok(Value::Boolean(c.cancel_task(handle)));
     };
     let ms = match first {
@@ -183,7 +171,8 @@ fn addtask(lua: &Lua, (first, f, args): (Value, Option<Function>, MultiValue)) -
             )))
         }
     };
-    Ok(Value::Integer(c.add_task(lua, ms_duration(ms), f, args)))
+    let delay = convert::delay("stage.addtask(ms, f)", ms, Unit::Millis)?;
+    Ok(Value::Integer(c.add_task(lua, delay, f, args)))
 }
 
 /// A `submit` key: `0`/nil/false mean "no restriction".

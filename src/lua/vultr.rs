@@ -4,6 +4,7 @@
 //! message; the API key never reaches Lua, logs or error text.
 
 use crate::cloud::vultr::{Client, CreateRequest, InstanceFilter, Settings, VultrError, WaitOptions};
+use crate::host::convert::{self, Unit};
 use crate::host::{call_callback, ctx};
 use mlua::{AnyUserData, Function, Lua, LuaSerdeExt, MultiValue, SerializeOptions, Table, Value};
 use serde_json::Value as Json;
@@ -12,62 +13,54 @@ use std::time::Duration;
 pub fn open(lua: &Lua) -> mlua::Result<Table> {
     // A mistake in %vultr (an unknown key, a bad endpoint) stops the instance at start,
     // naming the key, rather than surfacing at the first call.
-    Settings::from_config(ctx(lua).node.config.vultr.as_ref()).map_err(err)?;
+    Settings::from_config(ctx(lua).node.config.vultr.as_ref())?;
     let t = lua.create_table()?;
     t.set(
         "regions",
-        lua.create_async_function(|lua, ()| async move {
-            to_lua(&lua, &client(&lua)?.regions().await.map_err(err)?)
-        })?,
+        lua.create_async_function(|lua, ()| async move { to_lua(&lua, &client(&lua)?.regions().await?) })?,
     )?;
     t.set(
         "plans",
         lua.create_async_function(|lua, kind: Option<String>| async move {
-            to_lua(&lua, &client(&lua)?.plans(kind.as_deref()).await.map_err(err)?)
+            to_lua(&lua, &client(&lua)?.plans(kind.as_deref()).await?)
         })?,
     )?;
     t.set(
         "os",
-        lua.create_async_function(
-            |lua, ()| async move { to_lua(&lua, &client(&lua)?.os().await.map_err(err)?) },
-        )?,
+        lua.create_async_function(|lua, ()| async move { to_lua(&lua, &client(&lua)?.os().await?) })?,
     )?;
     t.set(
         "listall",
-        lua.create_async_function(|lua, ()| async move {
-            to_lua(&lua, &client(&lua)?.catalog().await.map_err(err)?)
-        })?,
+        lua.create_async_function(|lua, ()| async move { to_lua(&lua, &client(&lua)?.catalog().await?) })?,
     )?;
     t.set(
         "instances",
         lua.create_async_function(|lua, filter: Option<Table>| async move {
             let filter = instance_filter(filter)?;
-            to_lua(&lua, &client(&lua)?.instances(&filter).await.map_err(err)?)
+            to_lua(&lua, &client(&lua)?.instances(&filter).await?)
         })?,
     )?;
     t.set(
         "get",
-        lua.create_async_function(|lua, id: String| async move {
-            to_lua(&lua, &client(&lua)?.get(&id).await.map_err(err)?)
-        })?,
+        lua.create_async_function(
+            |lua, id: String| async move { to_lua(&lua, &client(&lua)?.get(&id).await?) },
+        )?,
     )?;
     t.set(
         "status",
-        lua.create_async_function(|lua, id: String| async move {
-            Ok(client(&lua)?.get(&id).await.map_err(err)?.word())
-        })?,
+        lua.create_async_function(|lua, id: String| async move { Ok(client(&lua)?.get(&id).await?.word()) })?,
     )?;
     t.set(
         "create",
         lua.create_async_function(|lua, spec: Table| async move {
             let req = create_request(&lua, spec)?;
-            to_lua(&lua, &client(&lua)?.create(&req).await.map_err(err)?)
+            to_lua(&lua, &client(&lua)?.create(&req).await?)
         })?,
     )?;
     t.set(
         "delete",
         lua.create_async_function(|lua, id: String| async move {
-            client(&lua)?.delete(&id).await.map_err(err)?;
+            client(&lua)?.delete(&id).await?;
             Ok(true)
         })?,
     )?;
@@ -75,7 +68,7 @@ pub fn open(lua: &Lua) -> mlua::Result<Table> {
         t.set(
             action,
             lua.create_async_function(move |lua, id: String| async move {
-                client(&lua)?.action(&id, action).await.map_err(err)?;
+                client(&lua)?.action(&id, action).await?;
                 Ok(true)
             })?,
         )?;
@@ -92,14 +85,10 @@ fn client(lua: &Lua) -> mlua::Result<Client> {
     if let Ok(ud) = lua.named_registry_value::<AnyUserData>(CLIENT_KEY) {
         return Ok(ud.borrow::<Client>()?.clone());
     }
-    let settings = Settings::from_config(ctx(lua).node.config.vultr.as_ref()).map_err(err)?;
-    let c = Client::new(settings).map_err(err)?;
+    let settings = Settings::from_config(ctx(lua).node.config.vultr.as_ref())?;
+    let c = Client::new(settings)?;
     lua.set_named_registry_value(CLIENT_KEY, lua.create_any_userdata(c.clone())?)?;
     Ok(c)
-}
-
-fn err(e: VultrError) -> mlua::Error {
-    mlua::Error::runtime(e.to_string())
 }
 
 fn to_lua<T: serde::Serialize>(lua: &Lua, v: &T) -> mlua::Result<Value> {
@@ -157,10 +146,8 @@ fn create_request(lua: &Lua, t: Table) -> mlua::Result<CreateRequest> {
             "hostname" => req.hostname = Some(text(&v)?),
             "os_id" => {
                 req.os_id = Some(match v {
-                    Value::Integer(i) => i,
-                    Value::Number(n) if n.fract() == 0.0 => n as i64,
                     Value::String(ref s) => s.to_str()?.parse().map_err(|_| bad(&k, "an integer"))?,
-                    _ => return Err(bad(&k, "an integer")),
+                    ref other => convert::as_integer(other).ok_or_else(|| bad(&k, "an integer"))?,
                 })
             }
             "tags" => match v {
@@ -197,13 +184,17 @@ fn create_request(lua: &Lua, t: Table) -> mlua::Result<CreateRequest> {
     Ok(req)
 }
 
+/// A millisecond option of `vultr.wait` (clamped to a year; negative and NaN are errors).
 fn ms_option(opts: &Table, key: &str, default: Duration) -> mlua::Result<Duration> {
+    let what = || format!("vultr.wait: {key}");
     match opts.get::<Value>(key)? {
         Value::Nil => Ok(default),
-        Value::Integer(i) if i >= 0 => Ok(Duration::from_millis(i as u64)),
-        Value::Number(n) if n.is_finite() && n >= 0.0 => Ok(Duration::from_secs_f64(n / 1000.0)),
-        _ => Err(mlua::Error::runtime(format!(
-            "vultr.wait: {key} must be a non-negative number of milliseconds"
+        Value::Integer(i) => Ok(convert::timeout(&what(), i as f64, Unit::Millis)?),
+        Value::Number(n) => Ok(convert::timeout(&what(), n, Unit::Millis)?),
+        other => Err(mlua::Error::runtime(format!(
+            "{}: expected a non-negative number of milliseconds, got a {}",
+            what(),
+            other.type_name()
         ))),
     }
 }
@@ -236,7 +227,7 @@ async fn wait(lua: Lua, (id, opts): (String, Option<Table>)) -> mlua::Result<Mul
         Ok(inst) => Ok(MultiValue::from_iter([to_lua(&lua, &inst)?])),
         Err(e @ VultrError::WaitTimeout { .. }) => nil_reason(&lua, e.to_string()),
         Err(e) if e.status() == Some(404) => nil_reason(&lua, e.to_string()),
-        Err(e) => Err(err(e)),
+        Err(e) => Err(e.into()),
     }
 }
 

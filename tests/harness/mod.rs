@@ -95,6 +95,8 @@ impl TestHome {
             .arg("run")
             .arg(self.path())
             .env("STAGE_LOG", "info")
+            // `stage._panic` and other test-only hooks (src/lua/stage.rs).
+            .env("STAGE_TEST_HOOKS", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -110,7 +112,18 @@ impl Default for TestHome {
 }
 
 /// Waits for `child` up to `limit`; kills it after that. Returns (exit code, output).
+/// The pipes are drained while it runs, so a chatty child never blocks on a full pipe.
 pub fn wait_with_output(mut child: Child, limit: Duration) -> (Option<i32>, String) {
+    fn drain(r: Option<impl Read + Send + 'static>) -> std::thread::JoinHandle<String> {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut r) = r {
+                let _ = r.read_to_end(&mut buf);
+            }
+            String::from_utf8_lossy(&buf).into_owned()
+        })
+    }
+    let (err, out) = (drain(child.stderr.take()), drain(child.stdout.take()));
     let start = Instant::now();
     let status = loop {
         if let Some(st) = child.try_wait().expect("wait") {
@@ -123,14 +136,9 @@ pub fn wait_with_output(mut child: Child, limit: Duration) -> (Option<i32>, Stri
         }
         std::thread::sleep(Duration::from_millis(20));
     };
-    let mut out = String::new();
-    if let Some(mut e) = child.stderr.take() {
-        let _ = e.read_to_string(&mut out);
-    }
-    if let Some(mut o) = child.stdout.take() {
-        let _ = o.read_to_string(&mut out);
-    }
-    (status, out)
+    let mut text = err.join().unwrap_or_default();
+    text.push_str(&out.join().unwrap_or_default());
+    (status, text)
 }
 
 /// Runs the scenario `tests/lua/<rel>` and panics with the node's log if it fails.
@@ -140,6 +148,11 @@ pub fn run_scenario(rel: &str) {
 
 /// As `run_scenario`, with a hook to add files to the home before the node starts.
 pub fn run_scenario_with(rel: &str, setup: impl FnOnce(&TestHome)) {
+    run_scenario_output(rel, setup);
+}
+
+/// As `run_scenario_with`; returns the node's log (stderr, then stdout) when it passed.
+pub fn run_scenario_output(rel: &str, setup: impl FnOnce(&TestHome)) -> String {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/lua").join(rel);
     let script = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let home = TestHome::new();
@@ -160,7 +173,7 @@ pub fn run_scenario_with(rel: &str, setup: impl FnOnce(&TestHome)) {
         .unwrap_or(30);
     let (code, out) = wait_with_output(home.spawn(), Duration::from_secs(limit));
     match code {
-        Some(0) => {}
+        Some(0) => out,
         Some(c) => panic!("scenario {rel} failed (exit {c}):\n{out}"),
         None => panic!("scenario {rel} did not finish within {limit} s (call done()):\n{out}"),
     }
