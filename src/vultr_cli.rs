@@ -255,11 +255,8 @@ fn os_table(c: &crate::cloud::vultr::Catalog) {
 }
 
 fn secs(s: f64, what: &str) -> Result<Duration, String> {
-    if s.is_finite() && s >= 0.0 {
-        Ok(Duration::from_secs_f64(s))
-    } else {
-        Err(format!("--{what} must be a non-negative number of seconds"))
-    }
+    crate::host::convert::timeout(&format!("--{what}"), s, crate::host::convert::Unit::Secs)
+        .map_err(|e| e.to_string())
 }
 
 async fn run_async(args: &VultrArgs) -> Result<(), String> {

@@ -145,6 +145,11 @@ fn postgres_slow_query_and_execute_timeout() {
 }
 
 #[test]
+fn huge_and_nan_timeouts() {
+    run_on(Db::Sqlite, "odbc/timeouts.lua");
+}
+
+#[test]
 fn cache_and_purge() {
     run_on(Db::Sqlite, "odbc/cache.lua");
 }

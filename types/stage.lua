@@ -33,6 +33,7 @@ function stage.require(name, f) end
 function stage.once(key, f) end
 
 ---Runs `f(...)` after `ms`; again while it returns a number > 0. `stage.addtask(handle, nil)` cancels.
+---Negative `ms` runs at once, more than a year (math.huge) waits a year, NaN raises.
 ---@param ms integer|number delay in milliseconds, or a handle to cancel
 ---@param f? fun(...): number|nil
 ---@param ... any
@@ -53,6 +54,7 @@ function stage.submit(key, f, ...) end
 function stage.call(f, args, ...) end
 
 ---Yields the current callback for `ms` milliseconds. (ext)
+---Negative returns at once, more than a year (math.huge) sleeps a year, NaN raises.
 ---@param ms number
 function stage.sleep(ms) end
 

@@ -131,9 +131,16 @@ impl Attr {
                 )))
             }
         };
-        Ok(Duration::from_secs_f64(ms / 1000.0))
+        // The script-duration rule (docs/stage.md, "Durations"): longer than a year, `inf`
+        // included, is a year.
+        Ok(Duration::try_from_secs_f64(ms / 1000.0)
+            .unwrap_or(MAX_TIMEOUT)
+            .min(MAX_TIMEOUT))
     }
 }
+
+/// The longest timeout: one year (as `host::convert::MAX_DURATION`).
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(365 * 24 * 60 * 60);
 
 /// The default wait for a free pooled connection.
 pub const DEFAULT_CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
@@ -358,6 +365,27 @@ mod tests {
             ConnSpec::from_string("DSN=x;UID=a;PWD=secret").label,
             "DSN=x;UID=a"
         );
+    }
+
+    #[test]
+    fn huge_timeouts_are_clamped_to_a_year_and_nan_is_an_error() {
+        for huge in [
+            Attr::Float(1e30),
+            Attr::Float(f64::INFINITY),
+            Attr::Text("inf".into()),
+            Attr::Int(i64::MAX),
+        ] {
+            assert_eq!(huge.millis(".loginTimeout").unwrap(), MAX_TIMEOUT, "{huge:?}");
+        }
+        assert_eq!(Attr::Float(2.5).millis("t").unwrap(), Duration::from_micros(2500));
+        for bad in [
+            Attr::Float(f64::NAN),
+            Attr::Text("nan".into()),
+            Attr::Float(-1.0),
+            Attr::Int(-1),
+        ] {
+            assert!(bad.millis(".executeTimeout").is_err(), "{bad:?}");
+        }
     }
 
     #[test]

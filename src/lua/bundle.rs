@@ -1,5 +1,6 @@
 //! The `bundle` module: `json`, `bson`, `random` (WELL512 with its state in a Lua table) and `null`.
 
+use crate::host::convert::IntoLuaErr;
 use crate::random::Well512;
 use mlua::{Lua, LuaSerdeExt, Table, Value};
 
@@ -26,8 +27,8 @@ fn json(lua: &Lua, v: Value) -> mlua::Result<Value> {
             let text = String::from_utf8_lossy(&bytes);
             let trimmed = text.trim();
             let (parsed, what) = if trimmed.ends_with(".json") && !trimmed.starts_with(['{', '[', '"']) {
-                let data = std::fs::read(trimmed)
-                    .map_err(|e| mlua::Error::runtime(format!("bundle.json: cannot read {trimmed}: {e}")))?;
+                let data =
+                    std::fs::read(trimmed).lua_err_in(&format!("bundle.json: cannot read {trimmed}"))?;
                 (
                     serde_json::from_slice::<serde_json::Value>(&data),
                     trimmed.to_string(),
@@ -35,13 +36,11 @@ fn json(lua: &Lua, v: Value) -> mlua::Result<Value> {
             } else {
                 (serde_json::from_str(trimmed), "text".to_string())
             };
-            let parsed = parsed
-                .map_err(|e| mlua::Error::runtime(format!("bundle.json: invalid JSON in {what}: {e}")))?;
+            let parsed = parsed.lua_err_in(&format!("bundle.json: invalid JSON in {what}"))?;
             lua.to_value_with(&parsed, json_options())
         }
         Value::Table(_) | Value::Integer(_) | Value::Number(_) | Value::Boolean(_) => {
-            let text =
-                serde_json::to_string(&v).map_err(|e| mlua::Error::runtime(format!("bundle.json: {e}")))?;
+            let text = serde_json::to_string(&v).lua_err_in("bundle.json")?;
             lua.create_string(text).map(Value::String)
         }
         other => Err(mlua::Error::runtime(format!(
@@ -54,11 +53,9 @@ fn json(lua: &Lua, v: Value) -> mlua::Result<Value> {
 /// `bundle.bson(v)`: BSON bytes -> table, table -> BSON bytes (the broker's codec).
 fn bson(lua: &Lua, v: Value) -> mlua::Result<Value> {
     match &v {
-        Value::String(s) => crate::lua::bson::decode(lua, &s.as_bytes())
-            .map_err(|e| mlua::Error::runtime(format!("bundle.bson: {e}"))),
+        Value::String(s) => crate::lua::bson::decode(lua, &s.as_bytes()).lua_err_in("bundle.bson"),
         Value::Table(_) => {
-            let bytes = crate::lua::bson::encode_vec(lua, &v)
-                .map_err(|e| mlua::Error::runtime(format!("bundle.bson: {e}")))?;
+            let bytes = crate::lua::bson::encode_vec(lua, &v).lua_err_in("bundle.bson")?;
             lua.create_string(bytes).map(Value::String)
         }
         other => Err(mlua::Error::runtime(format!(

@@ -1,5 +1,6 @@
 //! The `logger` module (alias `log4cxx`) and `print`, written through log4rs.
 
+use crate::host::convert::IntoLuaErr;
 use crate::host::ctx;
 use crate::logging::{expand, parse_route, Caller};
 use log::Level;
@@ -47,7 +48,7 @@ fn write(lua: &Lua, level: Level, msg: Value, route: Option<String>) -> mlua::Re
     let c = ctx(lua);
     let (target, level) = match route {
         Some(r) => {
-            let (group, lvl) = parse_route(&r).map_err(mlua::Error::runtime)?;
+            let (group, lvl) = parse_route(&r).lua_err()?;
             (group.unwrap_or_else(|| c.name.clone()), lvl.unwrap_or(level))
         }
         None => (c.name.clone(), level),

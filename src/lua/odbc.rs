@@ -109,10 +109,6 @@ pub fn open(lua: &Lua) -> mlua::Result<Table> {
     lua.load(PRELUDE).set_name("=odbc").call(raw_functions(lua)?)
 }
 
-fn lua_err(e: DbError) -> mlua::Error {
-    mlua::Error::RuntimeError(e.to_string())
-}
-
 /// A Lua value as a database value.
 pub fn to_db(v: &LuaValue, what: &str) -> mlua::Result<db::Value> {
     to_db_named(v, || what.to_string())
@@ -178,7 +174,7 @@ fn spec_of(lua: &Lua, conn: &LuaValue) -> mlua::Result<ConnSpec> {
             let s = s.to_str()?.to_string();
             let ctx = crate::host::ctx(lua);
             if let Some(json) = ctx.node.config.lua.odbc.get(&s) {
-                ConnSpec::from_json(&s, json).map_err(lua_err)
+                ConnSpec::from_json(&s, json).map_err(mlua::Error::from)
             } else if s.contains('=') {
                 Ok(ConnSpec::from_string(&s))
             } else {
@@ -205,7 +201,7 @@ fn spec_of(lua: &Lua, conn: &LuaValue) -> mlua::Result<ConnSpec> {
                 };
                 attrs.push((k, a));
             }
-            let mut spec = ConnSpec::from_attrs("odbc.new", &attrs).map_err(lua_err)?;
+            let mut spec = ConnSpec::from_attrs("odbc.new", &attrs).map_err(mlua::Error::from)?;
             // Messages name the connection by its string, without the password.
             spec.label = ConnSpec::from_string(&spec.conn_str).label;
             Ok(spec)
@@ -244,8 +240,8 @@ impl Adapter {
                 }
             })
             .await
-            .map_err(lua_err)?
-            .map_err(lua_err)
+            .map_err(mlua::Error::from)?
+            .map_err(mlua::Error::from)
     }
 }
 
@@ -257,7 +253,7 @@ async fn new_adapter(lua: &Lua, conn: LuaValue) -> mlua::Result<AdapterHandle> {
     let pooled = pool
         .checkout(exec, spec.connection_timeout)
         .await
-        .map_err(lua_err)?;
+        .map_err(mlua::Error::from)?;
     let session = Session {
         conn: pooled,
         driver: spec.driver,
@@ -486,8 +482,8 @@ fn raw_functions(lua: &Lua) -> mlua::Result<Table> {
                     r
                 })
                 .await
-                .map_err(lua_err)?;
-            r.map_err(lua_err)
+                .map_err(mlua::Error::from)?;
+            r.map_err(mlua::Error::from)
         })?,
     )?;
     raw.set(
@@ -496,7 +492,8 @@ fn raw_functions(lua: &Lua) -> mlua::Result<Table> {
             let rs = resultset_of(&h)?;
             let keys = parse_keys(&keys)?;
             let mut rs = rs.borrow_mut();
-            let snap = Snapshot::new(rs.result.columns.clone(), &rs.result.rows, keys).map_err(lua_err)?;
+            let snap =
+                Snapshot::new(rs.result.columns.clone(), &rs.result.rows, keys).map_err(mlua::Error::from)?;
             let out = if snap.keys.is_empty() {
                 match snap.rows.first() {
                     Some((_, row)) => LuaValue::Table(row_table(lua, &rs.result, row)?),

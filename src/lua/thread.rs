@@ -3,6 +3,7 @@
 //! calling instance; `thread.signal(v)` inside `f` sends early values. Also `_SANDBOX`,
 //! the globals shared by every instance of the process.
 
+use crate::host::convert::IntoLuaErr;
 use crate::host::workers::Pool;
 use crate::host::{call_callback, ctx};
 use crate::lua::value;
@@ -84,8 +85,7 @@ fn worker_state() -> mlua::Result<Lua> {
     t.set(
         "signal",
         lua.create_function(|lua, args: MultiValue| {
-            let values = value::from_lua_multi(lua, args, "arg", 1)
-                .map_err(|e| mlua::Error::runtime(format!("thread.signal: {e}")))?;
+            let values = value::from_lua_multi(lua, args, "arg", 1).lua_err_in("thread.signal")?;
             let tx = lua
                 .app_data_ref::<CurrentJob>()
                 .and_then(|j| j.0.borrow().clone());
@@ -162,13 +162,11 @@ pub fn open(lua: &Lua) -> mlua::Result<Table> {
 /// `thread.new(f, ...)` → an object whose `.waitfor(cb)` receives `f`'s results.
 fn new(lua: &Lua, (f, args): (Function, MultiValue)) -> mlua::Result<Table> {
     let c = ctx(lua);
-    let err = |e: String| mlua::Error::runtime(format!("thread.new: {e}"));
-    let Sent::Function(code) =
-        value::from_lua(lua, &Value::Function(f), "arg 1").map_err(|e| err(e.to_string()))?
+    let Sent::Function(code) = value::from_lua(lua, &Value::Function(f), "arg 1").lua_err_in("thread.new")?
     else {
-        return Err(err("expected a function".into()));
+        return Err(mlua::Error::runtime("thread.new: expected a function"));
     };
-    let args = value::from_lua_multi(lua, args, "arg", 2).map_err(|e| err(e.to_string()))?;
+    let args = value::from_lua_multi(lua, args, "arg", 2).lua_err_in("thread.new")?;
     let pool = c
         .node
         .threads
@@ -180,7 +178,7 @@ fn new(lua: &Lua, (f, args): (Function, MultiValue)) -> mlua::Result<Table> {
         events: tx,
     };
     pool.try_submit(Box::new(move || run_on_worker(job)))
-        .map_err(|e| err(e.to_string()))?;
+        .lua_err_in("thread.new")?;
     let h = Rc::new(Handle {
         cb: RefCell::new(None),
         pending: RefCell::new(VecDeque::new()),
@@ -274,8 +272,7 @@ fn share_global(lua: &Lua, names: &Rc<RefCell<HashSet<String>>>, name: &str) -> 
     let node = ctx(lua).node.clone();
     let current: Value = globals.raw_get(name)?;
     if !current.is_nil() {
-        let v = value::from_lua(lua, &current, &format!("global {name}"))
-            .map_err(|e| mlua::Error::runtime(format!("_SANDBOX: {e}")))?;
+        let v = value::from_lua(lua, &current, &format!("global {name}")).lua_err_in("_SANDBOX")?;
         node.sandbox
             .lock()
             .expect("sandbox")
@@ -330,8 +327,7 @@ fn share_global(lua: &Lua, names: &Rc<RefCell<HashSet<String>>>, name: &str) -> 
                     if v.is_nil() {
                         store.remove(&key);
                     } else {
-                        let sent = value::from_lua(lua, &v, &format!("global {key}"))
-                            .map_err(|e| mlua::Error::runtime(e.to_string()))?;
+                        let sent = value::from_lua(lua, &v, &format!("global {key}")).lua_err()?;
                         store.insert(key, sent);
                     }
                     return Ok(());
