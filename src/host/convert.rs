@@ -183,8 +183,8 @@ mod tests {
         }
         assert_eq!(delay("f", 1e30, Unit::Secs), Ok(MAX_DURATION));
         assert_eq!(
-            delay("f", 31_535_999_999.0, Unit::Millis),
-            Ok(MAX_DURATION - Duration::from_millis(1))
+            delay("f", 31_535_999_000.0, Unit::Millis),
+            Ok(MAX_DURATION - Duration::from_secs(1))
         );
         let e = delay("stage.sleep(ms)", f64::NAN, Unit::Millis).unwrap_err();
         assert_eq!(
