@@ -17,5 +17,6 @@ scenarios! {
     stage_callback_errors => "stage/callback_errors.lua",
     stage_instances => "stage/instances.lua",
     bundle_json_random => "bundle/json_random.lua",
+    bundle_bson_stage => "bundle/bson_stage.lua",
     process_fields => "process/fields.lua",
 }

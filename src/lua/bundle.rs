@@ -51,13 +51,23 @@ fn json(lua: &Lua, v: Value) -> mlua::Result<Value> {
     }
 }
 
-/// `bundle.bson(v)`: BSON bytes -> table, table -> BSON bytes (the broker's codec).
-fn bson(lua: &Lua, v: Value) -> mlua::Result<Value> {
+/// `bundle.bson(v [, "stage"])`: BSON bytes -> table, table -> BSON bytes (the broker's
+/// codec); `"stage"` chooses STAGE's array mapping (0-based arrays, `{"#1": ...}`).
+fn bson(lua: &Lua, (v, mapping): (Value, Option<String>)) -> mlua::Result<Value> {
+    let mode = match mapping.as_deref() {
+        None | Some("standard") => crate::lua::bson::Mode::default(),
+        Some("stage") => crate::lua::bson::Mode { stage_arrays: true },
+        Some(other) => {
+            return Err(mlua::Error::runtime(format!(
+                "bundle.bson: unknown mapping {other:?} (expected \"stage\" or \"standard\")"
+            )))
+        }
+    };
     match &v {
-        Value::String(s) => crate::lua::bson::decode(lua, &s.as_bytes())
+        Value::String(s) => crate::lua::bson::decode_with(lua, &s.as_bytes(), mode)
             .map_err(|e| mlua::Error::runtime(format!("bundle.bson: {e}"))),
         Value::Table(_) => {
-            let bytes = crate::lua::bson::encode_vec(lua, &v)
+            let bytes = crate::lua::bson::encode_vec_with(lua, &v, mode)
                 .map_err(|e| mlua::Error::runtime(format!("bundle.bson: {e}")))?;
             lua.create_string(bytes).map(Value::String)
         }

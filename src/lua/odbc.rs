@@ -168,7 +168,7 @@ pub fn to_db(lua: &Lua, v: &LuaValue, what: &str) -> mlua::Result<db::Value> {
 /// a query's parameters formats nothing.
 fn to_db_named(lua: &Lua, v: &LuaValue, what: impl FnOnce() -> String) -> mlua::Result<db::Value> {
     Ok(match v {
-        LuaValue::Table(_) => match crate::bson_lua::encode_vec(lua, v) {
+        LuaValue::Table(_) => match crate::lua::bson::encode_vec(lua, v) {
             Ok(b) => db::Value::Bytes(b),
             Err(e) => {
                 return Err(mlua::Error::RuntimeError(format!(
@@ -205,7 +205,7 @@ fn to_db_named(lua: &Lua, v: &LuaValue, what: impl FnOnce() -> String) -> mlua::
 /// decodes to a table, anything else stays a string.
 fn binary_to_lua(lua: &Lua, b: &[u8]) -> mlua::Result<LuaValue> {
     if db::session::looks_like_bson(b) {
-        if let Ok(v @ LuaValue::Table(_)) = crate::bson_lua::decode(lua, b) {
+        if let Ok(v @ LuaValue::Table(_)) = crate::lua::bson::decode(lua, b) {
             return Ok(v);
         }
     }

@@ -25,6 +25,8 @@ pub struct Endpoint {
     pub framing: Framing,
     pub max_in: usize,
     pub max_out: usize,
+    /// `&stage`: STAGE's BSON array mapping on this port (0-based arrays, `{"#1": ...}`).
+    pub stage_arrays: bool,
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -80,7 +82,17 @@ pub fn parse(uri: &str) -> Result<Endpoint, UriError> {
         framing: Framing::Bson,
         max_in: DEFAULT_IN,
         max_out: DEFAULT_OUT,
+        stage_arrays: false,
     };
+    // Options after the framing: `?bson=4k,64k&stage`.
+    let mut options = query.split('&');
+    let query = options.next().unwrap_or("");
+    for opt in options {
+        match opt {
+            "stage" => ep.stage_arrays = true,
+            other => return Err(err(&format!("unknown option '{other}' (expected stage)"))),
+        }
+    }
     if !query.is_empty() {
         let (name, limits) = query.split_once('=').unwrap_or((query, ""));
         ep.framing = Framing::parse(name).ok_or_else(|| {
@@ -143,6 +155,15 @@ mod tests {
         let e = parse("tcp://127.0.0.1:1?packet=4k:10k").unwrap();
         assert_eq!((e.max_in, e.max_out), (4096, 10240));
         assert_eq!(parse("UDP://127.0.0.1:1").unwrap().proto, Proto::Udp);
+        // STAGE's array mapping as an option.
+        let e = parse("tcp://127.0.0.1:1?bson=4k,64k&stage").unwrap();
+        assert!(e.stage_arrays);
+        assert_eq!(e.max_in, 4096);
+        assert!(!parse("tcp://127.0.0.1:1?bson").unwrap().stage_arrays);
+        assert!(parse("tcp://127.0.0.1:1?bson&zip")
+            .unwrap_err()
+            .to_string()
+            .contains("unknown option 'zip'"));
     }
 
     #[test]
