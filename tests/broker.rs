@@ -19,6 +19,7 @@ scenarios! {
     broker_multicast => "broker/multicast.lua",
     broker_pipeline => "broker/pipeline.lua",
     broker_large_frames => "broker/large_frames.lua",
+    broker_crypto => "broker/crypto.lua",
 }
 
 /// A node started from a script; killed on drop. The script writes its listening port to

@@ -301,6 +301,8 @@ pub fn open(lua: &Lua) -> mlua::Result<Table> {
     t.set("ntoa", lua.create_function(ntoa)?)?;
     t.set("aton", lua.create_function(aton)?)?;
     t.set("ifaddr", lua.create_function(ifaddr)?)?;
+    t.set("encrypt", lua.create_function(encrypt)?)?;
+    t.set("decrypt", lua.create_function(decrypt)?)?;
     Ok(t)
 }
 
@@ -1108,5 +1110,70 @@ fn ifaddr(lua: &Lua, name: Option<String>) -> mlua::Result<Value> {
             }
             Ok(Value::Table(t))
         }
+    }
+}
+
+/// The cipher a `socket.crypto` value or the first argument of `broker.encrypt`/`decrypt`
+/// names: a key (AES/CBC/PKCS5Padding, STAGE's default) or `{["AES/CBC/PKCS5Padding"] = key}`.
+fn cipher_of(what: &str, v: &Value) -> mlua::Result<crate::net::crypto::Cipher> {
+    use crate::net::crypto::Cipher;
+    match v {
+        Value::String(k) => Ok(Cipher::new(&k.as_bytes())),
+        Value::Table(t) => {
+            let mut found = None;
+            for pair in t.pairs::<Value, Value>() {
+                let (spec, key) = pair?;
+                match (spec, key) {
+                    (Value::String(spec), Value::String(key)) if found.is_none() => {
+                        found = Some(
+                            Cipher::from_spec(&spec.to_str()?, &key.as_bytes())
+                                .map_err(|e| mlua::Error::runtime(format!("{what}: {e}")))?,
+                        );
+                    }
+                    _ => {
+                        return Err(mlua::Error::runtime(format!(
+                            "{what}: expected one entry {{[\"AES/CBC/PKCS5Padding\"] = key}}"
+                        )))
+                    }
+                }
+            }
+            found.ok_or_else(|| mlua::Error::runtime(format!("{what}: the cipher table is empty")))
+        }
+        other => Err(mlua::Error::runtime(format!(
+            "{what}: expected a key or {{[\"AES/CBC/PKCS5Padding\"] = key}}, got a {}",
+            other.type_name()
+        ))),
+    }
+}
+
+/// `broker.encrypt(key | {[cipher] = key}, table)`: the table as an encrypted BSON frame,
+/// exactly what a socket with that `crypto` sends.
+fn encrypt(lua: &Lua, (how, v): (Value, Value)) -> mlua::Result<mlua::String> {
+    let cipher = cipher_of("broker.encrypt", &how)?;
+    let doc =
+        bson_lua::encode_vec(lua, &v).map_err(|e| mlua::Error::runtime(format!("broker.encrypt: {e}")))?;
+    let mut frame = Vec::with_capacity(doc.len() + 20);
+    cipher.seal_frame(&doc, &mut frame);
+    lua.create_string(frame)
+}
+
+/// `broker.decrypt(key | {[cipher] = key}, data)`: an encrypted frame (or a plain BSON
+/// document) decoded into a table; data that is neither comes back as the string, as STAGE.
+fn decrypt(lua: &Lua, (how, data): (Value, mlua::String)) -> mlua::Result<Value> {
+    let cipher = cipher_of("broker.decrypt", &how)?;
+    let bytes = data.as_bytes();
+    let header = bytes
+        .get(..4)
+        .map(|h| u32::from_le_bytes([h[0], h[1], h[2], h[3]]));
+    let doc = match header {
+        Some(h) if crate::net::crypto::is_encrypted(h) => match cipher.open_frame(&bytes) {
+            Ok(doc) => doc,
+            Err(e) => return Err(mlua::Error::runtime(format!("broker.decrypt: {e}"))),
+        },
+        _ => bytes.to_vec(),
+    };
+    match bson_lua::decode(lua, &doc) {
+        Ok(v) => Ok(v),
+        Err(_) => Ok(Value::String(data.clone())),
     }
 }
