@@ -100,4 +100,17 @@ function broker.aton(s, t) end
 ---@return broker.ifaddr[]|string|nil
 function broker.ifaddr(name) end
 
+---STAGE's encrypted frame of `t`: AES-256-CBC (key zero-padded to 32, IV of 16 spaces, PKCS#7),
+---the length's high bit set. `how` is a key or `{["AES/CBC/PKCS5Padding"] = key}`.
+---@param how string|table<string, string>
+---@param t table
+---@return string
+function broker.encrypt(how, t) end
+
+---Opens an encrypted frame (or decodes plain BSON) into a table; other data comes back as is.
+---@param how string|table<string, string>
+---@param data string
+---@return table|string
+function broker.decrypt(how, data) end
+
 return broker
