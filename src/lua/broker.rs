@@ -10,8 +10,8 @@ use crate::host::{call_callback, ctx};
 use crate::lua::bson as bson_lua;
 use crate::net::conn::{FrameReader, OutBuf, OutError};
 use crate::net::framing::{datagram_frame, Framing};
-use crate::net::sock;
 use crate::net::uri::{self, Endpoint, Proto};
+use crate::net::{addr, sock};
 use mlua::{Function, Lua, MultiValue, Table, Value, Variadic};
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -299,7 +299,7 @@ pub fn open(lua: &Lua) -> mlua::Result<Table> {
     t.set("signal", lua.create_function(signal)?)?;
     t.set("submit", lua.create_function(submit)?)?;
     t.set("ntoa", lua.create_function(ntoa)?)?;
-    t.set("aton", lua.create_function(aton)?)?;
+    t.set("aton", lua.create_async_function(aton)?)?;
     t.set("ifaddr", lua.create_function(ifaddr)?)?;
     t.set("encrypt", lua.create_function(encrypt)?)?;
     t.set("decrypt", lua.create_function(decrypt)?)?;
@@ -1023,7 +1023,8 @@ fn udp_out(lua: &Lua, to: &SocketAddr) -> mlua::Result<Rc<UdpSocket>> {
     Ok(s)
 }
 
-/// `broker.submit(socket, f, ...)`: `stage.submit` keyed by the socket.
+/// `broker.submit(socket, f, ...)`: `stage.submit` keyed by the socket; `f(socket, ...)` as
+/// STAGE calls it.
 fn submit(lua: &Lua, (socket, f, args): (Value, Function, Variadic<Value>)) -> mlua::Result<()> {
     let id = id_of(&socket).ok_or_else(|| {
         mlua::Error::runtime(format!(
@@ -1031,22 +1032,40 @@ fn submit(lua: &Lua, (socket, f, args): (Value, Function, Variadic<Value>)) -> m
             socket.type_name()
         ))
     })?;
+    // The socket itself goes first (an id is turned into the socket when it is ours).
+    let first = match &socket {
+        Value::Table(_) => socket.clone(),
+        _ => find(lua, id)
+            .map(|c| Value::Table(c.table.clone()))
+            .unwrap_or(socket.clone()),
+    };
+    let mut all = vec![first];
+    all.extend(args);
     ctx(lua).submit(
         lua,
         Some(format!("broker.socket:{id}")),
         f,
-        MultiValue::from_vec(args.into_iter().collect()),
+        MultiValue::from_vec(all),
     );
     Ok(())
 }
 
-/// Reads an address: text `host:port`, or a table `{host = , port = }`.
+/// Reads an address: text `host:port`, STAGE's raw sockaddr bytes, or a table
+/// `{addr =, port =}` (also `{host =, port =}`).
 fn addr_arg(v: &Value) -> mlua::Result<SocketAddr> {
     match v {
-        Value::String(s) => parse_addr(&s.to_str()?),
+        Value::String(s) => addr::parse_any(&s.as_bytes()).ok_or_else(|| {
+            mlua::Error::runtime(format!(
+                "bad address {:?} (expected host:port)",
+                s.to_string_lossy()
+            ))
+        }),
         Value::Table(t) => {
-            let host: String = t.get("host")?;
-            let port: u16 = t.get("port")?;
+            let host: String = match t.get::<Option<String>>("addr")? {
+                Some(h) => h,
+                None => t.get("host")?,
+            };
+            let port: u16 = t.get::<Option<u16>>("port")?.unwrap_or(0);
             sock::literal_addr(&host, port)
                 .ok_or_else(|| mlua::Error::runtime(format!("bad address host '{host}' (expected an ip)")))
         }
@@ -1057,15 +1076,20 @@ fn addr_arg(v: &Value) -> mlua::Result<SocketAddr> {
     }
 }
 
+/// STAGE's `ntoa(a, t)` fields: `family` (2 IPv4, 10 IPv6), `addr`, `port`, `scope_id`.
 fn addr_fields(a: &SocketAddr, t: Table) -> mlua::Result<Table> {
-    t.set("host", a.ip().to_string())?;
-    t.set("port", a.port())?;
-    t.set("family", if a.is_ipv4() { 4 } else { 6 })?;
+    let p = addr::parts(a);
+    t.set("family", p.family)?;
+    t.set("addr", p.addr)?;
+    t.set("port", p.port)?;
+    if let Some(s) = p.scope_id {
+        t.set("scope_id", s)?;
+    }
     Ok(t)
 }
 
-/// `broker.ntoa(addr [, t])`: the text form of an address; with a table `t`, fills
-/// `t.host`, `t.port`, `t.family` and returns `t`.
+/// `broker.ntoa(addr [, t])`: the text form of an address (text or STAGE's raw sockaddr);
+/// with a table `t`, fills `t.family`, `t.addr`, `t.port` (and `t.scope_id`) and returns `t`.
 fn ntoa(lua: &Lua, (addr, t): (Value, Option<Table>)) -> mlua::Result<Value> {
     let a = addr_arg(&addr)?;
     match t {
@@ -1074,43 +1098,77 @@ fn ntoa(lua: &Lua, (addr, t): (Value, Option<Table>)) -> mlua::Result<Value> {
     }
 }
 
-/// `broker.aton(s [, t])`: parses `host:port` (an ip or `localhost`) to the address form the
-/// broker uses (its text); with a table `t`, fills it as `ntoa` does. Nil when unparsable.
-fn aton(lua: &Lua, (s, t): (String, Option<Table>)) -> mlua::Result<Value> {
-    let Ok(a) = parse_addr(&s) else {
-        return Ok(Value::Nil);
-    };
-    match t {
-        Some(t) => addr_fields(&a, t).map(Value::Table),
-        None => lua.create_string(sock::ntoa(&a)).map(Value::String),
+/// The addresses `s` names (`[scheme://]host:port`): a literal at once, a name resolved
+/// without blocking the instance.
+async fn resolve(s: &str) -> Vec<SocketAddr> {
+    let (_, hp) = addr::split_uri(s);
+    if let Some(a) = addr::parse_text(hp) {
+        return vec![a];
+    }
+    match tokio::net::lookup_host(hp).await {
+        Ok(it) => it.collect(),
+        Err(_) => vec![],
     }
 }
 
-/// `broker.ifaddr()`: `{ {name =, addr =, family =}, ... }`; `broker.ifaddr(name)`: the
-/// first IPv4 (else IPv6) address of that interface, or nil.
-fn ifaddr(lua: &Lua, name: Option<String>) -> mlua::Result<Value> {
-    let all = sock::interfaces();
-    match name {
-        Some(n) => {
-            let mut mine: Vec<_> = all.into_iter().filter(|(i, _)| *i == n).collect();
-            mine.sort_by_key(|(_, ip)| ip.is_ipv6());
-            match mine.first() {
-                Some((_, ip)) => lua.create_string(ip.to_string()).map(Value::String),
+/// `broker.aton(s [, {}])`, `broker.aton(family, {addr =, port =})`, as STAGE: the first
+/// address `s` (`[tcp|udp://]host:port`) resolves to, or nil; with a table, all of them as a
+/// list. A family number (2 IPv4, 10 IPv6) and a table of parts build one address.
+async fn aton(lua: Lua, (s, t): (Value, Value)) -> mlua::Result<Value> {
+    let text = |a: &SocketAddr| lua.create_string(sock::ntoa(a)).map(Value::String);
+    match (&s, &t) {
+        (Value::Integer(family), Value::Table(parts)) => {
+            let host: Option<String> = parts.get("addr")?;
+            let port: u16 = parts.get::<Option<u16>>("port")?.unwrap_or(0);
+            let scope: u32 = parts.get::<Option<u32>>("scope_id")?.unwrap_or(0);
+            let a = addr::from_parts(*family, host.as_deref(), port, scope)
+                .map_err(|e| mlua::Error::runtime(format!("broker.aton: {e}")))?;
+            text(&a)
+        }
+        (Value::Integer(family), Value::String(hp)) => {
+            let all = resolve(&hp.to_str()?).await;
+            let want = |a: &&SocketAddr| (*family == addr::AF_INET) == a.is_ipv4();
+            match all.iter().find(want) {
+                Some(a) => text(a),
                 None => Ok(Value::Nil),
             }
         }
-        None => {
-            let t = lua.create_table()?;
-            for (i, (n, ip)) in all.iter().enumerate() {
-                let e = lua.create_table()?;
-                e.set("name", n.as_str())?;
-                e.set("addr", ip.to_string())?;
-                e.set("family", if ip.is_ipv4() { 4 } else { 6 })?;
-                t.raw_set(i + 1, e)?;
+        (Value::String(s), _) => {
+            let all = resolve(&s.to_str()?).await;
+            match t {
+                Value::Table(list) => {
+                    for (i, a) in all.iter().enumerate() {
+                        list.raw_set(i + 1, text(a)?)?;
+                    }
+                    Ok(Value::Table(list))
+                }
+                _ => match all.first() {
+                    Some(a) => text(a),
+                    None => Ok(Value::Nil),
+                },
             }
-            Ok(Value::Table(t))
         }
+        _ => Err(mlua::Error::runtime(format!(
+            "broker.aton: expected \"[scheme://]host:port\" or a family number and a table, got a {} and a {}",
+            s.type_name(),
+            t.type_name()
+        ))),
     }
+}
+
+/// `broker.ifaddr([name])`, as STAGE: `{ [interface] = {addr, ...} }` without loopback
+/// addresses, only the interfaces whose name contains `name` when given.
+fn ifaddr(lua: &Lua, name: Option<String>) -> mlua::Result<Table> {
+    let groups = addr::ifaddrs(&sock::interfaces(), name.as_deref().unwrap_or(""));
+    let t = lua.create_table()?;
+    for (name, ips) in groups {
+        let list = lua.create_table()?;
+        for ip in ips {
+            list.raw_push(ip.to_string())?;
+        }
+        t.raw_set(name, list)?;
+    }
+    Ok(t)
 }
 
 /// The cipher a `socket.crypto` value or the first argument of `broker.encrypt`/`decrypt`
