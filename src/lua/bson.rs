@@ -973,14 +973,26 @@ mod tests {
             .eval()
             .unwrap();
         let b = encode_vec(&lua, &v).unwrap();
-        let ty = |key: &[u8]| {
-            let k = [key, b"\0"].concat();
-            let at = b
-                .windows(k.len())
-                .position(|w| w == k.as_slice())
-                .unwrap_or_else(|| panic!("{key:?}"));
-            b[at - 1]
-        };
+        // The type byte of each top-level element, by key (a walk, not a byte search).
+        let mut types = std::collections::HashMap::new();
+        let mut at = 4;
+        while b[at] != 0 {
+            let t = b[at];
+            let (k, next) = cstr(&b, at + 1).unwrap();
+            let size = match t {
+                0x01 | 0x09 | 0x12 => 8,
+                0x10 => 4,
+                0x08 => 1,
+                0x0A => 0,
+                0x02 | 0x0D | 0x0E => 4 + read_i32(&b, next).unwrap() as usize,
+                0x05 => 5 + read_i32(&b, next).unwrap() as usize,
+                0x03 | 0x04 => read_i32(&b, next).unwrap() as usize,
+                other => panic!("type {other}"),
+            };
+            types.insert(k.to_vec(), t);
+            at = next + size;
+        }
+        let ty = |key: &[u8]| *types.get(key).unwrap_or_else(|| panic!("{key:?}"));
         assert_eq!(ty(b"n"), 0x0A, "bundle.null encodes as null");
         assert_eq!(ty(b"at"), 0x09, "@D: datetime");
         assert_eq!(ty(b"i"), 0x10, "@i: int32");
