@@ -20,6 +20,7 @@ scenarios! {
     broker_pipeline => "broker/pipeline.lua",
     broker_large_frames => "broker/large_frames.lua",
     broker_crypto => "broker/crypto.lua",
+    broker_stage_arrays => "broker/stage_arrays.lua",
 }
 
 /// A node started from a script; killed on drop. The script writes its listening port to

@@ -139,6 +139,8 @@ enum Kind {
 struct Conn {
     id: i64,
     framing: Framing,
+    /// The BSON array mapping of the port (`&stage`: STAGE's).
+    mode: bson_lua::Mode,
     max_in: usize,
     peer: Option<SocketAddr>,
     /// The script's socket object.
@@ -218,7 +220,7 @@ impl Conn {
     fn frame_value(&self, lua: &Lua, v: &Value, out: &mut OutBuf) -> mlua::Result<usize> {
         match (self.framing, v) {
             (Framing::Bson | Framing::Packet, Value::Table(_)) => out
-                .put_with(|b| bson_lua::encode(lua, v, b))
+                .put_with(|b| bson_lua::encode_with(lua, v, b, self.mode))
                 .map_err(mlua::Error::runtime),
             (Framing::Text, Value::Table(_)) => out
                 .put_with(|b| serde_json::to_writer(b, v))
@@ -518,6 +520,9 @@ fn new_conn(
     Ok(Rc::new(Conn {
         id,
         framing: ep.framing,
+        mode: bson_lua::Mode {
+            stage_arrays: ep.stage_arrays,
+        },
         max_in: ep.max_in,
         peer,
         table,
@@ -537,9 +542,9 @@ fn new_conn(
 }
 
 /// Turns a frame's bytes into the value a script receives.
-fn frame_value(lua: &Lua, framing: Framing, bytes: &[u8]) -> Result<Value, String> {
+fn frame_value(lua: &Lua, framing: Framing, mode: bson_lua::Mode, bytes: &[u8]) -> Result<Value, String> {
     match framing {
-        Framing::Bson => bson_lua::decode(lua, bytes).map_err(|e| e.to_string()),
+        Framing::Bson => bson_lua::decode_with(lua, bytes, mode).map_err(|e| e.to_string()),
         Framing::Packet => lua
             .create_string(bytes)
             .map(Value::String)
@@ -690,7 +695,7 @@ async fn serve_frames(lua: &Lua, conn: &Rc<Conn>, reader: &mut FrameReader) -> R
             1 => {
                 let frame = reader.frame(0);
                 let data = match conn.framing {
-                    Framing::Bson => bson_lua::decode(lua, frame).map_err(|e| e.to_string()),
+                    Framing::Bson => bson_lua::decode_with(lua, frame, conn.mode).map_err(|e| e.to_string()),
                     _ => lua
                         .create_string(frame)
                         .map(Value::String)
@@ -701,11 +706,17 @@ async fn serve_frames(lua: &Lua, conn: &Rc<Conn>, reader: &mut FrameReader) -> R
             // Decoded in one protected call and handed to the script in one coroutine.
             _ => {
                 let bson = conn.framing == Framing::Bson;
-                let (n, bad_doc) =
-                    match bson_lua::decode_batch(lua, &conn.batch, reader.bytes(), reader.frames(), bson) {
-                        Ok(n) => (n, None),
-                        Err((n, e)) => (n, Some(e.to_string())),
-                    };
+                let (n, bad_doc) = match bson_lua::decode_batch_with(
+                    lua,
+                    &conn.batch,
+                    reader.bytes(),
+                    reader.frames(),
+                    bson,
+                    conn.mode,
+                ) {
+                    Ok(n) => (n, None),
+                    Err((n, e)) => (n, Some(e.to_string())),
+                };
                 if n > 0 {
                     deliver_batch(lua, conn, n).await;
                 }
@@ -843,7 +854,7 @@ async fn run_udp(lua: Lua, conn: Rc<Conn>, s: Rc<UdpSocket>) {
                 continue;
             }
         };
-        match frame_value(&lua, conn.framing, &frame[f.start..f.end]) {
+        match frame_value(&lua, conn.framing, conn.mode, &frame[f.start..f.end]) {
             Ok(v) => {
                 if let Kind::Udp { peer, .. } = &conn.kind {
                     peer.set(Some(from));
