@@ -137,6 +137,7 @@ on_all_databases! {
     types => "odbc/types.lua",
     errors => "odbc/errors.lua",
     concurrency => "odbc/concurrency.lua",
+    stage_forms => "odbc/stage_forms.lua",
 }
 
 #[test]

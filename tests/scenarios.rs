@@ -18,6 +18,7 @@ scenarios! {
     stage_instances => "stage/instances.lua",
     stage_durations => "stage/durations.lua",
     bundle_json_random => "bundle/json_random.lua",
+    bundle_bson_stage => "bundle/bson_stage.lua",
     process_fields => "process/fields.lua",
 }
 

@@ -34,14 +34,10 @@ function socket.close() end
 ---@field commit? integer hold replies this many ms to coalesce writes
 
 ---@class broker.addrinfo
----@field host string
----@field port integer
----@field family 4|6
-
----@class broker.ifaddr
----@field name string
+---@field family 2|10 AF_INET or AF_INET6 (STAGE)
 ---@field addr string
----@field family 4|6
+---@field port integer
+---@field scope_id? integer IPv6 only
 
 ---@class broker
 broker = {}
@@ -77,27 +73,42 @@ function broker.f(id) end
 ---@return integer reached
 function broker.signal(target, v) end
 
----stage.submit keyed by the socket.
+---stage.submit keyed by the socket; calls `f(socket, ...)`.
 ---@param socket broker.socket|integer
 ---@param f function
 ---@param ... any
 function broker.submit(socket, f, ...) end
 
----The text form of an address; with `t`, fills and returns t.host, t.port, t.family.
----@param addr broker.addr|{host: string, port: integer}
+---The text form of an address (text or STAGE's raw sockaddr); with `t`, fills and returns
+---t.family (2|10), t.addr, t.port, t.scope_id.
+---@param addr broker.addr|{addr: string, port: integer}
 ---@param t? table
 ---@return broker.addr|broker.addrinfo
 function broker.ntoa(addr, t) end
 
----Parses "host:port" (an IP or localhost); nil when it cannot. With `t`, fills and returns it.
----@param s string
----@param t? table
----@return broker.addr|broker.addrinfo|nil
+---`aton("[scheme://]host:port")`: the first address (nil when none); `aton(s, {})`: all of
+---them as a list; `aton(family, {addr=, port=, scope_id=})`: an address built from parts.
+---@param s string|integer
+---@param t? table|string
+---@return broker.addr|broker.addr[]|nil
 function broker.aton(s, t) end
 
----Interface addresses; with a name, that interface's first address.
+---`{ [interface] = {address, ...} }` without loopback; `name` keeps the interfaces whose name contains it.
 ---@param name? string
----@return broker.ifaddr[]|string|nil
+---@return table<string, broker.addr[]>
 function broker.ifaddr(name) end
+
+---STAGE's encrypted frame of `t`: AES-256-CBC (key zero-padded to 32, IV of 16 spaces, PKCS#7),
+---the length's high bit set. `how` is a key or `{["AES/CBC/PKCS5Padding"] = key}`.
+---@param how string|table<string, string>
+---@param t table
+---@return string
+function broker.encrypt(how, t) end
+
+---Opens an encrypted frame (or decodes plain BSON) into a table; other data comes back as is.
+---@param how string|table<string, string>
+---@param data string
+---@return table|string
+function broker.decrypt(how, data) end
 
 return broker

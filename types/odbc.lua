@@ -13,16 +13,18 @@ odbc = {}
 
 ---@class OdbcChange
 ---@field table string
----@field action integer 2 INSERT, 4 UPDATE, 8 DELETE
+---@field action integer 2 UPDATE, 4 INSERT, 8 DELETE (STAGE's codes)
 ---@field where table<string, any> the key columns (the generated key for an insert)
 ---@field key any? the generated key of an insert
 ---@field value {o: table<string, any>?, n: table<string, any>?, t: table<string, string>}
 
 ---@class OdbcResultset
 ---@field affected integer? rows changed by a statement without a result set
+---@field [integer] any rs[n]: the n-th parameter after the statement, when it has output (`=`/`+`) parameters
 local Resultset = {}
 
 ---Reads the rows: no keys → the last row; `"col"`/`{"col"}` → keyed by it; `"$"` → by row number; several keys → nested.
+---Every level (and row) is callable: `rows()` lists its keys, `rows(k)` reads one entry, `rows({k1, k2}, f)` several.
 ---@param keys? string|string[]
 ---@param f? fun(rows: table): any
 ---@return table|any
@@ -32,16 +34,16 @@ function Resultset.fetch(keys, f) end
 ---@return OdbcColumn[]|any
 function Resultset.columns(f) end
 
----The row at `path`, created (with the levels above it) when missing.
+---The entry at `path`, or nil when it is missing (nothing is created).
 ---@param rows table
 ---@param path any|any[]
----@return table
+---@return table?
 function Resultset.near(rows, path) end
 
----Removes the entry at `path` and returns it.
+---Removes the entry at `path`; returns how many were removed (0 or 1).
 ---@param rows table
 ---@param path any|any[]
----@return any
+---@return integer
 function Resultset.erase(rows, path) end
 
 ---Writes the changes made to fetched rows as INSERT / UPDATE / DELETE in one transaction.
@@ -55,7 +57,9 @@ function Resultset.apply(rows, table_name, f) end
 ---@class OdbcAdapter
 local Adapter = {}
 
----Runs a statement; `sql` may be `{sql, "i", "c", ...}` with type letters (W w C c B b s i l T S I L f d D).
+---Runs a statement; `sql` may be `{sql, "i", "10c", "=i", ...}` with STAGE's types `[=|+][length]letter`
+---(letters W w C c B b t s i l T S I L f d D; `b` = bool as TINYINT; `=` output, `+` in/out, read with `rs[n]`).
+---The values come as varargs or as one list `{v1, v2}`; a table value is stored as a BSON blob.
 ---@param sql string|table
 ---@param ... any parameters
 ---@return OdbcResultset
@@ -94,9 +98,10 @@ function Adapter.close() end
 
 ---Connects (pooled): a `%odbc` name, a connection string or a table of attributes and `.options`.
 ---With `f`: calls `f(adapter)`, closes it (commit, or rollback on error) and returns `f`'s results.
+---When the connection cannot be made the error is logged and the result is nil (`f` is not called).
 ---@param conn string|table
 ---@param f? fun(adp: OdbcAdapter): ...
----@return OdbcAdapter|any
+---@return OdbcAdapter|any|nil
 function odbc.new(conn, f) end
 
 ---The value cached under `name`, or `f()`'s result, cached.

@@ -7,10 +7,11 @@ pub mod connstr;
 pub mod pool;
 pub mod session;
 pub mod track;
+pub mod when;
 
 pub use connstr::{ConnSpec, QueryDriver};
 pub use pool::{Executor, Pool, PooledConn};
-pub use session::{Column, Param, QueryResult, Session};
+pub use session::{Column, Dir, Param, QueryResult, Session, Spec};
 
 use std::path::Path;
 
@@ -21,7 +22,7 @@ pub enum Value {
     Bool(bool),
     Int(i64),
     Float(f64),
-    /// UTF-8 text (character columns, decimals that are not numbers, dates as ISO strings).
+    /// UTF-8 text (character columns, decimals that are not numbers).
     Text(String),
     /// Binary data (BLOB, bytea, VARBINARY), and text that is not valid UTF-8.
     Bytes(Vec<u8>),

@@ -3,13 +3,16 @@
 //!
 //! Type mapping (driver → Lua): integer types → integer (64-bit); REAL/FLOAT/DOUBLE → float;
 //! DECIMAL/NUMERIC → integer when the scale is 0 and the value fits in 64 bits, else float;
-//! BIT → boolean; BINARY/VARBINARY/BLOB/bytea → binary string; DATE/TIME/TIMESTAMP → ISO
-//! text (`2024-05-01`, `12:30:00`, `2024-05-01 12:30:00`); everything else → text; NULL →
-//! `Value::Null`.
+//! BIT → boolean; BINARY/VARBINARY/BLOB/bytea → binary string; DATE/TIME/TIMESTAMP → integer
+//! epoch seconds in local time as STAGE (`when`; text the driver gives that is not a date stays
+//! text); everything else → text; NULL → `Value::Null`.
 
+use super::when::{self, DateKind};
 use super::{DbError, QueryDriver, Result, Value};
+use odbc_api::handles::Statement;
 use odbc_api::parameter::{InputParameter, VarBinaryBox, VarCharBox, WithDataType};
-use odbc_api::{Connection, Cursor, DataType, Nullable};
+use odbc_api::sys::ParamType;
+use odbc_api::{Connection, Cursor, DataType, Nullable, ParameterCollectionRef};
 use std::time::Duration;
 
 /// How a column's values are read.
@@ -24,7 +27,9 @@ pub enum Kind {
     Binary,
     /// Character data, read as bytes (binary-safe; text when it is valid UTF-8).
     Chars,
-    /// Dates, times and anything else the driver renders as text.
+    /// DATE, TIME, TIMESTAMP: read as text, handed out as epoch seconds.
+    When(DateKind),
+    /// Anything else the driver renders as text.
     Text,
 }
 
@@ -60,9 +65,9 @@ fn describe(dt: DataType) -> (&'static str, Kind, Option<usize>, i16) {
         DataType::Binary { length } => ("BINARY", Kind::Binary, n(length), 0),
         DataType::Varbinary { length } => ("VARBINARY", Kind::Binary, n(length), 0),
         DataType::LongVarbinary { length } => ("LONGVARBINARY", Kind::Binary, n(length), 0),
-        DataType::Date => ("DATE", Kind::Text, None, 0),
-        DataType::Time { .. } => ("TIME", Kind::Text, None, 0),
-        DataType::Timestamp { .. } => ("TIMESTAMP", Kind::Text, None, 0),
+        DataType::Date => ("DATE", Kind::When(DateKind::Date), None, 0),
+        DataType::Time { .. } => ("TIME", Kind::When(DateKind::Time), None, 0),
+        DataType::Timestamp { .. } => ("TIMESTAMP", Kind::When(DateKind::Timestamp), None, 0),
         DataType::Char { length } => ("CHAR", Kind::Chars, n(length), 0),
         DataType::WChar { length } => ("WCHAR", Kind::Chars, n(length), 0),
         DataType::Varchar { length } => ("VARCHAR", Kind::Chars, n(length), 0),
@@ -84,17 +89,103 @@ pub struct QueryResult {
     pub rows: Vec<Vec<Value>>,
     /// Rows inserted, updated or deleted, when the driver reports it.
     pub affected: Option<i64>,
+    /// With output parameters: every parameter's value after the statement, in order.
+    pub outputs: Option<Vec<Value>>,
 }
 
-/// A parameter value with an optional STAGE type letter.
+/// How a parameter travels: to the database, back from it (`=`), or both (`+`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Dir {
+    #[default]
+    In,
+    Out,
+    InOut,
+}
+
+/// One parameter type of `execute({sql, "i", "=10c", ...}, ...)`: STAGE's `[=|+][length]letter`
+/// (a length without a letter is `W`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Spec {
+    pub letter: char,
+    pub len: Option<usize>,
+    pub dir: Dir,
+}
+
+/// A parameter value with an optional STAGE type.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Param {
     pub value: Value,
     pub letter: Option<char>,
+    /// The declared length of a character or binary parameter (`10c`).
+    pub len: Option<usize>,
+    pub dir: Dir,
 }
 
 /// The type letters of `execute({sql, "i", "C", ...}, ...)`.
-pub const LETTERS: &str = "WwCcBbsilTSILfdD";
+pub const LETTERS: &str = "WwCcBbtsilTSILfdD";
+
+/// Parses one type string into its specs: `"i"`, `"ci"` (two), `"10c"`, `"=10c"`, `"+i"`.
+pub fn parse_specs(s: &str) -> Result<Vec<Spec>> {
+    let bad = |why: &str| {
+        DbError::other(format!(
+            "parameter type {s:?}: {why} (expected [=|+][length]letter, letters {LETTERS})"
+        ))
+    };
+    let b = s.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        let dir = match b[i] {
+            b'=' => Dir::Out,
+            b'+' => Dir::InOut,
+            _ => Dir::In,
+        };
+        if dir != Dir::In {
+            i += 1;
+        }
+        let start = i;
+        while i < b.len() && b[i].is_ascii_digit() {
+            i += 1;
+        }
+        let len = if i > start {
+            Some(
+                s[start..i]
+                    .parse::<usize>()
+                    .map_err(|_| bad("length too large"))?,
+            )
+        } else {
+            None
+        };
+        let letter = match b.get(i) {
+            Some(&c) if LETTERS.as_bytes().contains(&c) => {
+                i += 1;
+                c as char
+            }
+            Some(&c) if !matches!(c, b'=' | b'+') => {
+                return Err(DbError::other(format!(
+                    "unknown parameter type '{}' in {s:?} (expected one of {LETTERS})",
+                    s[i..].chars().next().unwrap_or('?')
+                )))
+            }
+            _ if len.is_some() => 'W',
+            _ => return Err(bad("a direction without a type")),
+        };
+        out.push(Spec { letter, len, dir });
+    }
+    Ok(out)
+}
+
+impl Param {
+    /// An input parameter with an optional type letter.
+    pub fn new(value: Value, letter: Option<char>) -> Param {
+        Param {
+            value,
+            letter,
+            len: None,
+            dir: Dir::In,
+        }
+    }
+}
 
 fn text_of(v: &Value) -> Option<Vec<u8>> {
     match v {
@@ -161,8 +252,13 @@ fn binary_param(bytes: Option<Vec<u8>>, data_type: DataType) -> Box<dyn InputPar
     Box::new(WithDataType { value, data_type })
 }
 
-fn len_of(b: &Option<Vec<u8>>) -> Option<std::num::NonZeroUsize> {
-    std::num::NonZeroUsize::new(b.as_ref().map(|b| b.len()).unwrap_or(1).max(1))
+fn len_of(b: &Option<Vec<u8>>, declared: Option<usize>) -> Option<std::num::NonZeroUsize> {
+    let n = b
+        .as_ref()
+        .map(|b| b.len())
+        .unwrap_or(1)
+        .max(declared.unwrap_or(1));
+    std::num::NonZeroUsize::new(n.max(1))
 }
 
 fn int_param(v: Option<i64>, data_type: DataType) -> Box<dyn InputParameter> {
@@ -192,23 +288,26 @@ impl Param {
             Some(l @ ('s' | 'S')) => int_param(int_of(v, l)?, DataType::SmallInt),
             Some(l @ ('i' | 'I')) => int_param(int_of(v, l)?, DataType::Integer),
             Some(l @ ('l' | 'L')) => int_param(int_of(v, l)?, DataType::BigInt),
-            Some(l @ 'T') => int_param(int_of(v, l)?, DataType::TinyInt),
+            // STAGE: `b` is a bool and `t`/`T` a (unsigned) tinyint, all bound as TINYINT.
+            Some(l @ ('b' | 't' | 'T')) => int_param(int_of(v, l)?, DataType::TinyInt),
             Some(l @ 'f') => float_param(float_of(v, l)?, DataType::Real),
             Some(l @ 'd') => float_param(float_of(v, l)?, DataType::Double),
-            Some('D') => text_param(text_of(v), DataType::Timestamp { precision: 0 }),
+            Some('D') => {
+                let t = match v {
+                    // Epoch seconds, as dates are read back.
+                    Value::Int(e) => Some(when::from_epoch(DateKind::Timestamp, *e).into_bytes()),
+                    other => text_of(other),
+                };
+                text_param(t, DataType::Timestamp { precision: 0 })
+            }
             Some('B') => {
                 let b = text_of(v);
-                let length = len_of(&b);
+                let length = len_of(&b, self.len);
                 binary_param(b, DataType::LongVarbinary { length })
-            }
-            Some('b') => {
-                let b = text_of(v);
-                let length = len_of(&b);
-                binary_param(b, DataType::Varbinary { length })
             }
             Some(l @ ('W' | 'w' | 'C' | 'c')) => {
                 let b = text_of(v);
-                let length = len_of(&b);
+                let length = len_of(&b, self.len);
                 let dt = match l {
                     'W' => DataType::WLongVarchar { length },
                     'w' => DataType::WVarchar { length },
@@ -229,7 +328,7 @@ impl Param {
                 Value::Float(f) => float_param(Some(*f), DataType::Double),
                 Value::Text(s) => {
                     let b = Some(s.clone().into_bytes());
-                    let length = len_of(&b);
+                    let length = len_of(&b, None);
                     if s.len() > LONG_TEXT {
                         text_param(b, DataType::LongVarchar { length })
                     } else {
@@ -238,7 +337,7 @@ impl Param {
                 }
                 Value::Bytes(b) => {
                     let b = Some(b.clone());
-                    let length = len_of(&b);
+                    let length = len_of(&b, None);
                     binary_param(b, DataType::LongVarbinary { length })
                 }
             },
@@ -246,21 +345,147 @@ impl Param {
     }
 }
 
-/// Runs `sql` with `params` and reads the whole result set into memory.
+/// A bound parameter: an input one, or a buffer the driver writes an output value into.
+/// Output values travel as text (numbers too: MariaDB's driver writes the text of a number
+/// into an integer buffer) and are converted back by the parameter's letter.
+enum Slot {
+    In(Box<dyn InputParameter>),
+    Text(VarCharBox, ParamType),
+    Bin(VarBinaryBox, ParamType),
+}
+
+/// Output buffers hold this many bytes unless the type gives a length (`=32c`).
+const OUT_LEN: usize = 255;
+
+impl Slot {
+    fn of(p: &Param) -> Result<Slot> {
+        let t = match p.dir {
+            Dir::In => return Ok(Slot::In(p.bind()?)),
+            Dir::Out => ParamType::Output,
+            Dir::InOut => ParamType::InputOutput,
+        };
+        let l = p.letter.unwrap_or('W');
+        let value = match (p.dir, l) {
+            (Dir::Out, _) => None,
+            (_, 'b' | 't' | 'T' | 's' | 'S' | 'i' | 'I' | 'l' | 'L') => {
+                int_of(&p.value, l)?.map(|i| i.to_string().into_bytes())
+            }
+            (_, 'f' | 'd') => float_of(&p.value, l)?.map(|f| f.to_string().into_bytes()),
+            (_, 'D') => match &p.value {
+                Value::Int(e) => Some(when::from_epoch(DateKind::Timestamp, *e).into_bytes()),
+                v => text_of(v),
+            },
+            (_, _) => text_of(&p.value),
+        };
+        let cap = p
+            .len
+            .unwrap_or(OUT_LEN)
+            .max(value.as_ref().map_or(0, |v| v.len()))
+            .max(1);
+        let mut buf = vec![0u8; cap + 1];
+        let ind = match &value {
+            Some(v) => {
+                buf[..v.len()].copy_from_slice(v);
+                odbc_api::buffers::Indicator::Length(v.len())
+            }
+            None => odbc_api::buffers::Indicator::Null,
+        };
+        Ok(if l == 'B' {
+            buf.pop();
+            Slot::Bin(VarBinaryBox::from_buffer(buf.into_boxed_slice(), ind), t)
+        } else {
+            Slot::Text(VarCharBox::from_buffer(buf.into_boxed_slice(), ind), t)
+        })
+    }
+
+    /// The value after the statement ran (an input parameter's own value).
+    fn value(&self, p: &Param) -> Value {
+        match self {
+            Slot::In(_) => p.value.clone(),
+            Slot::Bin(v, _) => v
+                .as_bytes()
+                .map(|b| Value::Bytes(b.to_vec()))
+                .unwrap_or(Value::Null),
+            Slot::Text(v, _) => {
+                let Some(b) = v.as_bytes() else { return Value::Null };
+                let text = String::from_utf8_lossy(b);
+                let t = text.trim();
+                match p.letter.unwrap_or('W') {
+                    'b' | 't' | 'T' | 's' | 'S' | 'i' | 'I' | 'l' | 'L' => t
+                        .parse()
+                        .map(Value::Int)
+                        .unwrap_or_else(|_| text_value(Kind::Decimal { scale: 0 }, t.as_bytes())),
+                    'f' | 'd' => t.parse().map(Value::Float).unwrap_or(Value::Text(t.to_string())),
+                    'D' => text_value(Kind::When(DateKind::Timestamp), t.as_bytes()),
+                    _ => match std::str::from_utf8(b) {
+                        Ok(s) => Value::Text(s.to_string()),
+                        Err(_) => Value::Bytes(b.to_vec()),
+                    },
+                }
+            }
+        }
+    }
+}
+
+/// The parameters of one statement, bound in order.
+struct Slots(Vec<Slot>);
+
+// SAFETY: every buffer bound here is owned by `Slots` (heap boxes, or the elements of a Vec
+// that is never resized after binding) and outlives the statement's use of it, since
+// `execute` keeps the `Slots` until the statement and its cursor are gone.
+unsafe impl ParameterCollectionRef for &mut Slots {
+    fn parameter_set_size(&self) -> usize {
+        1
+    }
+
+    unsafe fn bind_parameters_to(
+        &mut self,
+        stmt: &mut impl Statement,
+    ) -> std::result::Result<(), odbc_api::Error> {
+        for (i, slot) in self.0.iter_mut().enumerate() {
+            let n = i as u16 + 1;
+            // SAFETY: see the impl: the buffers outlive the statement's use of them.
+            let r = unsafe {
+                match slot {
+                    Slot::In(p) => {
+                        p.assert_completness();
+                        stmt.bind_input_parameter(n, p.as_ref())
+                    }
+                    Slot::Text(v, t) => stmt.bind_parameter(n, *t, v),
+                    Slot::Bin(v, t) => stmt.bind_parameter(n, *t, v),
+                }
+            };
+            r.into_result(stmt)?;
+        }
+        Ok(())
+    }
+}
+
+/// Runs `sql` with `params` and reads the whole result set into memory. With output
+/// parameters (`=`/`+`), `outputs` holds every parameter's value after the statement.
 pub fn execute(
     conn: &Connection<'_>,
     sql: &str,
     params: &[Param],
     timeout: Option<Duration>,
 ) -> Result<QueryResult> {
-    let bound = params.iter().map(Param::bind).collect::<Result<Vec<_>>>()?;
+    let outputs = params.iter().any(|p| p.dir != Dir::In);
     let mut stmt = conn.preallocate()?;
     if let Some(t) = timeout {
         stmt.set_query_timeout_sec(t.as_secs_f64().ceil() as usize)?;
     }
     let mut result = QueryResult::default();
-    if let Some(cursor) = stmt.execute(sql, bound.as_slice())? {
-        read_cursor(cursor, &mut result)?;
+    if !outputs {
+        let bound = params.iter().map(Param::bind).collect::<Result<Vec<_>>>()?;
+        if let Some(cursor) = stmt.execute(sql, bound.as_slice())? {
+            read_cursor(cursor, &mut result)?;
+        }
+    } else {
+        let mut slots = Slots(params.iter().map(Slot::of).collect::<Result<Vec<_>>>()?);
+        if let Some(cursor) = stmt.execute(sql, &mut slots)? {
+            read_cursor(cursor, &mut result)?;
+        }
+        result.outputs = Some(slots.0.iter().zip(params).map(|(s, p)| s.value(p)).collect());
     }
     if result.columns.is_empty() {
         result.affected = stmt.row_count()?.map(|n| n as i64);
@@ -342,7 +567,7 @@ fn read_cursor(mut cursor: impl Cursor, result: &mut QueryResult) -> Result<()> 
                         }
                     }
                 },
-                Kind::Bool | Kind::Decimal { .. } | Kind::Text => {
+                Kind::Bool | Kind::Decimal { .. } | Kind::When(_) | Kind::Text => {
                     if !row.get_text(col, &mut buf)? {
                         Value::Null
                     } else {
@@ -380,8 +605,19 @@ pub fn text_value(kind: Kind, bytes: &[u8]) -> Value {
                 Err(_) => Value::Text(t.to_string()),
             }
         }
+        Kind::When(k) => match when::to_epoch(k, text) {
+            Some(e) => Value::Int(e),
+            None => Value::Text(text.to_string()),
+        },
         _ => Value::Text(text.to_string()),
     }
+}
+
+/// Whether `b` is exactly one BSON document (its length prefix is its size, it ends in a
+/// NUL): how STAGE tells a BLOB it wrote from a table (`IsBSON`). The caller still decodes it
+/// and keeps the bytes when that fails.
+pub fn looks_like_bson(b: &[u8]) -> bool {
+    b.len() >= 5 && b[b.len() - 1] == 0 && u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize == b.len()
 }
 
 /// Starts a transaction (autocommit off).
@@ -513,18 +749,21 @@ mod tests {
             text_value(Kind::Text, b"2024-05-01 12:30:00"),
             Value::Text("2024-05-01 12:30:00".into())
         );
+        let ts = text_value(Kind::When(DateKind::Timestamp), b"2024-05-01 12:30:00");
+        assert_eq!(
+            ts,
+            Value::Int(when::to_epoch(DateKind::Timestamp, "2024-05-01 12:30:00").unwrap())
+        );
+        assert_eq!(
+            text_value(Kind::When(DateKind::Date), b"0000-00-00"),
+            Value::Text("0000-00-00".into())
+        );
         assert_eq!(text_value(Kind::Text, &[0xff, 0]), Value::Bytes(vec![0xff, 0]));
     }
 
     #[test]
     fn binds_by_letter_and_rejects_wrong_values() {
-        let p = |v: Value, l: char| {
-            Param {
-                value: v,
-                letter: Some(l),
-            }
-            .bind()
-        };
+        let p = |v: Value, l: char| Param::new(v, Some(l)).bind();
         assert!(p(Value::Text("12".into()), 'i').is_ok());
         let e = p(Value::Text("x".into()), 'i').err().unwrap();
         assert_eq!(
@@ -537,6 +776,34 @@ mod tests {
             assert!(p(Value::Int(1), l).is_ok(), "{l}");
             assert!(p(Value::Null, l).is_ok(), "{l}");
         }
+    }
+
+    #[test]
+    fn parses_stage_parameter_types() {
+        let sp = |l, len, dir| Spec { letter: l, len, dir };
+        assert_eq!(
+            parse_specs("ci").unwrap(),
+            vec![sp('c', None, Dir::In), sp('i', None, Dir::In)]
+        );
+        assert_eq!(parse_specs("10c").unwrap(), vec![sp('c', Some(10), Dir::In)]);
+        assert_eq!(parse_specs("=10c").unwrap(), vec![sp('c', Some(10), Dir::Out)]);
+        assert_eq!(
+            parse_specs("+i=32").unwrap(),
+            vec![sp('i', None, Dir::InOut), sp('W', Some(32), Dir::Out)]
+        );
+        assert_eq!(parse_specs("b").unwrap(), vec![sp('b', None, Dir::In)]);
+        let e = parse_specs("q").unwrap_err().to_string();
+        assert!(e.contains("unknown parameter type 'q'"), "{e}");
+        let e = parse_specs("i=").unwrap_err().to_string();
+        assert!(e.contains("a direction without a type"), "{e}");
+    }
+
+    #[test]
+    fn tells_a_bson_document_from_other_bytes() {
+        assert!(looks_like_bson(&[5, 0, 0, 0, 0]));
+        assert!(!looks_like_bson(&[6, 0, 0, 0, 0]));
+        assert!(!looks_like_bson(&(0..=255u8).collect::<Vec<_>>()));
+        assert!(!looks_like_bson(b"\0\xff"));
     }
 
     #[test]

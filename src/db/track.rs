@@ -86,11 +86,11 @@ pub struct Current {
     pub rows: Vec<PathRow>,
 }
 
-/// The change log's action codes.
+/// The change log's action codes, STAGE's (`odbc.h`: 2 UPDATE, 4 INSERT, 8 DELETE).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
-    Insert = 2,
-    Update = 4,
+    Update = 2,
+    Insert = 4,
     Delete = 8,
 }
 
@@ -410,16 +410,19 @@ fn is_ident(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b == b'_'
 }
 
-/// The SQL and parameters of a change for the dialect. Binary columns bind as binary.
+/// The SQL and parameters of a change for the dialect. Binary columns bind as binary, and
+/// the epoch seconds of date columns go back as the column's text form.
 pub fn statement(change: &Change, columns: &[Column], driver: QueryDriver) -> (String, Vec<Param>) {
     let q = |s: &str| driver.quote(s);
     let param = |name: &str, v: &Value| {
-        let binary = column_index(columns, name)
-            .map(|i| columns[i].kind == Kind::Binary)
-            .unwrap_or(false);
-        Param {
-            value: v.clone(),
-            letter: (binary && !v.is_null()).then_some('B'),
+        let kind = column_index(columns, name).map(|i| columns[i].kind);
+        match (kind, v) {
+            (Some(Kind::When(k)), Value::Int(e)) => {
+                let text = Value::Text(super::when::from_epoch(k, *e));
+                Param::new(text, (k != super::when::DateKind::Time).then_some('D'))
+            }
+            (Some(Kind::Binary), v) if !v.is_null() => Param::new(v.clone(), Some('B')),
+            _ => Param::new(v.clone(), None),
         }
     };
     let mut params = Vec::new();

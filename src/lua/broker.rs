@@ -10,8 +10,8 @@ use crate::host::{call_callback, ctx};
 use crate::lua::bson as bson_lua;
 use crate::net::conn::{FrameReader, OutBuf, OutError};
 use crate::net::framing::{datagram_frame, Framing};
-use crate::net::sock;
 use crate::net::uri::{self, Endpoint, Proto};
+use crate::net::{addr, sock};
 use mlua::{Function, Lua, MultiValue, Table, Value, Variadic};
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -139,6 +139,8 @@ enum Kind {
 struct Conn {
     id: i64,
     framing: Framing,
+    /// The BSON array mapping of the port (`&stage`: STAGE's).
+    mode: bson_lua::Mode,
     max_in: usize,
     peer: Option<SocketAddr>,
     /// The script's socket object.
@@ -218,7 +220,7 @@ impl Conn {
     fn frame_value(&self, lua: &Lua, v: &Value, out: &mut OutBuf) -> mlua::Result<usize> {
         match (self.framing, v) {
             (Framing::Bson | Framing::Packet, Value::Table(_)) => out
-                .put_with(|b| bson_lua::encode(lua, v, b))
+                .put_with(|b| bson_lua::encode_with(lua, v, b, self.mode))
                 .map_err(mlua::Error::runtime),
             (Framing::Text, Value::Table(_)) => out
                 .put_with(|b| serde_json::to_writer(b, v))
@@ -299,8 +301,10 @@ pub fn open(lua: &Lua) -> mlua::Result<Table> {
     t.set("signal", lua.create_function(signal)?)?;
     t.set("submit", lua.create_function(submit)?)?;
     t.set("ntoa", lua.create_function(ntoa)?)?;
-    t.set("aton", lua.create_function(aton)?)?;
+    t.set("aton", lua.create_async_function(aton)?)?;
     t.set("ifaddr", lua.create_function(ifaddr)?)?;
+    t.set("encrypt", lua.create_function(encrypt)?)?;
+    t.set("decrypt", lua.create_function(decrypt)?)?;
     Ok(t)
 }
 
@@ -516,6 +520,9 @@ fn new_conn(
     Ok(Rc::new(Conn {
         id,
         framing: ep.framing,
+        mode: bson_lua::Mode {
+            stage_arrays: ep.stage_arrays,
+        },
         max_in: ep.max_in,
         peer,
         table,
@@ -535,9 +542,9 @@ fn new_conn(
 }
 
 /// Turns a frame's bytes into the value a script receives.
-fn frame_value(lua: &Lua, framing: Framing, bytes: &[u8]) -> Result<Value, String> {
+fn frame_value(lua: &Lua, framing: Framing, mode: bson_lua::Mode, bytes: &[u8]) -> Result<Value, String> {
     match framing {
-        Framing::Bson => bson_lua::decode(lua, bytes).map_err(|e| e.to_string()),
+        Framing::Bson => bson_lua::decode_with(lua, bytes, mode).map_err(|e| e.to_string()),
         Framing::Packet => lua
             .create_string(bytes)
             .map(Value::String)
@@ -688,7 +695,7 @@ async fn serve_frames(lua: &Lua, conn: &Rc<Conn>, reader: &mut FrameReader) -> R
             1 => {
                 let frame = reader.frame(0);
                 let data = match conn.framing {
-                    Framing::Bson => bson_lua::decode(lua, frame).map_err(|e| e.to_string()),
+                    Framing::Bson => bson_lua::decode_with(lua, frame, conn.mode).map_err(|e| e.to_string()),
                     _ => lua
                         .create_string(frame)
                         .map(Value::String)
@@ -699,11 +706,17 @@ async fn serve_frames(lua: &Lua, conn: &Rc<Conn>, reader: &mut FrameReader) -> R
             // Decoded in one protected call and handed to the script in one coroutine.
             _ => {
                 let bson = conn.framing == Framing::Bson;
-                let (n, bad_doc) =
-                    match bson_lua::decode_batch(lua, &conn.batch, reader.bytes(), reader.frames(), bson) {
-                        Ok(n) => (n, None),
-                        Err((n, e)) => (n, Some(e.to_string())),
-                    };
+                let (n, bad_doc) = match bson_lua::decode_batch_with(
+                    lua,
+                    &conn.batch,
+                    reader.bytes(),
+                    reader.frames(),
+                    bson,
+                    conn.mode,
+                ) {
+                    Ok(n) => (n, None),
+                    Err((n, e)) => (n, Some(e.to_string())),
+                };
                 if n > 0 {
                     deliver_batch(lua, conn, n).await;
                 }
@@ -841,7 +854,7 @@ async fn run_udp(lua: Lua, conn: Rc<Conn>, s: Rc<UdpSocket>) {
                 continue;
             }
         };
-        match frame_value(&lua, conn.framing, &frame[f.start..f.end]) {
+        match frame_value(&lua, conn.framing, conn.mode, &frame[f.start..f.end]) {
             Ok(v) => {
                 if let Kind::Udp { peer, .. } = &conn.kind {
                     peer.set(Some(from));
@@ -1021,7 +1034,8 @@ fn udp_out(lua: &Lua, to: &SocketAddr) -> mlua::Result<Rc<UdpSocket>> {
     Ok(s)
 }
 
-/// `broker.submit(socket, f, ...)`: `stage.submit` keyed by the socket.
+/// `broker.submit(socket, f, ...)`: `stage.submit` keyed by the socket; `f(socket, ...)` as
+/// STAGE calls it.
 fn submit(lua: &Lua, (socket, f, args): (Value, Function, Variadic<Value>)) -> mlua::Result<()> {
     let id = id_of(&socket).ok_or_else(|| {
         mlua::Error::runtime(format!(
@@ -1029,22 +1043,40 @@ fn submit(lua: &Lua, (socket, f, args): (Value, Function, Variadic<Value>)) -> m
             socket.type_name()
         ))
     })?;
+    // The socket itself goes first (an id is turned into the socket when it is ours).
+    let first = match &socket {
+        Value::Table(_) => socket.clone(),
+        _ => find(lua, id)
+            .map(|c| Value::Table(c.table.clone()))
+            .unwrap_or(socket.clone()),
+    };
+    let mut all = vec![first];
+    all.extend(args);
     ctx(lua).submit(
         lua,
         Some(format!("broker.socket:{id}")),
         f,
-        MultiValue::from_vec(args.into_iter().collect()),
+        MultiValue::from_vec(all),
     );
     Ok(())
 }
 
-/// Reads an address: text `host:port`, or a table `{host = , port = }`.
+/// Reads an address: text `host:port`, STAGE's raw sockaddr bytes, or a table
+/// `{addr =, port =}` (also `{host =, port =}`).
 fn addr_arg(v: &Value) -> mlua::Result<SocketAddr> {
     match v {
-        Value::String(s) => parse_addr(&s.to_str()?),
+        Value::String(s) => addr::parse_any(&s.as_bytes()).ok_or_else(|| {
+            mlua::Error::runtime(format!(
+                "bad address {:?} (expected host:port)",
+                s.to_string_lossy()
+            ))
+        }),
         Value::Table(t) => {
-            let host: String = t.get("host")?;
-            let port: u16 = t.get("port")?;
+            let host: String = match t.get::<Option<String>>("addr")? {
+                Some(h) => h,
+                None => t.get("host")?,
+            };
+            let port: u16 = t.get::<Option<u16>>("port")?.unwrap_or(0);
             sock::literal_addr(&host, port)
                 .ok_or_else(|| mlua::Error::runtime(format!("bad address host '{host}' (expected an ip)")))
         }
@@ -1055,15 +1087,20 @@ fn addr_arg(v: &Value) -> mlua::Result<SocketAddr> {
     }
 }
 
+/// STAGE's `ntoa(a, t)` fields: `family` (2 IPv4, 10 IPv6), `addr`, `port`, `scope_id`.
 fn addr_fields(a: &SocketAddr, t: Table) -> mlua::Result<Table> {
-    t.set("host", a.ip().to_string())?;
-    t.set("port", a.port())?;
-    t.set("family", if a.is_ipv4() { 4 } else { 6 })?;
+    let p = addr::parts(a);
+    t.set("family", p.family)?;
+    t.set("addr", p.addr)?;
+    t.set("port", p.port)?;
+    if let Some(s) = p.scope_id {
+        t.set("scope_id", s)?;
+    }
     Ok(t)
 }
 
-/// `broker.ntoa(addr [, t])`: the text form of an address; with a table `t`, fills
-/// `t.host`, `t.port`, `t.family` and returns `t`.
+/// `broker.ntoa(addr [, t])`: the text form of an address (text or STAGE's raw sockaddr);
+/// with a table `t`, fills `t.family`, `t.addr`, `t.port` (and `t.scope_id`) and returns `t`.
 fn ntoa(lua: &Lua, (addr, t): (Value, Option<Table>)) -> mlua::Result<Value> {
     let a = addr_arg(&addr)?;
     match t {
@@ -1072,41 +1109,140 @@ fn ntoa(lua: &Lua, (addr, t): (Value, Option<Table>)) -> mlua::Result<Value> {
     }
 }
 
-/// `broker.aton(s [, t])`: parses `host:port` (an ip or `localhost`) to the address form the
-/// broker uses (its text); with a table `t`, fills it as `ntoa` does. Nil when unparsable.
-fn aton(lua: &Lua, (s, t): (String, Option<Table>)) -> mlua::Result<Value> {
-    let Ok(a) = parse_addr(&s) else {
-        return Ok(Value::Nil);
-    };
-    match t {
-        Some(t) => addr_fields(&a, t).map(Value::Table),
-        None => lua.create_string(sock::ntoa(&a)).map(Value::String),
+/// The addresses `s` names (`[scheme://]host:port`): a literal at once, a name resolved
+/// without blocking the instance.
+async fn resolve(s: &str) -> Vec<SocketAddr> {
+    let (_, hp) = addr::split_uri(s);
+    if let Some(a) = addr::parse_text(hp) {
+        return vec![a];
+    }
+    match tokio::net::lookup_host(hp).await {
+        Ok(it) => it.collect(),
+        Err(_) => vec![],
     }
 }
 
-/// `broker.ifaddr()`: `{ {name =, addr =, family =}, ... }`; `broker.ifaddr(name)`: the
-/// first IPv4 (else IPv6) address of that interface, or nil.
-fn ifaddr(lua: &Lua, name: Option<String>) -> mlua::Result<Value> {
-    let all = sock::interfaces();
-    match name {
-        Some(n) => {
-            let mut mine: Vec<_> = all.into_iter().filter(|(i, _)| *i == n).collect();
-            mine.sort_by_key(|(_, ip)| ip.is_ipv6());
-            match mine.first() {
-                Some((_, ip)) => lua.create_string(ip.to_string()).map(Value::String),
+/// `broker.aton(s [, {}])`, `broker.aton(family, {addr =, port =})`, as STAGE: the first
+/// address `s` (`[tcp|udp://]host:port`) resolves to, or nil; with a table, all of them as a
+/// list. A family number (2 IPv4, 10 IPv6) and a table of parts build one address.
+async fn aton(lua: Lua, (s, t): (Value, Value)) -> mlua::Result<Value> {
+    let text = |a: &SocketAddr| lua.create_string(sock::ntoa(a)).map(Value::String);
+    match (&s, &t) {
+        (Value::Integer(family), Value::Table(parts)) => {
+            let host: Option<String> = parts.get("addr")?;
+            let port: u16 = parts.get::<Option<u16>>("port")?.unwrap_or(0);
+            let scope: u32 = parts.get::<Option<u32>>("scope_id")?.unwrap_or(0);
+            let a = addr::from_parts(*family, host.as_deref(), port, scope)
+                .map_err(|e| mlua::Error::runtime(format!("broker.aton: {e}")))?;
+            text(&a)
+        }
+        (Value::Integer(family), Value::String(hp)) => {
+            let all = resolve(&hp.to_str()?).await;
+            let want = |a: &&SocketAddr| (*family == addr::AF_INET) == a.is_ipv4();
+            match all.iter().find(want) {
+                Some(a) => text(a),
                 None => Ok(Value::Nil),
             }
         }
-        None => {
-            let t = lua.create_table()?;
-            for (i, (n, ip)) in all.iter().enumerate() {
-                let e = lua.create_table()?;
-                e.set("name", n.as_str())?;
-                e.set("addr", ip.to_string())?;
-                e.set("family", if ip.is_ipv4() { 4 } else { 6 })?;
-                t.raw_set(i + 1, e)?;
+        (Value::String(s), _) => {
+            let all = resolve(&s.to_str()?).await;
+            match t {
+                Value::Table(list) => {
+                    for (i, a) in all.iter().enumerate() {
+                        list.raw_set(i + 1, text(a)?)?;
+                    }
+                    Ok(Value::Table(list))
+                }
+                _ => match all.first() {
+                    Some(a) => text(a),
+                    None => Ok(Value::Nil),
+                },
             }
-            Ok(Value::Table(t))
         }
+        _ => Err(mlua::Error::runtime(format!(
+            "broker.aton: expected \"[scheme://]host:port\" or a family number and a table, got a {} and a {}",
+            s.type_name(),
+            t.type_name()
+        ))),
+    }
+}
+
+/// `broker.ifaddr([name])`, as STAGE: `{ [interface] = {addr, ...} }` without loopback
+/// addresses, only the interfaces whose name contains `name` when given.
+fn ifaddr(lua: &Lua, name: Option<String>) -> mlua::Result<Table> {
+    let groups = addr::ifaddrs(&sock::interfaces(), name.as_deref().unwrap_or(""));
+    let t = lua.create_table()?;
+    for (name, ips) in groups {
+        let list = lua.create_table()?;
+        for ip in ips {
+            list.raw_push(ip.to_string())?;
+        }
+        t.raw_set(name, list)?;
+    }
+    Ok(t)
+}
+
+/// The cipher a `socket.crypto` value or the first argument of `broker.encrypt`/`decrypt`
+/// names: a key (AES/CBC/PKCS5Padding, STAGE's default) or `{["AES/CBC/PKCS5Padding"] = key}`.
+fn cipher_of(what: &str, v: &Value) -> mlua::Result<crate::net::crypto::Cipher> {
+    use crate::net::crypto::Cipher;
+    match v {
+        Value::String(k) => Ok(Cipher::new(&k.as_bytes())),
+        Value::Table(t) => {
+            let mut found = None;
+            for pair in t.pairs::<Value, Value>() {
+                let (spec, key) = pair?;
+                match (spec, key) {
+                    (Value::String(spec), Value::String(key)) if found.is_none() => {
+                        found = Some(
+                            Cipher::from_spec(&spec.to_str()?, &key.as_bytes())
+                                .map_err(|e| mlua::Error::runtime(format!("{what}: {e}")))?,
+                        );
+                    }
+                    _ => {
+                        return Err(mlua::Error::runtime(format!(
+                            "{what}: expected one entry {{[\"AES/CBC/PKCS5Padding\"] = key}}"
+                        )))
+                    }
+                }
+            }
+            found.ok_or_else(|| mlua::Error::runtime(format!("{what}: the cipher table is empty")))
+        }
+        other => Err(mlua::Error::runtime(format!(
+            "{what}: expected a key or {{[\"AES/CBC/PKCS5Padding\"] = key}}, got a {}",
+            other.type_name()
+        ))),
+    }
+}
+
+/// `broker.encrypt(key | {[cipher] = key}, table)`: the table as an encrypted BSON frame,
+/// exactly what a socket with that `crypto` sends.
+fn encrypt(lua: &Lua, (how, v): (Value, Value)) -> mlua::Result<mlua::String> {
+    let cipher = cipher_of("broker.encrypt", &how)?;
+    let doc =
+        bson_lua::encode_vec(lua, &v).map_err(|e| mlua::Error::runtime(format!("broker.encrypt: {e}")))?;
+    let mut frame = Vec::with_capacity(doc.len() + 20);
+    cipher.seal_frame(&doc, &mut frame);
+    lua.create_string(frame)
+}
+
+/// `broker.decrypt(key | {[cipher] = key}, data)`: an encrypted frame (or a plain BSON
+/// document) decoded into a table; data that is neither comes back as the string, as STAGE.
+fn decrypt(lua: &Lua, (how, data): (Value, mlua::String)) -> mlua::Result<Value> {
+    let cipher = cipher_of("broker.decrypt", &how)?;
+    let bytes = data.as_bytes();
+    let header = bytes
+        .get(..4)
+        .map(|h| u32::from_le_bytes([h[0], h[1], h[2], h[3]]));
+    let doc = match header {
+        Some(h) if crate::net::crypto::is_encrypted(h) => match cipher.open_frame(&bytes) {
+            Ok(doc) => doc,
+            Err(e) => return Err(mlua::Error::runtime(format!("broker.decrypt: {e}"))),
+        },
+        _ => bytes.to_vec(),
+    };
+    match bson_lua::decode(lua, &doc) {
+        Ok(v) => Ok(v),
+        Err(_) => Ok(Value::String(data.clone())),
     }
 }

@@ -18,18 +18,37 @@
 //!   values that are already strings (it would otherwise convert them in place and confuse
 //!   `lua_next`).
 //!
-//! The mapping (API.md §6): document <-> table with string keys; array <-> sequence; int32 and
+//! The mapping (API.md §6, STAGE's where it matters, `lua/helper/lhelper.cpp` of
+//! datumflux/platform): document <-> table with string keys; array <-> sequence; int32 and
 //! int64 <-> integer; double <-> float; string <-> string; binary <-> string (a string that is
-//! not UTF-8 encodes as binary subtype 0); bool; null <-> `bundle.null`; datetime <->
-//! `{["$date"] = ms}`; ObjectId <-> `{["$oid"] = hex}`. Rarer types decode as: undefined -> nil
-//! (the field is absent), timestamp -> integer, regex -> `{["$regex"], ["$options"]}`,
-//! JavaScript code and symbol -> string, decimal128 -> 16-byte string, min/max key -> nil.
+//! not UTF-8 encodes as binary subtype 0); bool; null -> nil (the field is absent; STAGE) and
+//! `bundle.null` -> null; datetime <-> integer **seconds** (STAGE; encoded from a `name@D` key
+//! or a `{["$date"] = ms}` table); ObjectId <-> `{["$oid"] = hex}`. Rarer types decode as:
+//! undefined -> nil, timestamp -> integer, regex -> `{["$regex"], ["$options"]}`, JavaScript
+//! code and symbol -> string, decimal128 -> 16-byte string, min/max key -> nil. Binary of any
+//! subtype is a string: a Lua function is never loaded from BSON (STAGE loads bytecode from
+//! its function subtypes; a client frame must not be able to run code here).
+//!
+//! Key type hints on encode (STAGE): a key ending in `@X` is written without the suffix and
+//! `X` chooses the type: `i` int32, `l` int64, `b` bool (number > 0), `D` datetime from
+//! seconds, `f`/`d` double, `A` array, `O` document, `S` symbol, `C` JavaScript code, `B`
+//! binary. With [`Mode::stage_arrays`] (opt-in per port and for `bundle.bson`) arrays follow
+//! STAGE: a BSON array decodes with its own (0-based) indexes, `"#n"` keys decode as integer
+//! keys, and tables encode as documents with integer keys written `"#n"` (`@A` still makes an
+//! array).
 
 use mlua::{ffi, Lua, Value};
 use std::ffi::c_int;
 
 /// The deepest nesting of documents and arrays accepted in either direction.
 pub const MAX_DEPTH: u32 = 100;
+
+/// How arrays map. The default is the standard mapping other languages' clients expect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Mode {
+    /// STAGE's arrays: 0-based decode, `"#n"` keys, sequences encoded as `{"#1": ...}`.
+    pub stage_arrays: bool,
+}
 
 /// Why a document could not be decoded (static texts: no destructor runs under longjmp).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,10 +66,15 @@ impl std::fmt::Display for DecodeError {
 
 /// Decodes one BSON document (exactly `bytes`, length prefix included) into a Lua table.
 pub fn decode(lua: &Lua, bytes: &[u8]) -> Result<Value, DecodeError> {
+    decode_with(lua, bytes, Mode::default())
+}
+
+/// `decode` with a choice of array mapping.
+pub fn decode_with(lua: &Lua, bytes: &[u8], mode: Mode) -> Result<Value, DecodeError> {
     let mut err: Option<DecodeError> = None;
     let res = unsafe {
         lua.exec_raw::<Value>((), |l| {
-            if let Err(e) = push_doc(l, bytes, 0, false, 0) {
+            if let Err(e) = push_doc(l, bytes, 0, false, 0, mode) {
                 ffi::lua_settop(l, 0);
                 err = Some(e);
                 ffi::lua_pushnil(l);
@@ -77,6 +101,18 @@ pub fn decode_batch(
     ranges: &[(usize, usize)],
     bson: bool,
 ) -> Result<usize, (usize, DecodeError)> {
+    decode_batch_with(lua, t, buf, ranges, bson, Mode::default())
+}
+
+/// `decode_batch` with a choice of array mapping.
+pub fn decode_batch_with(
+    lua: &Lua,
+    t: &mlua::Table,
+    buf: &[u8],
+    ranges: &[(usize, usize)],
+    bson: bool,
+    mode: Mode,
+) -> Result<usize, (usize, DecodeError)> {
     let mut done = 0usize;
     let mut err: Option<DecodeError> = None;
     let res = unsafe {
@@ -85,7 +121,7 @@ pub fn decode_batch(
             for (i, &(a, b)) in ranges.iter().enumerate() {
                 let bytes = &buf[a..b];
                 if bson {
-                    if let Err(e) = push_doc(l, bytes, 0, false, 0) {
+                    if let Err(e) = push_doc(l, bytes, 0, false, 0, mode) {
                         err = Some(e);
                         break;
                     }
@@ -128,6 +164,11 @@ impl std::fmt::Display for EncodeError {
 
 /// Appends the BSON encoding of `v` (a table) to `out`. On error `out` is left as it was.
 pub fn encode(lua: &Lua, v: &Value, out: &mut Vec<u8>) -> Result<(), EncodeError> {
+    encode_with(lua, v, out, Mode::default())
+}
+
+/// `encode` with a choice of array mapping.
+pub fn encode_with(lua: &Lua, v: &Value, out: &mut Vec<u8>, mode: Mode) -> Result<(), EncodeError> {
     if !matches!(v, Value::Table(_)) {
         return Err(EncodeError {
             what: format!("expected a table, got a {}", v.type_name()),
@@ -138,7 +179,8 @@ pub fn encode(lua: &Lua, v: &Value, out: &mut Vec<u8>) -> Result<(), EncodeError
     let mut err: Option<EncodeError> = None;
     let res = unsafe {
         lua.exec_raw::<()>(v, |l| {
-            let r = encode_table(l, 1, out, 0, &mut err, None).map(|_| ());
+            let known = mode.stage_arrays.then_some(Shape::Document);
+            let r = encode_table(l, 1, out, 0, &mut err, known, mode).map(|_| ());
             ffi::lua_settop(l, 0);
             if r.is_err() && err.is_none() {
                 err = Some(EncodeError {
@@ -165,8 +207,13 @@ pub fn encode(lua: &Lua, v: &Value, out: &mut Vec<u8>) -> Result<(), EncodeError
 
 /// Encodes into a fresh buffer.
 pub fn encode_vec(lua: &Lua, v: &Value) -> Result<Vec<u8>, EncodeError> {
+    encode_vec_with(lua, v, Mode::default())
+}
+
+/// `encode_vec` with a choice of array mapping.
+pub fn encode_vec_with(lua: &Lua, v: &Value, mode: Mode) -> Result<Vec<u8>, EncodeError> {
     let mut out = Vec::with_capacity(64);
-    encode(lua, v, &mut out)?;
+    encode_with(lua, v, &mut out, mode)?;
     Ok(out)
 }
 
@@ -234,6 +281,7 @@ unsafe fn push_doc(
     base: usize,
     array: bool,
     depth: u32,
+    mode: Mode,
 ) -> Result<(), DecodeError> {
     if depth > MAX_DEPTH {
         return Err(bad("nested deeper than 100 levels", base));
@@ -265,12 +313,20 @@ unsafe fn push_doc(
             let ty = doc[at];
             let (key, next) = cstr(&doc[..end], at + 1).ok_or(bad("unterminated key", base + at + 1))?;
             at = next;
-            // Push the key (arrays use their position, whatever the key text says).
-            if array {
+            // Push the key (arrays use their position, whatever the key text says; STAGE's
+            // arrays their key text, and its `"#n"` keys the integer n).
+            if mode.stage_arrays {
+                match stage_index(key, array) {
+                    Some(i) => ffi::lua_pushinteger(l, i),
+                    None => push_bytes(l, key),
+                }
+            } else if array {
                 index += 1;
             } else {
                 push_bytes(l, key);
             }
+            // Whether a key sits on the stack under the value (the table is set with rawset).
+            let keyed = mode.stage_arrays || !array;
             let vat = base + at;
             match ty {
                 0x01 => {
@@ -287,7 +343,7 @@ unsafe fn push_doc(
                 }
                 0x03 | 0x04 => {
                     let sub = sub_doc(&doc[..end], at, base)?;
-                    push_doc(l, sub, vat, ty == 0x04, depth + 1)?;
+                    push_doc(l, sub, vat, ty == 0x04, depth + 1, mode)?;
                     at += sub.len();
                 }
                 0x05 => {
@@ -299,9 +355,10 @@ unsafe fn push_doc(
                     push_bytes(l, &doc[start..start + n as usize]);
                     at = start + n as usize;
                 }
-                0x06 | 0x7F | 0xFF => {
-                    // undefined, min key, max key: no Lua value; the field is absent.
-                    if !array {
+                0x06 | 0x0A | 0x7F | 0xFF => {
+                    // undefined, null (STAGE: nil), min key, max key: no Lua value; the field
+                    // is absent (an array keeps the hole).
+                    if keyed {
                         ffi::lua_settop(l, -2);
                     }
                     continue;
@@ -335,13 +392,10 @@ unsafe fn push_doc(
                     let ms = read_i64(doc, at)
                         .filter(|_| at + 8 <= end)
                         .ok_or(bad("truncated datetime", vat))?;
-                    ffi::lua_createtable(l, 0, 1);
-                    push_bytes(l, b"$date");
-                    ffi::lua_pushinteger(l, ms);
-                    ffi::lua_rawset(l, -3);
+                    // Seconds, as STAGE (time_t).
+                    ffi::lua_pushinteger(l, ms.div_euclid(1000));
                     at += 8;
                 }
-                0x0A => ffi::lua_pushlightuserdata(l, std::ptr::null_mut()),
                 0x0B => {
                     let (pat, next) = cstr(&doc[..end], at).ok_or(bad("unterminated regex", vat))?;
                     let (opts, next) =
@@ -375,10 +429,10 @@ unsafe fn push_doc(
                 }
                 _ => return Err(bad("unknown element type", base + at - key.len() - 2)),
             }
-            if array {
-                ffi::lua_rawseti(l, t, index);
-            } else {
+            if keyed {
                 ffi::lua_rawset(l, t);
+            } else {
+                ffi::lua_rawseti(l, t, index);
             }
         }
         if at != end {
@@ -389,6 +443,20 @@ unsafe fn push_doc(
 }
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
+
+/// STAGE's integer key of an element: an array's key text, or `#n` in a document.
+fn stage_index(key: &[u8], array: bool) -> Option<ffi::lua_Integer> {
+    let digits = if array { key } else { key.strip_prefix(b"#")? };
+    std::str::from_utf8(digits).ok()?.parse().ok()
+}
+
+/// A key's type hint (`name@X`): the key without it and the letter.
+fn split_hint(key: &[u8]) -> (&[u8], Option<u8>) {
+    match key {
+        [name @ .., b'@', x] if b"ilbDfdAOSCB".contains(x) => (name, Some(*x)),
+        _ => (key, None),
+    }
+}
 
 /// How many elements `doc` holds, by skipping over them without building anything. Only a
 /// size hint: on bytes it does not understand it returns the count so far (the decoder,
@@ -560,6 +628,7 @@ unsafe fn encode_table(
     depth: u32,
     err: &mut Option<EncodeError>,
     known: Option<Shape>,
+    mode: Mode,
 ) -> Result<u32, ()> {
     if depth > MAX_DEPTH {
         return enc_err(err, "tables nested deeper than 100 levels (a cycle?)".into()).map(|_| 0);
@@ -582,7 +651,7 @@ unsafe fn encode_table(
                 for i in 1..=n {
                     ffi::lua_rawgeti(l, t, i);
                     let key = itoa(&mut buf, i - 1);
-                    let r = encode_element(l, key, out, depth, err);
+                    let r = encode_element(l, key, out, depth, err, mode);
                     ffi::lua_settop(l, -2);
                     if r.is_err() {
                         add_path(err, itoa(&mut itoa_buf(), i));
@@ -592,12 +661,21 @@ unsafe fn encode_table(
             }
             Shape::Document => {
                 let mut buf = itoa_buf();
+                let mut hashed = [0u8; 25];
                 ffi::lua_pushnil(l);
                 while ffi::lua_next(l, t) != 0 {
                     let key: &[u8] = match ffi::lua_type(l, -2) {
                         ffi::LUA_TSTRING => to_bytes(l, -2),
                         ffi::LUA_TNUMBER if ffi::lua_isinteger(l, -2) != 0 => {
-                            itoa(&mut buf, ffi::lua_tointegerx(l, -2, std::ptr::null_mut()))
+                            let n = itoa(&mut buf, ffi::lua_tointegerx(l, -2, std::ptr::null_mut()));
+                            if mode.stage_arrays {
+                                // STAGE writes integer keys as "#n".
+                                hashed[0] = b'#';
+                                hashed[1..=n.len()].copy_from_slice(n);
+                                &hashed[..=n.len()]
+                            } else {
+                                n
+                            }
                         }
                         _ => {
                             let tn = type_name(ffi::lua_type(l, -2));
@@ -607,7 +685,7 @@ unsafe fn encode_table(
                     if key.contains(&0) {
                         enc_err(err, "a key containing NUL".into())?;
                     }
-                    if encode_element(l, key, out, depth, err).is_err() {
+                    if encode_element(l, key, out, depth, err, mode).is_err() {
                         add_path(err, key);
                         return Err(());
                     }
@@ -638,14 +716,17 @@ fn type_name(t: c_int) -> &'static str {
     }
 }
 
-/// Writes the value on top of the stack as element `key`.
+/// Writes the value on top of the stack as element `key` (a `name@X` key: as element `name`
+/// of the type `X` asks for).
 unsafe fn encode_element(
     l: *mut ffi::lua_State,
     key: &[u8],
     out: &mut Vec<u8>,
     depth: u32,
     err: &mut Option<EncodeError>,
+    mode: Mode,
 ) -> Result<(), ()> {
+    let (key, hint) = split_hint(key);
     // SAFETY: see the module comment.
     unsafe {
         match ffi::lua_type(l, -1) {
@@ -655,37 +736,89 @@ unsafe fn encode_element(
                 out.push((ffi::lua_toboolean(l, -1) != 0) as u8);
             }
             ffi::LUA_TNUMBER => {
-                if ffi::lua_isinteger(l, -1) != 0 {
-                    let i = ffi::lua_tointegerx(l, -1, std::ptr::null_mut());
-                    if let Ok(small) = i32::try_from(i) {
+                let int = ffi::lua_isinteger(l, -1) != 0;
+                let i = if int {
+                    ffi::lua_tointegerx(l, -1, std::ptr::null_mut())
+                } else {
+                    ffi::lua_tonumberx(l, -1, std::ptr::null_mut()) as i64
+                };
+                let f = || ffi::lua_tonumberx(l, -1, std::ptr::null_mut());
+                match hint {
+                    Some(b'i') => {
                         out.push(0x10);
                         put_key(out, key);
-                        out.extend_from_slice(&small.to_le_bytes());
-                    } else {
+                        out.extend_from_slice(&(i as i32).to_le_bytes());
+                    }
+                    Some(b'l') => {
                         out.push(0x12);
                         put_key(out, key);
                         out.extend_from_slice(&i.to_le_bytes());
                     }
-                } else {
-                    out.push(0x01);
-                    put_key(out, key);
-                    out.extend_from_slice(&ffi::lua_tonumberx(l, -1, std::ptr::null_mut()).to_le_bytes());
+                    Some(b'b') => {
+                        out.push(0x08);
+                        put_key(out, key);
+                        out.push((f() > 0.0) as u8);
+                    }
+                    Some(b'D') => {
+                        out.push(0x09);
+                        put_key(out, key);
+                        out.extend_from_slice(&i.saturating_mul(1000).to_le_bytes());
+                    }
+                    Some(b'f' | b'd') => {
+                        out.push(0x01);
+                        put_key(out, key);
+                        out.extend_from_slice(&f().to_le_bytes());
+                    }
+                    _ if int => {
+                        if let Ok(small) = i32::try_from(i) {
+                            out.push(0x10);
+                            put_key(out, key);
+                            out.extend_from_slice(&small.to_le_bytes());
+                        } else {
+                            out.push(0x12);
+                            put_key(out, key);
+                            out.extend_from_slice(&i.to_le_bytes());
+                        }
+                    }
+                    _ => {
+                        out.push(0x01);
+                        put_key(out, key);
+                        out.extend_from_slice(&f().to_le_bytes());
+                    }
                 }
             }
             ffi::LUA_TSTRING => {
                 let s = to_bytes(l, -1);
-                if std::str::from_utf8(s).is_ok() {
-                    out.push(0x02);
-                    put_key(out, key);
-                    out.extend_from_slice(&((s.len() + 1) as i32).to_le_bytes());
-                    out.extend_from_slice(s);
-                    out.push(0);
-                } else {
-                    out.push(0x05);
-                    put_key(out, key);
-                    out.extend_from_slice(&(s.len() as i32).to_le_bytes());
-                    out.push(0);
-                    out.extend_from_slice(s);
+                let utf8 = std::str::from_utf8(s).is_ok();
+                match hint {
+                    Some(h @ (b'S' | b'C')) if utf8 => {
+                        out.push(if h == b'S' { 0x0E } else { 0x0D });
+                        put_key(out, key);
+                        out.extend_from_slice(&((s.len() + 1) as i32).to_le_bytes());
+                        out.extend_from_slice(s);
+                        out.push(0);
+                    }
+                    Some(b'B') => {
+                        out.push(0x05);
+                        put_key(out, key);
+                        out.extend_from_slice(&(s.len() as i32).to_le_bytes());
+                        out.push(0);
+                        out.extend_from_slice(s);
+                    }
+                    _ if utf8 => {
+                        out.push(0x02);
+                        put_key(out, key);
+                        out.extend_from_slice(&((s.len() + 1) as i32).to_le_bytes());
+                        out.extend_from_slice(s);
+                        out.push(0);
+                    }
+                    _ => {
+                        out.push(0x05);
+                        put_key(out, key);
+                        out.extend_from_slice(&(s.len() as i32).to_le_bytes());
+                        out.push(0);
+                        out.extend_from_slice(s);
+                    }
                 }
             }
             ffi::LUA_TLIGHTUSERDATA if ffi::lua_touserdata(l, -1).is_null() => {
@@ -694,13 +827,19 @@ unsafe fn encode_element(
             }
             ffi::LUA_TTABLE => {
                 let t = ffi::lua_gettop(l);
-                let s = shape(l, t);
+                let s = match hint {
+                    // `@A`: the sequence part as an array, whatever else the table holds.
+                    Some(b'A') => Shape::Array(ffi::lua_rawlen(l, t) as i64),
+                    Some(b'O') => Shape::Document,
+                    _ if mode.stage_arrays => Shape::Document,
+                    _ => shape(l, t),
+                };
                 let array = matches!(s, Shape::Array(_));
                 let elem = out.len();
                 out.push(if array { 0x04 } else { 0x03 });
                 put_key(out, key);
                 let body = out.len();
-                let fields = encode_table(l, t, out, depth + 1, err, Some(s))?;
+                let fields = encode_table(l, t, out, depth + 1, err, Some(s), mode)?;
                 if !array && fields == 1 {
                     rewrite_special(out, elem, body, key);
                 }
@@ -780,8 +919,8 @@ mod tests {
             .load(
                 r#"return math.type(r.i) == "integer" and r.i == 7 and r.big == 1 << 40
                 and math.type(r.f) == "float" and r.f == 1.5 and r.s == "héllo" and r.b == "\0\255"
-                and r.t == true and r.n == null and r.arr[1] == 1 and r.arr[2] == "two"
-                and r.arr[3].x == 3 and #r.arr == 3 and r.d["$date"] == 1700000000000
+                and r.t == true and r.n == nil and r.arr[1] == 1 and r.arr[2] == "two"
+                and r.arr[3].x == 3 and #r.arr == 3 and r.d == 1700000000
                 and r.o["$oid"] == "0123456789abcdef01234567" and next(r.e) == nil and r.neg == -5"#,
             )
             .eval()
@@ -812,11 +951,97 @@ mod tests {
         assert_eq!(ty(b"kno"), 0x03);
         let d: Value = decode(&lua, &b).unwrap();
         let t = d.as_table().unwrap();
-        assert_eq!(t.get::<Table>("kd").unwrap().get::<i64>("$date").unwrap(), 5);
+        // 5 ms is second 0 (dates decode as seconds, as STAGE).
+        assert_eq!(t.get::<i64>("kd").unwrap(), 0);
         assert_eq!(
             t.get::<Table>("knd").unwrap().get::<String>("$date").unwrap(),
             "x"
         );
+    }
+
+    #[test]
+    fn null_date_and_key_hints_as_stage() {
+        let lua = Lua::new();
+        lua.globals().set("null", Value::NULL).unwrap();
+        let v: Value = lua
+            .load(
+                r#"return {n = null, ["at@D"] = 1700000000, ["i@i"] = 1 << 40, ["l@l"] = 3,
+                   ["f@d"] = 2, ["yes@b"] = 1, ["nope@b"] = 0, ["s@S"] = "sym", ["c@C"] = "x = 1",
+                   ["raw@B"] = "bin", ["a@A"] = {1, 2, k = 9}, ["obj@O"] = {7, 8}, ["plain@z"] = 1,
+                   list = {10, null, 30}}"#,
+            )
+            .eval()
+            .unwrap();
+        let b = encode_vec(&lua, &v).unwrap();
+        // The type byte of each top-level element, by key (a walk, not a byte search).
+        let mut types = std::collections::HashMap::new();
+        let mut at = 4;
+        while b[at] != 0 {
+            let t = b[at];
+            let (k, next) = cstr(&b, at + 1).unwrap();
+            let size = match t {
+                0x01 | 0x09 | 0x12 => 8,
+                0x10 => 4,
+                0x08 => 1,
+                0x0A => 0,
+                0x02 | 0x0D | 0x0E => 4 + read_i32(&b, next).unwrap() as usize,
+                0x05 => 5 + read_i32(&b, next).unwrap() as usize,
+                0x03 | 0x04 => read_i32(&b, next).unwrap() as usize,
+                other => panic!("type {other}"),
+            };
+            types.insert(k.to_vec(), t);
+            at = next + size;
+        }
+        let ty = |key: &[u8]| *types.get(key).unwrap_or_else(|| panic!("{key:?}"));
+        assert_eq!(ty(b"n"), 0x0A, "bundle.null encodes as null");
+        assert_eq!(ty(b"at"), 0x09, "@D: datetime");
+        assert_eq!(ty(b"i"), 0x10, "@i: int32");
+        assert_eq!(ty(b"l"), 0x12, "@l: int64");
+        assert_eq!(ty(b"f"), 0x01, "@d: double");
+        assert_eq!(ty(b"yes"), 0x08, "@b: bool");
+        assert_eq!(ty(b"s"), 0x0E, "@S: symbol");
+        assert_eq!(ty(b"c"), 0x0D, "@C: code");
+        assert_eq!(ty(b"raw"), 0x05, "@B: binary");
+        assert_eq!(ty(b"a"), 0x04, "@A: array");
+        assert_eq!(ty(b"obj"), 0x03, "@O: document");
+        assert_eq!(ty(b"plain@z"), 0x10, "an unknown letter is part of the key");
+        let d: Table = decode(&lua, &b).unwrap().as_table().unwrap().clone();
+        lua.globals().set("r", d).unwrap();
+        let ok: bool = lua
+            .load(
+                r#"return r.n == nil and r.at == 1700000000 and r.i == 0 and r.l == 3
+                and math.type(r.f) == "float" and r.yes == true and r.nope == false and r.s == "sym"
+                and r.c == "x = 1" and r.raw == "bin" and #r.a == 2 and r.a.k == nil
+                and r.obj["1"] == 7 and r.list[1] == 10 and r.list[2] == nil and r.list[3] == 30"#,
+            )
+            .eval()
+            .unwrap();
+        assert!(ok);
+    }
+
+    #[test]
+    fn stage_arrays_are_opt_in() {
+        let lua = Lua::new();
+        let stage = Mode { stage_arrays: true };
+        let v: Value = lua
+            .load(r#"return {list = {"a", "b"}, [5] = "five", ["x@A"] = {1}}"#)
+            .eval()
+            .unwrap();
+        let b = encode_vec_with(&lua, &v, stage).unwrap();
+        assert!(b.windows(3).any(|w| w == b"#1\0"), "sequences as {{\"#1\": ...}}");
+        assert!(b.windows(3).any(|w| w == b"#5\0"), "integer keys as #n");
+        let back: Table = decode_with(&lua, &b, stage).unwrap().as_table().unwrap().clone();
+        assert_eq!(back.get::<Table>("list").unwrap().get::<String>(1).unwrap(), "a");
+        assert_eq!(back.get::<String>(5).unwrap(), "five");
+        // @A still writes an array, which STAGE's mapping decodes 0-based.
+        assert_eq!(back.get::<Table>("x").unwrap().get::<i64>(0).unwrap(), 1);
+        // The standard mapping reads the same bytes with string keys and 1-based arrays.
+        let std: Table = decode(&lua, &b).unwrap().as_table().unwrap().clone();
+        assert_eq!(
+            std.get::<Table>("list").unwrap().get::<String>("#1").unwrap(),
+            "a"
+        );
+        assert_eq!(std.get::<Table>("x").unwrap().get::<i64>(1).unwrap(), 1);
     }
 
     #[test]

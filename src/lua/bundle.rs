@@ -50,12 +50,22 @@ fn json(lua: &Lua, v: Value) -> mlua::Result<Value> {
     }
 }
 
-/// `bundle.bson(v)`: BSON bytes -> table, table -> BSON bytes (the broker's codec).
-fn bson(lua: &Lua, v: Value) -> mlua::Result<Value> {
+/// `bundle.bson(v [, "stage"])`: BSON bytes -> table, table -> BSON bytes (the broker's
+/// codec); `"stage"` chooses STAGE's array mapping (0-based arrays, `{"#1": ...}`).
+fn bson(lua: &Lua, (v, mapping): (Value, Option<String>)) -> mlua::Result<Value> {
+    let mode = match mapping.as_deref() {
+        None | Some("standard") => crate::lua::bson::Mode::default(),
+        Some("stage") => crate::lua::bson::Mode { stage_arrays: true },
+        Some(other) => {
+            return Err(mlua::Error::runtime(format!(
+                "bundle.bson: unknown mapping {other:?} (expected \"stage\" or \"standard\")"
+            )))
+        }
+    };
     match &v {
-        Value::String(s) => crate::lua::bson::decode(lua, &s.as_bytes()).lua_err_in("bundle.bson"),
+        Value::String(s) => crate::lua::bson::decode_with(lua, &s.as_bytes(), mode).lua_err_in("bundle.bson"),
         Value::Table(_) => {
-            let bytes = crate::lua::bson::encode_vec(lua, &v).lua_err_in("bundle.bson")?;
+            let bytes = crate::lua::bson::encode_vec_with(lua, &v, mode).lua_err_in("bundle.bson")?;
             lua.create_string(bytes).map(Value::String)
         }
         other => Err(mlua::Error::runtime(format!(

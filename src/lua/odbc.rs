@@ -15,7 +15,8 @@ use std::sync::{Arc, Mutex};
 
 const PRELUDE: &str = r#"
 local R = ...
-local type, error, pcall, setmetatable = type, error, pcall, setmetatable
+local type, error, pcall, setmetatable, getmetatable = type, error, pcall, setmetatable, getmetatable
+local next, pairs, rawget, tostring, math, table = next, pairs, rawget, tostring, math, table
 local pack, unpack = table.pack, table.unpack
 local r_new, r_execute, r_query, r_exec = R.new, R.execute, R.query, R.exec
 local r_begin, r_commit, r_rollback, r_close = R.begin, R.commit, R.rollback, R.close
@@ -24,8 +25,47 @@ local r_fetch, r_columns, r_apply = R.fetch, R.columns, R.apply
 -- rows table -> the apply function of the resultset that fetched it (weak keys)
 local fetched = setmetatable({}, { __mode = "k" })
 
-local function resultset(h, affected)
-    local rs = { affected = affected, erase = R.erase, near = R.near }
+-- Fetched rows are callable, as in STAGE: rows() lists the keys of a level (sorted),
+-- rows(k) reads one entry without creating it, rows({k1, k2}) reads several (by the
+-- positions of the list); a function after the key receives the result instead.
+local function key_order(a, b)
+    local ta, tb = type(a), type(b)
+    if ta ~= tb then return ta < tb end
+    if ta == "number" or ta == "string" then return a < b end
+    return tostring(a) < tostring(b)
+end
+local rows_mt = {}
+rows_mt.__call = function(t, k, f)
+    local r
+    if k == nil then
+        r = {}
+        for key in next, t do r[#r + 1] = key end
+        table.sort(r, key_order)
+    elseif type(k) == "table" then
+        r = {}
+        for i, key in pairs(k) do r[i] = rawget(t, key) end
+    else
+        r = rawget(t, k)
+    end
+    if type(f) == "function" then return f(r) end
+    return r
+end
+local function callable(t, depth)
+    if type(t) ~= "table" then return t end
+    if getmetatable(t) == nil then setmetatable(t, rows_mt) end
+    if depth > 0 then
+        for _, v in next, t do callable(v, depth - 1) end
+    end
+    return t
+end
+
+local function resultset(h, affected, outputs)
+    local rs = setmetatable({ affected = affected, erase = R.erase, near = R.near }, {
+        -- rs[n]: the value of the n-th parameter after the statement (output parameters).
+        __index = function(_, n)
+            if math.type(n) == "integer" and outputs then return outputs[n] end
+        end,
+    })
     local function apply(rows, tbl, f)
         if type(tbl) == "function" then tbl, f = nil, tbl end
         local keys, log = r_apply(h, rows, tbl)
@@ -34,8 +74,11 @@ local function resultset(h, affected)
     end
     rs.fetch = function(keys, f)
         if type(keys) == "function" then keys, f = nil, keys end
-        local rows = r_fetch(h, keys)
-        if type(rows) == "table" then fetched[rows] = apply end
+        local rows, depth = r_fetch(h, keys)
+        if type(rows) == "table" then
+            fetched[rows] = apply
+            callable(rows, depth)
+        end
         if f then return f(rows) end
         return rows
     end
@@ -75,6 +118,8 @@ end
 local odbc = {}
 odbc.new = function(conn, f)
     local h = r_new(conn)
+    -- A connection that cannot be opened is logged (by r_new) and gives nil, as in STAGE.
+    if h == nil then return nil end
     local adp = adapter(h)
     if f == nil then return adp end
     local res = pack(pcall(f, adp))
@@ -109,15 +154,25 @@ pub fn open(lua: &Lua) -> mlua::Result<Table> {
     lua.load(PRELUDE).set_name("=odbc").call(raw_functions(lua)?)
 }
 
-/// A Lua value as a database value.
-pub fn to_db(v: &LuaValue, what: &str) -> mlua::Result<db::Value> {
-    to_db_named(v, || what.to_string())
+/// A Lua value as a database value; a table is stored as a BSON document (a BLOB), as STAGE
+/// does, and comes back as a table when read.
+pub fn to_db(lua: &Lua, v: &LuaValue, what: &str) -> mlua::Result<db::Value> {
+    to_db_named(lua, v, || what.to_string())
 }
 
 /// `to_db` that names the value (`what`) only when it cannot be stored, so that converting
 /// a query's parameters formats nothing.
-fn to_db_named(v: &LuaValue, what: impl FnOnce() -> String) -> mlua::Result<db::Value> {
+fn to_db_named(lua: &Lua, v: &LuaValue, what: impl FnOnce() -> String) -> mlua::Result<db::Value> {
     Ok(match v {
+        LuaValue::Table(_) => match crate::lua::bson::encode_vec(lua, v) {
+            Ok(b) => db::Value::Bytes(b),
+            Err(e) => {
+                return Err(mlua::Error::RuntimeError(format!(
+                    "odbc: {}: cannot store the table as BSON: {e}",
+                    what()
+                )))
+            }
+        },
         LuaValue::Nil => db::Value::Null,
         LuaValue::LightUserData(p) if p.0.is_null() => db::Value::Null,
         LuaValue::Boolean(b) => db::Value::Bool(*b),
@@ -142,6 +197,17 @@ fn to_db_named(v: &LuaValue, what: impl FnOnce() -> String) -> mlua::Result<db::
     })
 }
 
+/// A value of a binary column: a BLOB that is one BSON document (a table stored by `to_db`)
+/// decodes to a table, anything else stays a string.
+fn binary_to_lua(lua: &Lua, b: &[u8]) -> mlua::Result<LuaValue> {
+    if db::session::looks_like_bson(b) {
+        if let Ok(v @ LuaValue::Table(_)) = crate::lua::bson::decode(lua, b) {
+            return Ok(v);
+        }
+    }
+    Ok(LuaValue::String(lua.create_string(b)?))
+}
+
 /// A database value as a Lua value; NULL is `bundle.null`.
 pub fn to_lua(lua: &Lua, v: &db::Value) -> mlua::Result<LuaValue> {
     Ok(match v {
@@ -158,10 +224,10 @@ fn key_to_lua(lua: &Lua, a: &KeyAtom) -> mlua::Result<LuaValue> {
     to_lua(lua, &a.to_value())
 }
 
-fn key_from_lua(v: &LuaValue) -> Option<KeyAtom> {
+fn key_from_lua(lua: &Lua, v: &LuaValue) -> Option<KeyAtom> {
     match v {
         LuaValue::Integer(_) | LuaValue::Number(_) | LuaValue::String(_) | LuaValue::Boolean(_) => {
-            KeyAtom::from_value(&to_db(v, "key").ok()?)
+            KeyAtom::from_value(&to_db(lua, v, "key").ok()?)
         }
         _ => None,
     }
@@ -245,15 +311,20 @@ impl Adapter {
     }
 }
 
-async fn new_adapter(lua: &Lua, conn: LuaValue) -> mlua::Result<AdapterHandle> {
+/// Opens an adapter; None when the connection cannot be made (the error is logged), as
+/// STAGE's `odbc.new` returns nothing then. A bad argument still raises.
+async fn new_adapter(lua: &Lua, conn: LuaValue) -> mlua::Result<Option<AdapterHandle>> {
     let spec = spec_of(lua, &conn)?;
     let workers = crate::host::ctx(lua).node.config.workers;
     let exec = Executor::global(workers);
     let pool = Pool::get(&spec, workers);
-    let pooled = pool
-        .checkout(exec, spec.connection_timeout)
-        .await
-        .map_err(mlua::Error::from)?;
+    let pooled = match pool.checkout(exec, spec.connection_timeout).await {
+        Ok(p) => p,
+        Err(e) => {
+            log::error!("odbc.new: cannot connect to {}: {e}", spec.label);
+            return Ok(None);
+        }
+    };
     let session = Session {
         conn: pooled,
         driver: spec.driver,
@@ -264,29 +335,21 @@ async fn new_adapter(lua: &Lua, conn: LuaValue) -> mlua::Result<AdapterHandle> {
         exec,
         driver: spec.driver,
     });
-    Ok(AdapterHandle(adapter))
+    Ok(Some(AdapterHandle(adapter)))
 }
 
-/// `execute`'s first argument: SQL, or `{sql, "i", "C", ...}` with type letters.
-fn parse_statement(sql: LuaValue) -> mlua::Result<(String, Vec<char>)> {
+/// `execute`'s first argument: SQL, or `{sql, "i", "=10c", ...}` with STAGE's parameter types.
+fn parse_statement(sql: LuaValue) -> mlua::Result<(String, Vec<db::Spec>)> {
     match sql {
         LuaValue::String(s) => Ok((s.to_str()?.to_string(), vec![])),
         LuaValue::Table(t) => {
             let sql: String = t.get(1)?;
-            let mut letters = Vec::new();
+            let mut specs = Vec::new();
             for i in 2..=t.raw_len() {
                 let l: mlua::String = t.get(i)?;
-                for c in l.to_str()?.chars() {
-                    if !db::session::LETTERS.contains(c) {
-                        return Err(mlua::Error::RuntimeError(format!(
-                            "odbc: unknown parameter type '{c}' (expected one of {})",
-                            db::session::LETTERS
-                        )));
-                    }
-                    letters.push(c);
-                }
+                specs.extend(db::session::parse_specs(&l.to_str()?).map_err(mlua::Error::from)?);
             }
-            Ok((sql, letters))
+            Ok((sql, specs))
         }
         other => Err(mlua::Error::RuntimeError(format!(
             "odbc: expected SQL text or {{sql, types...}}, found a {}",
@@ -295,22 +358,82 @@ fn parse_statement(sql: LuaValue) -> mlua::Result<(String, Vec<char>)> {
     }
 }
 
-fn params_of(letters: &[char], args: &MultiValue) -> mlua::Result<Vec<Param>> {
-    args.iter()
-        .enumerate()
-        .map(|(i, v)| {
-            Ok(Param {
-                value: to_db_named(v, || format!("parameter {}", i + 1))?,
-                letter: letters.get(i).copied(),
-            })
-        })
-        .collect()
+/// The parameters, by their specs. Values come as varargs, or (STAGE's source form) as ONE
+/// table argument that is a list (`execute(sql, {v1, v2})`); any other table is a value (a
+/// BSON blob). Output parameters (`=`) take no value: the values fill the others in order.
+fn params_of(lua: &Lua, specs: &[db::Spec], args: &MultiValue) -> mlua::Result<Vec<Param>> {
+    let list = match (args.len(), args.front()) {
+        (1, Some(LuaValue::Table(t))) if t.raw_len() > 0 || t.is_empty() => Some(t),
+        _ => None,
+    };
+    let spread: Vec<LuaValue> = match list {
+        Some(t) => t.sequence_values::<LuaValue>().collect::<mlua::Result<_>>()?,
+        None => vec![],
+    };
+    let values: Box<dyn Iterator<Item = &LuaValue>> = match list {
+        Some(_) => Box::new(spread.iter()),
+        None => Box::new(args.iter()),
+    };
+    let mut out = Vec::with_capacity(args.len().max(specs.len()));
+    let mut next = values.enumerate();
+    let mut spec_at = 0;
+    loop {
+        let spec = specs.get(spec_at).copied();
+        spec_at += 1;
+        if let Some(
+            sp @ db::Spec {
+                dir: db::Dir::Out, ..
+            },
+        ) = spec
+        {
+            out.push(Param {
+                value: db::Value::Null,
+                letter: Some(sp.letter),
+                len: sp.len,
+                dir: sp.dir,
+            });
+            continue;
+        }
+        let Some((i, v)) = next.next() else {
+            // An in/out parameter without a value is NULL; plain ones simply end the list.
+            if let Some(
+                sp @ db::Spec {
+                    dir: db::Dir::InOut, ..
+                },
+            ) = spec
+            {
+                out.push(Param {
+                    value: db::Value::Null,
+                    letter: Some(sp.letter),
+                    len: sp.len,
+                    dir: sp.dir,
+                });
+                continue;
+            }
+            break;
+        };
+        let value = to_db_named(lua, v, || format!("parameter {}", i + 1))?;
+        out.push(match spec {
+            Some(sp) => Param {
+                value,
+                letter: Some(sp.letter),
+                len: sp.len,
+                dir: sp.dir,
+            },
+            None => Param::new(value, None),
+        });
+    }
+    Ok(out)
 }
 
 fn row_table(lua: &Lua, result: &QueryResult, row: &[db::Value]) -> mlua::Result<Table> {
     let t = lua.create_table_with_capacity(0, row.len())?;
     for (c, v) in result.columns.iter().zip(row) {
-        t.raw_set(c.name.as_str(), to_lua(lua, v)?)?;
+        let v = match (c.kind, v) {
+            (db::session::Kind::Binary, db::Value::Bytes(b)) => binary_to_lua(lua, b)?,
+            _ => to_lua(lua, v)?,
+        };
+        t.raw_set(c.name.as_str(), v)?;
     }
     Ok(t)
 }
@@ -366,13 +489,14 @@ fn adapter_of(h: &AnyUserData) -> mlua::Result<Rc<Adapter>> {
 /// What `execute`, `query` and `exec` start from: the adapter, the SQL and its parameters
 /// converted by their type letters.
 fn statement_of(
+    lua: &Lua,
     h: &AnyUserData,
     sql: LuaValue,
     args: &MultiValue,
 ) -> mlua::Result<(Rc<Adapter>, String, Vec<Param>)> {
     let a = adapter_of(h)?;
-    let (sql, letters) = parse_statement(sql)?;
-    let params = params_of(&letters, args)?;
+    let (sql, specs) = parse_statement(sql)?;
+    let params = params_of(lua, &specs, args)?;
     Ok((a, sql, params))
 }
 
@@ -393,10 +517,20 @@ fn raw_functions(lua: &Lua) -> mlua::Result<Table> {
         "execute",
         lua.create_async_function(
             |lua, (h, sql, args): (AnyUserData, LuaValue, MultiValue)| async move {
-                let (a, sql, params) = statement_of(&h, sql, &args)?;
+                let (a, sql, params) = statement_of(&lua, &h, sql, &args)?;
                 // The SQL goes to the worker and comes back with the result (no copy).
                 let (result, sql) = a.run(move |s| Ok((s.execute(&sql, &params)?, sql))).await?;
                 let affected = result.affected;
+                let outputs = match &result.outputs {
+                    Some(list) => {
+                        let t = lua.create_table_with_capacity(list.len(), 0)?;
+                        for v in list {
+                            t.raw_push(to_lua(&lua, v)?)?;
+                        }
+                        Some(t)
+                    }
+                    None => None,
+                };
                 let rs = Resultset {
                     adapter: a,
                     sql,
@@ -406,6 +540,7 @@ fn raw_functions(lua: &Lua) -> mlua::Result<Table> {
                 Ok((
                     lua.create_userdata(RsHandle(Rc::new(RefCell::new(rs))))?,
                     affected,
+                    outputs,
                 ))
             },
         )?,
@@ -414,7 +549,7 @@ fn raw_functions(lua: &Lua) -> mlua::Result<Table> {
         "query",
         lua.create_async_function(
             |lua, (h, sql, args): (AnyUserData, LuaValue, MultiValue)| async move {
-                let (a, sql, params) = statement_of(&h, sql, &args)?;
+                let (a, sql, params) = statement_of(&lua, &h, sql, &args)?;
                 let result = a.run(move |s| s.execute(&sql, &params)).await?;
                 let list = lua.create_table_with_capacity(result.rows.len(), 0)?;
                 for row in &result.rows {
@@ -428,7 +563,7 @@ fn raw_functions(lua: &Lua) -> mlua::Result<Table> {
         "exec",
         lua.create_async_function(
             |lua, (h, sql, args): (AnyUserData, LuaValue, MultiValue)| async move {
-                let (a, sql, params) = statement_of(&h, sql, &args)?;
+                let (a, sql, params) = statement_of(&lua, &h, sql, &args)?;
                 let (affected, id) = a
                     .run(move |s| {
                         let r = s.execute(&sql, &params)?;
@@ -521,8 +656,9 @@ fn raw_functions(lua: &Lua) -> mlua::Result<Table> {
                 }
                 LuaValue::Table(top)
             };
+            let depth = snap.keys.len();
             rs.snapshot = Some(snap);
-            Ok(out)
+            Ok((out, depth))
         })?,
     )?;
     raw.set(
@@ -546,36 +682,29 @@ fn raw_functions(lua: &Lua) -> mlua::Result<Table> {
     raw.set(
         "erase",
         lua.create_function(|_, (rows, path): (Table, LuaValue)| {
+            // STAGE returns how many entries were removed (0 or 1).
             let path = path_of(path)?;
             let (last, parents) = path.split_last().ok_or_else(|| rt("odbc: erase: empty path"))?;
-            let mut t = rows;
-            for k in parents {
-                match t.raw_get::<LuaValue>(k.clone())? {
-                    LuaValue::Table(inner) => t = inner,
-                    _ => return Ok(LuaValue::Nil),
-                }
+            let Some(t) = walk_path(rows, parents)? else {
+                return Ok(0);
+            };
+            if t.raw_get::<LuaValue>(last.clone())?.is_nil() {
+                return Ok(0);
             }
-            let old: LuaValue = t.raw_get(last.clone())?;
             t.raw_set(last.clone(), LuaValue::Nil)?;
-            Ok(old)
+            Ok(1)
         })?,
     )?;
     raw.set(
         "near",
-        lua.create_function(|lua, (rows, path): (Table, LuaValue)| {
+        lua.create_function(|_, (rows, path): (Table, LuaValue)| {
+            // The entry at the path, or nil when it is missing (STAGE creates nothing).
             let path = path_of(path)?;
-            let mut t = rows;
-            for k in path {
-                t = match t.raw_get::<LuaValue>(k.clone())? {
-                    LuaValue::Table(inner) => inner,
-                    _ => {
-                        let inner = lua.create_table()?;
-                        t.raw_set(k, inner.clone())?;
-                        inner
-                    }
-                };
+            let (last, parents) = path.split_last().ok_or_else(|| rt("odbc: near: empty path"))?;
+            match walk_path(rows, parents)? {
+                Some(t) => t.raw_get::<LuaValue>(last.clone()),
+                None => Ok(LuaValue::Nil),
             }
-            Ok(t)
         })?,
     )?;
     raw.set(
@@ -594,6 +723,17 @@ fn rt(msg: &str) -> mlua::Error {
     mlua::Error::RuntimeError(msg.to_string())
 }
 
+/// The table reached by following `keys` from `t`, or None where a level is missing.
+fn walk_path(mut t: Table, keys: &[LuaValue]) -> mlua::Result<Option<Table>> {
+    for k in keys {
+        match t.raw_get::<LuaValue>(k.clone())? {
+            LuaValue::Table(inner) => t = inner,
+            _ => return Ok(None),
+        }
+    }
+    Ok(Some(t))
+}
+
 fn path_of(path: LuaValue) -> mlua::Result<Vec<LuaValue>> {
     Ok(match path {
         LuaValue::Table(t) => t
@@ -605,37 +745,43 @@ fn path_of(path: LuaValue) -> mlua::Result<Vec<LuaValue>> {
 }
 
 /// Reads the script's table back in the shape the snapshot was fetched in.
-fn read_current(rows: &LuaValue, depth: usize) -> mlua::Result<Current> {
+fn read_current(lua: &Lua, rows: &LuaValue, depth: usize) -> mlua::Result<Current> {
     let mut current = Current::default();
-    fn row_fields(t: &Table) -> mlua::Result<Vec<(String, db::Value)>> {
+    fn row_fields(lua: &Lua, t: &Table) -> mlua::Result<Vec<(String, db::Value)>> {
         let mut fields = Vec::new();
         for pair in t.pairs::<LuaValue, LuaValue>() {
             let (k, v) = pair?;
             if let LuaValue::String(k) = k {
                 let name = k.to_str()?.to_string();
-                fields.push((name.clone(), to_db(&v, &format!("apply: field {name}"))?));
+                fields.push((name.clone(), to_db(lua, &v, &format!("apply: field {name}"))?));
             }
         }
         Ok(fields)
     }
-    fn walk(t: &Table, depth: usize, path: &mut Vec<KeyAtom>, out: &mut Current) -> mlua::Result<()> {
+    fn walk(
+        lua: &Lua,
+        t: &Table,
+        depth: usize,
+        path: &mut Vec<KeyAtom>,
+        out: &mut Current,
+    ) -> mlua::Result<()> {
         if depth == 0 {
-            out.rows.push((path.clone(), row_fields(t)?));
+            out.rows.push((path.clone(), row_fields(lua, t)?));
             return Ok(());
         }
         for pair in t.pairs::<LuaValue, LuaValue>() {
             let (k, v) = pair?;
-            let (Some(atom), LuaValue::Table(inner)) = (key_from_lua(&k), v) else {
+            let (Some(atom), LuaValue::Table(inner)) = (key_from_lua(lua, &k), v) else {
                 continue;
             };
             path.push(atom);
-            walk(&inner, depth - 1, path, out)?;
+            walk(lua, &inner, depth - 1, path, out)?;
             path.pop();
         }
         Ok(())
     }
     match rows {
-        LuaValue::Table(t) => walk(t, depth, &mut Vec::new(), &mut current)?,
+        LuaValue::Table(t) => walk(lua, t, depth, &mut Vec::new(), &mut current)?,
         LuaValue::Nil if depth == 0 => {}
         other => {
             return Err(rt(&format!(
@@ -664,7 +810,7 @@ async fn apply(
             None => db::track::table_from_sql(&r.sql)
                 .ok_or_else(|| rt("odbc: apply: name the table (the query has no FROM to take it from)"))?,
         };
-        let current = read_current(&rows, snap.keys.len())?;
+        let current = read_current(lua, &rows, snap.keys.len())?;
         let changes = snap.diff(&current, &table);
         let driver = r.adapter.driver;
         let statements: Vec<_> = changes
@@ -789,30 +935,69 @@ mod tests {
     #[test]
     fn parameters_convert_and_a_bad_one_is_named_by_its_position() {
         let lua = Lua::new();
+        let spec = |s: &str| db::session::parse_specs(s).unwrap();
+        let f = LuaValue::Function(lua.create_function(|_, ()| Ok(())).unwrap());
         let args = MultiValue::from_vec(vec![
             LuaValue::Integer(7),
             LuaValue::String(lua.create_string("kim").unwrap()),
-            LuaValue::Table(lua.create_table().unwrap()),
+            f.clone(),
         ]);
-        let e = params_of(&['i'], &args).unwrap_err();
+        let e = params_of(&lua, &spec("i"), &args).unwrap_err();
         assert_eq!(
             e.to_string(),
-            "runtime error: odbc: parameter 3: cannot store a table in the database"
+            "runtime error: odbc: parameter 3: cannot store a function in the database"
         );
-        let ok = params_of(&['i'], &MultiValue::from_vec(args.into_iter().take(2).collect())).unwrap();
+        let ok = params_of(
+            &lua,
+            &spec("i"),
+            &MultiValue::from_vec(args.into_iter().take(2).collect()),
+        )
+        .unwrap();
         assert_eq!(ok[0].value, db::Value::Int(7));
         assert_eq!(ok[0].letter, Some('i'));
         assert_eq!(ok[1].value, db::Value::Text("kim".into()));
         assert_eq!(ok[1].letter, None);
-        let e = to_db(
-            &LuaValue::Function(lua.create_function(|_, ()| Ok(())).unwrap()),
-            "key",
-        )
-        .unwrap_err();
+        let e = to_db(&lua, &f, "key").unwrap_err();
         assert!(
             e.to_string()
                 .ends_with("odbc: key: cannot store a function in the database"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn one_list_argument_is_the_parameters_and_other_tables_are_bson() {
+        let lua = Lua::new();
+        let list: Table = lua.load("return { 1, 'a' }").eval().unwrap();
+        let ps = params_of(&lua, &[], &MultiValue::from_vec(vec![LuaValue::Table(list)])).unwrap();
+        assert_eq!(ps.len(), 2);
+        assert_eq!(ps[1].value, db::Value::Text("a".into()));
+        let doc: Table = lua.load("return { blob = 'HAHA' }").eval().unwrap();
+        let ps = params_of(&lua, &[], &MultiValue::from_vec(vec![LuaValue::Table(doc)])).unwrap();
+        assert_eq!(ps.len(), 1);
+        let db::Value::Bytes(b) = &ps[0].value else {
+            panic!("{:?}", ps[0].value)
+        };
+        assert!(db::session::looks_like_bson(b));
+        assert!(matches!(binary_to_lua(&lua, b).unwrap(), LuaValue::Table(_)));
+        // Output parameters take no value; the values fill the others in order.
+        let ps = params_of(
+            &lua,
+            &spec_list(&["i", "=10c", "+i"]),
+            &MultiValue::from_vec(vec![LuaValue::Integer(5), LuaValue::Integer(6)]),
+        )
+        .unwrap();
+        assert_eq!(
+            ps.iter().map(|p| p.dir).collect::<Vec<_>>(),
+            vec![db::Dir::In, db::Dir::Out, db::Dir::InOut]
+        );
+        assert_eq!(ps[2].value, db::Value::Int(6));
+        assert_eq!(ps[1].len, Some(10));
+    }
+
+    fn spec_list(l: &[&str]) -> Vec<db::Spec> {
+        l.iter()
+            .flat_map(|s| db::session::parse_specs(s).unwrap())
+            .collect()
     }
 }

@@ -1,4 +1,6 @@
 //! Broker endpoint URIs: `tcp://host:port?FRAMING=IN,OUT` and `udp://host:port?FRAMING`.
+//! As in STAGE, a URI without a scheme is TCP (`0.0.0.0:8080?bson`), and the limits may also
+//! be written `IN:OUT` (the spelling of STAGE's broker.md table).
 
 use super::framing::{parse_size, Framing};
 use thiserror::Error;
@@ -23,6 +25,8 @@ pub struct Endpoint {
     pub framing: Framing,
     pub max_in: usize,
     pub max_out: usize,
+    /// `&stage`: STAGE's BSON array mapping on this port (0-based arrays, `{"#1": ...}`).
+    pub stage_arrays: bool,
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -48,10 +52,8 @@ pub fn parse(uri: &str) -> Result<Endpoint, UriError> {
         uri: uri.to_string(),
         why: why.to_string(),
     };
-    let (scheme, rest) = uri
-        .split_once("://")
-        .ok_or_else(|| err("expected tcp:// or udp://"))?;
-    let proto = match scheme {
+    let (scheme, rest) = uri.split_once("://").unwrap_or(("tcp", uri));
+    let proto = match scheme.to_ascii_lowercase().as_str() {
         "tcp" => Proto::Tcp,
         "udp" => Proto::Udp,
         other => {
@@ -80,7 +82,17 @@ pub fn parse(uri: &str) -> Result<Endpoint, UriError> {
         framing: Framing::Bson,
         max_in: DEFAULT_IN,
         max_out: DEFAULT_OUT,
+        stage_arrays: false,
     };
+    // Options after the framing: `?bson=4k,64k&stage`.
+    let mut options = query.split('&');
+    let query = options.next().unwrap_or("");
+    for opt in options {
+        match opt {
+            "stage" => ep.stage_arrays = true,
+            other => return Err(err(&format!("unknown option '{other}' (expected stage)"))),
+        }
+    }
     if !query.is_empty() {
         let (name, limits) = query.split_once('=').unwrap_or((query, ""));
         ep.framing = Framing::parse(name).ok_or_else(|| {
@@ -89,7 +101,10 @@ pub fn parse(uri: &str) -> Result<Endpoint, UriError> {
             ))
         })?;
         if !limits.is_empty() {
-            let (i, o) = limits.split_once(',').unwrap_or((limits, ""));
+            let (i, o) = limits
+                .split_once(',')
+                .or_else(|| limits.split_once(':'))
+                .unwrap_or((limits, ""));
             ep.max_in = parse_size(i).ok_or_else(|| err(&format!("bad IN limit '{i}'")))?;
             if !o.is_empty() {
                 ep.max_out = parse_size(o).ok_or_else(|| err(&format!("bad OUT limit '{o}'")))?;
@@ -124,6 +139,31 @@ mod tests {
         let e = parse("tcp://127.0.0.1:0?packet=1m").unwrap();
         assert_eq!((e.max_in, e.max_out), (1 << 20, DEFAULT_OUT));
         assert_eq!(parse("tcp://:5").unwrap().host, "0.0.0.0");
+    }
+
+    #[test]
+    fn accepts_stage_spellings() {
+        // No scheme: TCP, as STAGE's broker.ready/join.
+        let e = parse("127.0.0.1:8081?text").unwrap();
+        assert_eq!(
+            (e.proto, e.host.as_str(), e.port, e.framing),
+            (Proto::Tcp, "127.0.0.1", 8081, Framing::Text)
+        );
+        let e = parse("[::1]:9").unwrap();
+        assert_eq!((e.proto, e.host.as_str()), (Proto::Tcp, "::1"));
+        // IN:OUT as well as IN,OUT.
+        let e = parse("tcp://127.0.0.1:1?packet=4k:10k").unwrap();
+        assert_eq!((e.max_in, e.max_out), (4096, 10240));
+        assert_eq!(parse("UDP://127.0.0.1:1").unwrap().proto, Proto::Udp);
+        // STAGE's array mapping as an option.
+        let e = parse("tcp://127.0.0.1:1?bson=4k,64k&stage").unwrap();
+        assert!(e.stage_arrays);
+        assert_eq!(e.max_in, 4096);
+        assert!(!parse("tcp://127.0.0.1:1?bson").unwrap().stage_arrays);
+        assert!(parse("tcp://127.0.0.1:1?bson&zip")
+            .unwrap_err()
+            .to_string()
+            .contains("unknown option 'zip'"));
     }
 
     #[test]

@@ -86,13 +86,22 @@ wait(in2, 3)
 eq(in1[4].pushed, true)
 eq(broker.signal(987654321, { x = 1 }), 0, "unknown id reaches nobody")
 
--- broker.submit: keyed by the socket, never overlapping
+-- broker.submit: keyed by the socket, never overlapping; f(socket, ...) as STAGE
 local order = {}
+local got_socket
 for i = 1, 3 do
-    broker.submit(s1, function(n) order[#order + 1] = n stage.sleep(5) order[#order + 1] = -n end, i)
+    broker.submit(s1, function(s, n)
+        got_socket = s
+        order[#order + 1] = n stage.sleep(5) order[#order + 1] = -n
+    end, i)
 end
 stage.sleep(100)
 eq(table.concat(order, ","), "1,-1,2,-2,3,-3")
+check(got_socket == s1, "submit passes the socket first")
+local by_id
+broker.submit(s1.id, function(s) by_id = s end)
+stage.sleep(20)
+check(by_id == s1, "submit by id passes the socket too")
 
 -- errors are for people
 local ok, err = pcall(c1.commit, print)
@@ -114,15 +123,37 @@ local n, msg = broker.join("tcp://127.0.0.1:" .. sp.port)
 eq(n, 111, "connection refused after closing the port: " .. tostring(msg))
 check(msg:find("refused"), msg)
 
--- address helpers
+-- address helpers, in STAGE's shapes
 eq(broker.ntoa("127.0.0.1:80"), "127.0.0.1:80")
 local t = broker.ntoa("[::1]:8080", {})
-eq(t.host, "::1") eq(t.port, 8080) eq(t.family, 6)
+eq(t.addr, "::1") eq(t.port, 8080) eq(t.family, 10, "AF_INET6") eq(t.scope_id, 0)
+local t4 = broker.ntoa("10.1.2.3:7", {})
+eq(t4.family, 2, "AF_INET") eq(t4.addr, "10.1.2.3") eq(t4.scope_id, nil)
+-- STAGE's raw sockaddr bytes are addresses too (AF_INET, port 80 big-endian, 127.0.0.1).
+local raw = string.pack("=I2>I2BBBB", 2, 80, 127, 0, 0, 1) .. string.rep("\0", 8)
+eq(broker.ntoa(raw), "127.0.0.1:80", "a raw sockaddr")
 eq(broker.aton("localhost:99"), "127.0.0.1:99")
 eq(broker.aton("nonsense"), nil)
+local list = broker.aton("udp://224.0.0.1:8082", {})
+eq(#list, 1, "aton with a table lists the addresses") eq(list[1], "224.0.0.1:8082")
+eq(broker.ntoa(list[1], {}).port, 8082)
+eq(broker.aton(2, { addr = "192.168.0.9", port = 81 }), "192.168.0.9:81", "aton(AF_INET, parts)")
+eq(broker.aton(10, { port = 82 }), "[::]:82", "aton(AF_INET6, parts)")
+eq(broker.aton(2, "127.0.0.1:5"), "127.0.0.1:5")
+check(not pcall(broker.aton, 3, {}), "an unknown family is an error")
 local ifs = broker.ifaddr()
-local lo = false
-for _, e in ipairs(ifs) do if e.addr == "127.0.0.1" then lo = e.name end end
-check(lo, "ifaddr lists the loopback address")
-eq(broker.ifaddr(lo), "127.0.0.1")
+local n_if = 0
+for name, addrs in pairs(ifs) do
+    n_if = n_if + 1
+    check(type(name) == "string" and type(addrs) == "table", "ifaddr maps names to lists")
+    for _, a in ipairs(addrs) do
+        check(a ~= "127.0.0.1" and a ~= "::1", "no loopback addresses: " .. a)
+    end
+end
+for name in pairs(ifs) do
+    local only = broker.ifaddr(name:sub(1, 2))
+    check(only[name] ~= nil, "a part of the name selects the interface")
+    break
+end
+eq(next(broker.ifaddr("no-such-interface-x")), nil)
 done()

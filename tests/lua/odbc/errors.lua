@@ -22,7 +22,7 @@ end
 eq(odbc.new("DB", function (adp) return adp.query("SELECT 2 AS two")[1].two end), 2, "pool still has connections")
 local ok, err = pcall(odbc.new, "NOPE")
 check(not ok and err:find('no connection named "NOPE"', 1, true), "unknown name: " .. tostring(err))
-local ok2, err2 = pcall(odbc.new, { DRIVER = "NoSuchDriverX", DATABASE = "x" })
-check(not ok2 and err2:find("odbc error [", 1, true) and err2:find("NoSuchDriverX", 1, true),
-    "unknown driver: " .. tostring(err2))
+-- A connection that cannot be made is logged and gives nil, as in STAGE (stage_forms.lua).
+local ok2, r2 = pcall(odbc.new, { DRIVER = "NoSuchDriverX", DATABASE = "x" })
+check(ok2 and r2 == nil, "unknown driver: nil, got " .. tostring(r2))
 done()

@@ -44,15 +44,17 @@ odbc.new("DB", function (adp)
     eq(cols[1].type, "INTEGER", "id type")
     eq(r.columns(function (c) return #c end), 3, "columns with f")
 
-    -- near: the row at a path, created when missing; erase: removes it.
+    -- near: the row at a path, nil when missing (STAGE); erase: removes it, returns a count.
     local r2 = rs()
     local t = r2.fetch({ "grp", "id" })
-    local fresh_row = r2.near(t, { "c", 9 })
-    check(type(fresh_row) == "table" and t.c[9] == fresh_row, "near creates the path")
+    eq(r2.near(t, { "c", 9 }), nil, "near of a missing row is nil")
+    eq(t.c, nil, "near creates nothing")
     eq(r2.near(t, { "a", 1 }).name, "x", "near finds an existing row")
-    local gone = r2.erase(t, { "a", 1 })
-    eq(gone.name, "x", "erase returns the removed row")
+    eq(r2.near(t.a, 2).name, "y", "near with one key")
+    eq(r2.erase(t, { "a", 1 }), 1, "erase returns the count")
     eq(t.a[1], nil, "erase removes it")
+    eq(r2.erase(t, { "a", 1 }), 0, "erasing a missing row counts 0")
+    eq(r2.erase(t, { "zz", 1 }), 0, "erasing below a missing level counts 0")
 
     local ok, err = pcall(rs().fetch, { "nope" })
     check(not ok and err:find('fetch key "nope" is not a column', 1, true), "bad key: " .. tostring(err))

@@ -21,8 +21,10 @@ odbc.new("DB", function (adp)
     eq(r.s, "한글 text", "unicode text")
     eq(#r.b, 256, "binary length")
     check(r.b == bytes, "binary is byte-exact")
-    eq(r.d, "2024-05-01", "date as ISO text")
-    eq(r.ts:sub(1, 19), "2024-05-01 12:30:00", "timestamp as ISO text")
+    -- Dates are integer epoch seconds in local time, as STAGE (os.time reads local time too).
+    eq(r.d, os.time({ year = 2024, month = 5, day = 1, hour = 0 }), "date as epoch seconds")
+    eq(math.type(r.d), "integer")
+    eq(r.ts, os.time({ year = 2024, month = 5, day = 1, hour = 12, min = 30, sec = 0 }), "timestamp as epoch seconds")
     eq(r.n, 12.5, "decimal with a scale: float")
     eq(r.z, bundle.null, "NULL is bundle.null")
     local r2 = rows[2]
@@ -30,7 +32,7 @@ odbc.new("DB", function (adp)
     check(r2.b == "\0\255", "short binary")
     eq(r2.ts, bundle.null, "NULL timestamp")
     eq(r2.n, 7.0, "a decimal with a scale is a float even without a fraction")
-    eq(r2.d, "2000-02-29")
+    eq(r2.d, os.time({ year = 2000, month = 2, day = 29, hour = 0 }))
 
     -- Binary and NULL survive apply too.
     local rs = adp.execute("SELECT k, b, z FROM types_t ORDER BY k")
