@@ -5,5 +5,6 @@
 
 pub mod conn;
 pub mod framing;
+pub mod http;
 pub mod sock;
 pub mod uri;
