@@ -449,7 +449,7 @@ mod tests {
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         s.write_all(req).unwrap();
         let mut out = Vec::new();
-        let e = s.read_to_end(&mut out);
+        let _ = s.read_to_end(&mut out);
         String::from_utf8_lossy(&out).into_owned()
     }
 

@@ -7,4 +7,5 @@ pub mod conn;
 pub mod framing;
 pub mod http;
 pub mod sock;
+pub mod tls;
 pub mod uri;
