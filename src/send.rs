@@ -42,6 +42,8 @@ pub fn run(opts: &SendOptions) -> anyhow::Result<usize> {
         None => Box::new(std::io::stdin().lock().lines()),
     };
     let mut conn = match ep.proto {
+        Proto::Http | Proto::Ws => bail!("{}: use `stage http` for http:// and ws://", ep.authority()),
+        Proto::Tcp if ep.tls => bail!("{}: tls:// is not supported by stage send yet", ep.authority()),
         Proto::Tcp => {
             let s = TcpStream::connect_timeout(&addr, timeout)
                 .with_context(|| format!("cannot connect to {addr}"))?;

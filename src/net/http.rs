@@ -155,7 +155,11 @@ struct Shared<S> {
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Shared<S> {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
         let before = buf.filled().len();
         let r = Pin::new(&mut *self.io.borrow_mut()).poll_read(cx, buf);
         let n = buf.filled().len() - before;
@@ -350,14 +354,26 @@ pub fn parse_query(q: &str) -> Vec<(String, String)> {
         .collect()
 }
 
-/// `%XX` and `+` decoding; a malformed escape is kept literally.
+/// `%XX` and `+` decoding (query strings); a malformed escape is kept literally.
 pub fn percent_decode(s: &str) -> String {
+    decode(s, true)
+}
+
+/// `%XX` decoding of a path (`+` stays `+`).
+pub fn percent_decode_path(s: &str) -> String {
+    if !s.contains('%') {
+        return s.to_string();
+    }
+    decode(s, false)
+}
+
+fn decode(s: &str, plus_is_space: bool) -> String {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
         match b[i] {
-            b'+' => out.push(b' '),
+            b'+' if plus_is_space => out.push(b' '),
             b'%' if i + 2 < b.len() => {
                 let hex = |c: u8| (c as char).to_digit(16);
                 match (hex(b[i + 1]), hex(b[i + 2])) {
@@ -398,6 +414,7 @@ mod tests {
         assert_eq!(percent_decode("%"), "%");
         assert_eq!(percent_decode("%4"), "%4");
         assert_eq!(percent_decode("%ff"), "\u{fffd}");
+        assert_eq!(percent_decode_path("/a+b%2Fc"), "/a+b/c");
     }
 
     /// A server on a thread of its own whose handler echoes method, path and body size,
@@ -405,7 +422,10 @@ mod tests {
     fn start(limits: Limits) -> u16 {
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
             let local = tokio::task::LocalSet::new();
             local.block_on(&rt, async move {
                 let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -498,8 +518,14 @@ mod tests {
         // Silence from the start: closed without a word.
         assert_eq!(raw(port, b""), "");
         // Handler failure: a bare 500.
-        let r = raw(port, b"GET /fail HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
-        assert!(r.starts_with("HTTP/1.1 500") && r.ends_with("internal server error\n"), "{r}");
+        let r = raw(
+            port,
+            b"GET /fail HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+        );
+        assert!(
+            r.starts_with("HTTP/1.1 500") && r.ends_with("internal server error\n"),
+            "{r}"
+        );
         // Garbage.
         assert!(raw(port, b"\x16\x03\x01 hello\r\n\r\n").starts_with("HTTP/1.1 400"));
     }
@@ -521,7 +547,10 @@ mod tests {
     #[test]
     fn streamed_body_is_chunked() {
         let port = start(Limits::default());
-        let r = raw(port, b"GET /stream HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
+        let r = raw(
+            port,
+            b"GET /stream HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+        );
         assert!(r.contains("transfer-encoding: chunked"), "{r}");
         assert!(r.contains("part0;") && r.contains("part2;"), "{r}");
     }

@@ -9,3 +9,4 @@ pub mod http;
 pub mod sock;
 pub mod tls;
 pub mod uri;
+pub mod ws;

@@ -141,7 +141,11 @@ impl Stream {
 }
 
 impl AsyncRead for Stream {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
@@ -202,21 +206,67 @@ pub fn make_test_ca(dir: &Path) -> Result<(PathBuf, PathBuf, PathBuf), String> {
         if out.status.success() {
             Ok(())
         } else {
-            Err(format!("openssl {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr)))
+            Err(format!(
+                "openssl {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            ))
         }
     };
-    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
-    run(&[&["req", "-x509"][..], &ec, &["-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
-        "-subj", "/CN=stage test CA", "-addext", "basicConstraints=critical,CA:TRUE",
-        "-addext", "keyUsage=critical,keyCertSign,cRLSign"]].concat())?;
-    run(&[&["req"][..], &ec, &["-keyout", "key.pem", "-out", "cert.csr", "-subj", "/CN=localhost"]].concat())?;
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    run(&[
+        &["req", "-x509"][..],
+        &ec,
+        &[
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=stage test CA",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ],
+    ]
+    .concat())?;
+    run(&[
+        &["req"][..],
+        &ec,
+        &["-keyout", "key.pem", "-out", "cert.csr", "-subj", "/CN=localhost"],
+    ]
+    .concat())?;
     std::fs::write(
         dir.join("ext.cnf"),
         "subjectAltName=DNS:localhost,IP:127.0.0.1,IP:::1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
     )
     .map_err(|e| e.to_string())?;
-    run(&["x509", "-req", "-in", "cert.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-        "-CAcreateserial", "-out", "cert.pem", "-days", "2", "-extfile", "ext.cnf"])?;
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "cert.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "cert.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+    ])?;
     Ok((dir.join("ca.pem"), dir.join("cert.pem"), dir.join("key.pem")))
 }
 
@@ -231,11 +281,12 @@ mod tests {
         for c in CertificateDer::pem_file_iter(ca).unwrap() {
             roots.add(c.unwrap()).unwrap();
         }
-        let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        let mut cfg =
+            rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth();
         cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         tokio_rustls::TlsConnector::from(Arc::new(cfg))
     }
@@ -245,15 +296,24 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (ca, cert, key) = make_test_ca(dir.path()).unwrap();
         let files = TlsFiles::load(&cert, &key, ALPN_HTTP).unwrap();
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         rt.block_on(async {
             let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let addr = l.local_addr().unwrap();
-            for (alpn, want_h2) in [(&[&b"h2"[..], b"http/1.1"][..], true), (&[&b"http/1.1"[..]][..], false)] {
+            for (alpn, want_h2) in [
+                (&[&b"h2"[..], b"http/1.1"][..], true),
+                (&[&b"http/1.1"[..]][..], false),
+            ] {
                 let conn = client(&ca, alpn);
                 let c = tokio::spawn(async move {
                     let tcp = TcpStream::connect(addr).await.unwrap();
-                    let mut s = conn.connect(ServerName::try_from("localhost").unwrap(), tcp).await.unwrap();
+                    let mut s = conn
+                        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+                        .await
+                        .unwrap();
                     s.write_all(b"ping").await.unwrap();
                     let mut b = [0u8; 4];
                     s.read_exact(&mut b).await.unwrap();
@@ -296,14 +356,23 @@ mod tests {
     #[test]
     fn bad_files_are_named() {
         let dir = tempfile::tempdir().unwrap();
-        let e = TlsFiles::load(&dir.path().join("nope.pem"), &dir.path().join("k.pem"), &[]).err().unwrap();
-        assert!(e.contains("cannot read certificate") && e.contains("nope.pem"), "{e}");
+        let e = TlsFiles::load(&dir.path().join("nope.pem"), &dir.path().join("k.pem"), &[])
+            .err()
+            .unwrap();
+        assert!(
+            e.contains("cannot read certificate") && e.contains("nope.pem"),
+            "{e}"
+        );
         std::fs::write(dir.path().join("c.pem"), "hello").unwrap();
         std::fs::write(dir.path().join("k.pem"), "hello").unwrap();
-        let e = TlsFiles::load(&dir.path().join("c.pem"), &dir.path().join("k.pem"), &[]).err().unwrap();
+        let e = TlsFiles::load(&dir.path().join("c.pem"), &dir.path().join("k.pem"), &[])
+            .err()
+            .unwrap();
         assert!(e.contains("no CERTIFICATE"), "{e}");
         let (_, cert, _) = make_test_ca(dir.path()).unwrap();
-        let e = TlsFiles::load(&cert, &dir.path().join("k.pem"), &[]).err().unwrap();
+        let e = TlsFiles::load(&cert, &dir.path().join("k.pem"), &[])
+            .err()
+            .unwrap();
         assert!(e.contains("key"), "{e}");
     }
 }
