@@ -68,6 +68,8 @@ where
 {
     let mut seen = String::new();
     let want = path.trim_end_matches('/');
+    // The callback's type is tungstenite's, error variant size included.
+    #[allow(clippy::result_large_err)]
     let check = |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
         seen = req.uri().to_string();
         if !want.is_empty() && req.uri().path().trim_end_matches('/') != want {
