@@ -218,6 +218,39 @@ fn curl_keepalive_chunked_continue_large_and_streams() {
 }
 
 #[test]
+fn stage_send_speaks_http() {
+    let mut node = app_node("http://127.0.0.1:0", "nil");
+    let port = node.port();
+    let send = |args: &[&str], stdin: &str| {
+        let mut c = Command::new(harness::stage_bin())
+            .arg("send")
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        c.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+        let out = c.wait_with_output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let url = format!("http://127.0.0.1:{port}/p");
+    assert_eq!(send(&[&url], ""), (Some(0), "GET /p 0 nil\n".to_string()));
+    assert_eq!(
+        send(&[&url, r#"{"a":1}"#], ""),
+        (Some(0), "POST /p 7 nil\n".to_string())
+    );
+    let (code, out) = send(&[&url, "-"], "{\"a\":1}\n\n{\"bb\":22}\n");
+    assert_eq!((code, out.as_str()), (Some(0), "POST /p 7 nil\nPOST /p 9 nil\n"));
+    let (code, out) = send(&[&format!("http://127.0.0.1:{port}/fail")], "");
+    assert_eq!((code, out.as_str()), (Some(1), "internal server error\n"));
+    node.stop();
+}
+
+#[test]
 fn pipelined_requests_answer_in_order() {
     let mut node = app_node("http://127.0.0.1:0", "nil");
     let port = node.port();
