@@ -195,6 +195,13 @@ impl Config {
                 "#startup" => startup_raw = Some(value),
                 "#metrics" => cfg.metrics = Some(expect_str(value, "#metrics")?.to_string()),
                 "#usage" => cfg.usage_secs = expect_u64(value, "#usage")?,
+                "#tls" => {
+                    // The default certificate of https://, wss:// and tls:// listeners.
+                    let t = expect_object(value, "#tls")?;
+                    for k in ["cert", "key"] {
+                        expect_str(t.get(k).unwrap_or(&Json::Null), &format!("#tls.{k}"))?;
+                    }
+                }
                 "%vultr" => {
                     expect_object(value, "%vultr")?;
                     cfg.vultr = Some(value.clone())
@@ -213,7 +220,7 @@ impl Config {
                     return Err(invalid(
                         k,
                         "unknown key (expected one of #services, #router, #cluster, #cluster-key, \
-                         #cluster-insecure, #threads, #startup, #metrics, #usage, %vultr, or an \
+                         #cluster-insecure, #threads, #startup, #metrics, #usage, #tls, %vultr, or an \
                          engine section such as lua)",
                     ))
                 }

@@ -48,7 +48,8 @@ enum Command {
     VultrEmulator(stage::vultr_cli::EmulatorArgs),
     /// Send JSON requests as BSON frames to a broker port and print the replies as JSON.
     Send {
-        /// `host:port`, or a broker URI such as `udp://127.0.0.1:9000?bson`.
+        /// `host:port`, a broker URI such as `udp://127.0.0.1:9000?bson`, or an `http://`
+        /// URL (GET, or POST of the JSON; `-` posts each line of stdin).
         addr: String,
         /// One request as a JSON object; without it, each line of stdin is a request.
         json: Option<String>,

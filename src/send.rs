@@ -1,4 +1,5 @@
-//! `stage send ADDR [JSON]`: a BSON client for people and scripts. Each request (the JSON
+//! `stage send ADDR [JSON]`: a BSON client for people and scripts (and an HTTP one for
+//! `http://` and `https://` addresses). Each request (the JSON
 //! argument, or each line of stdin) is sent as one frame; each reply is printed as one JSON
 //! line. Also the JSON <-> BSON conversion it needs (extended JSON `$date`, `$oid`).
 
@@ -10,6 +11,61 @@ use std::io::{BufRead, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs, UdpSocket};
 use std::time::{Duration, Instant};
 
+/// `stage send http://host:port/path [JSON]`: a GET, or a POST of each JSON request (the
+/// argument, or each line of stdin when the argument is `-`); prints each body. Counts the
+/// requests that failed or got a status of 400 or more.
+fn http(opts: &SendOptions) -> anyhow::Result<usize> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_millis(opts.timeout_ms.max(1)))
+        .build()?;
+    let bodies: Vec<Option<String>> = match opts.json.as_deref() {
+        None => vec![None],
+        Some("-") => std::io::stdin()
+            .lock()
+            .lines()
+            .filter(|l| l.as_ref().map(|l| !l.trim().is_empty()).unwrap_or(true))
+            .map(|l| l.map(Some))
+            .collect::<Result<_, _>>()?,
+        Some(j) => vec![Some(j.to_string())],
+    };
+    let mut failed = 0;
+    for body in bodies {
+        let req = match body {
+            None => client.get(&opts.addr),
+            Some(b) => client
+                .post(&opts.addr)
+                .header("content-type", "application/json")
+                .body(b),
+        };
+        let res = rt.block_on(async {
+            let r = req.send().await?;
+            let status = r.status();
+            Ok::<_, reqwest::Error>((status, r.bytes().await?))
+        });
+        match res {
+            Ok((status, body)) => {
+                let mut out = std::io::stdout().lock();
+                out.write_all(&body)?;
+                if !body.ends_with(b"\n") {
+                    out.write_all(b"\n")?;
+                }
+                if status.as_u16() >= 400 {
+                    eprintln!("stage send: {} answered {status}", opts.addr);
+                    failed += 1;
+                }
+            }
+            Err(e) => {
+                eprintln!("stage send: {}: {e}", opts.addr);
+                failed += 1;
+            }
+        }
+    }
+    Ok(failed)
+}
+
 /// Options of `stage send`.
 pub struct SendOptions {
     pub addr: String,
@@ -20,6 +76,9 @@ pub struct SendOptions {
 
 /// Runs the client; returns the number of requests that got no reply.
 pub fn run(opts: &SendOptions) -> anyhow::Result<usize> {
+    if opts.addr.starts_with("http://") || opts.addr.starts_with("https://") {
+        return http(opts);
+    }
     let target = if opts.addr.contains("://") {
         opts.addr.clone()
     } else {
@@ -42,6 +101,9 @@ pub fn run(opts: &SendOptions) -> anyhow::Result<usize> {
         None => Box::new(std::io::stdin().lock().lines()),
     };
     let mut conn = match ep.proto {
+        Proto::Http => unreachable!("http is sent by `http`"),
+        Proto::Ws => bail!("{}: ws:// is not supported by stage send yet", ep.authority()),
+        Proto::Tcp if ep.tls => bail!("{}: tls:// is not supported by stage send yet", ep.authority()),
         Proto::Tcp => {
             let s = TcpStream::connect_timeout(&addr, timeout)
                 .with_context(|| format!("cannot connect to {addr}"))?;

@@ -42,12 +42,38 @@ function socket.close() end
 ---@class broker
 broker = {}
 
+---An HTTP request (docs/http.md).
+---@class broker.request
+---@field method string "GET", "POST", ...
+---@field path string percent-decoded
+---@field query table<string, string|string[]> decoded; a repeated name gives a list
+---@field headers table<string, string> lower-case names
+---@field body string the whole body ("" when none)
+---@field remote broker.addr the peer
+---@field version string "HTTP/1.1", "HTTP/2" or "HTTP/1.0"
+
+---What an HTTP handler returns as a table.
+---@class broker.response
+---@field status? integer default 200
+---@field headers? table<string, string|number|string[]>
+---@field body? string|table|fun(): string|nil a string, a table (JSON), or a function called for each chunk until nil
+
+---Options of an http:// or https:// listener.
+---@class broker.http_options
+---@field max_body? integer|string largest body (IN), default "1m"; over it: 413
+---@field max_head? integer|string largest request head, default "16k"; over it: 431
+---@field timeout? integer ms to send a complete request head, default 10000; then 408
+---@field cert? string PEM certificate chain (https), relative to the home; default #tls.cert
+---@field key? string PEM private key (https); default #tls.key
+
 ---Listens on `tcp://host:port?FRAMING=IN,OUT` or `udp://host:port?FRAMING`.
 ---`accept` returns a function (its receive function), true (use port.receive) or false (refuse).
+---With `http://` or `https://`, the second argument is the request handler (docs/http.md).
 ---@param uri string
 ---@param accept fun(socket: broker.socket, addr: broker.addr|nil): (fun(socket: broker.socket, data: any, addr?: broker.addr): any)|boolean|nil
 ---@return broker.port|broker.socket|integer port (UDP: the socket), or an errno
 ---@return string? message on failure
+---@overload fun(uri: string, handler: fun(req: broker.request): (broker.response|string|integer|nil), options?: broker.http_options): broker.port|integer, string?
 function broker.ready(uri, accept) end
 
 ---Connects; yields until connected.

@@ -6,6 +6,10 @@
 //! `/proc/<pid>/stat`) and the ratio stage / raw. Every load loop is bounded in time and count.
 //!
 //! `stage-bench raw-server PORT THREADS` runs only the baseline server (used by `echo`).
+//!
+//! `stage-bench http`: a Lua handler answering `{"hello":"world"}` vs a plain hyper server
+//! with the same response and the same thread-per-core shape, 64 keep-alive connections
+//! with one request in flight each; requests/s, latency and server CPU per request.
 
 use stage::net::framing::{next_frame, Framing};
 use std::io::Write;
@@ -47,9 +51,15 @@ fn main() {
                 r.rate, r.p50, r.p99, r.cpu_us, r.errors
             );
         }
+        Some("hyper-server") => {
+            let port: u16 = args.get(1).and_then(|p| p.parse().ok()).expect("port");
+            let threads: usize = args.get(2).and_then(|p| p.parse().ok()).unwrap_or(SERVER_THREADS);
+            hyper_server(port, threads);
+        }
+        Some("http") => http(),
         Some("echo") | None => echo(),
         Some(other) => {
-            eprintln!("usage: stage-bench [echo | raw-server PORT THREADS] (got '{other}')");
+            eprintln!("usage: stage-bench [echo | http | raw-server PORT THREADS | hyper-server PORT THREADS] (got '{other}')");
             std::process::exit(2);
         }
     }
@@ -324,18 +334,27 @@ fn thread_ticks(pid: u32) -> Vec<(String, u64)> {
 }
 
 fn run_case(pid: u32, addr: SocketAddr, doc: &[u8], depth: usize) -> Result1 {
+    let doc = Rc::new(doc.to_vec());
+    measure(pid, move |start, stop| {
+        Box::pin(load_conn(addr, doc.clone(), depth, start, stop))
+    })
+}
+
+type ConnFuture = std::pin::Pin<Box<dyn std::future::Future<Output = Stats>>>;
+
+/// Runs `CONNS` connections made by `conn(start, stop)` and measures the server `pid`.
+fn measure(pid: u32, conn: impl Fn(Instant, Instant) -> ConnFuture) -> Result1 {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
     let local = tokio::task::LocalSet::new();
-    let doc = Rc::new(doc.to_vec());
     let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     local.block_on(&rt, async move {
         let start = Instant::now();
         let stop = start + WARMUP + MEASURE;
         let tasks: Vec<_> = (0..CONNS)
-            .map(|_| tokio::task::spawn_local(load_conn(addr, doc.clone(), depth, start, stop)))
+            .map(|_| tokio::task::spawn_local(conn(start, stop)))
             .collect();
         tokio::time::sleep_until((start + WARMUP).into()).await;
         let c0 = cpu_ticks(pid);
@@ -516,6 +535,196 @@ fn echo() {
         }
     }
     if failed {
+        eprintln!("stage-bench: errors occurred");
+        std::process::exit(1);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// HTTP: a plain hyper baseline and a keep-alive load generator.
+
+const HELLO: &str = r#"{"hello":"world"}"#;
+
+fn hyper_server(port: u16, threads: usize) {
+    use http_body_util::Full;
+    use hyper::body::Bytes;
+    let handles: Vec<_> = (0..threads)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                let local = tokio::task::LocalSet::new();
+                local.block_on(&rt, async move {
+                    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+                    let l =
+                        TcpListener::from_std(stage::net::sock::tcp_listener(addr, true).unwrap()).unwrap();
+                    loop {
+                        let (s, _) = l.accept().await.unwrap();
+                        let _ = s.set_nodelay(true);
+                        tokio::task::spawn_local(async move {
+                            let svc = hyper::service::service_fn(|_req| async {
+                                let mut r =
+                                    hyper::Response::new(Full::new(Bytes::from_static(HELLO.as_bytes())));
+                                r.headers_mut()
+                                    .insert("content-type", "application/json".parse().unwrap());
+                                Ok::<_, std::convert::Infallible>(r)
+                            });
+                            let _ = hyper::server::conn::http1::Builder::new()
+                                .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                                .await;
+                        });
+                    }
+                });
+            })
+        })
+        .collect();
+    for h in handles {
+        let _ = h.join();
+    }
+}
+
+/// One keep-alive connection sending `GET /` and reading each response (its head and its
+/// `content-length` body) before the next.
+async fn http_conn(addr: SocketAddr, start: Instant, stop: Instant) -> Stats {
+    let mut st = Stats::default();
+    let Ok(mut s) = TcpStream::connect(addr).await else {
+        st.errors += 1;
+        return st;
+    };
+    let _ = s.set_nodelay(true);
+    let req = b"GET /hello HTTP/1.1\r\nhost: bench\r\n\r\n";
+    let mut buf = vec![0u8; 64 * 1024];
+    let warm = start + WARMUP;
+    let mut budget = MAX_FRAMES / CONNS as u64;
+    while Instant::now() < stop && budget > 0 {
+        budget -= 1;
+        let t0 = Instant::now();
+        if s.write_all(req).await.is_err() {
+            st.errors += 1;
+            break;
+        }
+        let mut filled = 0;
+        let ok = loop {
+            let n = match tokio::time::timeout_at(
+                (stop + Duration::from_secs(2)).into(),
+                s.read(&mut buf[filled..]),
+            )
+            .await
+            {
+                Ok(Ok(n)) if n > 0 => n,
+                _ => break false,
+            };
+            filled += n;
+            let Some(end) = buf[..filled].windows(4).position(|w| w == b"\r\n\r\n") else {
+                continue;
+            };
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            if filled >= end + 4 + len {
+                break head.starts_with("http/1.1 200") && &buf[end + 4..end + 4 + len] == HELLO.as_bytes();
+            }
+        };
+        if !ok {
+            st.errors += 1;
+            break;
+        }
+        if t0 >= warm {
+            st.frames += 1;
+            st.lat.push(t0.elapsed().as_micros().min(u32::MAX as u128) as u32);
+        }
+    }
+    st
+}
+
+fn start_hyper(port: u16) -> Server {
+    let exe = std::env::current_exe().unwrap();
+    let mut child = Command::new(exe)
+        .args(["hyper-server", &port.to_string(), &SERVER_THREADS.to_string()])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start hyper server");
+    wait_port(([127, 0, 0, 1], port).into(), &mut child);
+    Server { child, _home: None }
+}
+
+fn start_stage_http(port: u16) -> Server {
+    let exe = std::env::current_exe().unwrap().with_file_name("stage");
+    let dir = std::env::temp_dir().join(format!("stage-bench-http-{}-{port}", std::process::id()));
+    for d in ["conf", "package", "logs"] {
+        std::fs::create_dir_all(dir.join(d)).unwrap();
+    }
+    let startup: Vec<&str> = (0..SERVER_THREADS).map(|_| r#"["lua+stage"]"#).collect();
+    std::fs::write(
+        dir.join("conf/stage.json"),
+        format!(
+            r##"{{"#services": {{"tcp": ["127.0.0.1:{port}"]}}, "#startup": [{}]}}"##,
+            startup.join(", ")
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("package/start.lua"),
+        format!(
+            "local p = broker.ready('http://127.0.0.1:{port}', function(req)\n\
+             \x20   return {{ body = {{ hello = 'world' }} }}\nend)\n\
+             assert(type(p) == 'table', 'listen failed')\n"
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(exe)
+        .arg("run")
+        .arg(&dir)
+        .env("STAGE_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start stage (build it with cargo build --release)");
+    wait_port(([127, 0, 0, 1], port).into(), &mut child);
+    std::thread::sleep(Duration::from_millis(500));
+    Server {
+        child,
+        _home: Some(tempfile_like::Dir(dir)),
+    }
+}
+
+fn http() {
+    println!(
+        "http benchmark: {CONNS} keep-alive connections x 1 request in flight, {SERVER_THREADS} server threads, loopback, {} s after {} ms warm-up",
+        MEASURE.as_secs(),
+        WARMUP.as_millis()
+    );
+    println!(
+        "{:<8} {:>11} {:>8} {:>8} {:>9} {:>7}  busy server threads",
+        "server", "req/s", "p50 us", "p99 us", "cpu us/r", "errors"
+    );
+    let run = |srv: Server, port: u16| {
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        let r = measure(srv.child.id(), move |start, stop| {
+            Box::pin(http_conn(addr, start, stop))
+        });
+        drop(srv);
+        r
+    };
+    let port = free_port();
+    let hyper = run(start_hyper(port), port);
+    let port = free_port();
+    let stage = run(start_stage_http(port), port);
+    for (who, r) in [("hyper", &hyper), ("stage", &stage)] {
+        println!(
+            "{who:<8} {:>11.0} {:>8} {:>8} {:>9.2} {:>7}  {}",
+            r.rate, r.p50, r.p99, r.cpu_us, r.errors, r.threads
+        );
+    }
+    println!(
+        "ratio stage/hyper req/s = {:.2} (target >= 0.5)",
+        stage.rate / hyper.rate.max(1.0)
+    );
+    if hyper.errors + stage.errors > 0 {
         eprintln!("stage-bench: errors occurred");
         std::process::exit(1);
     }

@@ -63,7 +63,7 @@ return function(f, socket, batch, n, reply)
 end
 "#;
 
-fn next_id() -> i64 {
+pub(crate) fn next_id() -> i64 {
     NEXT_ID.fetch_add(1, Ordering::Relaxed)
 }
 
@@ -313,7 +313,7 @@ fn find(lua: &Lua, id: i64) -> Option<Rc<Conn>> {
 }
 
 /// The failure return of `ready`/`join`: an errno (or -1) and a message.
-fn fail(lua: &Lua, errno: Option<i32>, msg: String) -> mlua::Result<MultiValue> {
+pub(crate) fn fail(lua: &Lua, errno: Option<i32>, msg: String) -> mlua::Result<MultiValue> {
     Ok(MultiValue::from_vec(vec![
         Value::Integer(errno.unwrap_or(-1) as i64),
         Value::String(lua.create_string(msg)?),
@@ -385,8 +385,9 @@ fn io_fail(lua: &Lua, what: &str, e: std::io::Error) -> mlua::Result<MultiValue>
     fail(lua, e.raw_os_error(), format!("{what}: {e}"))
 }
 
-/// `broker.ready(uri, accept)`: listens; returns the port table, or errno and a message.
-async fn ready(lua: Lua, (uri, accept): (String, Function)) -> mlua::Result<MultiValue> {
+/// `broker.ready(uri, accept [, options])`: listens; returns the port table, or errno and a
+/// message. For `http://` and `https://`, `accept` is the request handler.
+async fn ready(lua: Lua, (uri, accept, opts): (String, Function, Option<Table>)) -> mlua::Result<MultiValue> {
     let ep = match uri::parse(&uri) {
         Ok(ep) => ep,
         Err(e) => return fail(&lua, None, e.to_string()),
@@ -400,6 +401,24 @@ async fn ready(lua: Lua, (uri, accept): (String, Function)) -> mlua::Result<Mult
     };
     let c = ctx(&lua);
     match ep.proto {
+        Proto::Http => {
+            let (local, task) =
+                match crate::lua::broker_http::listen(&lua, &uri, &ep, addr, accept, opts.as_ref()) {
+                    Ok(x) => x,
+                    Err((errno, msg)) => return fail(&lua, errno, msg),
+                };
+            let id = next_id();
+            let port = socket_table(&lua, id, None, local)?;
+            port.raw_set("port", local.map(|a| a.port()).unwrap_or(0))?;
+            broker(&lua).ports.borrow_mut().insert(id, (port.clone(), task));
+            Ok(MultiValue::from_vec(vec![Value::Table(port)]))
+        }
+        Proto::Ws => fail(
+            &lua,
+            None,
+            format!("broker.ready {uri}: ws:// and wss:// are not wired yet"),
+        ),
+        Proto::Tcp if ep.tls => fail(&lua, None, format!("broker.ready {uri}: tls:// is not wired yet")),
         Proto::Tcp => {
             let shared = sock::is_shared(&c.node.config.services_tcp, ep.port);
             let listener = match sock::tcp_listener(addr, shared).and_then(TcpListener::from_std) {
@@ -894,6 +913,16 @@ async fn join(lua: Lua, (uri, on_connect): (String, Option<Function>)) -> mlua::
         },
     };
     let conn = match ep.proto {
+        Proto::Http | Proto::Ws => {
+            return fail(
+                &lua,
+                None,
+                format!("broker.join {uri}: http and ws are served, not joined (use a HTTP client)"),
+            )
+        }
+        Proto::Tcp if ep.tls => {
+            return fail(&lua, None, format!("broker.join {uri}: tls:// is not wired yet"))
+        }
         Proto::Tcp => {
             let stream = match TcpStream::connect(addr).await {
                 Ok(s) => s,

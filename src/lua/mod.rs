@@ -5,6 +5,7 @@ use crate::host::{Bindings, Inbox, LocalTask};
 use mlua::{Lua, Table};
 
 pub mod broker;
+pub mod broker_http;
 pub mod bson;
 pub mod bundle;
 pub mod logger;

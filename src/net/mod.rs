@@ -7,5 +7,8 @@ pub mod addr;
 pub mod conn;
 pub mod crypto;
 pub mod framing;
+pub mod http;
 pub mod sock;
+pub mod tls;
 pub mod uri;
+pub mod ws;

@@ -1,6 +1,8 @@
-//! Broker endpoint URIs: `tcp://host:port?FRAMING=IN,OUT` and `udp://host:port?FRAMING`.
-//! As in STAGE, a URI without a scheme is TCP (`0.0.0.0:8080?bson`), and the limits may also
-//! be written `IN:OUT` (the spelling of STAGE's broker.md table).
+//! Broker endpoint URIs: `tcp://host:port?FRAMING=IN,OUT`, `udp://host:port?FRAMING`,
+//! `tls://` (TLS under a framing), `ws://host:port/path?FRAMING=IN,OUT` and `wss://`
+//! (WebSocket messages as frames), `http://host:port` and `https://`. As in STAGE, a URI
+//! without a scheme is TCP (`0.0.0.0:8080?bson`), and the limits may also be written
+//! `IN:OUT` (the spelling of STAGE's broker.md table).
 
 use super::framing::{parse_size, Framing};
 use thiserror::Error;
@@ -13,6 +15,10 @@ pub const DEFAULT_OUT: usize = 1024 * 1024;
 pub enum Proto {
     Tcp,
     Udp,
+    /// HTTP/1.1 (and HTTP/2 over TLS) served by a handler.
+    Http,
+    /// WebSocket: each message is a frame.
+    Ws,
 }
 
 /// A parsed endpoint.
@@ -27,6 +33,10 @@ pub struct Endpoint {
     pub max_out: usize,
     /// `&stage`: STAGE's BSON array mapping on this port (0-based arrays, `{"#1": ...}`).
     pub stage_arrays: bool,
+    /// `tls://`, `https://`, `wss://`.
+    pub tls: bool,
+    /// The path after the authority (`/game` of `ws://h:1/game`), empty when none.
+    pub path: String,
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -53,17 +63,30 @@ pub fn parse(uri: &str) -> Result<Endpoint, UriError> {
         why: why.to_string(),
     };
     let (scheme, rest) = uri.split_once("://").unwrap_or(("tcp", uri));
-    let proto = match scheme.to_ascii_lowercase().as_str() {
-        "tcp" => Proto::Tcp,
-        "udp" => Proto::Udp,
+    let (proto, tls) = match scheme.to_ascii_lowercase().as_str() {
+        "tcp" => (Proto::Tcp, false),
+        "udp" => (Proto::Udp, false),
+        "tls" => (Proto::Tcp, true),
+        "http" => (Proto::Http, false),
+        "https" => (Proto::Http, true),
+        "ws" => (Proto::Ws, false),
+        "wss" => (Proto::Ws, true),
         other => {
             return Err(err(&format!(
-                "unsupported scheme '{other}' (expected tcp or udp)"
+                "unsupported scheme '{other}' (expected tcp, udp, tls, http, https, ws or wss)"
             )))
         }
     };
     let (addr, query) = rest.split_once('?').unwrap_or((rest, ""));
-    let addr = addr.trim_end_matches('/');
+    let (addr, path) = match addr.find('/') {
+        Some(i) => (&addr[..i], addr[i..].trim_end_matches('/')),
+        None => (addr, ""),
+    };
+    if proto == Proto::Http && !query.is_empty() {
+        return Err(err(
+            "http takes no ?framing (limits go in the options table: max_body, max_head, timeout)",
+        ));
+    }
     let (host, port) = if let Some(v6) = addr.strip_prefix('[') {
         let (h, p) = v6.split_once("]:").ok_or_else(|| err("expected [ipv6]:port"))?;
         (h, p)
@@ -83,6 +106,8 @@ pub fn parse(uri: &str) -> Result<Endpoint, UriError> {
         max_in: DEFAULT_IN,
         max_out: DEFAULT_OUT,
         stage_arrays: false,
+        tls,
+        path: path.to_string(),
     };
     // Options after the framing: `?bson=4k,64k&stage`.
     let mut options = query.split('&');
@@ -167,11 +192,33 @@ mod tests {
     }
 
     #[test]
-    fn errors_name_the_problem() {
-        assert!(parse("http://x:1")
+    fn web_and_tls_schemes() {
+        let e = parse("ws://0.0.0.0:8081/game?bson=1m").unwrap();
+        assert_eq!(
+            (e.proto, e.tls, e.path.as_str(), e.framing, e.max_in),
+            (Proto::Ws, false, "/game", Framing::Bson, 1 << 20)
+        );
+        let e = parse("wss://[::1]:8443/a/b/?text").unwrap();
+        assert_eq!(
+            (e.proto, e.tls, e.path.as_str(), e.host.as_str()),
+            (Proto::Ws, true, "/a/b", "::1")
+        );
+        let e = parse("https://127.0.0.1:8443/").unwrap();
+        assert_eq!((e.proto, e.tls, e.path.as_str()), (Proto::Http, true, ""));
+        let e = parse("tls://127.0.0.1:0?packet").unwrap();
+        assert_eq!((e.proto, e.tls, e.framing), (Proto::Tcp, true, Framing::Packet));
+        assert!(parse("http://1.2.3.4:80?bson")
             .unwrap_err()
             .to_string()
-            .contains("unsupported scheme 'http'"));
+            .contains("options table"));
+    }
+
+    #[test]
+    fn errors_name_the_problem() {
+        assert!(parse("gopher://x:1")
+            .unwrap_err()
+            .to_string()
+            .contains("unsupported scheme 'gopher'"));
         assert!(parse("tcp://x").unwrap_err().to_string().contains("host:port"));
         assert!(parse("tcp://x:99999")
             .unwrap_err()

@@ -24,6 +24,21 @@ else
     sp.close = function (socket) logger.info("bye " .. socket.id) end
 end
 
+-- A JSON API over HTTP on 8080 (also in #services). Try it:
+-- curl -s -d '{"action":"jump"}' http://127.0.0.1:8080/api
+local api = broker.ready("http://0.0.0.0:8080", function (req)
+    if req.method == "POST" and req.path == "/api" then
+        -- Only JSON text goes to bundle.json (it would read a file for a body like "x.json").
+        local ok, body = req.body:match("^%s*{") ~= nil, nil
+        if ok then ok, body = pcall(bundle.json, req.body) end
+        if not ok or type(body) ~= "table" then return { status = 400, body = { error = "expected a JSON object" } } end
+        return { body = { ok = true, action = body.action, instance = process.stage } }
+    end
+    if req.path == "/hello" then return "hello " .. (req.query.name or "world") .. "\n" end
+    return { status = 404, body = "not found\n" }
+end, { max_body = "64k" })
+if type(api) ~= "table" then logger.error("cannot listen on 8080: " .. tostring(select(2, api))) end
+
 -- A heartbeat every 30 s: returning the delay runs the task again.
 stage.addtask(30000, function ()
     logger.info("alive for " .. math.floor(process.tick) .. " s")
