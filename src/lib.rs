@@ -16,6 +16,7 @@ pub mod random;
 pub mod router;
 pub mod scaffold;
 pub mod send;
+pub mod stages;
 pub mod usage;
 pub mod value;
 pub mod vultr_cli;

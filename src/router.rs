@@ -168,6 +168,8 @@ impl Target {
         let routed_own = target.starts_with('@');
         let (body, reply) = match rest.split_once('=') {
             Some((_, "")) => return Err(err("empty reply handler after '='")),
+            // `ticket:=category`: the id itself starts with '=' (a built-in stage's broadcast).
+            Some((b, _)) if b.ends_with(':') && b.len() > 1 => (rest, None),
             Some((b, cb)) => (b, Some(cb.to_string())),
             None => (rest, None),
         };
@@ -758,6 +760,7 @@ mod tests {
         // A comma list of stages; a table of messages (`db:` + table).
         assert_eq!(parts("a,b:msg"), p(Scope::One, "a,b", "msg", None));
         assert_eq!(parts("db:"), p(Scope::One, "db", "", None));
+        assert_eq!(parts("ticket:=room"), p(Scope::One, "ticket", "=room", None));
         // Ids of the built-in stages pass through untouched.
         assert_eq!(
             parts("ticket:odbc=login?fb"),

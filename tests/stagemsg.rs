@@ -31,6 +31,8 @@ scenarios! {
     row21_table_targets => "stagemsg/r21_table_targets.lua",
     row22_waitfor_layout => "stagemsg/r22_waitfor_layout.lua",
     entry_table => "stagemsg/entry_table.lua",
+    ticket_docs => "stagemsg/ticket_docs.lua",
+    ticket_bound => "stagemsg/ticket_bound.lua",
 }
 
 fn run(config: &str, script: &str, limit: u64) -> (Option<i32>, String) {
