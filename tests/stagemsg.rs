@@ -33,6 +33,7 @@ scenarios! {
     entry_table => "stagemsg/entry_table.lua",
     ticket_docs => "stagemsg/ticket_docs.lua",
     ticket_bound => "stagemsg/ticket_bound.lua",
+    route_docs => "stagemsg/route_docs.lua",
 }
 
 fn run(config: &str, script: &str, limit: u64) -> (Option<i32>, String) {

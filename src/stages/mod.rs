@@ -1,8 +1,9 @@
 //! Built-in stages of `#startup` (STAGE's engines), served in plain Rust without a Lua
 //! state: each has a mailbox in the router like a Lua instance and speaks STAGE's message
 //! protocol for its engine. `ticket.rs`: a bounded number of concurrent holders per
-//! category with a FIFO wait queue.
+//! category with a FIFO wait queue; `route.rs`: subscriptions by id.
 
+pub mod route;
 pub mod ticket;
 
 use crate::config::BuiltinSpec;
@@ -47,6 +48,7 @@ pub fn new(spec: &BuiltinSpec) -> Result<Box<dyn Builtin>, String> {
             &spec.stage_id,
             &spec.settings,
         )?)),
+        "route" => Ok(Box::new(route::Route::new())),
         other => Err(format!("engine \"{other}\" is not a built-in stage")),
     }
 }
