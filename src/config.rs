@@ -33,7 +33,7 @@ const LUA_ENGINES: &[&str] = &["lua", "lua.so", "luajit.so"];
 
 /// Built-in stages served in Rust (`["=ticket+ticket"]`); the engine name is written with
 /// or without STAGE's `=`/`+` prefix and `.so` suffix.
-pub const BUILTIN_ENGINES: &[&str] = &["ticket", "route"];
+pub const BUILTIN_ENGINES: &[&str] = &["ticket", "route", "curl"];
 
 /// `=ticket`, `ticket.so`, `+ticket` → `ticket`.
 pub fn engine_name(engine: &str) -> &str {
@@ -523,15 +523,18 @@ mod tests {
         assert_eq!(c.queue, 100);
         assert_eq!(c.services_tcp.len(), 2);
         // the built-in ticket stage with its section
-        assert_eq!(c.builtins.len(), 2);
-        assert_eq!(c.builtins[0].engine, "route");
+        assert_eq!(c.builtins.len(), 3);
         assert_eq!(
-            (c.builtins[1].engine.as_str(), c.builtins[1].stage_id.as_str()),
+            (c.builtins[0].engine.as_str(), c.builtins[1].engine.as_str()),
+            ("route", "curl")
+        );
+        assert_eq!(
+            (c.builtins[2].engine.as_str(), c.builtins[2].stage_id.as_str()),
             ("ticket", "ticket")
         );
-        assert_eq!(c.builtins[1].settings[1]["odbc"], 10);
+        assert_eq!(c.builtins[2].settings[1]["odbc"], 10);
         // one warning per unsupported engine in #startup and per unsupported section
-        assert_eq!(c.warnings.len(), 4, "{:?}", c.warnings);
+        assert_eq!(c.warnings.len(), 3, "{:?}", c.warnings);
     }
 
     #[test]

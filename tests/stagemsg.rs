@@ -141,3 +141,96 @@ done()
     let (code, out) = run(config, script, 60);
     assert_eq!(code, Some(0), "{out}");
 }
+
+/// A small HTTP/1.1 server on loopback for the curl stage: `/ok` (200, a cookie), `/fail`
+/// (500), `/slow` (answers after 3 s), `/echo` (the body and header `X-A` back).
+fn http_server() -> u16 {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().take(20) {
+            let Ok(mut stream) = stream else { continue };
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut line = String::new();
+                reader.read_line(&mut line).unwrap();
+                let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
+                let (mut length, mut xa) = (0usize, String::new());
+                loop {
+                    let mut h = String::new();
+                    if reader.read_line(&mut h).unwrap() == 0 || h == "\r\n" {
+                        break;
+                    }
+                    let lower = h.to_ascii_lowercase();
+                    if let Some(v) = lower.strip_prefix("content-length:") {
+                        length = v.trim().parse().unwrap();
+                    }
+                    if lower.starts_with("x-a:") {
+                        xa = h[4..].trim().to_string();
+                    }
+                }
+                let mut body = vec![0; length];
+                reader.read_exact(&mut body).unwrap();
+                let (status, extra, text) = match path.as_str() {
+                    "/ok" => ("200 OK", "Set-Cookie: a=1; Path=/\r\n", "hello".to_string()),
+                    "/fail" => ("500 Internal Server Error", "", "boom".to_string()),
+                    "/slow" => {
+                        std::thread::sleep(Duration::from_secs(3));
+                        ("200 OK", "", "late".to_string())
+                    }
+                    _ => ("200 OK", "", format!("{} {xa}", String::from_utf8_lossy(&body))),
+                };
+                let _ = write!(
+                    stream,
+                    "HTTP/1.1 {status}\r\nContent-Type: text/plain; charset=utf-8\r\n{extra}Content-Length: {}\r\nConnection: close\r\n\r\n{text}",
+                    text.len()
+                );
+            });
+        }
+    });
+    port
+}
+
+/// The curl stage against a local HTTP server: a 200 with cookie and extra, a 500, a
+/// timeout, a form POST with a header; the instance keeps running meanwhile.
+#[test]
+fn curl_stage() {
+    let port = http_server();
+    let config = r##"{"#startup": [["lua+stage"], ["curl.so+agent"]], "curl.so+agent": {"timeout": 5000}}"##;
+    let script = r#"
+local BASE = "http://127.0.0.1:PORT"
+local got = {}
+stage.waitfor("callback", function(r) got.ok = r end)
+stage.waitfor("on_fail", function(r) got.fail = r end)
+stage.waitfor("on_slow", function(r) got.slow = r end)
+stage.waitfor("on_post", function(r) got.post = r end)
+stage.signal("agent:callback", { url = BASE .. "/ok", extra = { n = 1 } })
+stage.signal("agent:x=on_fail", BASE .. "/fail")
+stage.signal("agent:x=on_slow", { url = BASE .. "/slow", timeout = 300 })
+stage.signal("agent:x=on_post", { url = BASE .. "/echo", data = { a = "b c" }, header = { ["X-A"] = "hi" } })
+local ticks = 0
+stage.addtask(10, function() ticks = ticks + 1; return 10 end)
+check(wait_until(function() return got.ok and got.fail and got.slow and got.post end, 10000), "4 answers")
+eq(got.ok.status, 200)
+eq(got.ok.url, BASE .. "/ok")
+eq(got.ok.data.content, "hello")
+eq(got.ok.data.type, "text/plain")
+eq(got.ok.data.charset, "utf-8")
+eq(got.ok.data.length, 5)
+eq(got.ok.data.result, 0)
+eq(got.ok.extra.n, 1)
+eq(got.ok.cookie[1], "a=1; Path=/")
+eq(got.fail.status, 500)
+eq(got.fail.data.content, "boom")
+eq(got.slow.status, 0)
+eq(got.slow.data.result, 28, "curl's timeout code")
+check(got.slow.data.time < 2, "gave up after ~300 ms, not 3 s: " .. got.slow.data.time)
+eq(got.post.data.content, "a=b+c hi")
+check(ticks > 10, "the instance kept running: " .. ticks)
+done()
+"#
+    .replace("PORT", &port.to_string());
+    let (code, out) = run(config, &script, 60);
+    assert_eq!(code, Some(0), "{out}");
+}

@@ -29,7 +29,7 @@ pub struct NodeShared {
     /// `process.title`, as last set.
     pub title: Mutex<String>,
     /// The mailboxes of every instance (`stage.signal`, `stage.request`).
-    pub router: crate::router::Router,
+    pub router: Arc<crate::router::Router>,
     /// The blocking-work pool of `thread.new`, started on first use.
     pub threads: std::sync::OnceLock<crate::host::workers::Pool>,
     /// Globals shared by `_SANDBOX[""] = {"*NAME"}`: the last committed value of each.
@@ -47,12 +47,12 @@ impl NodeShared {
             .map(|s| s.stage_id.clone())
             .chain(config.builtins.iter().map(|b| b.stage_id.clone()))
             .collect();
-        let router = crate::router::Router::new(
+        let router = Arc::new(crate::router::Router::new(
             &node_name,
             &stages,
             config.queue,
             Box::new(crate::router::NoRemote),
-        );
+        ));
         Arc::new(NodeShared {
             config: Arc::new(config),
             home: Arc::new(home),

@@ -87,7 +87,13 @@ fn spawn_builtin(
         };
         log::info!("started {name} (built-in {})", spec.engine);
         let stop = node.shutdown.subscribe();
-        rt.block_on(crate::stages::serve(&node.router, number, inbox, stage, stop));
+        rt.block_on(crate::stages::serve(
+            node.router.clone(),
+            number,
+            inbox,
+            stage,
+            stop,
+        ));
     })?)
 }
 

@@ -1,8 +1,10 @@
 //! Built-in stages of `#startup` (STAGE's engines), served in plain Rust without a Lua
 //! state: each has a mailbox in the router like a Lua instance and speaks STAGE's message
 //! protocol for its engine. `ticket.rs`: a bounded number of concurrent holders per
-//! category with a FIFO wait queue; `route.rs`: subscriptions by id.
+//! category with a FIFO wait queue; `route.rs`: subscriptions by id; `curl.rs`: HTTP
+//! requests answered as messages.
 
+pub mod curl;
 pub mod route;
 pub mod ticket;
 
@@ -12,13 +14,14 @@ use crate::value::Value;
 use std::sync::Arc;
 use std::time::Instant;
 
-/// Where a built-in stage sends its messages from.
-pub struct Out<'a> {
-    pub router: &'a Router,
+/// Where a built-in stage sends its messages from (cheap to clone into tasks).
+#[derive(Clone)]
+pub struct Out {
+    pub router: Arc<Router>,
     pub me: Arc<SenderInfo>,
 }
 
-impl Out<'_> {
+impl Out {
     /// Sends message `id` to the instance at `to`; returns whether it got there.
     pub fn send(&self, to: &SenderInfo, id: String, values: Vec<Value>, kind: Kind) -> bool {
         let msg = Message {
@@ -49,21 +52,25 @@ pub fn new(spec: &BuiltinSpec) -> Result<Box<dyn Builtin>, String> {
             &spec.settings,
         )?)),
         "route" => Ok(Box::new(route::Route::new())),
+        "curl" => Ok(Box::new(curl::Curl::from_settings(
+            &spec.stage_id,
+            &spec.settings,
+        )?)),
         other => Err(format!("engine \"{other}\" is not a built-in stage")),
     }
 }
 
 /// Serves `stage` (router member `number`) until `stop` turns true or its inbox closes.
 pub async fn serve(
-    router: &Router,
+    router: Arc<Router>,
     number: usize,
     mut inbox: Inbox,
     mut stage: Box<dyn Builtin>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let out = Out {
-        router,
         me: Arc::new(router.sender(number)),
+        router: router.clone(),
     };
     loop {
         let deadline = stage.next_deadline();

@@ -350,10 +350,10 @@ mod tests {
     #[test]
     fn subscribe_accept_deliver_fail_and_broadcast() {
         let stages: Vec<String> = ["a", "b", "b", "route"].iter().map(|s| s.to_string()).collect();
-        let r = Router::new("n", &stages, 64, Box::new(NoRemote));
+        let r = Arc::new(Router::new("n", &stages, 64, Box::new(NoRemote)));
         let mut inboxes: Vec<_> = (0..3).map(|i| r.take_inbox(i).unwrap()).collect();
         let out = Out {
-            router: &r,
+            router: r.clone(),
             me: Arc::new(r.sender(3)),
         };
         let mut rt = Route::new();

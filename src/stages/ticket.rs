@@ -344,9 +344,9 @@ mod tests {
     use super::*;
     use crate::router::{NoRemote, Router};
 
-    fn setup() -> (Router, Vec<crate::router::Inbox>) {
+    fn setup() -> (Arc<Router>, Vec<crate::router::Inbox>) {
         let stages: Vec<String> = ["a", "a", "ticket"].iter().map(|s| s.to_string()).collect();
-        let r = Router::new("n", &stages, 64, Box::new(NoRemote));
+        let r = Arc::new(Router::new("n", &stages, 64, Box::new(NoRemote)));
         let inboxes = (0..2).map(|i| r.take_inbox(i).unwrap()).collect();
         (r, inboxes)
     }
@@ -367,7 +367,7 @@ mod tests {
     fn bounded_holders_fifo_release_and_lease() {
         let (r, mut inboxes) = setup();
         let out = Out {
-            router: &r,
+            router: r.clone(),
             me: Arc::new(r.sender(2)),
         };
         let mut t = Ticket::from_settings("ticket", &serde_json::json!([100, {"db": 2}])).unwrap();
@@ -428,7 +428,7 @@ mod tests {
     fn categories_negative_limits_closing_and_broadcast() {
         let (r, mut inboxes) = setup();
         let out = Out {
-            router: &r,
+            router: r.clone(),
             me: Arc::new(r.sender(2)),
         };
         let mut t = Ticket::new("ticket", 100, LEASE);
