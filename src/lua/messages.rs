@@ -183,7 +183,7 @@ impl TargetCache {
 }
 
 /// The answer a waiting `stage.request` gets: values, or why there are none.
-type Answer = Result<Vec<value::Value>, String>;
+type Answer = Result<Vec<crate::value::Value>, String>;
 
 /// Prefix of the reply ids of `stage.request` (never a handler id).
 const REQUEST_PREFIX: &str = "~request.";
