@@ -1,14 +1,18 @@
 //! `scripts/bench messages`: messages between two instances of one process through Lua
-//! (`stage.request` round trips, one-way `stage.signal`), each beside a baseline measured in
+//! (`stage.request` round trips, the implicit-reply round trip `stage.signal` + reply
+//! handler, one-way `stage.signal`), each beside a baseline measured in
 //! the same run: two plain threads doing the same exchange through the same router and
 //! channel types (`stage::router`), without Lua. Prints the rates and their ratios.
 //!
 //! Every loop is bounded by a count and by time; everything stays inside the process.
 
-use stage::router::{Message, NoRemote, ReplyTo, Router, Scope, SenderInfo};
+use stage::router::{Kind, Message, NoRemote, Router, Scope, SenderInfo};
 use stage::value::Value;
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::io::Read;
 use std::process::{Command, Stdio};
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -36,6 +40,7 @@ fn main() {
         .iter()
         .map(|c| format!("request/response, {c} in flight"))
         .collect();
+    names.push("signal + implicit reply".into());
     names.push("one-way signal".into());
     let mut lua_best = vec![0f64; names.len()];
     let mut base_best = vec![0f64; names.len()];
@@ -45,8 +50,10 @@ fn main() {
         for c in CONCURRENCY {
             base.push(baseline_requests(c));
         }
+        base.push(baseline_implicit());
         base.push(baseline_signals());
         let mut keys: Vec<String> = CONCURRENCY.iter().map(|c| format!("request c={c}")).collect();
+        keys.push("implicit".into());
         keys.push("signal".into());
         for (i, key) in keys.iter().enumerate() {
             let got = lua.iter().find(|(k, _)| k == key).map_or(0.0, |(_, v)| *v);
@@ -94,17 +101,16 @@ fn serve(r: Arc<Router>) -> std::thread::JoinHandle<()> {
             let from = Arc::new(r.sender(1));
             let mut count = 0i64;
             while let Some(msg) = inbox.recv().await {
-                if msg.id == "stop" {
-                    break;
-                }
-                match msg.reply {
-                    Some(to) if msg.values.is_empty() => {
-                        r.reply(to, from.clone(), Ok(vec![Value::Int(count)]));
+                match msg.id.as_str() {
+                    "stop" => break,
+                    "sink" => count += 1,
+                    "count" => {
+                        r.answer(&msg, &from, Ok(vec![Value::Int(count)]));
                     }
-                    Some(to) => {
-                        r.reply(to, from.clone(), Ok(msg.values));
+                    _ => {
+                        let values = msg.values.clone();
+                        r.answer(&msg, &from, Ok(values));
                     }
-                    None => count += 1,
                 }
             }
         });
@@ -117,7 +123,7 @@ fn stop(r: &Router, server: std::thread::JoinHandle<()>) {
         id: "stop".into(),
         from: sender(),
         values: vec![],
-        reply: None,
+        kind: Kind::Reply,
     };
     while let Err(u) = r.send_to(1, msg) {
         msg = u.into_message();
@@ -126,16 +132,51 @@ fn stop(r: &Router, server: std::thread::JoinHandle<()>) {
     let _ = server.join();
 }
 
-async fn request(r: &Router, from: &Arc<SenderInfo>, values: Vec<Value>) -> Vec<Value> {
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let msg = Message {
-        id: "server:echo".into(),
-        from: from.clone(),
-        values,
-        reply: Some(ReplyTo::Request(tx)),
-    };
-    r.deliver(Scope::One, "server", msg).expect("deliver");
-    rx.await.expect("reply").expect("ok")
+/// The client side: its inbox, where answers arrive, and the requests waiting for them.
+struct Client {
+    r: Arc<Router>,
+    from: Arc<SenderInfo>,
+    pending: RefCell<HashMap<String, tokio::sync::oneshot::Sender<Vec<Value>>>>,
+    next: std::cell::Cell<u64>,
+}
+
+impl Client {
+    /// Starts the task that hands answers from the client's inbox to waiting requests.
+    fn start(r: &Arc<Router>) -> Rc<Client> {
+        let c = Rc::new(Client {
+            r: r.clone(),
+            from: sender(),
+            pending: RefCell::new(HashMap::new()),
+            next: std::cell::Cell::new(0),
+        });
+        let mut inbox = r.take_inbox(0).expect("client inbox");
+        let c2 = c.clone();
+        tokio::task::spawn_local(async move {
+            while let Some(msg) = inbox.recv().await {
+                if let Some(tx) = c2.pending.borrow_mut().remove(&msg.id) {
+                    let _ = tx.send(msg.values);
+                }
+            }
+        });
+        c
+    }
+
+    /// A request: a message answered to a pending reply id, as `stage.request` does.
+    async fn request(&self, id: &str, values: Vec<Value>) -> Vec<Value> {
+        let n = self.next.get() + 1;
+        self.next.set(n);
+        let cb = format!("~request.{n}");
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.pending.borrow_mut().insert(cb.clone(), tx);
+        let msg = Message {
+            id: id.into(),
+            from: self.from.clone(),
+            values,
+            kind: Kind::Request { cb },
+        };
+        self.r.deliver(Scope::One, "server", msg).expect("deliver");
+        rx.await.expect("reply")
+    }
 }
 
 /// Round trips per second with `c` requests in flight, over the same router and channels.
@@ -148,16 +189,16 @@ fn baseline_requests(c: usize) -> f64 {
         .unwrap();
     let local = tokio::task::LocalSet::new();
     let (n, secs) = local.block_on(&rt, async {
-        let from = sender();
+        let client = Client::start(&r);
         let start = Instant::now();
         let deadline = start + Duration::from_secs_f64(SECONDS);
         let mut tasks = vec![];
         for _ in 0..c {
-            let (r, from) = (r.clone(), from.clone());
+            let client = client.clone();
             tasks.push(tokio::task::spawn_local(async move {
                 let mut n = 0;
                 for i in 0..REQUESTS / c {
-                    let v = request(&r, &from, vec![Value::Int(i as i64)]).await;
+                    let v = client.request("echo", vec![Value::Int(i as i64)]).await;
                     assert_eq!(v, [Value::Int(i as i64)]);
                     n += 1;
                     if i.is_multiple_of(256) && Instant::now() > deadline {
@@ -186,17 +227,22 @@ fn baseline_signals() -> f64 {
         .enable_all()
         .build()
         .unwrap();
-    let (n, secs) = rt.block_on(async {
+    let local = tokio::task::LocalSet::new();
+    let (n, secs) = local.block_on(&rt, async {
+        let client = Client::start(&r);
         let from = sender();
         let start = Instant::now();
         let deadline = start + Duration::from_secs_f64(SECONDS);
         let mut sent = 0usize;
         while sent < SIGNALS {
             let msg = Message {
-                id: "server:sink".into(),
+                id: "sink".into(),
                 from: from.clone(),
                 values: vec![Value::Int(sent as i64)],
-                reply: None,
+                kind: Kind::Signal {
+                    cb: None,
+                    implicit: true,
+                },
             };
             if r.deliver(Scope::One, "server", msg).is_ok() {
                 sent += 1;
@@ -208,7 +254,7 @@ fn baseline_signals() -> f64 {
             }
         }
         // Messages from one sender are handled in order: the count answers for all of them.
-        let count = request(&r, &from, vec![]).await;
+        let count = client.request("count", vec![]).await;
         assert_eq!(count, [Value::Int(sent as i64)]);
         (sent, start.elapsed().as_secs_f64())
     });
@@ -216,11 +262,50 @@ fn baseline_signals() -> f64 {
     n as f64 / secs
 }
 
+/// Implicit-reply round trips per second: a signal, answered by the server with its values
+/// as a message to the client's inbox, which sends the next one (one in flight).
+fn baseline_implicit() -> f64 {
+    let r = router();
+    let server = serve(r.clone());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut inbox = r.take_inbox(0).expect("client inbox");
+    let (n, secs) = rt.block_on(async {
+        let from = sender();
+        let start = Instant::now();
+        let deadline = start + Duration::from_secs_f64(SECONDS);
+        let mut n = 0usize;
+        while n < REQUESTS {
+            let msg = Message {
+                id: "echo".into(),
+                from: from.clone(),
+                values: vec![Value::Int(n as i64)],
+                kind: Kind::Signal {
+                    cb: None,
+                    implicit: true,
+                },
+            };
+            r.deliver(Scope::One, "server", msg).expect("deliver");
+            let answer = inbox.recv().await.expect("answer");
+            assert_eq!(answer.values, [Value::Int(n as i64)]);
+            n += 1;
+            if n.is_multiple_of(256) && Instant::now() > deadline {
+                break;
+            }
+        }
+        (n, start.elapsed().as_secs_f64())
+    });
+    stop(&r, server);
+    n as f64 / secs
+}
+
 const SERVER: &str = r#"
 local count = 0
-stage.waitfor("server:echo", function(x) return x end)
-stage.waitfor("server:sink", function() count = count + 1 end)
-stage.waitfor("server:count", function() return count end)
+stage.waitfor("echo", function(x) return x end)
+stage.waitfor("sink", function() count = count + 1 end)
+stage.waitfor("count", function() return count end)
 "#;
 
 const CLIENT: &str = r#"
@@ -243,6 +328,24 @@ local function requests(c)
     while finished < c do stage.sleep(1) end
     print(string.format("BENCH request c=%d %d %.6f", c, done, process.tick - t0))
 end
+local function implicit()
+    local t0 = process.tick
+    local deadline = t0 + SECONDS
+    local n, finished = 0, false
+    -- the server's return values come back as message "echo": send the next one from there
+    stage.waitfor("echo", function(v)
+        if v ~= n then logger.error("BENCH bad reply " .. tostring(v)); process.exit(2) end
+        n = n + 1
+        if n < REQUESTS and (n % 256 ~= 0 or process.tick < deadline) then
+            stage.signal("server:echo", n)
+        else
+            finished = true
+        end
+    end)
+    stage.signal("server:echo", 0)
+    while not finished do stage.sleep(1) end
+    print(string.format("BENCH implicit %d %.6f", n, process.tick - t0))
+end
 local function signals()
     local t0 = process.tick
     local deadline = t0 + SECONDS
@@ -262,6 +365,7 @@ end
 -- warm up
 for i = 1, 2000 do stage.request("server:echo", 10000, i) end
 for _, c in ipairs({ CONCURRENCY }) do requests(c) end
+implicit()
 signals()
 process.exit(0)
 "#;
@@ -322,6 +426,7 @@ fn lua_run() -> Vec<(String, f64)> {
             let (name, n, secs) = match parts.as_slice() {
                 ["request", c, n, s] => (format!("request {c}"), n, s),
                 ["signal", n, s] => ("signal".to_string(), n, s),
+                ["implicit", n, s] => ("implicit".to_string(), n, s),
                 _ => return None,
             };
             Some((name, n.parse::<f64>().ok()? / secs.parse::<f64>().ok()?))

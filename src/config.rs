@@ -31,6 +31,27 @@ fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
 /// Names under which the Lua engine section and `#startup` entries may appear.
 const LUA_ENGINES: &[&str] = &["lua", "lua.so", "luajit.so"];
 
+/// Built-in stages served in Rust (`["=ticket+ticket"]`); the engine name is written with
+/// or without STAGE's `=`/`+` prefix and `.so` suffix.
+pub const BUILTIN_ENGINES: &[&str] = &["ticket", "route", "curl"];
+
+/// `=ticket`, `ticket.so`, `+ticket` → `ticket`.
+pub fn engine_name(engine: &str) -> &str {
+    let e = engine.trim_start_matches(['=', '+']);
+    e.strip_suffix(".so").unwrap_or(e)
+}
+
+/// A built-in stage of `#startup`: served by a Rust task, not a Lua state.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BuiltinSpec {
+    /// The engine (`ticket`), see `BUILTIN_ENGINES`.
+    pub engine: String,
+    /// The stage id messages are addressed to (`ticket` in `=ticket+ticket`).
+    pub stage_id: String,
+    /// Its settings: the top-level section named like the `#startup` entry, or null.
+    pub settings: Json,
+}
+
 /// `#`-keys that STAGE's own configurations carry and this build accepts without using.
 const STAGE_IGNORED_KEYS: &[&str] = &["#license", "#index", "#logger"];
 
@@ -91,6 +112,8 @@ pub struct Config {
     pub queue: usize,
     /// The Lua instances of `#startup`, in order.
     pub startup: Vec<InstanceSpec>,
+    /// The built-in stages of `#startup`, in order (numbered after the Lua instances).
+    pub builtins: Vec<BuiltinSpec>,
     /// `#metrics`: address of the Prometheus endpoint.
     pub metrics: Option<String>,
     /// `#usage` (ext): seconds between USAGE log lines, 0 = never.
@@ -158,6 +181,7 @@ impl Config {
             workers: 4,
             queue: 1024,
             startup: vec![],
+            builtins: vec![],
             metrics: None,
             usage_secs: 60,
             lua: LuaSection::default(),
@@ -224,6 +248,10 @@ impl Config {
                          engine section such as lua)",
                     ))
                 }
+                // The settings of a built-in stage, read with its #startup entry.
+                k if k
+                    .split_once('+')
+                    .is_some_and(|(e, _)| BUILTIN_ENGINES.contains(&engine_name(e))) => {}
                 k => cfg.warnings.push(format!(
                     "engine section \"{k}\" is not supported by this build and is ignored"
                 )),
@@ -233,7 +261,7 @@ impl Config {
             cfg.lua = parse_lua_section(name, section)?;
         }
         match startup_raw {
-            Some(v) => parse_startup(&mut cfg, v)?,
+            Some(v) => parse_startup(&mut cfg, v, &json)?,
             None => cfg.startup.push(InstanceSpec {
                 stage_id: "stage".into(),
                 entry: "start".into(),
@@ -351,7 +379,7 @@ fn parse_services(cfg: &mut Config, v: &Json) -> Result<(), ConfigError> {
     Ok(())
 }
 
-fn parse_startup(cfg: &mut Config, v: &Json) -> Result<(), ConfigError> {
+fn parse_startup(cfg: &mut Config, v: &Json, raw: &Json) -> Result<(), ConfigError> {
     let mut warned: Vec<String> = vec![];
     for (i, entry) in expect_array(v, "#startup")?.iter().enumerate() {
         let key = format!("#startup[{i}]");
@@ -388,6 +416,12 @@ fn parse_startup(cfg: &mut Config, v: &Json) -> Result<(), ConfigError> {
                 cfg.startup.push(InstanceSpec {
                     stage_id: id.to_string(),
                     entry: "start".into(),
+                });
+            } else if BUILTIN_ENGINES.contains(&engine_name(engine)) {
+                cfg.builtins.push(BuiltinSpec {
+                    engine: engine_name(engine).to_string(),
+                    stage_id: id.to_string(),
+                    settings: raw.get(s).cloned().unwrap_or(Json::Null),
                 });
             } else if !warned.iter().any(|w| w == engine) {
                 warned.push(engine.to_string());
@@ -485,7 +519,8 @@ mod tests {
             "#startup": [["lua.so+stage"], ["lua.so+stage"], ["=route+route"], ["curl.so+curl"], ["index.so+index"], ["=ticket+ticket"]],
             "lua.so": {"%preload": "preload", "%package": ["package", "rollback"], "lua.so+stage": "main"},
             "curl.so": {"timeout": 10},
-            "index.so": {}
+            "index.so": {},
+            "=ticket+ticket": [1000, {"odbc": 10}]
         }"##,
         )
         .unwrap();
@@ -494,8 +529,19 @@ mod tests {
         assert_eq!(c.workers, 8);
         assert_eq!(c.queue, 100);
         assert_eq!(c.services_tcp.len(), 2);
+        // the built-in ticket stage with its section
+        assert_eq!(c.builtins.len(), 3);
+        assert_eq!(
+            (c.builtins[0].engine.as_str(), c.builtins[1].engine.as_str()),
+            ("route", "curl")
+        );
+        assert_eq!(
+            (c.builtins[2].engine.as_str(), c.builtins[2].stage_id.as_str()),
+            ("ticket", "ticket")
+        );
+        assert_eq!(c.builtins[2].settings[1]["odbc"], 10);
         // one warning per unsupported engine in #startup and per unsupported section
-        assert_eq!(c.warnings.len(), 6, "{:?}", c.warnings);
+        assert_eq!(c.warnings.len(), 3, "{:?}", c.warnings);
     }
 
     #[test]

@@ -1,57 +1,83 @@
-//! The message router of one node: message targets (`stage:msg=cb`, `*msg`, ...), the
-//! handler lookup order, and delivery to the bounded queue (mailbox) of each stage
-//! instance with round-robin that skips full queues. Plain Rust: the Lua side lives in
-//! `lua/messages.rs`. Other nodes are reached through the `Remote` seam, which the cluster
-//! plugs into; until then `NoRemote` delivers nowhere.
+//! The message router of one node, with STAGE's message model: target strings
+//! (`db:load_user=cb`, `*msg`, `>LOCK.cb`, ...) rewritten at the sender into the id the
+//! receiver looks up, the handler lookup order (ending at the catch-all `@`), delivery to the
+//! bounded queue (mailbox) of each instance with round-robin that skips full queues, replies
+//! addressed to the sending instance, and the ordered locks (`locks.rs`). Plain Rust: the Lua
+//! side lives in `lua/messages.rs`. Other nodes are reached through the `Remote` seam, which
+//! the cluster plugs into; until then `NoRemote` delivers nowhere.
 
+use crate::locks::{Grant, LockTable, Waiter};
 use crate::value::Value;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Instant;
-use tokio::sync::{mpsc, oneshot};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
 
-/// Who sent a message (`_WAITFOR[1]`).
-#[derive(Debug, Clone, PartialEq)]
+/// Who sent a message: the sending instance's address (`_WAITFOR[1]`) and stage (`_WAITFOR[2]`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct SenderInfo {
     pub node: String,
     pub stage: String,
     pub instance: usize,
 }
 
-/// The answer to a request: the handler's return values or a reason.
-pub type Reply = Result<Vec<Value>, String>;
-
-/// Where a handler's return values go.
-#[derive(Debug)]
-pub enum ReplyTo {
-    /// A `stage.request` waiting in some instance.
-    Request(oneshot::Sender<Reply>),
-    /// `target=cb`: delivered as message `id` to one instance.
-    Handler { instance: usize, id: String },
-}
-
-impl ReplyTo {
-    /// A copy for one more receiver of a broadcast (only handler routes can be shared).
-    fn share(&self) -> Option<ReplyTo> {
-        match self {
-            ReplyTo::Request(_) => None,
-            ReplyTo::Handler { instance, id } => Some(ReplyTo::Handler {
-                instance: *instance,
-                id: id.clone(),
-            }),
-        }
+impl SenderInfo {
+    /// The address as scripts see it (`_WAITFOR[1]`): `"<instance>@<node>"`.
+    pub fn address(&self) -> String {
+        format!("{}@{}", self.instance, self.node)
     }
 }
 
+/// `"<instance>@<node>"` → `(node, instance)`.
+pub fn parse_address(s: &str) -> Option<(&str, usize)> {
+    let (i, node) = s.split_once('@')?;
+    Some((node, i.parse().ok()?))
+}
+
+/// What a message is, and so how (and whether) it is answered.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Kind {
+    /// `stage.signal`: may be answered to the sender as message `cb`, or as the same id
+    /// without `=cb`. `implicit`: the handler's return values are that answer (false for
+    /// a message to the own stage without `=cb`, which would call the same handler again).
+    Signal { cb: Option<String>, implicit: bool },
+    /// `stage.request`: always answered, as message `cb` (the requester's pending id), with
+    /// the return values or, when it cannot be handled, as `Failed`.
+    Request { cb: String },
+    /// An answer: never answered again.
+    Reply,
+    /// The answer to a request that could not be handled, with the reason.
+    Failed(String),
+}
+
 /// One message in flight.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Message {
-    /// The id handlers are looked up by (`stage:msg`, or `msg` within a stage).
+    /// The id the receiver looks its handler up by (the target's stage prefix removed).
     pub id: String,
     pub from: Arc<SenderInfo>,
     pub values: Vec<Value>,
-    pub reply: Option<ReplyTo>,
+    pub kind: Kind,
+}
+
+impl Message {
+    /// The id an answer to this message is delivered as, if it may be answered.
+    pub fn answer_id(&self) -> Option<&str> {
+        match &self.kind {
+            Kind::Signal { cb, .. } => Some(cb.as_deref().unwrap_or(&self.id)),
+            Kind::Request { cb } => Some(cb),
+            Kind::Reply | Kind::Failed(_) => None,
+        }
+    }
+
+    /// `_WAITFOR[0]`: the id with the `=cb` the sender gave.
+    pub fn shown_id(&self) -> String {
+        match &self.kind {
+            Kind::Signal { cb: Some(cb), .. } => format!("{}={cb}", self.id),
+            _ => self.id.clone(),
+        }
+    }
 }
 
 /// How a target reaches instances.
@@ -59,7 +85,9 @@ pub struct Message {
 pub enum Scope {
     /// `:msg`: the calling instance, synchronously.
     Sync,
-    /// `stage:msg` / `msg`: one instance; local first, then other nodes.
+    /// `msg`, `=msg`, `+msg`, `own_stage:msg`: queued to the sending instance.
+    Own,
+    /// `stage:msg`, `@msg`: one instance; local first, then other nodes.
     One,
     /// `=stage:msg`: one instance in this process.
     Local,
@@ -69,16 +97,37 @@ pub enum Scope {
     All,
 }
 
+/// The ordered-lock operations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LockOp {
+    /// `>ID.cb`: wait for lock `ID`; message `cb` comes back when it is granted.
+    Acquire,
+    /// `>>ID.x, ms`: the holder extends its lease.
+    Extend,
+    /// `<ID.x`: the holder releases the lock.
+    Release,
+}
+
 /// A parsed `stage.signal` / `stage.request` target.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target {
     pub scope: Scope,
-    /// The stage id the message goes to.
-    pub stage: String,
-    /// The message id delivered (what handlers are looked up by).
+    /// The stage ids the message goes to (a comma list gives several).
+    pub stages: Vec<String>,
+    /// The message id delivered (what the receiver looks handlers up by); for a lock, the
+    /// lock's name.
     pub id: String,
-    /// `=cb`: the handler in the sender that receives the return values.
+    /// `=cb`: the handler in the sender that receives the answer; for `>ID.cb`, `cb`.
     pub reply: Option<String>,
+    /// `>`, `>>`, `<`: an ordered-lock operation on lock `id`.
+    pub lock: Option<LockOp>,
+}
+
+impl Target {
+    /// True when the message stays with the own stage (no implicit answer without `=cb`).
+    pub fn own(&self, own_stage: &str) -> bool {
+        self.scope == Scope::Own || (self.stages.len() == 1 && self.stages[0] == own_stage)
+    }
 }
 
 /// Why a target string is not valid.
@@ -90,55 +139,108 @@ pub struct TargetError {
 }
 
 impl Target {
-    /// Parses `target` as sent by an instance of `own_stage` (API.md §4).
+    /// Parses `target` as sent by an instance of `own_stage` (API.md §4, STAGE's rules).
+    /// An empty message id (`"db:"`) is allowed: it sends a table of messages.
     pub fn parse(target: &str, own_stage: &str) -> Result<Target, TargetError> {
         let err = |reason| TargetError {
             target: target.to_string(),
             reason,
         };
+        if let Some(lock) = Self::parse_lock(target) {
+            let (op, name, cb) = lock.map_err(err)?;
+            return Ok(Target {
+                scope: Scope::One,
+                stages: vec![],
+                id: name.to_string(),
+                reply: Some(cb.to_string()),
+                lock: Some(op),
+            });
+        }
         let (scope, rest) = match target.as_bytes().first() {
             Some(b':') => (Scope::Sync, &target[1..]),
             Some(b'*') => (Scope::All, &target[1..]),
             Some(b'=') => (Scope::Local, &target[1..]),
             Some(b'+') => (Scope::Remote, &target[1..]),
+            Some(b'@') => (Scope::One, &target[1..]),
             Some(_) => (Scope::One, target),
             None => return Err(err("empty")),
         };
+        let routed_own = target.starts_with('@');
         let (body, reply) = match rest.split_once('=') {
             Some((_, "")) => return Err(err("empty reply handler after '='")),
+            // `ticket:=category`: the id itself starts with '=' (a built-in stage's broadcast).
+            Some((b, _)) if b.ends_with(':') && b.len() > 1 => (rest, None),
             Some((b, cb)) => (b, Some(cb.to_string())),
             None => (rest, None),
         };
-        let (stage, id) = if let Some((stage, msg)) = body.split_once(':') {
-            if stage.is_empty() {
-                return Err(err("empty stage id before ':'"));
-            }
-            (stage.to_string(), format!("{stage}:{msg}"))
+        let (stages, id, named) = if let Some((stage, msg)) = body.split_once(':') {
+            (stage, msg.to_string(), true)
         } else if let Some((stage, msg)) = body.split_once('+') {
             // `stage+msg` is delivered as the sender's own id `<sender_stage>:msg`.
             if stage.is_empty() {
                 return Err(err("empty stage id before '+'"));
             }
-            (stage.to_string(), format!("{own_stage}:{msg}"))
+            if msg.is_empty() {
+                return Err(err("empty message id"));
+            }
+            (stage, format!("{own_stage}:{msg}"), true)
         } else {
-            (own_stage.to_string(), body.to_string())
+            (own_stage, body.to_string(), false)
         };
-        if id.is_empty() {
+        if named && (scope == Scope::Sync || routed_own) {
+            return Err(err(if routed_own {
+                "'@msg' names a message of the own stage, not a stage"
+            } else {
+                "':msg' names a handler of the calling instance, not a stage"
+            }));
+        }
+        let stages: Vec<String> = stages.split(',').map(str::to_string).collect();
+        if stages.iter().any(String::is_empty) {
+            return Err(err("empty stage id before ':'"));
+        }
+        if id.is_empty() && !named {
             return Err(err("empty message id"));
         }
-        if scope == Scope::Sync && body.contains(':') {
-            return Err(err("':msg' names a handler of the calling instance, not a stage"));
-        }
+        // Naming no stage, or only one's own, keeps the message in the sending instance
+        // (STAGE returns it to the sending process) — except for `*` and `@`.
+        let scope = match scope {
+            Scope::One | Scope::Local | Scope::Remote
+                if !routed_own && stages.len() == 1 && stages[0] == own_stage =>
+            {
+                Scope::Own
+            }
+            s => s,
+        };
         Ok(Target {
             scope,
-            stage,
+            stages,
             id,
             reply,
+            lock: None,
+        })
+    }
+
+    /// `>ID.cb`, `>>ID.x`, `<ID.x` → (operation, ID, cb); `None` for other targets.
+    fn parse_lock(target: &str) -> Option<Result<(LockOp, &str, &str), &'static str>> {
+        let (op, rest) = if let Some(r) = target.strip_prefix(">>") {
+            (LockOp::Extend, r)
+        } else if let Some(r) = target.strip_prefix('>') {
+            (LockOp::Acquire, r)
+        } else if let Some(r) = target.strip_prefix('<') {
+            (LockOp::Release, r)
+        } else {
+            return None;
+        };
+        Some(match rest.split_once('.') {
+            Some(("", _)) | None => Err("expected \">ID.cb\", \">>ID.cb\" or \"<ID.*\""),
+            Some((_, "")) if op == LockOp::Acquire => Err("empty message id after the lock name"),
+            Some((name, cb)) => Ok((op, name, cb)),
         })
     }
 }
 
-/// The handler ids tried for message `id`, in order: `a:b.c.d`, `a:b.c.`, `a:b.`, `a:`.
+/// The handler ids tried for message `id`, in order: `a:b.c.d`, `a:b.c.`, `a:b.`, `a:`,
+/// then the catch-all `@`.
 pub fn lookup_order(id: &str) -> Vec<&str> {
     let mut out = vec![id];
     let start = id.find(':').map_or(0, |i| i + 1);
@@ -150,6 +252,9 @@ pub fn lookup_order(id: &str) -> Vec<&str> {
     }
     if start > 0 && id.len() > start {
         out.push(&id[..start]);
+    }
+    if id != "@" {
+        out.push("@");
     }
     out
 }
@@ -172,6 +277,11 @@ pub trait Remote: Send + Sync {
     fn deliver_one(&self, stage: &str, msg: Message) -> Result<(), Message>;
     /// Delivers a copy to every instance of `stage` on other nodes; returns how many.
     fn deliver_all(&self, stage: &str, msg: &Message) -> usize;
+    /// Delivers to the instance at `to` (an answer or a lock grant), or gives it back.
+    fn deliver_to(&self, to: &SenderInfo, msg: Message) -> Result<(), Message> {
+        let _ = to;
+        Err(msg)
+    }
 }
 
 /// No other nodes: nothing is delivered.
@@ -186,7 +296,7 @@ impl Remote for NoRemote {
     }
 }
 
-/// Why a message was not delivered; the message comes back so its reply route can be told.
+/// Why a message was not delivered; the message comes back so its sender can be told.
 #[derive(Debug)]
 pub enum Undelivered {
     /// No instance (here or, for remote scopes, elsewhere) has the stage id.
@@ -218,19 +328,125 @@ struct Group {
 /// The receiving end of an instance's mailbox.
 pub type Inbox = mpsc::Receiver<Message>;
 
-/// Every instance of this node, its mailbox and the way to other nodes.
-pub struct Router {
+/// The mailboxes and the way out of this node: what the router and its lock timer share.
+struct Post {
     node: String,
     mailboxes: Vec<mpsc::Sender<Message>>,
     stages: Vec<String>,
-    groups: HashMap<String, Group>,
-    /// Each instance takes its inbox once, when it starts.
-    inboxes: Mutex<Vec<Option<Inbox>>>,
     remote: Box<dyn Remote>,
-    next_id: AtomicU64,
     started: Instant,
     /// Seconds since `started` at which "queue full" was last logged (rate limit).
     full_logged: AtomicU64,
+}
+
+impl Post {
+    fn send_to(&self, instance: usize, msg: Message) -> Result<(), Undelivered> {
+        let Some(tx) = self.mailboxes.get(instance) else {
+            return Err(Undelivered::NoRoute(msg));
+        };
+        tx.try_send(msg).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(m) => {
+                self.log_full(&self.stages[instance]);
+                Undelivered::Full(m)
+            }
+            mpsc::error::TrySendError::Closed(m) => Undelivered::NoRoute(m),
+        })
+    }
+
+    fn send_to_address(&self, to: &SenderInfo, msg: Message) -> Result<(), Undelivered> {
+        if to.node == self.node {
+            self.send_to(to.instance, msg)
+        } else {
+            self.remote.deliver_to(to, msg).map_err(Undelivered::NoRoute)
+        }
+    }
+
+    /// Logs a full queue at most once per second, so an overload does not flood the log.
+    fn log_full(&self, stage: &str) {
+        let now = self.started.elapsed().as_secs();
+        let last = self.full_logged.load(Ordering::Relaxed);
+        if last != now
+            && self
+                .full_logged
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            log::warn!("message queue full: no instance of stage '{stage}' can take a message (dropped)");
+        }
+    }
+}
+
+/// The lock table of this node, with the thread that ends unrenewed leases.
+struct Locks {
+    table: Mutex<LockTable>,
+    changed: Condvar,
+    post: Arc<Post>,
+    timer: OnceLock<()>,
+}
+
+impl Locks {
+    /// Delivers `grant`; a holder that cannot be reached passes the lock on (as STAGE).
+    fn deliver(&self, table: &mut LockTable, mut grant: Option<Grant>) {
+        while let Some(g) = grant.take() {
+            let msg = Message {
+                id: g.cb,
+                from: g.to.clone(),
+                values: g.values,
+                kind: Kind::Reply,
+            };
+            if let Err(u) = self.post.send_to_address(&g.to, msg) {
+                log::warn!(
+                    "lock '{}': its grant cannot reach {} ({}); the next waiter gets it",
+                    g.name,
+                    g.to.address(),
+                    u.reason()
+                );
+                grant = table.unreachable(&g.name, Instant::now());
+            }
+        }
+    }
+
+    /// The lease timer: sleeps until the next lease ends and passes expired locks on.
+    fn start_timer(self: &Arc<Self>) {
+        self.timer.get_or_init(|| {
+            let weak: Weak<Locks> = Arc::downgrade(self);
+            let _ = std::thread::Builder::new()
+                .name("stage-locks".into())
+                .spawn(move || Locks::run_timer(weak));
+        });
+    }
+
+    fn run_timer(weak: Weak<Locks>) {
+        while let Some(locks) = weak.upgrade() {
+            let mut table = locks.table.lock().expect("lock table");
+            let now = Instant::now();
+            for (name, holder, grant) in table.expire(now) {
+                log::warn!(
+                    "lock '{name}' released: the lease of {} (stage '{}') expired",
+                    holder.address(),
+                    holder.stage
+                );
+                locks.deliver(&mut table, grant);
+            }
+            // Wake up at the next deadline; without one, now and then to notice the router
+            // is gone.
+            let wait = table
+                .next_deadline()
+                .map_or(Duration::from_millis(500), |d| d.saturating_duration_since(now))
+                .min(Duration::from_millis(500));
+            drop(locks.changed.wait_timeout(table, wait).expect("lock table"));
+        }
+    }
+}
+
+/// Every instance of this node, its mailbox, its locks and the way to other nodes.
+pub struct Router {
+    post: Arc<Post>,
+    groups: HashMap<String, Group>,
+    /// Each instance takes its inbox once, when it starts.
+    inboxes: Mutex<Vec<Option<Inbox>>>,
+    next_id: AtomicU64,
+    locks: Arc<Locks>,
 }
 
 impl Router {
@@ -253,30 +469,44 @@ impl Router {
                 .members
                 .push(i);
         }
-        Router {
+        let post = Arc::new(Post {
             node: node.to_string(),
             mailboxes,
             stages: stages.to_vec(),
-            groups,
-            inboxes: Mutex::new(inboxes),
             remote,
-            next_id: AtomicU64::new(0),
             started: Instant::now(),
             full_logged: AtomicU64::new(u64::MAX),
+        });
+        Router {
+            locks: Arc::new(Locks {
+                table: Mutex::new(LockTable::default()),
+                changed: Condvar::new(),
+                post: post.clone(),
+                timer: OnceLock::new(),
+            }),
+            post,
+            groups,
+            inboxes: Mutex::new(inboxes),
+            next_id: AtomicU64::new(0),
         }
     }
 
     pub fn node(&self) -> &str {
-        &self.node
+        &self.post.node
     }
 
     /// The sender info of instance `number`.
     pub fn sender(&self, number: usize) -> SenderInfo {
         SenderInfo {
-            node: self.node.clone(),
-            stage: self.stages.get(number).cloned().unwrap_or_default(),
+            node: self.post.node.clone(),
+            stage: self.post.stages.get(number).cloned().unwrap_or_default(),
             instance: number,
         }
+    }
+
+    /// How many instances of `stage` this node has.
+    pub fn members(&self, stage: &str) -> usize {
+        self.groups.get(stage).map_or(0, |g| g.members.len())
     }
 
     /// The inbox of instance `number`; `None` if already taken.
@@ -291,46 +521,41 @@ impl Router {
 
     /// Sends to one instance's queue without waiting.
     pub fn send_to(&self, instance: usize, msg: Message) -> Result<(), Undelivered> {
-        let Some(tx) = self.mailboxes.get(instance) else {
-            return Err(Undelivered::NoRoute(msg));
-        };
-        tx.try_send(msg).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(m) => {
-                self.log_full(&self.stages[instance]);
-                Undelivered::Full(m)
-            }
-            mpsc::error::TrySendError::Closed(m) => Undelivered::NoRoute(m),
-        })
+        self.post.send_to(instance, msg)
+    }
+
+    /// Sends to the instance at address `to` (this node or another) without waiting.
+    pub fn send_to_address(&self, to: &SenderInfo, msg: Message) -> Result<(), Undelivered> {
+        self.post.send_to_address(to, msg)
     }
 
     /// Delivers `msg` per `scope` to instances of `stage`; returns how many took it.
-    /// `Scope::Sync` is handled by the caller (it never leaves the instance).
+    /// `Scope::Own` goes to the sending instance; `Scope::Sync` never reaches the router.
     pub fn deliver(&self, scope: Scope, stage: &str, msg: Message) -> Result<usize, Undelivered> {
         match scope {
+            Scope::Own | Scope::Sync => {
+                let from = msg.from.clone();
+                self.send_to_address(&from, msg).map(|()| 1)
+            }
             Scope::All => {
                 let mut n = 0;
                 if let Some(g) = self.groups.get(stage) {
                     for &i in &g.members {
-                        let copy = Message {
-                            id: msg.id.clone(),
-                            from: msg.from.clone(),
-                            values: msg.values.clone(),
-                            reply: msg.reply.as_ref().and_then(ReplyTo::share),
-                        };
-                        if self.send_to(i, copy).is_ok() {
+                        if self.send_to(i, msg.clone()).is_ok() {
                             n += 1;
                         }
                     }
                 }
-                n += self.remote.deliver_all(stage, &msg);
+                n += self.post.remote.deliver_all(stage, &msg);
                 Ok(n)
             }
             Scope::Remote => self
+                .post
                 .remote
                 .deliver_one(stage, msg)
                 .map(|()| 1)
                 .map_err(Undelivered::NoRoute),
-            Scope::One | Scope::Local | Scope::Sync => {
+            Scope::One | Scope::Local => {
                 let msg = match self.deliver_local(stage, msg) {
                     Ok(()) => return Ok(1),
                     Err(u) if scope == Scope::Local => return Err(u),
@@ -339,17 +564,41 @@ impl Router {
                 // Local instances could not take it: other nodes (then the fail-over node).
                 match msg {
                     Undelivered::NoRoute(m) => self
+                        .post
                         .remote
                         .deliver_one(stage, m)
                         .map(|()| 1)
                         .map_err(Undelivered::NoRoute),
                     Undelivered::Full(m) => self
+                        .post
                         .remote
                         .deliver_one(stage, m)
                         .map(|()| 1)
                         .map_err(Undelivered::Full),
                 }
             }
+        }
+    }
+
+    /// Delivers to every stage of `stages` (a comma list); returns how many took it, or the
+    /// reason of the first failure when none did.
+    pub fn deliver_each(&self, scope: Scope, stages: &[String], msg: Message) -> Result<usize, Undelivered> {
+        if let [one] = stages {
+            return self.deliver(scope, one, msg);
+        }
+        let mut n = 0;
+        let mut first_err = None;
+        for s in stages {
+            match self.deliver(scope, s, msg.clone()) {
+                Ok(k) => n += k,
+                Err(u) => {
+                    first_err.get_or_insert(u);
+                }
+            }
+        }
+        match first_err {
+            Some(u) if n == 0 => Err(u),
+            _ => Ok(n),
         }
     }
 
@@ -363,7 +612,7 @@ impl Router {
         let mut any_open = false;
         for k in 0..n {
             let i = g.members[(start + k) % n];
-            match self.mailboxes[i].try_send(msg) {
+            match self.post.mailboxes[i].try_send(msg) {
                 Ok(()) => return Ok(()),
                 Err(mpsc::error::TrySendError::Full(m)) => {
                     any_open = true;
@@ -373,64 +622,94 @@ impl Router {
             }
         }
         if any_open {
-            self.log_full(stage);
+            self.post.log_full(stage);
             Err(Undelivered::Full(msg))
         } else {
             Err(Undelivered::NoRoute(msg))
         }
     }
 
-    /// Sends `reply` along its route; returns whether it got there. A handler route gets
-    /// `nil, reason` in place of values when the reply is an error.
-    pub fn reply(&self, to: ReplyTo, from: Arc<SenderInfo>, reply: Reply) -> bool {
-        match to {
-            ReplyTo::Request(tx) => tx.send(reply).is_ok(),
-            ReplyTo::Handler { instance, id } => {
-                let values = reply.unwrap_or_else(|why| vec![Value::Nil, Value::Str(why.into_bytes())]);
-                let msg = Message {
-                    id,
-                    from,
-                    values,
-                    reply: None,
-                };
-                self.send_to(instance, msg).is_ok()
-            }
-        }
+    /// Answers message `to` (if it may be answered) from `me`: with the values, or for a
+    /// request with the reason it failed. Returns whether an answer was sent.
+    pub fn answer(&self, to: &Message, me: &Arc<SenderInfo>, body: Result<Vec<Value>, String>) -> bool {
+        let Some(id) = to.answer_id() else {
+            return false;
+        };
+        let (values, kind) = match body {
+            Ok(values) => (values, Kind::Reply),
+            Err(why) if matches!(to.kind, Kind::Request { .. }) => (vec![], Kind::Failed(why)),
+            // Only a request hears about failures (STAGE never calls `=cb` then).
+            Err(_) => return false,
+        };
+        let msg = Message {
+            id: id.to_string(),
+            from: me.clone(),
+            values,
+            kind,
+        };
+        self.send_to_address(&to.from, msg).is_ok()
     }
 
-    /// Closes instance `number`'s inbox and answers every queued message that wants a reply
-    /// with `nil, "shutting down"`, so that no requester waits forever. Returns how many.
+    /// An ordered-lock operation from `from` on lock `name`: `>name.cb` queues (the grant
+    /// is message `cb` with `values`, sent back to `from`), `>>` extends the holder's lease by
+    /// `values[0]` ms, `<` releases. Refused extensions and releases are logged.
+    pub fn lock(&self, op: LockOp, name: &str, cb: &str, from: Arc<SenderInfo>, values: Vec<Value>) {
+        let mut table = self.locks.table.lock().expect("lock table");
+        let now = Instant::now();
+        match op {
+            LockOp::Acquire => {
+                let w = Waiter {
+                    from,
+                    cb: cb.to_string(),
+                    values,
+                };
+                let grant = table.acquire(name, w, now);
+                self.locks.deliver(&mut table, grant);
+            }
+            LockOp::Extend => {
+                let ms = match values.first() {
+                    Some(Value::Int(i)) => (*i).max(0) as u64,
+                    Some(Value::Float(f)) if *f > 0.0 => *f as u64,
+                    _ => 0,
+                };
+                if let Err(e) = table.extend(name, &from, ms, now) {
+                    log::warn!("{} cannot extend: {e}", from.address());
+                }
+            }
+            LockOp::Release => match table.release(name, &from, now) {
+                Ok(grant) => self.locks.deliver(&mut table, grant),
+                Err(e) => log::debug!("{} cannot release: {e}", from.address()),
+            },
+        }
+        drop(table);
+        self.locks.start_timer();
+        self.locks.changed.notify_one();
+    }
+
+    /// The holder of lock `name` and how many wait for it (tests, diagnostics).
+    pub fn lock_state(&self, name: &str) -> Option<(Arc<SenderInfo>, usize)> {
+        self.locks.table.lock().expect("lock table").state(name)
+    }
+
+    /// Closes instance `number`'s inbox and answers every queued request with
+    /// `nil, "shutting down"`, so that no requester waits forever. Returns how many.
     pub fn drain(&self, inbox: &mut Inbox, number: usize) -> usize {
         inbox.close();
         let from = Arc::new(self.sender(number));
         let mut n = 0;
         while let Ok(msg) = inbox.try_recv() {
-            if let Some(to) = msg.reply {
-                self.reply(to, from.clone(), Err("shutting down".into()));
+            if matches!(msg.kind, Kind::Request { .. }) {
+                self.answer(&msg, &from, Err("shutting down".into()));
                 n += 1;
             }
         }
         if n > 0 {
             log::info!(
-                "{}#{number}: answered {n} queued message(s) with \"shutting down\"",
-                self.stages[number]
+                "{}#{number}: answered {n} queued request(s) with \"shutting down\"",
+                self.post.stages[number]
             );
         }
         n
-    }
-
-    /// Logs a full queue at most once per second, so an overload does not flood the log.
-    fn log_full(&self, stage: &str) {
-        let now = self.started.elapsed().as_secs();
-        let last = self.full_logged.load(Ordering::Relaxed);
-        if last != now
-            && self
-                .full_logged
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-        {
-            log::warn!("message queue full: no instance of stage '{stage}' can take a message (dropped)");
-        }
     }
 }
 
@@ -442,44 +721,56 @@ mod tests {
         Target::parse(s, "me").unwrap()
     }
 
+    fn parts(s: &str) -> (Scope, String, String, Option<String>) {
+        let x = t(s);
+        (x.scope, x.stages.join(","), x.id, x.reply)
+    }
+
+    fn p(
+        scope: Scope,
+        stages: &str,
+        id: &str,
+        reply: Option<&str>,
+    ) -> (Scope, String, String, Option<String>) {
+        (scope, stages.into(), id.into(), reply.map(str::to_string))
+    }
+
     #[test]
-    fn target_forms() {
+    fn target_forms_follow_stage() {
+        // The receiving stage's prefix is gone: `db` handles `load_user`.
+        assert_eq!(parts("db:load_user"), p(Scope::One, "db", "load_user", None));
         assert_eq!(
-            t("msg"),
-            Target {
-                scope: Scope::One,
-                stage: "me".into(),
-                id: "msg".into(),
-                reply: None
-            }
+            parts("db:load_user=cb"),
+            p(Scope::One, "db", "load_user", Some("cb"))
         );
-        assert_eq!(t(":msg").scope, Scope::Sync);
-        assert_eq!(t(":msg").id, "msg");
-        let x = t("db:load_user");
+        // Naming no stage or one's own stays in the sending instance.
+        assert_eq!(parts("msg"), p(Scope::Own, "me", "msg", None));
+        assert_eq!(parts("me:msg"), p(Scope::Own, "me", "msg", None));
+        assert_eq!(parts("=msg"), p(Scope::Own, "me", "msg", None));
+        assert_eq!(parts("+msg"), p(Scope::Own, "me", "msg", None));
+        assert_eq!(parts(":msg"), p(Scope::Sync, "me", "msg", None));
+        // `@msg`: the own stage through the router (any instance).
+        assert_eq!(parts("@msg"), p(Scope::One, "me", "msg", None));
+        assert_eq!(parts("*msg"), p(Scope::All, "me", "msg", None));
+        assert_eq!(parts("*db:msg"), p(Scope::All, "db", "msg", None));
+        assert_eq!(parts("=db:msg"), p(Scope::Local, "db", "msg", None));
+        assert_eq!(parts("+db:msg"), p(Scope::Remote, "db", "msg", None));
+        // `db+msg` arrives as `<sender>:msg`.
+        assert_eq!(parts("db+hello"), p(Scope::One, "db", "me:hello", None));
+        // A comma list of stages; a table of messages (`db:` + table).
+        assert_eq!(parts("a,b:msg"), p(Scope::One, "a,b", "msg", None));
+        assert_eq!(parts("db:"), p(Scope::One, "db", "", None));
+        assert_eq!(parts("ticket:=room"), p(Scope::One, "ticket", "=room", None));
+        // Ids of the built-in stages pass through untouched.
         assert_eq!(
-            (x.scope, x.stage.as_str(), x.id.as_str()),
-            (Scope::One, "db", "db:load_user")
+            parts("ticket:odbc=login?fb"),
+            p(Scope::One, "ticket", "odbc", Some("login?fb"))
         );
-        let x = t("*stage:notice");
-        assert_eq!(
-            (x.scope, x.stage.as_str(), x.id.as_str()),
-            (Scope::All, "stage", "stage:notice")
-        );
-        let x = t("*notice");
-        assert_eq!(
-            (x.scope, x.stage.as_str(), x.id.as_str()),
-            (Scope::All, "me", "notice")
-        );
-        assert_eq!(t("=db:x").scope, Scope::Local);
-        assert_eq!(t("+db:x").scope, Scope::Remote);
-        let x = t("db:load_user=on_user");
-        assert_eq!(
-            (x.id.as_str(), x.reply.as_deref()),
-            ("db:load_user", Some("on_user"))
-        );
-        let x = t("db+hello");
-        assert_eq!((x.stage.as_str(), x.id.as_str()), ("db", "me:hello"));
-        for bad in ["", "db:x=", ":db:x", ":", "*", "=:x"] {
+        assert!(t("msg").own("me") && t("me:x=cb").own("me") && t("@x").own("me"));
+        assert!(!t("db:x").own("me"));
+        for bad in [
+            "", "db:x=", ":db:x", ":", "*", "=:x", "@db:x", "a,:x", "+x+", ">L", ">.cb", ">L.", "<L",
+        ] {
             assert!(Target::parse(bad, "me").is_err(), "{bad}");
         }
         assert_eq!(
@@ -489,30 +780,58 @@ mod tests {
     }
 
     #[test]
-    fn lookup_order_walks_up_the_dots() {
-        assert_eq!(lookup_order("a:b.c.d"), ["a:b.c.d", "a:b.c.", "a:b.", "a:"]);
-        assert_eq!(lookup_order("a:b"), ["a:b", "a:"]);
-        assert_eq!(lookup_order("a:b.c."), ["a:b.c.", "a:b.", "a:"]);
-        assert_eq!(lookup_order("x.y"), ["x.y", "x."]);
-        assert_eq!(lookup_order("x"), ["x"]);
+    fn lock_targets() {
+        let x = t(">SAVE.save_now");
+        assert_eq!(
+            (x.lock, x.id.as_str(), x.reply.as_deref()),
+            (Some(LockOp::Acquire), "SAVE", Some("save_now"))
+        );
+        let x = t(">>SAVE.save_now");
+        assert_eq!((x.lock, x.id.as_str()), (Some(LockOp::Extend), "SAVE"));
+        let x = t("<SAVE.*");
+        assert_eq!((x.lock, x.id.as_str()), (Some(LockOp::Release), "SAVE"));
+        assert_eq!(
+            t(">A.b.c").reply.as_deref(),
+            Some("b.c"),
+            "the name ends at the first '.'"
+        );
+    }
+
+    #[test]
+    fn lookup_order_walks_up_the_dots_then_at() {
+        assert_eq!(lookup_order("a:b.c.d"), ["a:b.c.d", "a:b.c.", "a:b.", "a:", "@"]);
+        assert_eq!(lookup_order("a:b"), ["a:b", "a:", "@"]);
+        assert_eq!(lookup_order("a:b.c."), ["a:b.c.", "a:b.", "a:", "@"]);
+        assert_eq!(lookup_order("x.y"), ["x.y", "x.", "@"]);
+        assert_eq!(lookup_order("x"), ["x", "@"]);
+        assert_eq!(lookup_order("@"), ["@"]);
         let mut h = HashMap::new();
         h.insert("a:".to_string(), 1);
         h.insert("a:b.".to_string(), 2);
         assert_eq!(lookup(&h, "a:b.c.d"), Some(("a:b.", &2)));
         assert_eq!(lookup(&h, "a:z"), Some(("a:", &1)));
         assert_eq!(lookup(&h, "q:z"), None);
+        h.insert("@".to_string(), 3);
+        assert_eq!(lookup(&h, "q:z"), Some(("@", &3)));
+    }
+
+    fn from(i: usize) -> Arc<SenderInfo> {
+        Arc::new(SenderInfo {
+            node: "n".into(),
+            stage: if i == 0 { "a".into() } else { "b".into() },
+            instance: i,
+        })
     }
 
     fn msg(id: &str, v: i64) -> Message {
         Message {
             id: id.into(),
-            from: Arc::new(SenderInfo {
-                node: "n".into(),
-                stage: "me".into(),
-                instance: 0,
-            }),
+            from: from(0),
             values: vec![Value::Int(v)],
-            reply: None,
+            kind: Kind::Signal {
+                cb: None,
+                implicit: true,
+            },
         }
     }
 
@@ -522,20 +841,33 @@ mod tests {
     }
 
     #[test]
+    fn addresses_round_trip() {
+        let s = SenderInfo {
+            node: "host-1.example".into(),
+            stage: "db".into(),
+            instance: 7,
+        };
+        assert_eq!(s.address(), "7@host-1.example");
+        assert_eq!(parse_address(&s.address()), Some(("host-1.example", 7)));
+        assert_eq!(parse_address("x"), None);
+        assert_eq!(parse_address("x@n"), None);
+    }
+
+    #[test]
     fn round_robin_skips_full_queues_and_never_blocks() {
         let r = router(2);
         let mut inboxes: Vec<_> = (0..4).map(|i| r.take_inbox(i).unwrap()).collect();
         for v in 0..6 {
-            assert_eq!(r.deliver(Scope::One, "b", msg("b:x", v)).unwrap(), 1);
+            assert_eq!(r.deliver(Scope::One, "b", msg("x", v)).unwrap(), 1);
         }
         // 6 messages over 3 instances of 2 slots: every queue is full now.
-        let u = r.deliver(Scope::One, "b", msg("b:x", 9)).unwrap_err();
+        let u = r.deliver(Scope::One, "b", msg("x", 9)).unwrap_err();
         assert_eq!(u.reason(), "queue full");
         // Drain instance 2: it alone takes the next two.
         let got: Vec<_> = std::iter::from_fn(|| inboxes[2].try_recv().ok()).collect();
         assert_eq!(got.len(), 2);
-        r.deliver(Scope::One, "b", msg("b:x", 10)).unwrap();
-        r.deliver(Scope::One, "b", msg("b:x", 11)).unwrap();
+        r.deliver(Scope::One, "b", msg("x", 10)).unwrap();
+        r.deliver(Scope::One, "b", msg("x", 11)).unwrap();
         let got: Vec<_> = std::iter::from_fn(|| inboxes[2].try_recv().ok())
             .map(|m| m.values[0].clone())
             .collect();
@@ -544,27 +876,91 @@ mod tests {
     }
 
     #[test]
-    fn broadcast_no_route_and_remote_scopes() {
+    fn own_scope_returns_to_the_sender() {
         let r = router(8);
         let mut inboxes: Vec<_> = (0..4).map(|i| r.take_inbox(i).unwrap()).collect();
-        assert_eq!(r.deliver(Scope::All, "b", msg("b:all", 1)).unwrap(), 3);
-        for inbox in inboxes.iter_mut().skip(1) {
-            assert_eq!(inbox.try_recv().unwrap().id, "b:all");
+        let mut m = msg("cb", 1);
+        m.from = from(2);
+        for _ in 0..5 {
+            assert_eq!(r.deliver(Scope::Own, "b", m.clone()).unwrap(), 1);
         }
-        assert_eq!(r.deliver(Scope::All, "zz", msg("zz:x", 1)).unwrap(), 0);
+        assert_eq!(std::iter::from_fn(|| inboxes[2].try_recv().ok()).count(), 5);
+        assert!(inboxes[1].try_recv().is_err() && inboxes[3].try_recv().is_err());
+    }
+
+    #[test]
+    fn broadcast_comma_lists_no_route_and_remote_scopes() {
+        let r = router(8);
+        let mut inboxes: Vec<_> = (0..4).map(|i| r.take_inbox(i).unwrap()).collect();
+        assert_eq!(r.deliver(Scope::All, "b", msg("all", 1)).unwrap(), 3);
+        for inbox in inboxes.iter_mut().skip(1) {
+            assert_eq!(inbox.try_recv().unwrap().id, "all");
+        }
+        let ab = ["a".to_string(), "b".to_string()];
+        assert_eq!(r.deliver_each(Scope::One, &ab, msg("x", 1)).unwrap(), 2);
+        assert_eq!(r.deliver_each(Scope::All, &ab, msg("x", 1)).unwrap(), 4);
+        let az = ["zz".to_string(), "a".to_string()];
+        assert_eq!(r.deliver_each(Scope::One, &az, msg("x", 1)).unwrap(), 1);
+        assert_eq!(r.deliver(Scope::All, "zz", msg("x", 1)).unwrap(), 0);
         assert_eq!(
-            r.deliver(Scope::One, "zz", msg("zz:x", 1)).unwrap_err().reason(),
+            r.deliver(Scope::One, "zz", msg("x", 1)).unwrap_err().reason(),
             "no route"
         );
         assert_eq!(
-            r.deliver(Scope::Remote, "b", msg("b:x", 1)).unwrap_err().reason(),
+            r.deliver(Scope::Remote, "b", msg("x", 1)).unwrap_err().reason(),
             "no route"
         );
-        assert_eq!(r.deliver(Scope::Local, "a", msg("a:x", 1)).unwrap(), 1);
+        for inbox in inboxes.iter_mut() {
+            while inbox.try_recv().is_ok() {}
+        }
+        assert_eq!(r.deliver(Scope::Local, "a", msg("x", 1)).unwrap(), 1);
         // A closed inbox (a stopped instance) is no route.
         drop(inboxes.remove(0));
         assert_eq!(
-            r.deliver(Scope::Local, "a", msg("a:x", 1)).unwrap_err().reason(),
+            r.deliver(Scope::Local, "a", msg("x", 1)).unwrap_err().reason(),
+            "no route"
+        );
+    }
+
+    #[test]
+    fn answers_go_to_the_sender_and_are_never_answered() {
+        let r = router(8);
+        let mut inboxes: Vec<_> = (0..4).map(|i| r.take_inbox(i).unwrap()).collect();
+        let me = from(1);
+        // Without =cb: the same id; with =cb: cb.
+        assert!(r.answer(&msg("load_user", 1), &me, Ok(vec![Value::Int(5)])));
+        let a = inboxes[0].try_recv().unwrap();
+        assert_eq!(
+            (a.id.as_str(), &a.kind, a.from.instance),
+            ("load_user", &Kind::Reply, 1)
+        );
+        let mut m = msg("load_user", 1);
+        m.kind = Kind::Signal {
+            cb: Some("on_user".into()),
+            implicit: true,
+        };
+        assert_eq!(m.shown_id(), "load_user=on_user");
+        assert!(r.answer(&m, &me, Ok(vec![])));
+        assert_eq!(inboxes[0].try_recv().unwrap().id, "on_user");
+        // A failure reaches a request, never a =cb handler; a reply is never answered.
+        assert!(!r.answer(&m, &me, Err("boom".into())));
+        assert!(!r.answer(&a, &me, Ok(vec![])));
+        m.kind = Kind::Request { cb: "#r1".into() };
+        assert!(r.answer(&m, &me, Err("no handler".into())));
+        let f = inboxes[0].try_recv().unwrap();
+        assert_eq!(
+            (f.id.as_str(), f.kind),
+            ("#r1", Kind::Failed("no handler".into()))
+        );
+        assert!(inboxes[0].try_recv().is_err());
+        // Another node's address goes through the remote seam (none here).
+        let far = SenderInfo {
+            node: "far".into(),
+            stage: "a".into(),
+            instance: 0,
+        };
+        assert_eq!(
+            r.send_to_address(&far, msg("x", 1)).unwrap_err().reason(),
             "no route"
         );
     }
@@ -584,30 +980,97 @@ mod tests {
             fn deliver_all(&self, _: &str, _: &Message) -> usize {
                 2
             }
+            fn deliver_to(&self, to: &SenderInfo, msg: Message) -> Result<(), Message> {
+                if to.node == "far" {
+                    self.0.fetch_add(10, Ordering::SeqCst);
+                    Ok(())
+                } else {
+                    Err(msg)
+                }
+            }
         }
         let c = Arc::new(Count(AtomicUsize::new(0)));
         let r = Router::new("n", &["a".to_string()], 4, Box::new(c.clone()));
-        assert_eq!(r.deliver(Scope::One, "far", msg("far:x", 1)).unwrap(), 1);
-        assert_eq!(r.deliver(Scope::Remote, "far", msg("far:x", 1)).unwrap(), 1);
-        assert!(r.deliver(Scope::Local, "far", msg("far:x", 1)).is_err());
+        assert_eq!(r.deliver(Scope::One, "far", msg("x", 1)).unwrap(), 1);
+        assert_eq!(r.deliver(Scope::Remote, "far", msg("x", 1)).unwrap(), 1);
+        assert!(r.deliver(Scope::Local, "far", msg("x", 1)).is_err());
         assert_eq!(c.0.load(Ordering::SeqCst), 2);
-        assert_eq!(r.deliver(Scope::All, "a", msg("a:x", 1)).unwrap(), 3);
+        assert_eq!(r.deliver(Scope::All, "a", msg("x", 1)).unwrap(), 3);
+        let mut m = msg("x", 1);
+        m.from = Arc::new(SenderInfo {
+            node: "far".into(),
+            stage: "a".into(),
+            instance: 3,
+        });
+        assert!(r.answer(&m, &from(0), Ok(vec![])));
+        assert_eq!(c.0.load(Ordering::SeqCst), 12);
     }
 
     #[test]
     fn drain_answers_queued_requests() {
         let r = router(8);
-        let mut inbox = r.take_inbox(0).unwrap();
-        let (tx, mut rx) = oneshot::channel();
-        let mut m = msg("a:x", 1);
-        m.reply = Some(ReplyTo::Request(tx));
-        r.deliver(Scope::One, "a", m).unwrap();
-        r.deliver(Scope::One, "a", msg("a:y", 2)).unwrap();
-        assert_eq!(r.drain(&mut inbox, 0), 1);
-        assert_eq!(rx.try_recv().unwrap(), Err("shutting down".to_string()));
+        let mut inbox = r.take_inbox(1).unwrap();
+        let mut requester = r.take_inbox(0).unwrap();
+        let mut m = msg("x", 1);
+        m.kind = Kind::Request { cb: "#r7".into() };
+        r.deliver(Scope::Local, "b", m).unwrap();
+        let _ = r.take_inbox(2);
+        let _ = r.take_inbox(3);
+        r.send_to(1, msg("y", 2)).unwrap();
+        assert_eq!(r.drain(&mut inbox, 1), 1);
+        let a = requester.try_recv().unwrap();
         assert_eq!(
-            r.deliver(Scope::One, "a", msg("a:z", 3)).unwrap_err().reason(),
-            "no route"
+            (a.id.as_str(), a.kind),
+            ("#r7", Kind::Failed("shutting down".into()))
         );
+        assert_eq!(r.send_to(1, msg("z", 3)).unwrap_err().reason(), "no route");
+    }
+
+    #[test]
+    fn locks_grant_in_order_and_expire() {
+        let stages: Vec<String> = (0..3).map(|_| "s".to_string()).collect();
+        let r = Router::new("n", &stages, 8, Box::new(NoRemote));
+        let mut inboxes: Vec<_> = (0..3).map(|i| r.take_inbox(i).unwrap()).collect();
+        let who = |i| Arc::new(r.sender(i));
+        for i in 0..3 {
+            r.lock(LockOp::Acquire, "L", "go", who(i), vec![Value::Int(i as i64)]);
+        }
+        let g = inboxes[0].try_recv().unwrap();
+        assert_eq!((g.id.as_str(), &g.values[..]), ("go", &[Value::Int(0)][..]));
+        assert!(inboxes[1].try_recv().is_err(), "instance 1 waits");
+        // Only the holder releases.
+        r.lock(LockOp::Release, "L", "*", who(2), vec![]);
+        assert_eq!(r.lock_state("L").unwrap().0.instance, 0);
+        r.lock(LockOp::Release, "L", "*", who(0), vec![]);
+        assert_eq!(inboxes[1].try_recv().unwrap().values, [Value::Int(1)]);
+        // Instance 1 never releases: its lease ends after ~100 ms and 2 gets the lock.
+        let t0 = Instant::now();
+        let g = loop {
+            if let Ok(g) = inboxes[2].try_recv() {
+                break g;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(5), "the lease never expired");
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        assert_eq!(g.values, [Value::Int(2)]);
+        assert!(t0.elapsed() >= Duration::from_millis(80), "{:?}", t0.elapsed());
+        // An extended lease outlives the default one.
+        r.lock(LockOp::Extend, "L", "go", who(2), vec![Value::Int(300)]);
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(r.lock_state("L").unwrap().0.instance, 2);
+        // A waiter whose instance is gone is skipped: the next one gets the lock.
+        r.lock(LockOp::Release, "L", "*", who(2), vec![]);
+        r.lock(LockOp::Acquire, "M", "m", who(0), vec![]);
+        assert_eq!(inboxes[0].try_recv().unwrap().id, "m");
+        r.lock(LockOp::Acquire, "M", "m", who(1), vec![]);
+        r.lock(LockOp::Acquire, "M", "m", who(2), vec![]);
+        drop(inboxes.remove(1));
+        r.lock(LockOp::Release, "M", "*", who(0), vec![]);
+        assert_eq!(
+            inboxes[1].try_recv().unwrap().id,
+            "m",
+            "instance 2 after the gone 1"
+        );
+        assert_eq!(r.lock_state("M").unwrap().0.instance, 2);
     }
 }

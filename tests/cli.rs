@@ -103,15 +103,17 @@ fn stage_sample_config_runs_with_one_warning_per_engine() {
     let home = TestHome::new();
     home.write(
         "conf/stage.json",
-        r##"{"#license": "x", "#startup": [["lua.so+stage"], ["curl.so+curl"], ["=route+route"], ["=route+route"]],
-           "curl.so": {}}"##,
+        r##"{"#license": "x", "#startup": [["lua.so+stage"], ["curl.so+curl"], ["=route+route"], ["index.so+rank"], ["index.so+rank2"]],
+           "index.so": {}}"##,
     );
-    home.write("package/start.lua", "done()");
+    home.write("package/start.lua", "stage.sleep(100) done()");
     let (code, out) = wait_with_output(home.spawn(), Duration::from_secs(10));
     assert_eq!(code, Some(0), "{out}");
-    assert_eq!(out.matches("engine \"=route\"").count(), 1, "{out}");
-    assert_eq!(out.matches("engine \"curl.so\"").count(), 1, "{out}");
-    assert!(out.contains("engine section \"curl.so\""), "{out}");
+    assert_eq!(out.matches("engine \"index.so\"").count(), 1, "{out}");
+    assert!(out.contains("engine section \"index.so\""), "{out}");
+    // the built-in stages start, numbered after the Lua instances
+    assert!(out.contains("started curl#1 (built-in curl)"), "{out}");
+    assert!(out.contains("started route#2 (built-in route)"), "{out}");
 }
 
 #[test]

@@ -5,7 +5,6 @@
 mod harness;
 
 scenarios! {
-    messages_targets => "messages/targets.lua",
     messages_broadcast_roundrobin => "messages/broadcast_roundrobin.lua",
     messages_request_wait => "messages/request_wait.lua",
     messages_fifo => "messages/fifo.lua",
@@ -30,11 +29,11 @@ fn stop_answers_queued_requests() {
         "package/start.lua",
         r#"
 if process.stage == 1 then
-    stage.waitfor("b:block", function()
+    stage.waitfor("block", function()
         local t = os.clock()
         while os.clock() - t < 0.8 do end
     end)
-    stage.waitfor("b:x", function() return 1 end)
+    stage.waitfor("x", function() return 1 end)
     return
 end
 stage.signal("b:block")
@@ -48,7 +47,7 @@ process.exit(0)
     let (code, out) = harness::wait_with_output(home.spawn(), std::time::Duration::from_secs(30));
     assert_eq!(code, Some(0), "{out}");
     assert!(
-        out.contains("b#1: answered ") && out.contains(" queued message(s) with \"shutting down\""),
+        out.contains("b#1: answered ") && out.contains(" queued request(s) with \"shutting down\""),
         "{out}"
     );
 }

@@ -76,6 +76,13 @@ async fn boot(lua: Lua, entry: String) {
         }
     };
     log::info!(target: &c.name, "started {} (entry {})", c.name, c.loader.display_path(&loaded.path));
+    if let Value::Table(t) = &loaded.value {
+        // As in STAGE: every function of a table returned by the entry script handles the
+        // message named by its key.
+        if let Err(e) = register_handlers(&lua, t) {
+            log::error!(target: &c.name, "entry script: {}", script_error::format(&e));
+        }
+    }
     if let Value::Function(idle) = loaded.value {
         loop {
             let rets = call_callback(&lua, "idle function", &idle, ()).await;
@@ -85,6 +92,17 @@ async fn boot(lua: Lua, entry: String) {
             }
         }
     }
+}
+
+/// `stage.waitfor(key, f)` for every string key of `t` whose value is a function.
+fn register_handlers(lua: &Lua, t: &mlua::Table) -> mlua::Result<()> {
+    let waitfor: mlua::Function = lua.globals().get::<mlua::Table>("stage")?.get("waitfor")?;
+    for pair in t.pairs::<Value, Value>() {
+        if let (Value::String(k), Value::Function(f)) = pair? {
+            waitfor.call::<()>((k, f))?;
+        }
+    }
+    Ok(())
 }
 
 /// Starts an instance on its own thread; it runs until the node's shutdown signal.

@@ -29,7 +29,7 @@ pub struct NodeShared {
     /// `process.title`, as last set.
     pub title: Mutex<String>,
     /// The mailboxes of every instance (`stage.signal`, `stage.request`).
-    pub router: crate::router::Router,
+    pub router: Arc<crate::router::Router>,
     /// The blocking-work pool of `thread.new`, started on first use.
     pub threads: std::sync::OnceLock<crate::host::workers::Pool>,
     /// Globals shared by `_SANDBOX[""] = {"*NAME"}`: the last committed value of each.
@@ -40,13 +40,19 @@ impl NodeShared {
     pub fn new(config: Config, home: Home, args: Vec<String>) -> Arc<NodeShared> {
         let (shutdown, _) = tokio::sync::watch::channel(false);
         let node_name = hostname();
-        let stages: Vec<String> = config.startup.iter().map(|s| s.stage_id.clone()).collect();
-        let router = crate::router::Router::new(
+        // Lua instances first (their numbers are `process.stage`), then the built-in stages.
+        let stages: Vec<String> = config
+            .startup
+            .iter()
+            .map(|s| s.stage_id.clone())
+            .chain(config.builtins.iter().map(|b| b.stage_id.clone()))
+            .collect();
+        let router = Arc::new(crate::router::Router::new(
             &node_name,
             &stages,
             config.queue,
             Box::new(crate::router::NoRemote),
-        );
+        ));
         Arc::new(NodeShared {
             config: Arc::new(config),
             home: Arc::new(home),
@@ -103,5 +109,8 @@ pub fn open_home(root: &Path) -> anyhow::Result<(PathBuf, Config, Home)> {
     // start with the key named, instead of failing every instance's Lua state.
     crate::cloud::vultr::Settings::from_config(config.vultr.as_ref())
         .map_err(|e| anyhow::anyhow!("conf/stage.json: {e}"))?;
+    for b in &config.builtins {
+        crate::stages::new(b).map_err(|e| anyhow::anyhow!("conf/stage.json: {e}"))?;
+    }
     Ok((root, config, home))
 }

@@ -47,6 +47,10 @@ pub fn start(root: &Path, args: Vec<String>, bindings: Bindings) -> anyhow::Resu
             bindings,
         )?);
     }
+    let lua_instances = node.config.startup.len();
+    for (k, spec) in node.config.builtins.iter().enumerate() {
+        threads.push(spawn_builtin(node.clone(), spec.clone(), lua_instances + k)?);
+    }
     spawn_usage(&node);
     log::info!(
         "READY {}: {} instance(s) in {}",
@@ -59,6 +63,38 @@ pub fn start(root: &Path, args: Vec<String>, bindings: Bindings) -> anyhow::Resu
         threads,
         _watcher: watcher,
     })
+}
+
+/// Starts built-in stage `spec` (router member `number`) on its own thread.
+fn spawn_builtin(
+    node: Arc<NodeShared>,
+    spec: crate::config::BuiltinSpec,
+    number: usize,
+) -> anyhow::Result<JoinHandle<()>> {
+    let stage = crate::stages::new(&spec).map_err(|e| anyhow::anyhow!("conf/stage.json: {e}"))?;
+    let name = format!("{}#{number}", spec.stage_id);
+    let inbox = node
+        .router
+        .take_inbox(number)
+        .ok_or_else(|| anyhow::anyhow!("{name}: no mailbox"))?;
+    Ok(std::thread::Builder::new().name(name.clone()).spawn(move || {
+        let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(rt) => rt,
+            Err(e) => {
+                log::error!("{name}: cannot start its runtime: {e}");
+                return;
+            }
+        };
+        log::info!("started {name} (built-in {})", spec.engine);
+        let stop = node.shutdown.subscribe();
+        rt.block_on(crate::stages::serve(
+            node.router.clone(),
+            number,
+            inbox,
+            stage,
+            stop,
+        ));
+    })?)
 }
 
 /// Logs the USAGE line every `#usage` seconds until the node stops.

@@ -1,17 +1,17 @@
-//! The Lua side of messages between instances: `stage.waitfor`, `stage.signal`,
-//! `stage.request`, the `_WAITFOR` global, and the loop that hands an instance's queued
-//! messages to its handlers. Targets, lookup order and delivery are in `router.rs`; value
-//! copying in `value.rs`.
+//! The Lua side of messages (STAGE's model): `stage.waitfor`, `stage.signal`,
+//! `stage.request`, the `_WAITFOR` global, implicit replies, and the loop that hands an
+//! instance's queued messages to its handlers. Targets, lookup order, delivery, replies and
+//! locks are in `router.rs` / `locks.rs`; value copying in `lua/value.rs`.
 
-use crate::host::convert::{self, IntoLuaErr, Unit};
 use crate::host::{call_callback, ctx, run_callback, InstanceCtx};
 use crate::lua::value;
-use crate::router::{self, Message, ReplyTo, Scope, SenderInfo, Target};
-use mlua::{Function, Lua, MultiValue, Table, UserData, Value};
-use std::cell::RefCell;
-use std::collections::HashMap;
+use crate::router::{self, Kind, LockOp, Message, Scope, SenderInfo, Target};
+use mlua::{Function, Lua, MultiValue, Table, Value};
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
 use std::sync::Arc;
+use tokio::sync::oneshot;
 use tokio::task::spawn_local;
 
 /// A registered handler and the values bound to it by `stage.waitfor(id, f, ...)`.
@@ -44,7 +44,7 @@ struct Messages {
     calls: RefCell<Slab<Rc<Call>>>,
     /// `run(call, f, ...)`: records the call of the running coroutine, then `f(...)`.
     run: Function,
-    me: Arc<SenderInfo>,
+    out: Rc<Out>,
 }
 
 /// A vector with reusable slots: keys stay valid until removed.
@@ -101,85 +101,53 @@ impl CallSlot {
 impl Drop for CallSlot {
     fn drop(&mut self) {
         let call = self.m.calls.borrow_mut().remove(self.key);
-        // Breaks the cycle route userdata -> call -> route userdata.
-        let route = call.and_then(|c| c.route.borrow_mut().take());
-        drop(route);
+        drop(call);
     }
 }
 
-/// `_WAITFOR[2]`: a reply route, made the first time a handler asks for it.
-struct Route(Rc<Call>);
-
-impl UserData for Route {}
-
-/// One handler call: what `_WAITFOR` shows while it runs, and its reply route
-/// (`_WAITFOR[2]`, a `Route` userdata, used once, by the first reply). `kept` is set
-/// when the script reads `_WAITFOR[2]`: a handler that then returns no values leaves the
-/// reply to the script.
-pub struct Call {
+/// One handler call: what `_WAITFOR` shows while it runs, and how it is answered.
+struct Call {
     hid: Rc<str>,
-    id: String,
-    from: Arc<SenderInfo>,
-    wants_reply: bool,
-    to: RefCell<Option<ReplyTo>>,
-    kept: std::cell::Cell<bool>,
-    /// The `Route` of this call while it is being handled (so `_WAITFOR[2]` is one value).
-    route: RefCell<Option<mlua::AnyUserData>>,
+    /// The message without its values (its id, sender and kind say where answers go).
+    msg: Message,
+    /// Set once the handler answered with `stage.signal(nil, ...)`: its return values are
+    /// then not sent again.
+    answered: Cell<bool>,
+    /// The `_WAITFOR` table, made on the first read. A request handler that read it and
+    /// returns nothing leaves the answer to the script (a saved `_WAITFOR` is a target).
+    table: RefCell<Option<Table>>,
 }
 
 impl Call {
-    fn new(hid: Rc<str>, id: String, from: Arc<SenderInfo>, to: Option<ReplyTo>) -> Call {
+    fn new(hid: Rc<str>, msg: Message) -> Call {
         Call {
             hid,
-            id,
-            from,
-            wants_reply: to.is_some(),
-            to: RefCell::new(to),
-            kept: std::cell::Cell::new(false),
-            route: RefCell::new(None),
+            msg,
+            answered: Cell::new(false),
+            table: RefCell::new(None),
         }
     }
 }
 
-/// `_WAITFOR[k]` of call `key`: `[-1]` handler id, `[0]` message id, `[1]` sender,
-/// `[2]` route.
-fn call_field(lua: &Lua, (key, k): (usize, Value)) -> mlua::Result<Value> {
+/// `_WAITFOR` of call `key`: `{[-1] = handler id, [0] = id (with "=cb"), [1] = sender
+/// address, [2] = sender's stage when the message may be answered, reply = answer id}`.
+fn waitfor_table(lua: &Lua, key: usize) -> mlua::Result<Value> {
     let Some(c) = messages(lua).calls.borrow().get(key).cloned() else {
         return Ok(Value::Nil);
     };
-    let k = match k {
-        Value::Integer(i) => i,
-        Value::Number(_) => match convert::as_integer(&k) {
-            Some(i) => i,
-            None => return Ok(Value::Nil),
-        },
-        _ => return Ok(Value::Nil),
-    };
-    Ok(match k {
-        -1 => Value::String(lua.create_string(&*c.hid)?),
-        0 => Value::String(lua.create_string(&c.id)?),
-        1 => {
-            let sender = lua.create_table_with_capacity(0, 3)?;
-            sender.raw_set("node", c.from.node.as_str())?;
-            sender.raw_set("stage", c.from.stage.as_str())?;
-            sender.raw_set("instance", c.from.instance)?;
-            Value::Table(sender)
-        }
-        2 if c.wants_reply => {
-            c.kept.set(true);
-            let cached = c.route.borrow().clone();
-            let ud = match cached {
-                Some(ud) => ud,
-                None => {
-                    let ud = lua.create_userdata(Route(c.clone()))?;
-                    *c.route.borrow_mut() = Some(ud.clone());
-                    ud
-                }
-            };
-            Value::UserData(ud)
-        }
-        _ => Value::Nil,
-    })
+    if let Some(t) = c.table.borrow().as_ref() {
+        return Ok(Value::Table(t.clone()));
+    }
+    let t = lua.create_table_with_capacity(4, 1)?;
+    t.raw_set(-1, &*c.hid)?;
+    t.raw_set(0, c.msg.shown_id())?;
+    t.raw_set(1, c.msg.from.address())?;
+    if let Some(id) = c.msg.answer_id() {
+        t.raw_set(2, c.msg.from.stage.as_str())?;
+        t.raw_set("reply", id)?;
+    }
+    *c.table.borrow_mut() = Some(t.clone());
+    Ok(Value::Table(t))
 }
 
 /// Parsed targets of one instance, by target string: scripts send to a few fixed targets,
@@ -214,18 +182,42 @@ impl TargetCache {
     }
 }
 
+/// The answer a waiting `stage.request` gets: values, or why there are none.
+type Answer = Result<Vec<crate::value::Value>, String>;
+
+/// Prefix of the reply ids of `stage.request` (never a handler id).
+const REQUEST_PREFIX: &str = "~request.";
+
 /// What `stage.signal` and `stage.request` need, captured by them once (no app data
 /// lookups per message). Holds no Lua values, so capturing it makes no cycle.
 struct Out {
     node: Arc<crate::host::node::NodeShared>,
-    number: usize,
     me: Arc<SenderInfo>,
     targets: TargetCache,
+    /// The requests of this instance waiting for an answer, by reply id.
+    pending: RefCell<HashMap<String, oneshot::Sender<Answer>>>,
+    next_request: Cell<u64>,
+    /// Targets whose failed delivery was logged (once each; bounded).
+    failed: RefCell<HashSet<String>>,
 }
 
 impl Out {
     fn target(&self, target: &str) -> mlua::Result<Rc<Target>> {
-        Ok(self.targets.get(target)?)
+        self.targets.get(target).map_err(|e| rt_err(e.to_string()))
+    }
+
+    /// Logs a message that could not be delivered once per target.
+    fn log_failed(&self, target: &str, why: &str) {
+        let mut failed = self.failed.borrow_mut();
+        if failed.len() >= 1024 {
+            failed.clear();
+        }
+        if failed.insert(target.to_string()) {
+            log::warn!(
+                target: &format!("{}#{}", self.me.stage, self.me.instance),
+                "stage.signal(\"{target}\"): not delivered ({why}); its reply handler will not be called"
+            );
+        }
     }
 }
 
@@ -241,7 +233,7 @@ fn rt_err(msg: impl Into<String>) -> mlua::Error {
 
 const PRELUDE: &str = r#"
 -- `xpcall` is Lua's own and `handler` the host's one error handler (host::callback).
-local contexts, raw_signal, sync_signal, field, xpcall, handler = ...
+local contexts, raw_signal, sync_signal, waitfor_table, xpcall, handler = ...
 local running, error, type = coroutine.running, error, type
 local function finish(co, ok, ...)
     contexts[co] = nil
@@ -253,21 +245,30 @@ local function run(call, f, ...)
     contexts[co] = call
     return finish(co, xpcall(f, handler, ...))
 end
-local waitfor = setmetatable({}, {
-    __index = function(_, k)
+-- `_WAITFOR` is not a global: the globals' __index gives the running handler's table
+-- (nil outside a handler), so that a saved `_WAITFOR` keeps its message.
+local G = _G
+local meta = getmetatable(G)
+if not meta then meta = {}; setmetatable(G, meta) end
+local old = meta.__index
+meta.__index = function(t, k)
+    if k == "_WAITFOR" then
         local c = contexts[running()]
-        if c then return field(c, k) end
-    end,
-    __newindex = function() error("_WAITFOR is read-only", 2) end,
-})
+        if c then return waitfor_table(c) end
+        return nil
+    end
+    if old == nil then return nil end
+    if type(old) == "function" then return old(t, k) end
+    return old[k]
+end
 local function signal(target, ...)
     if type(target) == "string" and target:byte(1) == 58 then return sync_signal(target, ...) end
     return raw_signal(target, ...)
 end
-return run, waitfor, signal
+return run, signal
 "#;
 
-/// Adds `waitfor`, `signal` and `request` to the `stage` table and sets `_WAITFOR`.
+/// Adds `waitfor`, `signal` and `request` to the `stage` table and provides `_WAITFOR`.
 pub fn register(lua: &Lua, stage: &Table) -> mlua::Result<()> {
     let c = ctx(lua);
     let contexts = lua.create_table()?;
@@ -277,9 +278,11 @@ pub fn register(lua: &Lua, stage: &Table) -> mlua::Result<()> {
     let me = Arc::new(c.node.router.sender(c.number));
     let out = Rc::new(Out {
         node: c.node.clone(),
-        number: c.number,
-        me: me.clone(),
+        me,
         targets: TargetCache::new(&c.stage_id),
+        pending: RefCell::new(HashMap::new()),
+        next_request: Cell::new(0),
+        failed: RefCell::new(HashSet::new()),
     });
     let o = out.clone();
     let raw_signal = lua.create_function(move |lua, args| signal(lua, &o, args))?;
@@ -290,23 +293,21 @@ pub fn register(lua: &Lua, stage: &Table) -> mlua::Result<()> {
         };
         Ok(n)
     })?;
-    let (run, waitfor_proxy, signal_fn): (Function, Table, Function) =
-        lua.load(PRELUDE).set_name("=stage.messages").call((
-            contexts.clone(),
-            raw_signal,
-            sync_signal,
-            lua.create_function(call_field)?,
-            crate::host::callback::raw_xpcall(lua)?,
-            crate::host::callback::error_handler(lua)?,
-        ))?;
+    let (run, signal_fn): (Function, Function) = lua.load(PRELUDE).set_name("=stage.messages").call((
+        contexts.clone(),
+        raw_signal,
+        sync_signal,
+        lua.create_function(|lua, key: usize| waitfor_table(lua, key))?,
+        crate::host::callback::raw_xpcall(lua)?,
+        crate::host::callback::error_handler(lua)?,
+    ))?;
     lua.set_app_data(Rc::new(Messages {
         handlers: RefCell::new(HashMap::new()),
         contexts,
         calls: RefCell::new(Slab::new()),
         run,
-        me,
+        out: out.clone(),
     }));
-    lua.globals().set("_WAITFOR", waitfor_proxy)?;
     stage.set("waitfor", lua.create_function(waitfor)?)?;
     stage.set("signal", signal_fn)?;
     stage.set(
@@ -316,13 +317,56 @@ pub fn register(lua: &Lua, stage: &Table) -> mlua::Result<()> {
     Ok(())
 }
 
-/// `stage.waitfor([id,] f, ...)`, `stage.waitfor(id, nil)`, `stage.waitfor(id)`.
+/// A generated handler id of `len` characters, not registered yet.
+fn random_id(m: &Messages, len: usize) -> String {
+    const ALPHABET: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+        ^ m.out.node.router.next_id().wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    let mut rng = crate::random::Well512::from_seed(seed);
+    loop {
+        let id: String = (0..len)
+            .map(|_| ALPHABET[rng.next_u32() as usize % ALPHABET.len()] as char)
+            .collect();
+        if !m.handlers.borrow().contains_key(&id) {
+            return id;
+        }
+    }
+}
+
+/// `stage.waitfor([id | len,] f, ...)`, `stage.waitfor(id, nil)`, `stage.waitfor(id)`,
+/// `stage.waitfor()`.
 fn waitfor(lua: &Lua, args: MultiValue) -> mlua::Result<MultiValue> {
     let m = messages(lua);
     let mut args = args.into_vec();
+    let one = |v: Value| Ok(MultiValue::from_iter([v]));
     let id = match args.first() {
+        // `stage.waitfor()`: every registered id, sorted.
+        None => {
+            let mut ids: Vec<String> = m.handlers.borrow().keys().cloned().collect();
+            ids.sort();
+            return one(Value::Table(lua.create_sequence_from(ids)?));
+        }
         Some(Value::String(s)) => Some(s.to_str()?.to_string()),
         Some(Value::Function(_)) => None,
+        // `stage.waitfor(n, f, ...)`: a generated id of length n.
+        Some(Value::Integer(_) | Value::Number(_)) if matches!(args.get(1), Some(Value::Function(_))) => {
+            let n = match args[0] {
+                Value::Integer(i) => i,
+                Value::Number(f) => f as i64,
+                _ => unreachable!(),
+            };
+            if !(1..=256).contains(&n) {
+                return Err(rt_err(format!(
+                    "stage.waitfor: a generated id has 1 to 256 characters, got {n}"
+                )));
+            }
+            let id = random_id(&m, n as usize);
+            args.remove(0);
+            args.insert(0, Value::String(lua.create_string(&id)?));
+            Some(id)
+        }
         Some(Value::Integer(_) | Value::Number(_)) => Some(args[0].to_string()?),
         other => {
             return Err(rt_err(format!(
@@ -341,9 +385,7 @@ fn waitfor(lua: &Lua, args: MultiValue) -> mlua::Result<MultiValue> {
         m.handlers
             .borrow_mut()
             .insert(id.clone(), Handler::new(&id, f, args));
-        return lua
-            .create_string(&id)
-            .map(|s| MultiValue::from_iter([Value::String(s)]));
+        return one(Value::String(lua.create_string(&id)?));
     };
     if id.is_empty() {
         return Err(rt_err("stage.waitfor: the message id is empty"));
@@ -362,7 +404,7 @@ fn waitfor(lua: &Lua, args: MultiValue) -> mlua::Result<MultiValue> {
         }
         Some(Value::Nil) => {
             let removed = m.handlers.borrow_mut().remove(&id).is_some();
-            Ok(MultiValue::from_iter([Value::Boolean(removed)]))
+            one(Value::Boolean(removed))
         }
         Some(Value::Function(f)) => {
             let f = f.clone();
@@ -370,7 +412,7 @@ fn waitfor(lua: &Lua, args: MultiValue) -> mlua::Result<MultiValue> {
             m.handlers
                 .borrow_mut()
                 .insert(id.clone(), Handler::new(&id, f, bound));
-            Ok(MultiValue::from_iter([Value::String(lua.create_string(&id)?)]))
+            one(Value::String(lua.create_string(&id)?))
         }
         Some(other) => Err(rt_err(format!(
             "stage.waitfor: expected a function or nil for \"{id}\", got a {}",
@@ -386,64 +428,177 @@ fn current_call(lua: &Lua) -> mlua::Result<Option<Rc<Call>>> {
     Ok(key.and_then(|k| m.calls.borrow().get(k).cloned()))
 }
 
-/// Sends `reply` through `route` (once; later replies are dropped). Returns 1 if sent.
-fn send_reply(lua: &Lua, route: &Call, reply: router::Reply) -> usize {
-    let Some(to) = route.to.borrow_mut().take() else {
-        return 0;
-    };
-    let c = ctx(lua);
-    usize::from(c.node.router.reply(to, messages(lua).me.clone(), reply))
-}
-
 /// `stage.signal(target, ...)` for every target but `:msg` (see the prelude).
 fn signal(lua: &Lua, out: &Out, (target, args): (Value, MultiValue)) -> mlua::Result<usize> {
-    let route = match target {
+    match target {
         Value::String(s) => {
-            let t = out.target(&s.to_str()?)?;
-            return send(lua, out, &t, args, 2);
+            let target = s.to_str()?;
+            let t = out.target(&target)?;
+            send(lua, out, &target, &t, None, args, 2)
         }
-        Value::UserData(ud) => ud
-            .borrow::<Route>()
-            .map_err(|_| rt_err("stage.signal: this userdata is not a reply route"))?
-            .0
-            .clone(),
-        Value::Nil => match current_call(lua)? {
-            Some(call) => call,
-            None => {
+        Value::Nil => {
+            let Some(call) = current_call(lua)? else {
                 return Err(rt_err(
                     "stage.signal(nil, ...): no message is being handled in this coroutine",
-                ))
+                ));
+            };
+            if call.msg.answer_id().is_none() {
+                // A reply, or a synchronous call: nobody to answer.
+                return Ok(0);
             }
-        },
-        other => {
-            return Err(rt_err(format!(
-                "stage.signal: expected a target string, a reply route or nil, got a {}",
-                other.type_name()
+            let values = value::from_lua_multi(lua, args, "arg", 2).map_err(|e| rt_err(e.to_string()))?;
+            call.answered.set(true);
+            Ok(usize::from(out.node.router.answer(
+                &call.msg,
+                &out.me,
+                Ok(values),
             )))
         }
-    };
-    if !route.wants_reply {
-        // The sender did not ask for a reply.
-        return Ok(0);
+        Value::Table(t) => signal_table(lua, out, &t, args),
+        other => Err(rt_err(format!(
+            "stage.signal: expected a target string, a saved _WAITFOR, {{target, address}} or nil, got a {}",
+            other.type_name()
+        ))),
     }
-    let values = value::from_lua_multi(lua, args, "arg", 2).lua_err()?;
-    Ok(send_reply(lua, &route, Ok(values)))
 }
 
-/// Parses `target`, copies `args` and delivers; returns how many instances took it.
-fn send(lua: &Lua, out: &Out, t: &Target, args: MultiValue, first_arg: usize) -> mlua::Result<usize> {
-    let values = value::from_lua_multi(lua, args, "arg", first_arg).lua_err()?;
-    let reply = t.reply.as_ref().map(|id| ReplyTo::Handler {
-        instance: out.number,
-        id: id.clone(),
-    });
+/// `stage.signal(saved_WAITFOR, ...)` (an answer to that message, later) or
+/// `stage.signal({target, address [, timeout]}, ...)` (a message to that instance).
+fn signal_table(lua: &Lua, out: &Out, t: &Table, args: MultiValue) -> mlua::Result<usize> {
+    let address = |v: Value, what: &str| -> mlua::Result<Arc<SenderInfo>> {
+        let s = match v {
+            Value::String(s) => s.to_str()?.to_string(),
+            other => {
+                return Err(rt_err(format!(
+                    "stage.signal: {what} must be an address string (_WAITFOR[1]), got a {}",
+                    other.type_name()
+                )))
+            }
+        };
+        let (node, instance) = router::parse_address(&s)
+            .ok_or_else(|| rt_err(format!("stage.signal: \"{s}\" is not an address (_WAITFOR[1])")))?;
+        let stage = out.node.router.sender(instance).stage;
+        Ok(Arc::new(SenderInfo {
+            node: node.to_string(),
+            stage,
+            instance,
+        }))
+    };
+    let id0: Value = t.raw_get(0)?;
+    if let Value::String(id0) = id0 {
+        // A saved `_WAITFOR`: answer that message.
+        let reply: Option<String> = t.raw_get("reply")?;
+        let id = match reply {
+            Some(r) => r,
+            None => {
+                let id0 = id0.to_str()?;
+                id0.split_once('=').map_or(&*id0, |(_, cb)| cb).to_string()
+            }
+        };
+        let to = address(t.raw_get(1)?, "_WAITFOR[1]")?;
+        let values = value::from_lua_multi(lua, args, "arg", 2).map_err(|e| rt_err(e.to_string()))?;
+        let msg = Message {
+            id,
+            from: out.me.clone(),
+            values,
+            kind: Kind::Reply,
+        };
+        return Ok(usize::from(out.node.router.send_to_address(&to, msg).is_ok()));
+    }
+    let Value::String(target) = t.raw_get::<Value>(1)? else {
+        return Err(rt_err(
+            "stage.signal: a table target is a saved _WAITFOR or {target, address [, timeout]}",
+        ));
+    };
+    let target = target.to_str()?.to_string();
+    let tg = out.target(&target)?;
+    let to = match t.raw_get::<Value>(2)? {
+        Value::Nil => None,
+        v => Some(address(v, "the address (field 2)")?),
+    };
+    send(lua, out, &target, &tg, to, args, 2)
+}
+
+/// Copies `args` and delivers per `t` (or to the instance at `to`); returns how many took it.
+fn send(
+    lua: &Lua,
+    out: &Out,
+    target: &str,
+    t: &Target,
+    to: Option<Arc<SenderInfo>>,
+    args: MultiValue,
+    first_arg: usize,
+) -> mlua::Result<usize> {
+    let router = &out.node.router;
+    if let Some(op) = t.lock {
+        let values = value::from_lua_multi(lua, args, "arg", first_arg).map_err(|e| rt_err(e.to_string()))?;
+        router.lock(
+            op,
+            &t.id,
+            t.reply.as_deref().unwrap_or(""),
+            out.me.clone(),
+            values,
+        );
+        return Ok(usize::from(op == LockOp::Acquire));
+    }
+    if t.scope == Scope::Sync {
+        return Err(rt_err("stage.signal: ':msg' in a table target is not supported"));
+    }
+    let implicit = t.reply.is_some() || !t.own(&out.me.stage);
+    let kind = Kind::Signal {
+        cb: t.reply.clone(),
+        implicit,
+    };
+    // `db:` + table: one message per string key.
+    if t.id.is_empty() {
+        let mut args = args.into_iter();
+        let (Some(Value::Table(tbl)), None) = (args.next(), args.next()) else {
+            return Err(rt_err(format!(
+                "stage.signal(\"{target}\"): a target without a message id sends a table of messages (one per key), got other arguments"
+            )));
+        };
+        let mut n = 0;
+        for pair in tbl.pairs::<Value, Value>() {
+            let (k, v) = pair?;
+            let Value::String(k) = k else { continue };
+            let key = k.to_str()?.to_string();
+            let v = value::from_lua(lua, &v, &format!("arg {first_arg}.{key}"))
+                .map_err(|e| rt_err(e.to_string()))?;
+            let msg = Message {
+                id: key,
+                from: out.me.clone(),
+                values: vec![v],
+                kind: kind.clone(),
+            };
+            n += deliver(out, target, t, to.as_deref(), msg);
+        }
+        return Ok(n);
+    }
+    let values = value::from_lua_multi(lua, args, "arg", first_arg).map_err(|e| rt_err(e.to_string()))?;
     let msg = Message {
         id: t.id.clone(),
         from: out.me.clone(),
         values,
-        reply,
+        kind,
     };
-    Ok(out.node.router.deliver(t.scope, &t.stage, msg).unwrap_or(0))
+    Ok(deliver(out, target, t, to.as_deref(), msg))
+}
+
+fn deliver(out: &Out, target: &str, t: &Target, to: Option<&SenderInfo>, msg: Message) -> usize {
+    let router = &out.node.router;
+    let result = match to {
+        Some(to) => router.send_to_address(to, msg).map(|()| 1),
+        None => router.deliver_each(t.scope, &t.stages, msg),
+    };
+    match result {
+        Ok(n) => n,
+        Err(u) => {
+            if t.reply.is_some() {
+                out.log_failed(target, u.reason());
+            }
+            0
+        }
+    }
 }
 
 /// `:msg`: calls the handler of this instance in place. `None` when there is none;
@@ -454,7 +609,7 @@ async fn sync_call(
     args: MultiValue,
 ) -> mlua::Result<Option<Result<MultiValue, String>>> {
     let c = ctx(lua);
-    let t = Target::parse(target, &c.stage_id)?;
+    let t = Target::parse(target, &c.stage_id).map_err(|e| rt_err(e.to_string()))?;
     let m = messages(lua);
     let found = {
         let handlers = m.handlers.borrow();
@@ -463,7 +618,13 @@ async fn sync_call(
     let Some(h) = found else {
         return Ok(None);
     };
-    let slot = CallSlot::new(&m, Rc::new(Call::new(h.hid.clone(), t.id, m.me.clone(), None)));
+    let msg = Message {
+        id: t.id,
+        from: m.out.me.clone(),
+        values: vec![],
+        kind: Kind::Reply,
+    };
+    let slot = CallSlot::new(&m, Rc::new(Call::new(h.hid.clone(), msg)));
     let mut all = MultiValue::from_iter([Value::Integer(slot.key as i64), Value::Function(h.f.clone())]);
     all.extend(h.bound.iter().cloned());
     all.extend(args);
@@ -472,7 +633,20 @@ async fn sync_call(
     Ok(Some(rets.ok_or_else(|| format!("error in {}", h.what))))
 }
 
-/// `stage.request(target, timeout_ms, ...)`.
+/// Removes a pending request when its `stage.request` ends (answered, timed out, dropped).
+struct Pending<'a> {
+    out: &'a Out,
+    id: String,
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        self.out.pending.borrow_mut().remove(&self.id);
+    }
+}
+
+/// `stage.request(target, timeout_ms, ...)`: a message whose answer comes back to this
+/// coroutine (an answer message like any other, addressed to a pending reply id).
 async fn request(
     lua: Lua,
     out: Rc<Out>,
@@ -485,6 +659,9 @@ async fn request(
             Value::String(lua.create_string(why)?),
         ]))
     };
+    if t.lock.is_some() {
+        return Err(rt_err("stage.request: a lock target is sent with stage.signal"));
+    }
     match t.scope {
         Scope::Sync => {
             return match sync_call(&lua, &target, args).await? {
@@ -505,22 +682,36 @@ async fn request(
             "stage.request: the reply comes back to the caller; drop '=cb' from the target",
         ));
     }
-    // 0, negative or none: no timeout.
+    if t.id.is_empty() || t.stages.len() != 1 {
+        return Err(rt_err(
+            "stage.request: expected one stage and a message id (\"stage:msg\")",
+        ));
+    }
+    let values = value::from_lua_multi(&lua, args, "arg", 3).map_err(|e| rt_err(e.to_string()))?;
+    let n = out.next_request.get() + 1;
+    out.next_request.set(n);
+    let cb = format!("{REQUEST_PREFIX}{n}");
+    let (tx, rx) = oneshot::channel();
+    out.pending.borrow_mut().insert(cb.clone(), tx);
+    let _pending = Pending {
+        out: &out,
+        id: cb.clone(),
+    };
+    // 0, negative or none: no timeout; NaN raises, more than a year is a year.
     let wait = match timeout {
-        Some(ms) if ms > 0.0 || ms.is_nan() => {
-            Some(convert::delay("stage.request: timeout", ms, Unit::Millis)?)
-        }
+        Some(ms) if ms > 0.0 || ms.is_nan() => Some(
+            crate::host::convert::delay("stage.request: timeout", ms, crate::host::convert::Unit::Millis)
+                .map_err(mlua::Error::from)?,
+        ),
         _ => None,
     };
-    let values = value::from_lua_multi(&lua, args, "arg", 3).lua_err()?;
-    let (tx, rx) = tokio::sync::oneshot::channel();
     let msg = Message {
         id: t.id.clone(),
         from: out.me.clone(),
         values,
-        reply: Some(ReplyTo::Request(tx)),
+        kind: Kind::Request { cb },
     };
-    if let Err(u) = out.node.router.deliver(t.scope, &t.stage, msg) {
+    if let Err(u) = out.node.router.deliver(t.scope, &t.stages[0], msg) {
         return fail(&lua, u.reason());
     }
     let reply = if let Some(wait) = wait {
@@ -534,7 +725,7 @@ async fn request(
     match reply {
         Ok(Ok(values)) => value::to_lua_multi(&lua, &values),
         Ok(Err(why)) => fail(&lua, &why),
-        // The handling instance stopped with the message in hand.
+        // The instance is stopping.
         Err(_) => fail(&lua, "shutting down"),
     }
 }
@@ -575,24 +766,43 @@ pub async fn serve(lua: Lua, inbox: Rc<RefCell<router::Inbox>>) {
 
 type HandlerCall = std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>;
 
-/// Prepares the handler call for `msg`; `None` when it was answered already (no handler).
+/// Prepares the handler call for `msg`; `None` when it needs none (an answer to a request
+/// of this instance, or no handler).
 fn dispatch(
     lua: &Lua,
     m: &Rc<Messages>,
     c: &Rc<InstanceCtx>,
     runner: &Function,
-    msg: Message,
+    mut msg: Message,
 ) -> mlua::Result<Option<HandlerCall>> {
+    let router = &c.node.router;
+    match &msg.kind {
+        Kind::Reply | Kind::Failed(_) if msg.id.starts_with(REQUEST_PREFIX) => {
+            // The answer to a `stage.request` of this instance (gone if it timed out).
+            if let Some(tx) = m.out.pending.borrow_mut().remove(&msg.id) {
+                let answer = match msg.kind {
+                    Kind::Failed(why) => Err(why),
+                    _ => Ok(msg.values),
+                };
+                let _ = tx.send(answer);
+            }
+            return Ok(None);
+        }
+        _ => {}
+    }
     let found = {
         let handlers = m.handlers.borrow();
         router::lookup(&handlers, &msg.id).map(|(_, h)| h.clone())
     };
-    let router = &c.node.router;
     let Some(h) = found else {
-        log::warn!(target: &c.name, "no handler for message '{}' (dropped)", msg.id);
-        if let Some(to) = msg.reply {
-            router.reply(to, m.me.clone(), Err(format!("no handler for '{}'", msg.id)));
+        match msg.kind {
+            // An answer nobody waits for is dropped quietly, as in STAGE.
+            Kind::Reply | Kind::Failed(_) => {
+                log::debug!(target: &c.name, "no handler for reply '{}' (dropped)", msg.id)
+            }
+            _ => log::warn!(target: &c.name, "no handler for message '{}' (dropped)", msg.id),
         }
+        router.answer(&msg, &m.out.me, Err(format!("no handler for '{}'", msg.id)));
         return Ok(None);
     };
     // `run(call, f, bound..., values...)`, built in one go.
@@ -605,30 +815,35 @@ fn dispatch(
         match value::to_lua(lua, v) {
             Ok(v) => all.push_back(v),
             Err(e) => {
-                if let Some(to) = msg.reply {
-                    router.reply(
-                        to,
-                        m.me.clone(),
-                        Err(format!("cannot receive message '{}': {e}", msg.id)),
-                    );
-                }
+                router.answer(
+                    &msg,
+                    &m.out.me,
+                    Err(format!("cannot receive message '{}': {e}", msg.id)),
+                );
                 return Err(e);
             }
         }
     }
-    let route = Rc::new(Call::new(h.hid.clone(), msg.id, msg.from, msg.reply));
-    let slot = CallSlot::new(m, route.clone());
+    msg.values = Vec::new();
+    let call = Rc::new(Call::new(h.hid.clone(), msg));
+    let slot = CallSlot::new(m, call.clone());
     all[1] = Value::Integer(slot.key as i64);
     let (lua, m, c, runner) = (lua.clone(), m.clone(), c.clone(), runner.clone());
     Ok(Some(Box::pin(async move {
         let rets = run_callback(&lua, &h.what, &runner, all).await;
         drop(slot);
-        if !route.wants_reply {
+        if call.answered.get() {
             return;
         }
-        let reply = match rets {
-            // The script took the route to answer later (or never).
-            Some(rets) if rets.is_empty() && route.kept.get() => return,
+        let (request, implicit) = match &call.msg.kind {
+            Kind::Request { .. } => (true, true),
+            Kind::Signal { implicit, .. } => (false, *implicit),
+            _ => return,
+        };
+        let answer = match rets {
+            // A request handler that looked at `_WAITFOR` and returns nothing answers later.
+            Some(rets) if rets.is_empty() && (!request || call.table.borrow().is_some()) => return,
+            Some(_) if !implicit => return,
             Some(rets) => value::from_lua_multi(&lua, rets, "return", 1).map_err(|e| {
                 let msg = format!("{}: {e}", h.what);
                 log::error!(target: &c.name, "{msg}");
@@ -636,10 +851,7 @@ fn dispatch(
             }),
             None => Err(format!("error in {}", h.what)),
         };
-        let to = route.to.borrow_mut().take();
-        if let Some(to) = to {
-            c.node.router.reply(to, m.me.clone(), reply);
-        }
+        c.node.router.answer(&call.msg, &m.out.me, answer);
     })))
 }
 
@@ -671,8 +883,8 @@ mod tests {
         let b = cache.get("db:load_user=on_user").unwrap();
         assert!(Rc::ptr_eq(&a, &b), "the second lookup is the cached parse");
         assert_eq!(
-            cache.get("hello").unwrap().stage,
-            "me",
+            cache.get("hello").unwrap().scope,
+            Scope::Own,
             "relative to the own stage"
         );
         // errors are returned each time and never cached
@@ -681,7 +893,7 @@ mod tests {
         assert_eq!(cache.map.borrow().len(), 2);
         for i in 0..TARGET_CACHE * 2 {
             let t = cache.get(&format!("s:m{i}")).unwrap();
-            assert_eq!(t.id, format!("s:m{i}"));
+            assert_eq!(t.id, format!("m{i}"));
             assert!(cache.map.borrow().len() <= TARGET_CACHE);
         }
     }

@@ -36,6 +36,14 @@ function done()
     logger.info("PASS")
     process.exit(0)
 end
+function wait_until(f, ms)
+    local limit = process.tick + (ms or 2000) / 1000
+    while not f() do
+        if process.tick > limit then return false end
+        stage.sleep(5)
+    end
+    return true
+end
 function write(path, text)
     local f = assert(io.open(path, "w"))
     f:write(text)

@@ -1,8 +1,8 @@
 --! {"#startup": [["lua+stage"], ["lua+w"], ["lua+w"], ["lua+w"]]}
 -- Round-robin spreads requests evenly over 3 instances; "*w:msg" reaches every one.
 if process.stage ~= 0 then
-    stage.waitfor("w:count", function() return process.stage end)
-    stage.waitfor("w:all", function(x) stage.signal("stage:got", process.stage, x) end)
+    stage.waitfor("count", function() return process.stage end)
+    stage.waitfor("all", function(x) stage.signal("stage:got", process.stage, x) end)
     return
 end
 local per = {}
@@ -15,7 +15,7 @@ eq(per[2], 10, "instance 2")
 eq(per[3], 10, "instance 3")
 
 local got = {}
-stage.waitfor("stage:got", function(who, x) got[who] = x end)
+stage.waitfor("got", function(who, x) got[who] = x end)
 eq(stage.signal("*w:all", "hi"), 3, "delivered to 3 instances")
 for _ = 1, 100 do
     if got[1] and got[2] and got[3] then break end

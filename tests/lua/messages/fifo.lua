@@ -2,8 +2,8 @@
 -- Messages from one sender to one instance are handled in the order they were sent.
 if process.stage == 1 then
     local seen = {}
-    stage.waitfor("b:n", function(i) seen[#seen + 1] = i end)
-    stage.waitfor("b:check", function()
+    stage.waitfor("n", function(i) seen[#seen + 1] = i end)
+    stage.waitfor("check", function()
         for i = 1, #seen do
             if seen[i] ~= i then return false, "message " .. i .. " was " .. tostring(seen[i]) end
         end

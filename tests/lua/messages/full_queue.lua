@@ -1,13 +1,13 @@
 --! {"#startup": [["lua+stage"], ["lua+slow"]], "#threads": [2, 4]}
 -- A full queue never blocks the sender: signal returns 0 and request "queue full".
 if process.stage == 1 then
-    stage.waitfor("slow:block", function(ms)
+    stage.waitfor("block", function(ms)
         -- Busy on purpose: this instance cannot take messages off its queue meanwhile.
         local t = os.clock()
         while os.clock() - t < ms / 1000 do end
     end)
-    stage.waitfor("slow:n", function() end)
-    stage.waitfor("slow:ping", function() return "pong" end)
+    stage.waitfor("n", function() end)
+    stage.waitfor("ping", function() return "pong" end)
     return
 end
 eq(stage.request("slow:ping", 2000), "pong")

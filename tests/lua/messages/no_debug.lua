@@ -5,7 +5,7 @@
 local saved = debug
 debug = nil
 if process.stage == 1 then
-    stage.waitfor("b:apply", function(fn, x)
+    stage.waitfor("apply", function(fn, x)
         -- the reply carries a function too, sent from a state without `debug`
         return fn(x), function(n) return n + 1 end
     end)

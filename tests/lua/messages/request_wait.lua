@@ -2,16 +2,16 @@
 -- request: timeout, no route, no handler, handler errors, and handlers that yield
 -- (sleep, or a request of their own) before returning.
 if process.stage == 1 then
-    stage.waitfor("db:slow", function(ms) stage.sleep(ms); return "slept " .. ms end)
-    stage.waitfor("db:chain", function(x)
+    stage.waitfor("slow", function(ms) stage.sleep(ms); return "slept " .. ms end)
+    stage.waitfor("chain", function(x)
         local c = stage.request("cache:get", 2000, x)
         return "db+" .. c
     end)
-    stage.waitfor("db:boom", function() error("boom") end)
-    stage.waitfor("db:bad", function() local up = 1; return function() return up end end)
+    stage.waitfor("boom", function() error("boom") end)
+    stage.waitfor("bad", function() local up = 1; return function() return up end end)
     return
 elseif process.stage == 2 then
-    stage.waitfor("cache:get", function(x) stage.sleep(5); return "cache " .. x end)
+    stage.waitfor("get", function(x) stage.sleep(5); return "cache " .. x end)
     return
 end
 local t0 = process.tick
@@ -23,10 +23,10 @@ eq(stage.request("db:slow", 2000, 20), "slept 20")
 eq(stage.request("db:chain", 2000, "k"), "db+cache k")
 v, e = stage.request("db:boom", 2000)
 eq(v, nil)
-eq(e, "error in handler 'db:boom'")
+eq(e, "error in handler 'boom'")
 v, e = stage.request("db:missing", 2000)
 eq(v, nil)
-eq(e, "no handler for 'db:missing'")
+eq(e, "no handler for 'missing'")
 v, e = stage.request("db:bad", 2000)
 eq(v, nil)
 check(e:find("cannot send function with upvalue 'up' at return 1", 1, true), e)

@@ -3,13 +3,13 @@
 if process.stage == 1 then
     SHARED = { count = 41, name = "kim" } -- set before sharing: committed when declared
     _SANDBOX[""] = { "*SHARED" }
-    stage.waitfor("other:bump", function()
+    stage.waitfor("bump", function()
         local s = SHARED
         s.count = s.count + 1
         SHARED = s -- assigning commits
         return SHARED.count
     end)
-    stage.waitfor("other:read", function() return SHARED and SHARED.note end)
+    stage.waitfor("read", function() return SHARED and SHARED.note end)
     return
 end
 _SANDBOX[""] = { "*SHARED" }

@@ -3,11 +3,11 @@
 -- what and where.
 if process.stage == 1 then
     SCALE = 3
-    stage.waitfor("b:echo", function(...) return ... end)
-    stage.waitfor("b:types", function(i, f, s, t, fn)
+    stage.waitfor("echo", function(...) return ... end)
+    stage.waitfor("types", function(i, f, s, t, fn)
         return math.type(i), math.type(f), #s, t.a.b[2], fn(7), select("#", i, f, s, t, fn)
     end)
-    stage.waitfor("b:count", function(...) return select("#", ...) end)
+    stage.waitfor("count", function(...) return select("#", ...) end)
     return
 end
 SCALE = 100 -- the function's global resolves on the receiving side (3 there)
