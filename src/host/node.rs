@@ -102,6 +102,6 @@ pub fn open_home(root: &Path) -> anyhow::Result<(PathBuf, Config, Home)> {
     // Sections that belong to a client are checked here too, so a mistake stops the node at
     // start with the key named, instead of failing every instance's Lua state.
     crate::cloud::vultr::Settings::from_config(config.vultr.as_ref())
-        .map_err(|e| anyhow::anyhow!("conf/stage.json: {e}"))?;
+        .map_err(|e| anyhow::anyhow!("conf/stage.json: {}", config.redact(&e.to_string())))?;
     Ok((root, config, home))
 }

@@ -1,0 +1,328 @@
+//! Reliability guards (issue 13): each test reproduces one way a script, a client or a config
+//! value used to take the process down, and asserts what happens now. Attacks run against
+//! the real binary over loopback sockets; where memory is the point, RSS is read from
+//! /proc/<pid>/status; a well-behaved client is measured during each attack.
+
+#[macro_use]
+mod harness;
+
+use harness::{stage_bin, wait_with_output, TestHome};
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+/// A node started from a script; killed on drop. The script writes its listening port to
+/// the file named by the global `PORTFILE`.
+struct Node {
+    home: TestHome,
+    child: Option<Child>,
+}
+
+impl Node {
+    fn start(conf: &str, script: &str) -> Node {
+        Node::start_with(conf, script, |_| {})
+    }
+
+    fn start_with(conf: &str, script: &str, setup: impl FnOnce(&mut Command)) -> Node {
+        let home = TestHome::new();
+        if !conf.is_empty() {
+            home.write("conf/stage.json", conf);
+        }
+        let portfile = home.path().join("port");
+        home.write(
+            "package/start.lua",
+            &format!("PORTFILE = {:?}\n{script}", portfile.to_str().unwrap()),
+        );
+        let mut cmd = Command::new(stage_bin());
+        cmd.arg("run")
+            .arg(home.path())
+            .env("STAGE_LOG", "info")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        setup(&mut cmd);
+        let child = cmd.spawn().expect("start stage");
+        Node {
+            home,
+            child: Some(child),
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// Waits for the port file and returns the port.
+    fn port(&mut self) -> u16 {
+        let path = self.home.path().join("port");
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(15) {
+            if let Some(p) = std::fs::read_to_string(&path)
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+            {
+                return p;
+            }
+            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("node exited early ({st}):\n{}", self.stop());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("node did not write {}:\n{}", path.display(), self.stop());
+    }
+
+    /// Resident memory of the node in KiB, from /proc.
+    fn rss_kib(&self) -> u64 {
+        rss_kib(self.pid())
+    }
+
+    fn alive(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().unwrap().is_none())
+    }
+
+    /// Sends SIGTERM and waits for the exit; returns (code, log).
+    fn term(&mut self, limit: Duration) -> (Option<i32>, String) {
+        let c = self.child.take().unwrap();
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        wait_with_output(c, limit)
+    }
+
+    /// Stops the node and returns its log.
+    fn stop(&mut self) -> String {
+        match self.child.take() {
+            Some(mut c) => {
+                let _ = c.kill();
+                wait_with_output(c, Duration::from_secs(5)).1
+            }
+            None => String::new(),
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// A text-port client: one line out, one line back.
+struct LineClient {
+    w: TcpStream,
+    r: BufReader<TcpStream>,
+}
+
+impl LineClient {
+    fn connect(port: u16) -> LineClient {
+        let w = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        w.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let r = BufReader::new(w.try_clone().unwrap());
+        LineClient { w, r }
+    }
+
+    /// Sends `line` and returns the reply line (without the newline), or None on EOF/timeout.
+    fn ask(&mut self, line: &str) -> Option<String> {
+        self.w.write_all(format!("{line}\n").as_bytes()).ok()?;
+        let mut s = String::new();
+        match self.r.read_line(&mut s) {
+            Ok(0) | Err(_) => None,
+            Ok(_) => Some(s.trim_end().to_string()),
+        }
+    }
+}
+
+/// The well-behaved client measured during an attack: asks `ping N` on its own connection
+/// until `stop` is set; returns (replies, worst latency).
+fn good_client(
+    port: u16,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<(u32, Duration, u32)> {
+    std::thread::spawn(move || {
+        let mut c = LineClient::connect(port);
+        let (mut ok, mut bad, mut worst) = (0u32, 0u32, Duration::ZERO);
+        let mut i = 0;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            i += 1;
+            let t = Instant::now();
+            match c.ask(&format!("ping {i}")) {
+                Some(r) if r == format!("pong {i}") => ok += 1,
+                _ => {
+                    bad += 1;
+                    c = LineClient::connect(port);
+                }
+            }
+            worst = worst.max(t.elapsed());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        (ok, worst, bad)
+    })
+}
+
+/// Lua: a text port whose receiver answers `ping N` with `pong N` and gives everything else
+/// to `handle(line)`, sending back what it returns.
+const TEXT_PORT: &str = r#"
+local function serve(handle)
+    local sp = assert(broker.ready("tcp://127.0.0.1:0?text", function(sock, addr)
+        return function(so, line)
+            local n = line:match("^ping (%d+)$")
+            if n then return "pong " .. n end
+            return handle(line, so)
+        end
+    end))
+    write(PORTFILE, tostring(sp.port))
+end
+"#;
+
+fn check_home(home: &std::path::Path) -> (bool, String) {
+    let out = Command::new(stage_bin()).arg("check").arg(home).output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+// ---------------------------------------------------------------------------------------
+// 7. Secrets leak into logs
+
+#[test]
+fn item7_config_errors_never_print_env_values() {
+    let home = TestHome::new();
+    home.write("conf/stage.json", r##"{"#threads": ["env:STAGE_GUARD_SECRET"]}"##);
+    home.write("package/start.lua", "done()");
+    let secret = "sk-guard-7f3a9c1e";
+    let out = Command::new(stage_bin())
+        .arg("check")
+        .arg(home.path())
+        .env("STAGE_GUARD_SECRET", secret)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("#threads[0]: expected an integer"), "{text}");
+    assert!(!text.contains(secret), "check printed the secret: {text}");
+    let child = Command::new(stage_bin())
+        .arg("run")
+        .arg(home.path())
+        .env("STAGE_GUARD_SECRET", secret)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (code, out) = wait_with_output(child, Duration::from_secs(10));
+    assert_eq!(code, Some(2), "{out}");
+    assert!(out.contains("<env:STAGE_GUARD_SECRET>"), "{out}");
+    assert!(!out.contains(secret), "run printed the secret: {out}");
+}
+
+#[test]
+fn item7_client_text_never_expands_secrets() {
+    let secret = "vk-guard-0b1d2e";
+    let mut node = Node::start_with(
+        r##"{"%logger": {"env": ["STAGE_GUARD_OK_TOKEN"]}}"##,
+        &format!(
+            r#"{TEXT_PORT}
+            serve(function(line)
+                logger.info(line)
+                logger.info("received", line)
+                logger.info("home=%{{STAGE_GUARD_PLAIN}} allowed=%{{STAGE_GUARD_OK_TOKEN}}")
+                return "logged"
+            end)"#
+        ),
+        |c| {
+            c.env("STAGE_GUARD_API_KEY", secret)
+                .env("STAGE_GUARD_PLAIN", "plainvalue")
+                .env("STAGE_GUARD_OK_TOKEN", "allowedvalue");
+        },
+    );
+    let port = node.port();
+    let mut c = LineClient::connect(port);
+    assert_eq!(
+        c.ask("%{STAGE_GUARD_API_KEY} and %{STAGE_GUARD_PLAIN}")
+            .as_deref(),
+        Some("logged")
+    );
+    assert_eq!(c.ask("ping 1").as_deref(), Some("pong 1"));
+    let log = node.stop();
+    assert!(!log.contains(secret), "the secret reached the log:\n{log}");
+    assert!(log.contains("[hidden] and plainvalue"), "{log}");
+    // As a value, the client's text is written as it is.
+    assert!(
+        log.contains("received\t%{STAGE_GUARD_API_KEY} and %{STAGE_GUARD_PLAIN}"),
+        "{log}"
+    );
+    assert!(log.contains("home=plainvalue allowed=allowedvalue"), "{log}");
+}
+
+// ---------------------------------------------------------------------------------------
+// 8. #threads is unchecked
+
+#[test]
+fn item8_threads_out_of_range_are_refused_by_check_and_run() {
+    for (threads, key) in [
+        ("[4, 2305843009213693952]", "#threads[1]"),
+        ("[4, 1000000000]", "#threads[1]"),
+        ("[100000, 8]", "#threads[0]"),
+    ] {
+        let home = TestHome::new();
+        home.write("conf/stage.json", &format!(r##"{{"#threads": {threads}}}"##));
+        home.write("package/start.lua", "done()");
+        let (ok, text) = check_home(home.path());
+        assert!(!ok, "check accepted {threads}: {text}");
+        assert!(
+            text.contains(&format!("{key}: expected an integer from 1 to")),
+            "{text}"
+        );
+        let started = Instant::now();
+        let child = home.spawn();
+        let pid = child.id();
+        let (code, out) = wait_with_output(child, Duration::from_secs(10));
+        assert_eq!(code, Some(2), "{threads}: {out}");
+        assert!(out.contains(key), "{out}");
+        assert!(!out.contains("panicked"), "{out}");
+        assert!(started.elapsed() < Duration::from_secs(5), "{pid}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// 11. A broken conf/log4rs.yaml silently disables logging
+
+#[test]
+fn item11_broken_log4rs_yaml_is_reported_and_refused() {
+    let home = TestHome::new();
+    home.write(
+        "conf/log4rs.yaml",
+        "appenders:\n  console:\n    kind: consol\n    target: stderr\nroot:\n  level: info\n  appenders: [console]\n",
+    );
+    home.write("package/start.lua", "done()");
+    let (ok, text) = check_home(home.path());
+    assert!(!ok, "{text}");
+    assert!(text.contains("conf/log4rs.yaml: appender \"console\""), "{text}");
+    assert!(text.contains("consol"), "{text}");
+    let (code, out) = wait_with_output(home.spawn(), Duration::from_secs(10));
+    assert_eq!(code, Some(2), "{out}");
+    assert!(out.contains("conf/log4rs.yaml: appender \"console\""), "{out}");
+    // The same file with the typo fixed runs and logs.
+    home.write(
+        "conf/log4rs.yaml",
+        "appenders:\n  console:\n    kind: console\n    target: stderr\nroot:\n  level: info\n  appenders: [console]\n",
+    );
+    let (ok, text) = check_home(home.path());
+    assert!(ok, "{text}");
+    let (code, out) = wait_with_output(home.spawn(), Duration::from_secs(10));
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("PASS"), "{out}");
+}
