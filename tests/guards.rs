@@ -326,3 +326,164 @@ fn item11_broken_log4rs_yaml_is_reported_and_refused() {
     assert_eq!(code, Some(0), "{out}");
     assert!(out.contains("PASS"), "{out}");
 }
+
+// ---------------------------------------------------------------------------------------
+// 6. Hot reload serves half-written files
+
+/// A version of package/svc.lua: a long comment (so a cut file is a valid chunk that
+/// returns nothing) and a function that tags its replies with the version.
+fn svc_version(v: u32) -> String {
+    let pad = "-- padding so that a deploy takes several writes\n".repeat(600);
+    format!("{pad}local V = {v}\nreturn function(x) return 'v' .. V .. ':' .. x end\n")
+}
+
+#[test]
+fn item6_reload_never_serves_a_half_written_file() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let mut node = Node::start(
+        "",
+        &format!(
+            r#"{TEXT_PORT}
+            serve(function(line)
+                local svc = stage.load("svc")
+                return svc(line)
+            end)"#
+        ),
+    );
+    let svc = node.home.path().join("package/svc.lua");
+    std::fs::write(&svc, svc_version(0)).unwrap();
+    let port = node.port();
+    let mut c = LineClient::connect(port);
+    // The service is in use (loaded once) before deploys start.
+    assert_eq!(c.ask("warm").as_deref(), Some("v0:warm"));
+    let stop = Arc::new(AtomicBool::new(false));
+    // The deployer: cp-style chunked rewrites, truncate+write with pauses, atomic renames.
+    let deployer = {
+        let stop = stop.clone();
+        let svc = svc.clone();
+        std::thread::spawn(move || {
+            let mut v = 1;
+            let mut kinds = [0u32; 3];
+            while !stop.load(Ordering::Relaxed) {
+                let text = svc_version(v);
+                match v % 3 {
+                    0 => {
+                        // cp: open with O_TRUNC, then write in 4 KiB chunks.
+                        let mut f = std::fs::File::create(&svc).unwrap();
+                        for chunk in text.as_bytes().chunks(4096) {
+                            f.write_all(chunk).unwrap();
+                        }
+                    }
+                    1 => {
+                        // truncate, then write in two halves with pauses in between.
+                        let f = std::fs::OpenOptions::new().write(true).open(&svc).unwrap();
+                        f.set_len(0).unwrap();
+                        std::thread::sleep(Duration::from_millis(3));
+                        let mut f = f;
+                        let (a, b) = text.as_bytes().split_at(text.len() / 2);
+                        f.write_all(a).unwrap();
+                        std::thread::sleep(Duration::from_millis(3));
+                        f.write_all(b).unwrap();
+                    }
+                    _ => {
+                        let tmp = svc.with_extension("tmp");
+                        std::fs::write(&tmp, &text).unwrap();
+                        std::fs::rename(&tmp, &svc).unwrap();
+                    }
+                }
+                kinds[(v % 3) as usize] += 1;
+                v += 1;
+                std::thread::sleep(Duration::from_millis(150));
+            }
+            (v, kinds)
+        })
+    };
+    // The client: 64 requests in flight on one connection, for 4 s.
+    let (mut sent, mut good, mut versions) = (0u64, 0u64, std::collections::BTreeSet::new());
+    let mut bad = vec![];
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(4) {
+        let mut batch = String::new();
+        for i in 0..64 {
+            batch.push_str(&format!("m{}\n", sent + i));
+        }
+        c.w.write_all(batch.as_bytes()).unwrap();
+        for i in 0..64 {
+            let mut line = String::new();
+            match c.r.read_line(&mut line) {
+                Ok(n) if n > 0 => {
+                    let line = line.trim_end();
+                    match line.split_once(':') {
+                        Some((ver, m)) if m == format!("m{}", sent + i) && ver.starts_with('v') => {
+                            good += 1;
+                            versions.insert(ver.to_string());
+                        }
+                        _ => bad.push(line.to_string()),
+                    }
+                }
+                _ => panic!("connection lost after {good} replies:\n{}", node.stop()),
+            }
+        }
+        sent += 64;
+    }
+    let rate = sent as f64 / started.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    let (deploys, kinds) = deployer.join().unwrap();
+    let log = node.stop();
+    assert!(
+        bad.is_empty(),
+        "{} wrong replies, e.g. {:?}\n{log}",
+        bad.len(),
+        &bad[..bad.len().min(5)]
+    );
+    assert_eq!(good, sent);
+    assert!(kinds.iter().all(|&k| k >= 3), "deploys per kind: {kinds:?}");
+    // New versions did take over (not just the first one served throughout).
+    assert!(
+        versions.len() >= (deploys as usize) / 3,
+        "versions {versions:?} of {deploys} deploys\n{log}"
+    );
+    eprintln!(
+        "{sent} requests at {rate:.0}/s, {deploys} deploys {kinds:?}, {} versions served",
+        versions.len()
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// 12. Idle clients and the fd limit
+
+/// The soft `Max open files` of a process, from /proc.
+fn soft_nofile(pid: u32) -> (u64, u64) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits.lines().find(|l| l.starts_with("Max open files")).unwrap();
+    let nums: Vec<u64> = line.split_whitespace().filter_map(|w| w.parse().ok()).collect();
+    (nums[0], nums[1])
+}
+
+#[test]
+fn item12_open_files_soft_limit_is_raised_to_the_hard_limit() {
+    use std::os::unix::process::CommandExt;
+    let mut node = Node::start_with("", r#"write(PORTFILE, "1")"#, |c| unsafe {
+        c.pre_exec(|| {
+            let mut lim = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+            lim.rlim_cur = 256.min(lim.rlim_max);
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+            Ok(())
+        });
+    });
+    node.port();
+    let (soft, hard) = soft_nofile(node.pid());
+    let log = node.stop();
+    assert_eq!(soft, hard, "{log}");
+    if hard > 256 {
+        assert!(
+            log.contains(&format!("open files limit raised from 256 to {hard}")),
+            "{log}"
+        );
+    }
+}

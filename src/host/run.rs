@@ -26,6 +26,7 @@ pub struct NodeHandle {
 pub fn start(root: &Path, args: Vec<String>, bindings: Bindings) -> anyhow::Result<NodeHandle> {
     let (root, config, home) = open_home(root)?;
     std::env::set_current_dir(&root)?;
+    raise_open_files_limit();
     crate::db::use_home_odbcinst(&root);
     for w in &config.warnings {
         log::warn!("{w}");
@@ -59,6 +60,36 @@ pub fn start(root: &Path, args: Vec<String>, bindings: Bindings) -> anyhow::Resu
         threads,
         _watcher: watcher,
     })
+}
+
+/// Raises the soft limit of open files to the hard limit: every client is a descriptor, and
+/// the soft default (often 1024) is far below what a node serves. Returns (before, after).
+pub fn raise_open_files_limit() -> Option<(u64, u64)> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed to them.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return None;
+    }
+    let before = lim.rlim_cur as u64;
+    if lim.rlim_cur < lim.rlim_max {
+        let want = libc::rlimit {
+            rlim_cur: lim.rlim_max,
+            rlim_max: lim.rlim_max,
+        };
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &want) } == 0 {
+            log::info!("open files limit raised from {before} to {}", lim.rlim_max);
+            return Some((before, lim.rlim_max as u64));
+        }
+        log::warn!(
+            "open files limit stays at {before}: cannot raise it to {}: {}",
+            lim.rlim_max,
+            std::io::Error::last_os_error()
+        );
+    }
+    Some((before, before))
 }
 
 /// Logs the USAGE line every `#usage` seconds until the node stops.
