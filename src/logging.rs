@@ -93,6 +93,90 @@ pub fn init_console(level: LevelFilter) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Rate limit of repeated errors: per call site, the first `per_window` errors of each
+/// window are logged; the rest are counted, and the count is told with the next error
+/// logged from that site ("and 16,998 more like it in the last 10 s").
+pub struct FloodGate {
+    window: std::time::Duration,
+    per_window: u64,
+    sites: std::collections::HashMap<String, Site>,
+}
+
+struct Site {
+    start: std::time::Instant,
+    logged: u64,
+    suppressed: u64,
+}
+
+/// What to do with one error.
+#[derive(Debug, PartialEq)]
+pub enum Verdict {
+    /// Log it; `suppressed` errors of the same site were dropped in the window before.
+    Log { suppressed: u64 },
+    /// Count it, do not log it.
+    Drop,
+}
+
+/// Sites remembered at most; beyond, sites whose window is over are forgotten.
+const MAX_SITES: usize = 4096;
+
+impl FloodGate {
+    pub fn new(window: std::time::Duration, per_window: u64) -> FloodGate {
+        FloodGate {
+            window,
+            per_window: per_window.max(1),
+            sites: std::collections::HashMap::new(),
+        }
+    }
+
+    /// Decides about one error from `site` (its script location, or its first line).
+    pub fn admit(&mut self, site: &str, now: std::time::Instant) -> Verdict {
+        if !self.sites.contains_key(site) && self.sites.len() >= MAX_SITES {
+            let window = self.window;
+            self.sites.retain(|_, s| now.duration_since(s.start) < window);
+            if self.sites.len() >= MAX_SITES {
+                return Verdict::Drop;
+            }
+        }
+        let s = self.sites.entry(site.to_string()).or_insert(Site {
+            start: now,
+            logged: 0,
+            suppressed: 0,
+        });
+        if now.duration_since(s.start) >= self.window {
+            let suppressed = std::mem::take(&mut s.suppressed);
+            s.start = now;
+            s.logged = 1;
+            return Verdict::Log { suppressed };
+        }
+        if s.logged < self.per_window {
+            s.logged += 1;
+            Verdict::Log { suppressed: 0 }
+        } else {
+            s.suppressed += 1;
+            Verdict::Drop
+        }
+    }
+
+    /// The window, for messages.
+    pub fn window(&self) -> std::time::Duration {
+        self.window
+    }
+}
+
+/// `16998` → `16,998`.
+pub fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
 /// Where a logger call came from, as Lua's debug info tells.
 #[derive(Debug, Default, Clone)]
 pub struct Caller {
@@ -302,6 +386,27 @@ mod tests {
             log_env("STAGE_TEST_LOG_TOKEN", &["STAGE_TEST_LOG_TOKEN".into()]).as_deref(),
             Some("t0ken")
         );
+    }
+
+    #[test]
+    fn repeated_errors_are_counted_not_logged() {
+        use std::time::{Duration, Instant};
+        let mut g = FloodGate::new(Duration::from_secs(10), 3);
+        let t = Instant::now();
+        let logged = (0..17_001)
+            .filter(|i| g.admit("package/start.lua:5", t + Duration::from_micros(*i)) != Verdict::Drop)
+            .count();
+        assert_eq!(logged, 3);
+        // Another site is not affected.
+        assert_eq!(g.admit("package/start.lua:9", t), Verdict::Log { suppressed: 0 });
+        // After the window, the next one is logged with the count of the dropped ones.
+        assert_eq!(
+            g.admit("package/start.lua:5", t + Duration::from_secs(11)),
+            Verdict::Log { suppressed: 16_998 }
+        );
+        assert_eq!(thousands(16_998), "16,998");
+        assert_eq!(thousands(999), "999");
+        assert_eq!(thousands(1_000_000), "1,000,000");
     }
 
     #[test]
