@@ -487,3 +487,60 @@ fn item12_open_files_soft_limit_is_raised_to_the_hard_limit() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// 1. Deep tables abort the process
+
+#[test]
+fn item1_deep_tables_are_an_error_not_a_crash() {
+    let mut node = Node::start(
+        "",
+        &format!(
+            r#"{TEXT_PORT}
+            local history = nil
+            serve(function(line)
+                local cmd, arg = line:match("^(%a+) ?(.*)$")
+                if cmd == "push" then
+                    for i = 1, tonumber(arg) do history = {{ msg = "m" .. i, prev = history }} end
+                    return "ok"
+                elseif cmd == "json" then
+                    local ok, err = pcall(bundle.json, history)
+                    return ok and ("json " .. #err) or ("error " .. err)
+                elseif cmd == "bson" then
+                    local ok, err = pcall(bundle.bson, history)
+                    return ok and "bson ok" or ("error " .. err)
+                elseif cmd == "send" then
+                    return stage.signal("nobody:x", history) and "sent" or "not sent"
+                elseif cmd == "raw" then
+                    return history               -- a table returned on a text port: JSON
+                end
+            end)"#
+        ),
+    );
+    let port = node.port();
+    let mut c = LineClient::connect(port);
+    assert_eq!(c.ask("push 50").as_deref(), Some("ok"));
+    let small = c.ask("json").unwrap();
+    assert!(small.starts_with("json "), "{small}");
+    assert_eq!(c.ask("push 3000").as_deref(), Some("ok"));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let good = good_client(port, stop.clone());
+    let e = c.ask("json").unwrap();
+    assert_eq!(e, "error bundle.json: table nested deeper than 100 levels");
+    let e = c.ask("bson").unwrap();
+    assert!(e.starts_with("error bundle.bson:") && e.contains("100"), "{e}");
+    // A table returned on a text port: the reply fails, the connection and the node live on.
+    let mut raw = LineClient::connect(port);
+    let _ = raw.ask("raw");
+    assert_eq!(c.ask("ping 7").as_deref(), Some("pong 7"));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, _worst, bad) = good.join().unwrap();
+    assert!(node.alive(), "the node died:\n{}", node.stop());
+    let log = node.stop();
+    assert!(
+        ok > 0 && bad == 0,
+        "well-behaved client: {ok} ok, {bad} failed\n{log}"
+    );
+    assert!(log.contains("nested deeper than 100 levels"), "{log}");
+    assert!(!log.contains("overflowed its stack"), "{log}");
+}
