@@ -544,3 +544,70 @@ fn item1_deep_tables_are_an_error_not_a_crash() {
     assert!(log.contains("nested deeper than 100 levels"), "{log}");
     assert!(!log.contains("overflowed its stack"), "{log}");
 }
+
+// ---------------------------------------------------------------------------------------
+// 2. The queue bound does not hold when handlers wait
+
+#[test]
+fn item2_a_signal_flood_at_sleeping_handlers_keeps_rss_flat() {
+    let mut node = Node::start(
+        r##"{"#startup": [["lua+stage"], ["lua+sink"]], "#limits": {"handlers": 256}, "#threads": [2, 1024]}"##,
+        &format!(
+            r#"{TEXT_PORT}
+            if process.stage == 1 then
+                -- the victim: a handler that waits, and a port its clients use
+                local busy, most = 0, 0
+                stage.waitfor("sink:slow", function(i)
+                    busy = busy + 1
+                    most = math.max(most, busy)
+                    stage.sleep(2000)
+                    busy = busy - 1
+                end)
+                stage.addtask(100, function() write("busy.txt", tostring(most)) return 100 end)
+                serve(function(line) return "?" end)
+            else
+                -- the attacker: 3 s of signals as fast as it can
+                local sent, refused, t0 = 0, 0, process.tick
+                stage.addtask(1, function()
+                    for i = 1, 2000 do
+                        if stage.signal("sink:slow", i) > 0 then sent = sent + 1 else refused = refused + 1 end
+                    end
+                    if process.tick - t0 < 3 then return 1 end
+                    write("flood.txt", sent .. " " .. refused)
+                end)
+            end"#
+        ),
+    );
+    let port = node.port();
+    let base = node.rss_kib();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let good = good_client(port, stop.clone());
+    let flood = node.home.path().join("flood.txt");
+    let (mut peak, started) = (base, Instant::now());
+    while !flood.exists() && started.elapsed() < Duration::from_secs(20) {
+        peak = peak.max(node.rss_kib());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, worst, bad) = good.join().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let result = std::fs::read_to_string(&flood).unwrap_or_default()
+        + " "
+        + &std::fs::read_to_string(node.home.path().join("busy.txt")).unwrap_or_default();
+    let log = node.stop();
+    let nums: Vec<u64> = result.split_whitespace().filter_map(|w| w.parse().ok()).collect();
+    assert_eq!(nums.len(), 3, "{result}\n{log}");
+    let (sent, refused, busy) = (nums[0], nums[1], nums[2]);
+    eprintln!(
+        "flood: {sent} delivered, {refused} refused, {busy} handlers in flight; RSS {base} -> peak {peak} KiB; \
+         good client {ok} replies, worst {worst:?}"
+    );
+    assert!(busy <= 256, "{busy} handlers in flight");
+    assert!(refused > 0, "the flood was never refused: {sent} sent");
+    assert!(
+        peak < base + 64 * 1024,
+        "RSS grew from {base} to {peak} KiB\n{log}"
+    );
+    assert!(ok > 20 && bad == 0, "well-behaved client: {ok} ok, {bad} failed");
+    assert!(worst < Duration::from_secs(1), "worst reply {worst:?}");
+}
