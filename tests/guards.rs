@@ -611,3 +611,144 @@ fn item2_a_signal_flood_at_sleeping_handlers_keeps_rss_flat() {
     assert!(ok > 20 && bad == 0, "well-behaved client: {ok} ok, {bad} failed");
     assert!(worst < Duration::from_secs(1), "worst reply {worst:?}");
 }
+
+// ---------------------------------------------------------------------------------------
+// 4. No Lua memory limit
+
+#[test]
+fn item4_a_handler_allocating_without_bound_fails_alone() {
+    let mut node = Node::start(
+        r##"{"#limits": {"memory": "32m"}}"##,
+        &format!(
+            r#"{TEXT_PORT}
+            serve(function(line)
+                if line == "hog" then
+                    local t = {{}}
+                    while true do t[#t + 1] = string.rep("x", 1000000) .. #t end
+                elseif line == "pcall" then
+                    local ok, err = pcall(function()
+                        local t = {{}}
+                        while true do t[#t + 1] = string.rep("y", 1000000) .. #t end
+                    end)
+                    return tostring(ok) .. " " .. tostring(err)
+                end
+            end)"#
+        ),
+    );
+    let port = node.port();
+    let base = node.rss_kib();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let good = good_client(port, stop.clone());
+    let mut peak = base;
+    for _ in 0..3 {
+        let mut hog = LineClient::connect(port);
+        hog.w.write_all(b"hog\n").unwrap();
+        let mut c = LineClient::connect(port);
+        assert_eq!(c.ask("pcall").as_deref(), Some("false not enough memory"));
+        peak = peak.max(node.rss_kib());
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    peak = peak.max(node.rss_kib());
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, worst, bad) = good.join().unwrap();
+    assert!(node.alive(), "the node died:\n{}", node.stop());
+    let log = node.stop();
+    eprintln!("memory: RSS {base} -> peak {peak} KiB; good client {ok} replies, worst {worst:?}");
+    assert!(log.contains("error in receive: not enough memory"), "{log}");
+    assert!(peak < base + 160 * 1024, "RSS grew from {base} to {peak} KiB");
+    assert!(ok > 5 && bad == 0, "well-behaved client: {ok} ok, {bad} failed");
+}
+
+// ---------------------------------------------------------------------------------------
+// 5. A runaway loop kills the instance for good
+
+#[test]
+fn item5_a_runaway_loop_is_interrupted_and_the_instance_serves_on() {
+    let mut node = Node::start(
+        r##"{"#limits": {"time": 300}}"##,
+        &format!(
+            r#"{TEXT_PORT}
+            serve(function(line)
+                if line == "spin" then
+                    while true do end
+                elseif line == "work" then
+                    -- long but yielding work is not interrupted
+                    for _ = 1, 8 do local t = os.time() + 0 for i = 1, 2e5 do t = t + i end stage.sleep(1) end
+                    return "worked"
+                end
+            end)
+            stage.addtask(50, function() local n = 0 while true do n = n + 1 end end)"#
+        ),
+    );
+    let port = node.port();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let good = good_client(port, stop.clone());
+    let mut spin = LineClient::connect(port);
+    spin.w.write_all(b"spin\n").unwrap();
+    let mut c = LineClient::connect(port);
+    let t = Instant::now();
+    assert_eq!(c.ask("ping 1").as_deref(), Some("pong 1"));
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    assert_eq!(c.ask("work").as_deref(), Some("worked"));
+    spin.w.write_all(b"spin\n").unwrap();
+    assert_eq!(c.ask("ping 2").as_deref(), Some("pong 2"));
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, worst, bad) = good.join().unwrap();
+    let (code, log) = node.term(Duration::from_secs(10));
+    eprintln!("runaway: good client {ok} replies, worst {worst:?}");
+    assert!(
+        log.contains("package/start.lua:")
+            && log.contains("callback ran for more than 300 ms without yielding"),
+        "{log}"
+    );
+    assert!(log.contains("error in task: package/start.lua:"), "{log}");
+    assert!(ok > 5 && bad == 0, "well-behaved client: {ok} ok, {bad} failed");
+    assert!(worst < Duration::from_secs(2), "worst reply {worst:?}");
+    assert_eq!(code, Some(0), "{log}");
+}
+
+// ---------------------------------------------------------------------------------------
+// 9. Error floods
+
+#[test]
+fn item9_repeated_errors_are_rate_limited_per_call_site() {
+    let mut node = Node::start(
+        r##"{"#limits": {"errors": 5}}"##,
+        &format!(
+            r#"{TEXT_PORT}
+            serve(function(line)
+                if line:sub(1, 3) == "bad" then error("bad input " .. line) end
+                if line:sub(1, 5) == "other" then error("other site") end
+                return "ok"
+            end)"#
+        ),
+    );
+    let port = node.port();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let good = good_client(port, stop.clone());
+    // 5,000 erroring messages, pipelined, on one connection.
+    let mut flood = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let mut batch = String::new();
+    for i in 0..5000 {
+        batch.push_str(&format!("bad {i}\n"));
+    }
+    flood.write_all(batch.as_bytes()).unwrap();
+    let mut c = LineClient::connect(port);
+    let _ = c.ask("other");
+    assert_eq!(c.ask("x").as_deref(), Some("ok"));
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, _worst, bad) = good.join().unwrap();
+    let log = node.stop();
+    let bad_lines = log.matches("bad input bad").count();
+    assert!(bad_lines <= 5, "{bad_lines} lines of the same error");
+    assert!(bad_lines >= 1, "{log}");
+    assert_eq!(
+        log.matches("other site").count(),
+        1,
+        "another site is not affected\n{log}"
+    );
+    assert!(log.len() < 64 * 1024, "{} bytes of log", log.len());
+    assert!(ok > 0 && bad == 0, "well-behaved client: {ok} ok, {bad} failed");
+}

@@ -585,20 +585,25 @@ async fn deliver_batch(lua: &Lua, conn: &Rc<Conn>, n: usize) {
         }
         return;
     };
-    match runner
-        .call_async::<Option<Table>>((f, &conn.table, &conn.batch, n, reply))
-        .await
+    match crate::host::budget::timed(runner.call_async::<Option<Table>>((
+        f,
+        &conn.table,
+        &conn.batch,
+        n,
+        reply,
+    )))
+    .await
     {
         Ok(None) => {}
         Ok(Some(errs)) => {
-            let name = ctx(lua).name.clone();
             for e in errs.sequence_values::<String>().flatten() {
-                log::error!(target: &name, "{e}");
+                match e.strip_prefix("error in receive: ") {
+                    Some(msg) => crate::host::callback::log_error(lua, "receive", msg),
+                    None => crate::host::callback::log_error(lua, "receive", &e),
+                }
             }
         }
-        Err(e) => {
-            log::error!(target: &ctx(lua).name, "error in receive: {}", crate::host::script_error::format(&e))
-        }
+        Err(e) => crate::host::callback::log_error(lua, "receive", &crate::host::script_error::format(&e)),
     }
 }
 
@@ -611,15 +616,15 @@ async fn call_receive(lua: &Lua, conn: &Conn, f: &Function, args: impl mlua::Int
     let runner = conn.keys.runner.as_ref()?;
     let mut all = args.into_lua_multi(lua).ok()?;
     all.push_front(Value::Function(f.clone()));
-    match runner.call_async::<(bool, Value)>(all).await {
+    match crate::host::budget::timed(runner.call_async::<(bool, Value)>(all)).await {
         Ok((true, v)) => Some(v),
         Ok((false, msg)) => {
             let msg = msg.to_string().unwrap_or_else(|_| "unknown error".into());
-            log::error!(target: &ctx(lua).name, "error in receive: {msg}");
+            crate::host::callback::log_error(lua, "receive", &msg);
             None
         }
         Err(e) => {
-            log::error!(target: &ctx(lua).name, "error in receive: {}", crate::host::script_error::format(&e));
+            crate::host::callback::log_error(lua, "receive", &crate::host::script_error::format(&e));
             None
         }
     }
