@@ -752,3 +752,226 @@ fn item9_repeated_errors_are_rate_limited_per_call_site() {
     assert!(log.len() < 64 * 1024, "{} bytes of log", log.len());
     assert!(ok > 0 && bad == 0, "well-behaved client: {ok} ok, {bad} failed");
 }
+
+// ---------------------------------------------------------------------------------------
+// 3. A large IN is a memory attack
+
+#[test]
+fn item3_a_large_in_costs_only_the_bytes_received() {
+    // Over #limits.in (64m by default), broker.ready refuses the URI.
+    let mut node = Node::start(
+        "",
+        r#"
+        local ok, err = pcall(broker.ready, "tcp://127.0.0.1:0?bson=256m", function() end)
+        local p, e = broker.ready("tcp://127.0.0.1:0?bson=256m", function() end)
+        write(PORTFILE .. ".err", tostring(ok) .. " " .. tostring(err) .. " | " .. tostring(p) .. " " .. tostring(e))
+        write(PORTFILE, "1")
+        "#,
+    );
+    node.port();
+    let err = std::fs::read_to_string(node.home.path().join("port.err")).unwrap();
+    node.stop();
+    assert!(err.contains("#limits.in") && err.contains("64m"), "{err}");
+    // Allowed explicitly: 4 clients each announce a 200 MB frame and send 16 KiB of it.
+    let mut node = Node::start(
+        r##"{"#limits": {"in": "256m"}}"##,
+        r#"
+        local sp = assert(broker.ready("tcp://127.0.0.1:0?bson=256m", function()
+            return function(s, d) return d end
+        end))
+        write(PORTFILE, tostring(sp.port))
+        "#,
+    );
+    let port = node.port();
+    let base = node.rss_kib();
+    let mut attackers = vec![];
+    for _ in 0..4 {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let mut head = (200_000_000i32).to_le_bytes().to_vec();
+        head.extend(std::iter::repeat_n(0x41u8, 16 * 1024 - 4));
+        s.write_all(&head).unwrap();
+        attackers.push(s);
+    }
+    // A well-behaved BSON client meanwhile: {"n": i} round trips.
+    let mut good = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    good.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut worst = Duration::ZERO;
+    let mut peak = base;
+    for i in 0..50i32 {
+        let doc = bson_int_doc("n", i);
+        let t = Instant::now();
+        good.write_all(&doc).unwrap();
+        let mut back = vec![0u8; doc.len()];
+        std::io::Read::read_exact(&mut good, &mut back).unwrap();
+        worst = worst.max(t.elapsed());
+        assert_eq!(back, doc);
+        peak = peak.max(node.rss_kib());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let log = node.stop();
+    eprintln!("large IN: RSS {base} -> peak {peak} KiB, good client worst {worst:?}");
+    assert!(
+        peak < base + 32 * 1024,
+        "RSS grew from {base} to {peak} KiB\n{log}"
+    );
+    assert!(worst < Duration::from_millis(500), "{worst:?}");
+    drop(attackers);
+}
+
+/// `{key: i}` as a BSON document.
+fn bson_int_doc(key: &str, i: i32) -> Vec<u8> {
+    let mut d = vec![0, 0, 0, 0, 0x10];
+    d.extend_from_slice(key.as_bytes());
+    d.push(0);
+    d.extend_from_slice(&i.to_le_bytes());
+    d.push(0);
+    let len = d.len() as i32;
+    d[..4].copy_from_slice(&len.to_le_bytes());
+    d
+}
+
+// ---------------------------------------------------------------------------------------
+// 10. Shutdown
+
+const SLOW_PORT: &str = r#"
+serve(function(line, so)
+    local ms = tonumber(line:match("^slow (%d+)$"))
+    if ms then stage.sleep(ms) return "done " .. ms end
+end)
+"#;
+
+#[test]
+fn item10_sigterm_answers_what_is_in_flight_and_exits_0() {
+    let mut node = Node::start(
+        r##"{"#limits": {"grace": 5000}}"##,
+        &format!("{TEXT_PORT}{SLOW_PORT}"),
+    );
+    let port = node.port();
+    let mut clients: Vec<LineClient> = (0..16).map(|_| LineClient::connect(port)).collect();
+    for c in &mut clients {
+        c.w.write_all(b"slow 1000\n").unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let pid = node.pid();
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    std::thread::sleep(Duration::from_millis(200));
+    // No longer accepting.
+    let refused = match TcpStream::connect(("127.0.0.1", port)) {
+        Err(_) => true,
+        Ok(mut s) => {
+            s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+            let _ = s.write_all(b"ping 1\n");
+            let mut b = [0u8; 16];
+            matches!(std::io::Read::read(&mut s, &mut b), Ok(0) | Err(_))
+        }
+    };
+    let mut answered = 0;
+    for c in &mut clients {
+        let mut line = String::new();
+        if c.r.read_line(&mut line).is_ok() && line.trim_end() == "done 1000" {
+            answered += 1;
+        }
+    }
+    let (code, log) = node.term(Duration::from_secs(10));
+    assert_eq!(answered, 16, "{log}");
+    assert!(refused, "a new connection was served while draining");
+    assert_eq!(code, Some(0), "{log}");
+}
+
+#[test]
+fn item10_sigterm_with_stuck_requests_exits_non_zero_after_the_grace() {
+    let mut node = Node::start(
+        r##"{"#limits": {"grace": 500}}"##,
+        &format!("{TEXT_PORT}{SLOW_PORT}"),
+    );
+    let port = node.port();
+    let mut c = LineClient::connect(port);
+    c.w.write_all(b"slow 30000\n").unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let t = Instant::now();
+    let (code, log) = node.term(Duration::from_secs(10));
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    assert_eq!(code, Some(3), "{log}");
+    assert!(log.contains("still in flight after the grace of 500 ms"), "{log}");
+}
+
+// ---------------------------------------------------------------------------------------
+// 12. Idle clients and the fd limit
+
+#[test]
+fn item12_idle_connections_expire_by_default() {
+    let mut node = Node::start(
+        r##"{"#limits": {"idle": 800}}"##,
+        &format!("{TEXT_PORT}serve(function() end)"),
+    );
+    let port = node.port();
+    let mut idle: Vec<TcpStream> = (0..50)
+        .map(|_| TcpStream::connect(("127.0.0.1", port)).unwrap())
+        .collect();
+    let t = Instant::now();
+    let mut closed = 0;
+    for s in &mut idle {
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut b = [0u8; 8];
+        if matches!(std::io::Read::read(s, &mut b), Ok(0)) {
+            closed += 1;
+        }
+    }
+    let log = node.stop();
+    assert_eq!(closed, 50, "{log}");
+    assert!(t.elapsed() < Duration::from_secs(4), "{:?}", t.elapsed());
+}
+
+#[test]
+fn item12_at_the_fd_limit_new_clients_are_refused_and_counted() {
+    use std::os::unix::process::CommandExt;
+    let mut node = Node::start_with(
+        r##"{"#limits": {"idle": 0}}"##,
+        &format!("{TEXT_PORT}serve(function() end)"),
+        |c| unsafe {
+            c.pre_exec(|| {
+                let lim = libc::rlimit {
+                    rlim_cur: 64,
+                    rlim_max: 64,
+                };
+                libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+                Ok(())
+            });
+        },
+    );
+    let port = node.port();
+    let mut good = LineClient::connect(port);
+    assert_eq!(good.ask("ping 0").as_deref(), Some("pong 0"));
+    // Far more clients than descriptors.
+    let mut flood = vec![];
+    for _ in 0..120 {
+        if let Ok(s) = TcpStream::connect(("127.0.0.1", port)) {
+            flood.push(s);
+        }
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    // The ones beyond the limit were closed (not left hanging in the backlog).
+    let mut refused = 0;
+    for s in &mut flood {
+        s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        let mut b = [0u8; 8];
+        if matches!(std::io::Read::read(s, &mut b), Ok(0) | Err(_)) {
+            refused += 1;
+        }
+    }
+    for i in 1..20 {
+        assert_eq!(
+            good.ask(&format!("ping {i}")).as_deref(),
+            Some(format!("pong {i}").as_str())
+        );
+    }
+    drop(flood);
+    std::thread::sleep(Duration::from_millis(300));
+    // Once descriptors are free again, new clients are served.
+    let mut late = LineClient::connect(port);
+    assert_eq!(late.ask("ping 99").as_deref(), Some("pong 99"));
+    let log = node.stop();
+    assert!(refused >= 40, "{refused} refused\n{log}");
+    let warns = log.matches("connection(s) refused").count();
+    assert!((1..=3).contains(&warns), "{warns} warnings\n{log}");
+}

@@ -434,6 +434,11 @@ fn start_raw(port: u16) -> Server {
 }
 
 fn start_stage(port: u16) -> Server {
+    start_stage_with(port, "")
+}
+
+/// `extra` is added to the top level of conf/stage.json (`"#limits": {...}`).
+fn start_stage_with(port: u16, extra: &str) -> Server {
     let exe = std::env::current_exe().unwrap().with_file_name("stage");
     let dir = std::env::temp_dir().join(format!("stage-bench-{}-{port}", std::process::id()));
     for d in ["conf", "package", "logs"] {
@@ -443,7 +448,7 @@ fn start_stage(port: u16) -> Server {
     std::fs::write(
         dir.join("conf/stage.json"),
         format!(
-            r##"{{"#services": {{"tcp": ["127.0.0.1:{port}"]}}, "#startup": [{}]}}"##,
+            r##"{{"#services": {{"tcp": ["127.0.0.1:{port}"]}}, "#startup": [{}]{extra}}}"##,
             startup.join(", ")
         ),
     )
@@ -501,15 +506,22 @@ fn echo() {
                 let srv = start_stage(port);
                 run_case(srv.child.id(), ([127, 0, 0, 1], port).into(), doc, depth)
             };
-            for (who, r) in [("raw", &raw), ("stage", &stg)] {
+            // The same server without the time budget's hook (#limits.time 0): the hook's cost.
+            let t0 = {
+                let port = free_port();
+                let srv = start_stage_with(port, r##", "#limits": {"time": 0}"##);
+                run_case(srv.child.id(), ([127, 0, 0, 1], port).into(), doc, depth)
+            };
+            for (who, r) in [("raw", &raw), ("stage", &stg), ("nohook", &t0)] {
                 println!(
                     "{case:<14} {who:<6} {:>11.0} {:>8} {:>8} {:>9.2} {:>7}  {}",
                     r.rate, r.p50, r.p99, r.cpu_us, r.errors, r.threads
                 );
             }
             println!(
-                "{case:<14} ratio stage/raw msgs/s = {:.2}",
-                stg.rate / raw.rate.max(1.0)
+                "{case:<14} ratio stage/raw msgs/s = {:.2}; time budget hook: cpu us/msg {:+.1}%",
+                stg.rate / raw.rate.max(1.0),
+                (stg.cpu_us / t0.cpu_us.max(1e-9) - 1.0) * 100.0
             );
             failed |= raw.errors + stg.errors > 0;
             let _ = std::io::stdout().flush();
