@@ -77,7 +77,7 @@ pub fn raise_open_files_limit() -> Option<(u64, u64)> {
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
         return None;
     }
-    let before = lim.rlim_cur as u64;
+    let before = lim.rlim_cur;
     if lim.rlim_cur < lim.rlim_max {
         let want = libc::rlimit {
             rlim_cur: lim.rlim_max,
@@ -85,7 +85,7 @@ pub fn raise_open_files_limit() -> Option<(u64, u64)> {
         };
         if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &want) } == 0 {
             log::info!("open files limit raised from {before} to {}", lim.rlim_max);
-            return Some((before, lim.rlim_max as u64));
+            return Some((before, lim.rlim_max));
         }
         log::warn!(
             "open files limit stays at {before}: cannot raise it to {}: {}",
