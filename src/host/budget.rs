@@ -25,6 +25,10 @@ thread_local! {
     static SLICE: Cell<Option<Instant>> = const { Cell::new(None) };
     /// The time budget of the Lua state on this thread; zero means no limit.
     static LIMIT: Cell<Duration> = const { Cell::new(Duration::ZERO) };
+    /// Whether the current slice was already interrupted with an error.
+    static INTERRUPTED: Cell<bool> = const { Cell::new(false) };
+    /// Whether the hook preempted the current slice (yielded its coroutine).
+    static PREEMPTED: Cell<bool> = const { Cell::new(false) };
 }
 
 /// Sets the memory limit and installs the time-budget hook on an instance's state.
@@ -47,6 +51,13 @@ pub fn install(lua: &Lua, memory: usize, time: Duration) -> mlua::Result<()> {
             if limit.is_zero() || start.elapsed() < limit {
                 return Ok(VmState::Continue);
             }
+            if INTERRUPTED.with(|i| i.replace(true)) {
+                // The script caught the interruption (pcall) and runs on: preempt it instead.
+                // Yielding ends the slice; the instance serves its other work, and the
+                // callback is resumed later with a new budget (and interrupted again).
+                PREEMPTED.with(|p| p.set(true));
+                return Ok(VmState::Yield);
+            }
             let src = debug.source();
             let place = match (src.short_src.as_deref(), debug.current_line()) {
                 (Some(file), Some(line)) => format!("{file}:{line}: "),
@@ -64,13 +75,27 @@ pub fn install(lua: &Lua, memory: usize, time: Duration) -> mlua::Result<()> {
 /// marked (a callback started from inside another, such as a script load) keeps its start.
 pub async fn timed<F: Future>(fut: F) -> F::Output {
     let mut fut = std::pin::pin!(fut);
+    // After a preemption, the callback waits until the runtime has looked at its sockets
+    // and timers (mlua wakes a yielded coroutine at once, which would starve them).
+    let mut pause: Option<std::pin::Pin<Box<dyn Future<Output = ()>>>> = None;
     std::future::poll_fn(|cx| {
+        if let Some(p) = pause.as_mut() {
+            if p.as_mut().poll(cx).is_pending() {
+                return std::task::Poll::Pending;
+            }
+            pause = None;
+        }
         let outer = SLICE.with(|s| s.get());
         if outer.is_none() {
             SLICE.with(|s| s.set(Some(Instant::now())));
+            INTERRUPTED.with(|i| i.set(false));
+            PREEMPTED.with(|p| p.set(false));
         }
         let r = fut.as_mut().poll(cx);
         SLICE.with(|s| s.set(outer));
+        if outer.is_none() && r.is_pending() && PREEMPTED.with(|p| p.replace(false)) {
+            pause = Some(Box::pin(tokio::task::yield_now()));
+        }
         r
     })
     .await
@@ -81,6 +106,7 @@ pub fn timed_sync<R>(f: impl FnOnce() -> R) -> R {
     let outer = SLICE.with(|s| s.get());
     if outer.is_none() {
         SLICE.with(|s| s.set(Some(Instant::now())));
+        INTERRUPTED.with(|i| i.set(false));
     }
     let r = f();
     SLICE.with(|s| s.set(outer));
@@ -124,6 +150,36 @@ mod tests {
                 .into_function()
                 .unwrap();
             assert!(short.call::<i64>(()).is_ok());
+        })
+        .join()
+        .unwrap();
+    }
+
+    #[test]
+    fn a_loop_that_catches_the_interruption_is_preempted_so_others_run() {
+        std::thread::spawn(|| {
+            let lua = Lua::new();
+            install(&lua, 0, Duration::from_millis(50)).unwrap();
+            let f: Function = lua
+                .load("local caught = 0 while caught < 5 do if not pcall(function() while true do end end) then caught = caught + 1 end end return caught")
+                .into_function()
+                .unwrap();
+            let ticks = std::rc::Rc::new(std::cell::Cell::new(0));
+            let t2 = ticks.clone();
+            let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+            let local = tokio::task::LocalSet::new();
+            let caught = local.block_on(&rt, async move {
+                tokio::task::spawn_local(async move {
+                    loop {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                        t2.set(t2.get() + 1);
+                    }
+                });
+                timed(f.call_async::<i64>(())).await
+            });
+            assert_eq!(caught.unwrap(), 5);
+            // 5 interruptions of 50 ms at least: the other task ran in between.
+            assert!(ticks.get() >= 3, "{} ticks", ticks.get());
         })
         .join()
         .unwrap();
