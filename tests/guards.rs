@@ -671,6 +671,13 @@ fn item5_a_runaway_loop_is_interrupted_and_the_instance_serves_on() {
             serve(function(line)
                 if line == "spin" then
                     while true do end
+                elseif line == "trap" then
+                    -- catches each interruption and spins again: preempted, not starving others
+                    local caught = 0
+                    for _ = 1, 4 do
+                        if not pcall(function() while true do end end) then caught = caught + 1 end
+                    end
+                    return "trapped " .. caught
                 elseif line == "work" then
                     -- long but yielding work is not interrupted
                     for _ = 1, 8 do local t = os.time() + 0 for i = 1, 2e5 do t = t + i end stage.sleep(1) end
@@ -692,6 +699,15 @@ fn item5_a_runaway_loop_is_interrupted_and_the_instance_serves_on() {
     assert_eq!(c.ask("work").as_deref(), Some("worked"));
     spin.w.write_all(b"spin\n").unwrap();
     assert_eq!(c.ask("ping 2").as_deref(), Some("pong 2"));
+    let mut trap = LineClient::connect(port);
+    trap.w.write_all(b"trap\n").unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let t = Instant::now();
+    assert_eq!(c.ask("ping 3").as_deref(), Some("pong 3"));
+    assert!(t.elapsed() < Duration::from_millis(1500), "{:?}", t.elapsed());
+    let mut line = String::new();
+    trap.r.read_line(&mut line).unwrap();
+    assert_eq!(line.trim_end(), "trapped 4");
     std::thread::sleep(Duration::from_millis(500));
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (ok, worst, bad) = good.join().unwrap();
