@@ -39,6 +39,13 @@ pub fn check(root: &Path) -> anyhow::Result<Report> {
         }
     };
     report.instances = config.startup.len();
+    let log_conf = root.join("conf/log4rs.yaml");
+    if log_conf.is_file() {
+        if let Err(e) = crate::logging::check_file(&log_conf) {
+            report.lines.push(format!("conf/log4rs.yaml: {e}"));
+            report.problems += 1;
+        }
+    }
     for w in &config.warnings {
         report.lines.push(format!("conf/stage.json: warning: {w}"));
     }

@@ -52,6 +52,11 @@ pub struct BuiltinSpec {
     pub settings: Json,
 }
 
+/// `#threads[0]` (worker threads of each blocking pool) is at most this.
+pub const MAX_WORKERS: u64 = 1024;
+/// `#threads[1]` (queue bound per instance and per pool) is at most this.
+pub const MAX_QUEUE: u64 = 1 << 20;
+
 /// `#`-keys that STAGE's own configurations carry and this build accepts without using.
 const STAGE_IGNORED_KEYS: &[&str] = &["#license", "#index", "#logger"];
 
@@ -91,6 +96,40 @@ impl Default for LuaSection {
     }
 }
 
+/// `#limits` (ext): the budgets and bounds that keep one script, client or config value
+/// from taking the process down (docs/limits.md).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limits {
+    /// `memory`: bytes of Lua heap per instance state.
+    pub memory: usize,
+    /// `time`: ms a callback may run without yielding before it is interrupted (0 = no limit).
+    pub time_ms: u64,
+    /// `handlers`: message handlers in flight (started, not finished) per instance.
+    pub handlers: usize,
+    /// `grace`: ms that shutdown waits for in-flight work before closing.
+    pub grace_ms: u64,
+    /// `idle`: the default `expire` of a connection, ms (0 = none).
+    pub idle_ms: u64,
+    /// `in`: the largest IN a broker socket may ask for, bytes.
+    pub max_in: usize,
+    /// `errors`: identical errors logged per call site per 10 s before they are counted.
+    pub errors: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            memory: 256 << 20,
+            time_ms: 1000,
+            handlers: 1024,
+            grace_ms: 5000,
+            idle_ms: 300_000,
+            max_in: 64 << 20,
+            errors: 10,
+        }
+    }
+}
+
 /// The whole node configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -122,6 +161,12 @@ pub struct Config {
     pub lua: LuaSection,
     /// `%vultr` (ext), as written, after `env:` resolution.
     pub vultr: Option<Json>,
+    /// `#limits` (ext).
+    pub limits: Limits,
+    /// `%logger.env` (ext): environment names `%{NAME}` may expand although they look secret.
+    pub logger_env: Vec<String>,
+    /// `(NAME, value)` of every `env:` string resolved, so messages can hide the values.
+    pub env_values: Vec<(String, String)>,
     /// Things that are accepted but worth telling the operator (unsupported engines).
     pub warnings: Vec<String>,
     /// The whole document after `env:` resolution, for `process["$key"]`.
@@ -167,7 +212,24 @@ impl Config {
 
     /// Builds the typed configuration from a JSON document.
     pub fn from_json(mut json: Json) -> Result<Config, ConfigError> {
-        resolve_env(&mut json, "")?;
+        let mut env_values = vec![];
+        resolve_env(&mut json, "", &mut env_values)?;
+        Config::from_resolved(json, env_values.clone()).map_err(|e| match e {
+            ConfigError::Invalid { key, message } => ConfigError::Invalid {
+                key,
+                message: redact(&env_values, &message),
+            },
+            other => other,
+        })
+    }
+
+    /// `text` with every value that came from an `env:` string replaced by `<env:NAME>`:
+    /// configuration errors never print a secret.
+    pub fn redact(&self, text: &str) -> String {
+        redact(&self.env_values, text)
+    }
+
+    fn from_resolved(json: Json, env_values: Vec<(String, String)>) -> Result<Config, ConfigError> {
         let Json::Object(top) = &json else {
             return Err(invalid("$", "expected a JSON object at the top level"));
         };
@@ -186,6 +248,9 @@ impl Config {
             usage_secs: 60,
             lua: LuaSection::default(),
             vultr: None,
+            limits: Limits::default(),
+            logger_env: vec![],
+            env_values,
             warnings: vec![],
             raw: Json::Null,
         };
@@ -210,10 +275,10 @@ impl Config {
                 "#threads" => {
                     let arr = expect_array(value, "#threads")?;
                     if let Some(v) = arr.first() {
-                        cfg.workers = expect_u64(v, "#threads[0]")?.max(1) as usize;
+                        cfg.workers = expect_range(v, "#threads[0]", 1, MAX_WORKERS, "worker threads")?;
                     }
                     if let Some(v) = arr.get(1) {
-                        cfg.queue = expect_u64(v, "#threads[1]")?.max(1) as usize;
+                        cfg.queue = expect_range(v, "#threads[1]", 1, MAX_QUEUE, "queued entries")?;
                     }
                 }
                 "#startup" => startup_raw = Some(value),
@@ -224,6 +289,21 @@ impl Config {
                     let t = expect_object(value, "#tls")?;
                     for k in ["cert", "key"] {
                         expect_str(t.get(k).unwrap_or(&Json::Null), &format!("#tls.{k}"))?;
+                    }
+                }
+                "#limits" => cfg.limits = parse_limits(value)?,
+                "%logger" => {
+                    for (k, v) in expect_object(value, "%logger")? {
+                        let key = format!("%logger.{k}");
+                        match k.as_str() {
+                            "env" => {
+                                for (i, n) in expect_array(v, &key)?.iter().enumerate() {
+                                    cfg.logger_env
+                                        .push(expect_str(n, &format!("{key}[{i}]"))?.to_string());
+                                }
+                            }
+                            _ => return Err(invalid(&key, "unknown key (expected env)")),
+                        }
                     }
                 }
                 "%vultr" => {
@@ -244,8 +324,8 @@ impl Config {
                     return Err(invalid(
                         k,
                         "unknown key (expected one of #services, #router, #cluster, #cluster-key, \
-                         #cluster-insecure, #threads, #startup, #metrics, #usage, #tls, %vultr, or an \
-                         engine section such as lua)",
+                         #cluster-insecure, #threads, #startup, #metrics, #usage, #tls, #limits, \
+                         %logger, %vultr, or an engine section such as lua)",
                     ))
                 }
                 // The settings of a built-in stage, read with its #startup entry.
@@ -293,13 +373,27 @@ impl Config {
     }
 }
 
+fn redact(env_values: &[(String, String)], text: &str) -> String {
+    let mut out = text.to_string();
+    for (name, value) in env_values {
+        if !value.is_empty() && out.contains(value.as_str()) {
+            out = out.replace(value.as_str(), &format!("<env:{name}>"));
+        }
+    }
+    out
+}
+
 /// Replaces every string `"env:NAME"` with the environment value; a missing variable is an error.
-fn resolve_env(json: &mut Json, path: &str) -> Result<(), ConfigError> {
+/// Each resolution is recorded in `seen` as `(NAME, value)`.
+fn resolve_env(json: &mut Json, path: &str, seen: &mut Vec<(String, String)>) -> Result<(), ConfigError> {
     match json {
         Json::String(s) => {
             if let Some(name) = s.strip_prefix("env:") {
                 match std::env::var(name) {
-                    Ok(v) => *s = v,
+                    Ok(v) => {
+                        seen.push((name.to_string(), v.clone()));
+                        *s = v
+                    }
                     Err(_) => {
                         return Err(invalid(
                             if path.is_empty() { "$" } else { path },
@@ -311,7 +405,7 @@ fn resolve_env(json: &mut Json, path: &str) -> Result<(), ConfigError> {
         }
         Json::Array(items) => {
             for (i, item) in items.iter_mut().enumerate() {
-                resolve_env(item, &format!("{path}[{i}]"))?;
+                resolve_env(item, &format!("{path}[{i}]"), seen)?;
             }
         }
         Json::Object(map) => {
@@ -321,7 +415,7 @@ fn resolve_env(json: &mut Json, path: &str) -> Result<(), ConfigError> {
                 } else {
                     format!("{path}.{k}")
                 };
-                resolve_env(v, &p)?;
+                resolve_env(v, &p, seen)?;
             }
         }
         _ => {}
@@ -347,6 +441,74 @@ fn expect_str<'a>(v: &'a Json, key: &str) -> Result<&'a str, ConfigError> {
 fn expect_u64(v: &Json, key: &str) -> Result<u64, ConfigError> {
     v.as_u64()
         .ok_or_else(|| invalid(key, format!("expected a non-negative integer, found {}", kind(v))))
+}
+
+/// An integer in `lo..=hi`; the error names the key, the range and what it counts.
+fn expect_range(v: &Json, key: &str, lo: u64, hi: u64, what: &str) -> Result<usize, ConfigError> {
+    match v.as_u64() {
+        Some(n) if (lo..=hi).contains(&n) => Ok(n as usize),
+        _ => Err(invalid(
+            key,
+            format!(
+                "expected an integer from {lo} to {hi} ({what}), found {}",
+                kind(v)
+            ),
+        )),
+    }
+}
+
+/// A size in bytes: an integer or a string such as "64m", "512k".
+fn expect_size(v: &Json, key: &str, lo: u64, hi: u64) -> Result<usize, ConfigError> {
+    let n = match v {
+        Json::Number(_) => v.as_u64(),
+        Json::String(s) => crate::net::framing::parse_size(s).map(|n| n as u64),
+        _ => None,
+    };
+    match n {
+        Some(n) if (lo..=hi).contains(&n) => Ok(n as usize),
+        _ => Err(invalid(
+            key,
+            format!(
+                "expected a size from {} to {} (bytes, or a string such as \"64m\"), found {}",
+                human(lo),
+                human(hi),
+                kind(v)
+            ),
+        )),
+    }
+}
+
+fn human(n: u64) -> String {
+    match n {
+        n if n >= 1 << 30 && n % (1 << 30) == 0 => format!("{}g", n >> 30),
+        n if n >= 1 << 20 && n % (1 << 20) == 0 => format!("{}m", n >> 20),
+        n if n >= 1 << 10 && n % (1 << 10) == 0 => format!("{}k", n >> 10),
+        n => n.to_string(),
+    }
+}
+
+fn parse_limits(v: &Json) -> Result<Limits, ConfigError> {
+    let mut l = Limits::default();
+    for (k, val) in expect_object(v, "#limits")? {
+        let key = format!("#limits.{k}");
+        let ms = |val: &Json| expect_range(val, &key, 0, 86_400_000, "milliseconds").map(|n| n as u64);
+        match k.as_str() {
+            "memory" => l.memory = expect_size(val, &key, 1 << 20, 1 << 40)?,
+            "time" => l.time_ms = ms(val)?,
+            "handlers" => l.handlers = expect_range(val, &key, 1, MAX_QUEUE, "handlers in flight")?,
+            "grace" => l.grace_ms = ms(val)?,
+            "idle" => l.idle_ms = ms(val)?,
+            "in" => l.max_in = expect_size(val, &key, 64, 1 << 30)?,
+            "errors" => l.errors = expect_range(val, &key, 1, 1_000_000, "errors per 10 s")? as u64,
+            _ => {
+                return Err(invalid(
+                    &key,
+                    "unknown key (expected memory, time, handlers, grace, idle, in or errors)",
+                ))
+            }
+        }
+    }
+    Ok(l)
 }
 
 fn kind(v: &Json) -> String {
@@ -549,7 +711,7 @@ mod tests {
         let e = Config::parse(r##"{"#threads": ["four"]}"##).unwrap_err();
         assert_eq!(
             e.to_string(),
-            "#threads[0]: expected a non-negative integer, found the string \"four\""
+            "#threads[0]: expected an integer from 1 to 1024 (worker threads), found the string \"four\""
         );
         let e = Config::parse(r##"{"#servics": {}}"##).unwrap_err();
         assert!(e.to_string().starts_with("#servics: unknown key"), "{e}");
@@ -581,6 +743,62 @@ mod tests {
         assert_eq!(
             e.to_string(),
             "%vultr.api_key: environment variable STAGE_TEST_MISSING_VAR is not set (the value is \"env:STAGE_TEST_MISSING_VAR\")"
+        );
+    }
+
+    #[test]
+    fn threads_are_range_checked() {
+        for (text, key) in [
+            (r##"{"#threads": [4, 2305843009213693952]}"##, "#threads[1]"),
+            (r##"{"#threads": [4, 1000000000]}"##, "#threads[1]"),
+            (r##"{"#threads": [4, 1e9]}"##, "#threads[1]"),
+            (r##"{"#threads": [100000, 16]}"##, "#threads[0]"),
+            (r##"{"#threads": [0, 16]}"##, "#threads[0]"),
+            (r##"{"#threads": [4, 0]}"##, "#threads[1]"),
+            (r##"{"#threads": [-1]}"##, "#threads[0]"),
+        ] {
+            let e = Config::parse(text).unwrap_err().to_string();
+            assert!(
+                e.starts_with(&format!("{key}: expected an integer from 1 to ")),
+                "{text}: {e}"
+            );
+        }
+        let c = Config::parse(r##"{"#threads": [1024, 1048576]}"##).unwrap();
+        assert_eq!((c.workers, c.queue), (1024, 1 << 20));
+    }
+
+    #[test]
+    fn limits_parse_and_are_checked() {
+        let c = Config::parse(r##"{"#limits": {"memory": "64m", "time": 250, "handlers": 8, "in": "1m"}}"##)
+            .unwrap();
+        assert_eq!(c.limits.memory, 64 << 20);
+        assert_eq!(c.limits.time_ms, 250);
+        assert_eq!(c.limits.handlers, 8);
+        assert_eq!(c.limits.max_in, 1 << 20);
+        assert_eq!(c.limits.grace_ms, Limits::default().grace_ms);
+        let e = Config::parse(r##"{"#limits": {"memory": "10"}}"##).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("#limits.memory: expected a size from 1m to 1024g"),
+            "{e}"
+        );
+        let e = Config::parse(r##"{"#limits": {"handler": 3}}"##).unwrap_err();
+        assert!(e.to_string().starts_with("#limits.handler: unknown key"), "{e}");
+    }
+
+    #[test]
+    fn errors_never_print_env_values() {
+        std::env::set_var("STAGE_TEST_SECRET_CFG", "sk-very-secret-value");
+        let e = Config::parse(r##"{"#threads": ["env:STAGE_TEST_SECRET_CFG"]}"##)
+            .unwrap_err()
+            .to_string();
+        assert!(!e.contains("sk-very-secret-value"), "{e}");
+        assert!(e.starts_with("#threads[0]: expected an integer"), "{e}");
+        assert!(e.contains("<env:STAGE_TEST_SECRET_CFG>"), "{e}");
+        let c = Config::parse(r##"{"%vultr": {"api_key": "env:STAGE_TEST_SECRET_CFG"}}"##).unwrap();
+        assert_eq!(
+            c.redact("bad key sk-very-secret-value!"),
+            "bad key <env:STAGE_TEST_SECRET_CFG>!"
         );
     }
 

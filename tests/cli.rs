@@ -77,7 +77,15 @@ fn bad_config_names_the_key() {
     for (conf, expect) in [
         (
             r##"{"#threads": ["many"]}"##,
-            "#threads[0]: expected a non-negative integer",
+            "#threads[0]: expected an integer from 1 to 1024",
+        ),
+        (
+            r##"{"#threads": [4, 2305843009213693952]}"##,
+            "#threads[1]: expected an integer from 1 to 1048576",
+        ),
+        (
+            r##"{"#threads": [100000, 8]}"##,
+            "#threads[0]: expected an integer from 1 to 1024",
         ),
         (
             r##"{"#startup": [["luastage"]]}"##,

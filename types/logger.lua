@@ -1,28 +1,29 @@
 ---@meta logger
 -- LuaLS type stubs for stage's `logger` module (alias `log4cxx`). See docs/logger.md.
--- Escapes in msg: %l %F %M %L %{ENV} %%; route: "%{=group}" or "%{=group:level}".
+-- Escapes in format only: %l %F %M %L %{ENV} %% (secret-looking names print [hidden]);
+-- values are written tab-separated as they are; a route is "%{=group}" or "%{=group:level}".
 
 ---@class logger
 logger = {}
 log4cxx = logger
 
----@param msg any
----@param route? string
-function logger.out(msg, route) end
----@param msg any
----@param route? string
-function logger.info(msg, route) end
----@param msg any
----@param route? string
-function logger.warn(msg, route) end
----@param msg any
----@param route? string
-function logger.error(msg, route) end
----@param msg any
----@param route? string
-function logger.trace(msg, route) end
----@param msg any
----@param route? string
-function logger.debug(msg, route) end
+---@param format any the message; escapes are expanded here only
+---@param ... any values written after it (never expanded), or a route "%{=group[:level]}"
+function logger.out(format, ...) end
+---@param format any the message; escapes are expanded here only
+---@param ... any values written after it (never expanded), or a route "%{=group[:level]}"
+function logger.info(format, ...) end
+---@param format any the message; escapes are expanded here only
+---@param ... any values written after it (never expanded), or a route "%{=group[:level]}"
+function logger.warn(format, ...) end
+---@param format any the message; escapes are expanded here only
+---@param ... any values written after it (never expanded), or a route "%{=group[:level]}"
+function logger.error(format, ...) end
+---@param format any the message; escapes are expanded here only
+---@param ... any values written after it (never expanded), or a route "%{=group[:level]}"
+function logger.trace(format, ...) end
+---@param format any the message; escapes are expanded here only
+---@param ... any values written after it (never expanded), or a route "%{=group[:level]}"
+function logger.debug(format, ...) end
 
 return logger

@@ -58,11 +58,71 @@ fn main() {
         }
         Some("http") => http(),
         Some("echo") | None => echo(),
+        Some("hook") => hook(),
         Some(other) => {
             eprintln!("usage: stage-bench [echo | http | raw-server PORT THREADS | hyper-server PORT THREADS] (got '{other}')");
             std::process::exit(2);
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// The time budget's hook, in-process: the same Lua work with and without it, measured in
+// this thread's CPU time (robust to other load on the machine), rounds interleaved.
+
+fn thread_cpu() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the struct passed to it.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+fn hook() {
+    // A handler-like workload: table reads and writes, string keys, a call per item.
+    const WORK: &str = r#"
+        local function handle(d) local r = {} for k, v in pairs(d) do r[k] = v end r.n = (d.n or 0) + 1 return r end
+        local d = {cmd = "login", user = "kim", n = 1}
+        for i = 1, 200000 do d = handle(d) end
+        return d.n
+    "#;
+    let run = |hooked: bool| -> Duration {
+        std::thread::spawn(move || {
+            let lua = mlua::Lua::new();
+            if hooked {
+                stage::host::budget::install(&lua, 0, Duration::from_secs(3600)).unwrap();
+            }
+            let f = lua.load(WORK).into_function().unwrap();
+            let t0 = thread_cpu();
+            stage::host::budget::timed_sync(|| f.call::<i64>(()).unwrap());
+            thread_cpu() - t0
+        })
+        .join()
+        .unwrap()
+    };
+    let (mut with, mut without) = (vec![], vec![]);
+    for _ in 0..9 {
+        without.push(run(false));
+        with.push(run(true));
+    }
+    with.sort();
+    without.sort();
+    let (w, wo) = (with[4], without[4]);
+    println!(
+        "time budget hook (every {} instructions), Lua workload, median of 9 interleaved rounds (thread CPU):",
+        stage::host::budget::HOOK_EVERY
+    );
+    println!("  without hook {:>8.2} ms", wo.as_secs_f64() * 1e3);
+    println!(
+        "  with hook    {:>8.2} ms   overhead {:+.1}%",
+        w.as_secs_f64() * 1e3,
+        (w.as_secs_f64() / wo.as_secs_f64() - 1.0) * 100.0
+    );
+    // The workload runs about 50 VM instructions per iteration.
+    let per_instr = (w.as_secs_f64() - wo.as_secs_f64()) / (200_000.0 * 50.0) * 1e9;
+    println!("  about {per_instr:.1} ns per VM instruction");
 }
 
 // ---------------------------------------------------------------------------------------
@@ -453,6 +513,11 @@ fn start_raw(port: u16) -> Server {
 }
 
 fn start_stage(port: u16) -> Server {
+    start_stage_with(port, "")
+}
+
+/// `extra` is added to the top level of conf/stage.json (`"#limits": {...}`).
+fn start_stage_with(port: u16, extra: &str) -> Server {
     let exe = std::env::current_exe().unwrap().with_file_name("stage");
     let dir = std::env::temp_dir().join(format!("stage-bench-{}-{port}", std::process::id()));
     for d in ["conf", "package", "logs"] {
@@ -462,7 +527,7 @@ fn start_stage(port: u16) -> Server {
     std::fs::write(
         dir.join("conf/stage.json"),
         format!(
-            r##"{{"#services": {{"tcp": ["127.0.0.1:{port}"]}}, "#startup": [{}]}}"##,
+            r##"{{"#services": {{"tcp": ["127.0.0.1:{port}"]}}, "#startup": [{}]{extra}}}"##,
             startup.join(", ")
         ),
     )
@@ -520,15 +585,22 @@ fn echo() {
                 let srv = start_stage(port);
                 run_case(srv.child.id(), ([127, 0, 0, 1], port).into(), doc, depth)
             };
-            for (who, r) in [("raw", &raw), ("stage", &stg)] {
+            // The same server without the time budget's hook (#limits.time 0): the hook's cost.
+            let t0 = {
+                let port = free_port();
+                let srv = start_stage_with(port, r##", "#limits": {"time": 0}"##);
+                run_case(srv.child.id(), ([127, 0, 0, 1], port).into(), doc, depth)
+            };
+            for (who, r) in [("raw", &raw), ("stage", &stg), ("nohook", &t0)] {
                 println!(
                     "{case:<14} {who:<6} {:>11.0} {:>8} {:>8} {:>9.2} {:>7}  {}",
                     r.rate, r.p50, r.p99, r.cpu_us, r.errors, r.threads
                 );
             }
             println!(
-                "{case:<14} ratio stage/raw msgs/s = {:.2}",
-                stg.rate / raw.rate.max(1.0)
+                "{case:<14} ratio stage/raw msgs/s = {:.2}; time budget hook: cpu us/msg {:+.1}%",
+                stg.rate / raw.rate.max(1.0),
+                (stg.cpu_us / t0.cpu_us.max(1e-9) - 1.0) * 100.0
             );
             failed |= raw.errors + stg.errors > 0;
             let _ = std::io::stdout().flush();

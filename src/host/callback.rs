@@ -112,7 +112,7 @@ return function(f, ...) return raw_xpcall(f, handler, ...) end, handler
 /// traceback. Every callback, script load and message handler of the host runs through
 /// here.
 pub async fn run_protected(runner: &Function, f_args: MultiValue) -> Result<MultiValue, String> {
-    match runner.call_async::<MultiValue>(f_args).await {
+    match crate::host::budget::timed(runner.call_async::<MultiValue>(f_args)).await {
         Ok(mut rets) => match rets.pop_front() {
             Some(Value::Boolean(true)) => Ok(rets),
             _ => Err(match rets.pop_front() {
@@ -156,9 +156,47 @@ pub async fn run_callback(
     match run_protected(runner, f_args).await {
         Ok(rets) => Some(rets),
         Err(msg) => {
-            log::error!(target: &ctx(lua).name, "error in {what}: {msg}");
+            log_error(lua, what, &msg);
             None
         }
+    }
+}
+
+thread_local! {
+    /// The rate limit of repeated callback errors of the instance on this thread.
+    static ERRORS: std::cell::RefCell<Option<crate::logging::FloodGate>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Logs a callback's error, at most `#limits.errors` times per call site (the script line
+/// that raised, else the message's first line) in 10 s; the rest are counted and told
+/// with the next one logged.
+pub fn log_error(lua: &Lua, what: &str, msg: &str) {
+    let c = ctx(lua);
+    let first = msg.lines().next().unwrap_or("");
+    let site = match script_error::location(first) {
+        Some((file, line)) => format!("{what}@{file}:{line}"),
+        None => format!("{what}@{first}"),
+    };
+    let verdict = ERRORS.with(|g| {
+        g.borrow_mut()
+            .get_or_insert_with(|| {
+                crate::logging::FloodGate::new(
+                    std::time::Duration::from_secs(10),
+                    c.node.config.limits.errors,
+                )
+            })
+            .admit(&site, std::time::Instant::now())
+    });
+    match verdict {
+        crate::logging::Verdict::Drop => {}
+        crate::logging::Verdict::Log { suppressed: 0 } => {
+            log::error!(target: &c.name, "error in {what}: {msg}")
+        }
+        crate::logging::Verdict::Log { suppressed } => log::error!(
+            target: &c.name,
+            "error in {what} (and {} more like it in the last 10 s): {msg}",
+            crate::logging::thousands(suppressed)
+        ),
     }
 }
 

@@ -37,6 +37,12 @@ fn new_state(
     // the generational one keeps memory flat. Served frames leave short-lived tables that
     // young collections reclaim cheaply too (`scripts/bench echo`: ~10% less CPU per message).
     lua.gc_gen(0, 0);
+    let limits = &node.config.limits;
+    crate::host::budget::install(
+        &lua,
+        limits.memory,
+        std::time::Duration::from_millis(limits.time_ms),
+    )?;
     let ctx = Rc::new(InstanceCtx::new(node, &spec.stage_id, number));
     lua.set_app_data(ctx);
     install_runner(&lua)?;

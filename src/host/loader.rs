@@ -9,7 +9,12 @@
 //!   one: the previous version keeps serving, or, when there is none, the next entry of
 //!   the search path is tried — a script served from an entry with position > 0 is in
 //!   fail-over and is re-checked on every load, so a fixed file takes over at once;
-//! * a failing file is remembered by (size, mtime) so it is reported once, not on every load.
+//! * a failing file is remembered by (size, mtime) so it is reported once, not on every load;
+//! * a changed file is taken only once it has been quiet for [`QUIET`] (no write since):
+//!   a deploy by `cp` or truncate+write is never served half-written; until then the
+//!   previous version serves and every load checks again;
+//! * a new version that returns nothing (nil) where the previous version returned a value
+//!   is refused like one that fails (an empty or cut file compiles and returns nil).
 
 use crate::home::{Candidate, Home};
 use mlua::{Function, Lua, Value};
@@ -18,7 +23,17 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
+
+/// How long a changed file must have been left alone before it replaces a working version.
+pub const QUIET: Duration = Duration::from_millis(100);
+
+/// Whether the file was written within the last `QUIET` (a deploy may still be writing it).
+fn settling(st: &Stamp) -> bool {
+    SystemTime::now()
+        .duration_since(st.mtime)
+        .is_ok_and(|age| age < QUIET)
+}
 
 /// What identifies one version of a file on disk.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -117,6 +132,16 @@ impl Loader {
                     ));
                 }
             }
+            if let Some(c) = &cached {
+                if settling(&st) {
+                    if c.path == path {
+                        // Still being written: the previous version serves, and the cached
+                        // generation stays old so the next load looks again.
+                        return Ok(c.clone());
+                    }
+                    continue;
+                }
+            }
             let known_bad = self
                 .failed
                 .borrow()
@@ -124,7 +149,15 @@ impl Loader {
                 .and_then(|(s, e)| (*s == st).then(|| e.clone()));
             let outcome = match known_bad {
                 Some(e) => Err(e),
-                None => self.run(lua, &path).await,
+                None => match (self.run(lua, &path).await, &cached) {
+                    (Ok(Value::Nil), Some(c)) if c.value != Value::Nil => Err(format!(
+                        "{} returned nothing where the previous version returned a {}; \
+                         the previous version keeps serving",
+                        self.display_path(&path),
+                        c.value.type_name()
+                    )),
+                    (outcome, _) => outcome,
+                },
             };
             match outcome {
                 Ok(value) => {

@@ -7,6 +7,7 @@
 //! bindings (registering the modules in a new state, serving an instance's messages) it
 //! receives as `Bindings` from the caller of `run::start`.
 
+pub mod budget;
 pub mod callback;
 pub mod context;
 pub mod convert;

@@ -22,6 +22,11 @@ pub struct NodeShared {
     pub exit_code: AtomicI32,
     /// `true` once the node is stopping; every instance waits on it.
     pub shutdown: tokio::sync::watch::Sender<bool>,
+    /// `true` once the node drains before stopping (SIGTERM): listeners stop accepting,
+    /// what is in flight is answered within `#limits.grace`.
+    pub draining: tokio::sync::watch::Sender<bool>,
+    /// Client requests and messages being handled now, in every instance.
+    pub inflight: std::sync::atomic::AtomicUsize,
     pub args: Vec<String>,
     pub started: Instant,
     /// This node's name (`process.node`): the host name until the cluster names it.
@@ -39,6 +44,7 @@ pub struct NodeShared {
 impl NodeShared {
     pub fn new(config: Config, home: Home, args: Vec<String>) -> Arc<NodeShared> {
         let (shutdown, _) = tokio::sync::watch::channel(false);
+        let (draining, _) = tokio::sync::watch::channel(false);
         let node_name = hostname();
         // Lua instances first (their numbers are `process.stage`), then the built-in stages.
         let stages: Vec<String> = config
@@ -60,6 +66,8 @@ impl NodeShared {
             once: Mutex::new(HashSet::new()),
             exit_code: AtomicI32::new(0),
             shutdown,
+            draining,
+            inflight: std::sync::atomic::AtomicUsize::new(0),
             args,
             started: Instant::now(),
             node_name,
@@ -70,10 +78,30 @@ impl NodeShared {
         })
     }
 
+    /// Counts one request or message as in flight until the guard is dropped.
+    pub fn in_flight(self: &Arc<Self>) -> InFlight {
+        self.inflight.fetch_add(1, Ordering::AcqRel);
+        InFlight(self.clone())
+    }
+
+    /// Whether the node is draining or stopping (listeners stop accepting).
+    pub fn is_draining(&self) -> bool {
+        *self.draining.borrow() || *self.shutdown.borrow()
+    }
+
     /// Asks the whole node to stop with `code` as the process's exit status.
     pub fn request_stop(&self, code: i32) {
         self.exit_code.store(code, Ordering::SeqCst);
         self.shutdown.send_replace(true);
+    }
+}
+
+/// One request or message in flight (`NodeShared::in_flight`).
+pub struct InFlight(Arc<NodeShared>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.inflight.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -108,7 +136,7 @@ pub fn open_home(root: &Path) -> anyhow::Result<(PathBuf, Config, Home)> {
     // Sections that belong to a client are checked here too, so a mistake stops the node at
     // start with the key named, instead of failing every instance's Lua state.
     crate::cloud::vultr::Settings::from_config(config.vultr.as_ref())
-        .map_err(|e| anyhow::anyhow!("conf/stage.json: {e}"))?;
+        .map_err(|e| anyhow::anyhow!("conf/stage.json: {}", config.redact(&e.to_string())))?;
     for b in &config.builtins {
         crate::stages::new(b).map_err(|e| anyhow::anyhow!("conf/stage.json: {e}"))?;
     }

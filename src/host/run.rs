@@ -11,8 +11,12 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-/// How long `join` waits for instances to finish the callback they run.
+/// How long `join` waits for the instance threads once they were told to stop (a callback
+/// interrupted by the time budget ends within `#limits.time`).
 const STOP_GRACE: Duration = Duration::from_secs(4);
+
+/// The exit status of a node that stopped without answering everything in flight.
+pub const EXIT_NOT_DRAINED: i32 = 3;
 
 /// A running node: its shared state, instance threads and home watcher.
 pub struct NodeHandle {
@@ -26,6 +30,7 @@ pub struct NodeHandle {
 pub fn start(root: &Path, args: Vec<String>, bindings: Bindings) -> anyhow::Result<NodeHandle> {
     let (root, config, home) = open_home(root)?;
     std::env::set_current_dir(&root)?;
+    raise_open_files_limit();
     crate::db::use_home_odbcinst(&root);
     for w in &config.warnings {
         log::warn!("{w}");
@@ -97,6 +102,36 @@ fn spawn_builtin(
     })?)
 }
 
+/// Raises the soft limit of open files to the hard limit: every client is a descriptor, and
+/// the soft default (often 1024) is far below what a node serves. Returns (before, after).
+pub fn raise_open_files_limit() -> Option<(u64, u64)> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed to them.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return None;
+    }
+    let before = lim.rlim_cur;
+    if lim.rlim_cur < lim.rlim_max {
+        let want = libc::rlimit {
+            rlim_cur: lim.rlim_max,
+            rlim_max: lim.rlim_max,
+        };
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &want) } == 0 {
+            log::info!("open files limit raised from {before} to {}", lim.rlim_max);
+            return Some((before, lim.rlim_max));
+        }
+        log::warn!(
+            "open files limit stays at {before}: cannot raise it to {}: {}",
+            lim.rlim_max,
+            std::io::Error::last_os_error()
+        );
+    }
+    Some((before, before))
+}
+
 /// Logs the USAGE line every `#usage` seconds until the node stops.
 fn spawn_usage(node: &Arc<NodeShared>) {
     let every = node.config.usage_secs;
@@ -145,9 +180,29 @@ impl NodeHandle {
         let _ = rx.wait_for(|s| *s).await;
     }
 
-    /// Stops the node if no one has yet, waits for its instances (at most `STOP_GRACE`:
-    /// a script stuck in an endless loop cannot be interrupted), and returns the exit status.
+    /// Drains the node (unless a script already stopped it): listeners stop accepting and
+    /// what is in flight is answered, for at most `#limits.grace`. Then stops the
+    /// instances, waits for them (at most `STOP_GRACE`), and returns the exit status:
+    /// the script's code, or `EXIT_NOT_DRAINED` when requests were still in flight or an
+    /// instance did not stop.
     pub fn join(self) -> i32 {
+        let mut clean = true;
+        if !*self.node.shutdown.borrow() {
+            self.node.draining.send_replace(true);
+            let grace = Duration::from_millis(self.node.config.limits.grace_ms);
+            let deadline = Instant::now() + grace;
+            while self.node.inflight.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            let left = self.node.inflight.load(Ordering::Acquire);
+            if left > 0 {
+                clean = false;
+                log::warn!(
+                    "{left} request(s) still in flight after the grace of {} ms (#limits.grace); closing them",
+                    grace.as_millis()
+                );
+            }
+        }
         self.node.shutdown.send_replace(true);
         let deadline = Instant::now() + STOP_GRACE;
         for t in self.threads {
@@ -157,12 +212,16 @@ impl NodeHandle {
             if t.is_finished() {
                 let _ = t.join();
             } else {
+                clean = false;
                 log::warn!(
                     "an instance did not stop within {} s; exiting anyway",
                     STOP_GRACE.as_secs()
                 );
             }
         }
-        self.node.exit_code.load(Ordering::SeqCst)
+        match self.node.exit_code.load(Ordering::SeqCst) {
+            0 if !clean => EXIT_NOT_DRAINED,
+            code => code,
+        }
     }
 }

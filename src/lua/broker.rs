@@ -206,6 +206,18 @@ impl Conn {
             .flatten()
     }
 
+    /// The idle timeout of an accepted connection: `port.expire` in ms, `#limits.idle`
+    /// when the port does not set it, none when it is 0 or negative.
+    fn expire_ms(&self, idle: u64) -> Option<u64> {
+        let port = self.port.as_ref()?;
+        match port.raw_get::<Value>(&self.keys.expire).ok()? {
+            Value::Integer(i) if i > 0 => Some(i as u64),
+            Value::Number(n) if n > 0.0 => Some(n as u64),
+            Value::Nil => Some(idle).filter(|ms| *ms > 0),
+            _ => None,
+        }
+    }
+
     fn port_ms(&self, field: &mlua::String) -> Option<u64> {
         let v: Value = self.port.as_ref()?.raw_get(field).ok()?;
         let ms = match v {
@@ -222,9 +234,12 @@ impl Conn {
             (Framing::Bson | Framing::Packet, Value::Table(_)) => out
                 .put_with(|b| bson_lua::encode_with(lua, v, b, self.mode))
                 .map_err(mlua::Error::runtime),
-            (Framing::Text, Value::Table(_)) => out
-                .put_with(|b| serde_json::to_writer(b, v))
-                .map_err(|e| mlua::Error::runtime(format!("socket.commit: {e}"))),
+            (Framing::Text, Value::Table(_)) => {
+                crate::lua::value::check_depth(v)
+                    .map_err(|e| mlua::Error::runtime(format!("socket.commit: {e}")))?;
+                out.put_with(|b| serde_json::to_writer(b, v))
+                    .map_err(|e| mlua::Error::runtime(format!("socket.commit: {e}")))
+            }
             (_, Value::String(s)) => Ok(out.put_frame(&s.as_bytes())),
             (f, Value::Integer(_) | Value::Number(_)) if f != Framing::Bson => {
                 Ok(out.put_frame(v.to_string()?.as_bytes()))
@@ -400,6 +415,18 @@ async fn ready(lua: Lua, (uri, accept, opts): (String, Function, Option<Table>))
         );
     };
     let c = ctx(&lua);
+    let most = c.node.config.limits.max_in;
+    if ep.max_in > most {
+        return fail(
+            &lua,
+            None,
+            format!(
+                "broker.ready {uri}: IN {} is over #limits.in ({}); raise #limits.in in conf/stage.json to allow it",
+                human_size(ep.max_in),
+                human_size(most)
+            ),
+        );
+    }
     match ep.proto {
         Proto::Http => {
             let (local, task) =
@@ -475,15 +502,48 @@ fn new_udp(lua: &Lua, ep: &Endpoint, s: Rc<UdpSocket>, peer: Option<SocketAddr>)
     Ok(conn)
 }
 
+/// `268435456` → `256m`.
+fn human_size(n: usize) -> String {
+    match n {
+        n if n >= 1 << 20 && n % (1 << 20) == 0 => format!("{}m", n >> 20),
+        n if n >= 1 << 10 && n % (1 << 10) == 0 => format!("{}k", n >> 10),
+        n => n.to_string(),
+    }
+}
+
 async fn accept_loop(lua: Lua, listener: TcpListener, ep: Endpoint, port: Table, accept: Function) {
     let name = ctx(&lua).name.clone();
+    let node = ctx(&lua).node.clone();
+    let mut draining = node.draining.subscribe();
+    let mut refuser = sock::Refuser::new();
+    let mut last_error: Option<Instant> = None;
     loop {
-        let (stream, peer) = match listener.accept().await {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            // Draining (SIGTERM): stop accepting; dropping the listener refuses new clients.
+            _ = draining.wait_for(|d| *d) => return,
+        };
+        let (stream, peer) = match accepted {
             Ok(x) => x,
             Err(e) => {
-                // Out of file descriptors and similar: back off instead of spinning; the
-                // connections already open keep being served.
-                log::warn!(target: &name, "accept on port {}: {e}", ep.port);
+                // Out of file descriptors: the waiting clients are accepted and closed at
+                // once with the reserve descriptor (counted, reported once per 10 s),
+                // instead of hanging in the backlog; the open connections keep being served.
+                if sock::Refuser::is_fd_limit(&e) {
+                    use std::os::fd::AsRawFd;
+                    refuser.refuse_waiting(listener.as_raw_fd());
+                    if let Some(n) = refuser.report(std::time::Instant::now()) {
+                        log::warn!(
+                            target: &name,
+                            "port {}: {n} connection(s) refused: out of file descriptors ({e}); {} refused in all",
+                            ep.port,
+                            refuser.total
+                        );
+                    }
+                } else if last_error.is_none_or(|t| t.elapsed() >= sock::REPORT_EVERY) {
+                    last_error = Some(Instant::now());
+                    log::warn!(target: &name, "accept on port {}: {e}", ep.port);
+                }
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
@@ -611,20 +671,25 @@ async fn deliver_batch(lua: &Lua, conn: &Rc<Conn>, n: usize) {
         }
         return;
     };
-    match runner
-        .call_async::<Option<Table>>((f, &conn.table, &conn.batch, n, reply))
-        .await
+    match crate::host::budget::timed(runner.call_async::<Option<Table>>((
+        f,
+        &conn.table,
+        &conn.batch,
+        n,
+        reply,
+    )))
+    .await
     {
         Ok(None) => {}
         Ok(Some(errs)) => {
-            let name = ctx(lua).name.clone();
             for e in errs.sequence_values::<String>().flatten() {
-                log::error!(target: &name, "{e}");
+                match e.strip_prefix("error in receive: ") {
+                    Some(msg) => crate::host::callback::log_error(lua, "receive", msg),
+                    None => crate::host::callback::log_error(lua, "receive", &e),
+                }
             }
         }
-        Err(e) => {
-            log::error!(target: &ctx(lua).name, "error in receive: {}", crate::host::script_error::format(&e))
-        }
+        Err(e) => crate::host::callback::log_error(lua, "receive", &crate::host::script_error::format(&e)),
     }
 }
 
@@ -637,15 +702,15 @@ async fn call_receive(lua: &Lua, conn: &Conn, f: &Function, args: impl mlua::Int
     let runner = conn.keys.runner.as_ref()?;
     let mut all = args.into_lua_multi(lua).ok()?;
     all.push_front(Value::Function(f.clone()));
-    match runner.call_async::<(bool, Value)>(all).await {
+    match crate::host::budget::timed(runner.call_async::<(bool, Value)>(all)).await {
         Ok((true, v)) => Some(v),
         Ok((false, msg)) => {
             let msg = msg.to_string().unwrap_or_else(|_| "unknown error".into());
-            log::error!(target: &ctx(lua).name, "error in receive: {msg}");
+            crate::host::callback::log_error(lua, "receive", &msg);
             None
         }
         Err(e) => {
-            log::error!(target: &ctx(lua).name, "error in receive: {}", crate::host::script_error::format(&e));
+            crate::host::callback::log_error(lua, "receive", &crate::host::script_error::format(&e));
             None
         }
     }
@@ -667,7 +732,14 @@ async fn run_tcp(lua: Lua, conn: Rc<Conn>) {
     let mut reader = FrameReader::new(conn.framing, conn.max_in);
     let mut last_read = Instant::now();
     let mut flush_at: Option<Instant> = None;
+    // Held from the moment frames are cut until their replies are written: what a
+    // draining node (SIGTERM) waits for.
+    let node = ctx(&lua).node.clone();
+    let mut in_flight: Option<crate::host::node::InFlight> = None;
     let (reason, bad) = loop {
+        if reader.pending() > 0 && in_flight.is_none() {
+            in_flight = Some(node.in_flight());
+        }
         if let Err(e) = serve(&lua, &conn, &mut reader).await {
             break (e, true);
         }
@@ -679,13 +751,28 @@ async fn run_tcp(lua: Lua, conn: Rc<Conn>) {
         if let Some(r) = conn.closing.borrow().clone() {
             break (r, *conn.bad.borrow());
         }
+        if conn.out.borrow().is_empty() {
+            in_flight = None;
+            if node.is_draining() {
+                break ("node stopping".into(), false);
+            }
+        }
         if served {
             // Fairness: a connection that always has frames waiting would otherwise be
             // served again at once (tokio's budget allows ~128 rounds), holding up the
             // other connections of this instance for milliseconds.
             tokio::task::yield_now().await;
         }
-        if let Some(end) = wait(&conn, &stream, &mut reader, &mut last_read, flush_at).await {
+        if let Some(end) = wait(
+            &conn,
+            &stream,
+            &mut reader,
+            &mut last_read,
+            flush_at,
+            node.config.limits.idle_ms,
+        )
+        .await
+        {
             break end;
         }
     };
@@ -781,9 +868,10 @@ async fn wait(
     reader: &mut FrameReader,
     last_read: &mut Instant,
     flush_at: Option<Instant>,
+    idle: u64,
 ) -> Option<End> {
     let pending = !conn.out.borrow().is_empty() && flush_at.is_none();
-    let expire = conn.port_ms(&conn.keys.expire);
+    let expire = conn.expire_ms(idle);
     let idle_at = expire.map(|ms| *last_read + Duration::from_millis(ms));
     let partial = reader.pending();
     tokio::select! {

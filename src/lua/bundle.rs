@@ -40,6 +40,8 @@ fn json(lua: &Lua, v: Value) -> mlua::Result<Value> {
             lua.to_value_with(&parsed, json_options())
         }
         Value::Table(_) | Value::Integer(_) | Value::Number(_) | Value::Boolean(_) => {
+            crate::lua::value::check_depth(&v)
+                .map_err(|e| mlua::Error::runtime(format!("bundle.json: {e}")))?;
             let text = serde_json::to_string(&v).lua_err_in("bundle.json")?;
             lua.create_string(text).map(Value::String)
         }

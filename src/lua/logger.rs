@@ -2,7 +2,7 @@
 
 use crate::host::convert::IntoLuaErr;
 use crate::host::ctx;
-use crate::logging::{expand, parse_route, Caller};
+use crate::logging::{expand, log_env, parse_route, Caller};
 use log::Level;
 use mlua::{Lua, Table, Value, Variadic};
 
@@ -18,9 +18,7 @@ pub fn open(lua: &Lua) -> mlua::Result<Table> {
     ] {
         t.set(
             name,
-            lua.create_function(move |lua, (msg, route): (Value, Option<String>)| {
-                write(lua, level, msg, route)
-            })?,
+            lua.create_function(move |lua, args: Variadic<Value>| write(lua, level, args))?,
         )?;
     }
     Ok(t)
@@ -44,8 +42,34 @@ fn caller(lua: &Lua) -> Caller {
     .unwrap_or_default()
 }
 
-fn write(lua: &Lua, level: Level, msg: Value, route: Option<String>) -> mlua::Result<()> {
+/// Whether a logger argument is a route (`%{=group}`, `%{=group:level}`) rather than a value.
+fn is_route(v: &Value) -> bool {
+    match v {
+        Value::String(s) => {
+            let b = s.as_bytes();
+            b.starts_with(b"%{=") && b.ends_with(b"}")
+        }
+        _ => false,
+    }
+}
+
+/// `logger.X(format, ...)`: the first argument is the format, whose escapes are expanded;
+/// the other arguments are values written after it, tab-separated, as they are (never
+/// expanded: a client's text passed as a value cannot pull the environment into the log).
+/// An argument of the form `%{=group[:level]}` after the first is the route.
+fn write(lua: &Lua, level: Level, args: Variadic<Value>) -> mlua::Result<()> {
     let c = ctx(lua);
+    let mut args = args.into_iter();
+    let msg = args.next().unwrap_or(Value::Nil);
+    let mut route = None;
+    let mut values = vec![];
+    for v in args {
+        if route.is_none() && is_route(&v) {
+            route = Some(v.to_string()?);
+        } else {
+            values.push(v);
+        }
+    }
     let (target, level) = match route {
         Some(r) => {
             let (group, lvl) = parse_route(&r).lua_err()?;
@@ -57,11 +81,16 @@ fn write(lua: &Lua, level: Level, msg: Value, route: Option<String>) -> mlua::Re
         return Ok(());
     }
     let text = msg.to_string()?;
-    let text = if text.contains('%') {
-        expand(&text, &caller(lua), |n| std::env::var(n).ok())
+    let mut text = if text.contains('%') {
+        let allowed = &c.node.config.logger_env;
+        expand(&text, &caller(lua), |n| log_env(n, allowed))
     } else {
         text
     };
+    for v in values {
+        text.push('\t');
+        text.push_str(&v.to_string()?);
+    }
     log::log!(target: &target, level, "{text}");
     Ok(())
 }

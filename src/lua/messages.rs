@@ -745,7 +745,16 @@ pub async fn serve(lua: Lua, inbox: Rc<RefCell<router::Inbox>>) {
             return;
         }
     };
-    while let Some(msg) = inbox.recv().await {
+    // Handlers in flight are bounded (`#limits.handlers`): with every permit taken, the
+    // inbox is not read, so messages wait in the bounded queue and, beyond it, `signal`
+    // returns 0 and `request` gets "queue full". Memory stays flat under any flood.
+    let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(c.node.config.limits.handlers));
+    loop {
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            return;
+        };
+        let Some(msg) = inbox.recv().await else { return };
+        let in_flight = c.node.in_flight();
         let mut call = match dispatch(&lua, &m, &c, &runner, msg) {
             Ok(Some(call)) => call,
             Ok(None) => continue,
@@ -759,7 +768,10 @@ pub async fn serve(lua: Lua, inbox: Rc<RefCell<router::Inbox>>) {
         let finished =
             std::future::poll_fn(|cx| std::task::Poll::Ready(call.as_mut().poll(cx).is_ready())).await;
         if !finished {
-            spawn_local(call);
+            spawn_local(async move {
+                call.await;
+                drop((permit, in_flight));
+            });
         }
     }
 }

@@ -216,6 +216,55 @@ fn to_lua_depth(lua: &Lua, v: &Value, depth: usize) -> mlua::Result<mlua::Value>
     })
 }
 
+/// Checks that `v` nests tables at most `MAX_DEPTH` deep, before a walk that has no limit
+/// of its own (serde serialization to JSON) runs into the thread's stack. Each table is
+/// measured once (shared subtables do not make it exponential); a cycle is an error too.
+pub fn check_depth(v: &mlua::Value) -> Result<(), String> {
+    fn height(
+        t: &Table,
+        depth: usize,
+        memo: &mut std::collections::HashMap<usize, usize>,
+        open: &mut HashSet<usize>,
+    ) -> Result<usize, String> {
+        let ptr = t.to_pointer() as usize;
+        if let Some(h) = memo.get(&ptr) {
+            return Ok(*h);
+        }
+        if depth >= MAX_DEPTH {
+            return Err(format!("table nested deeper than {MAX_DEPTH} levels"));
+        }
+        if !open.insert(ptr) {
+            return Err("table with a cycle".into());
+        }
+        let mut h = 1;
+        let mut err = None;
+        let _ = t.for_each(|k: mlua::Value, v: mlua::Value| {
+            for x in [k, v] {
+                if let mlua::Value::Table(sub) = x {
+                    match height(&sub, depth + 1, memo, open) {
+                        Ok(sh) => h = h.max(sh + 1),
+                        Err(e) => {
+                            err = Some(e);
+                            return Err(mlua::Error::runtime("stop"));
+                        }
+                    }
+                }
+            }
+            Ok(())
+        });
+        open.remove(&ptr);
+        if let Some(e) = err {
+            return Err(e);
+        }
+        memo.insert(ptr, h);
+        Ok(h)
+    }
+    match v {
+        mlua::Value::Table(t) => height(t, 0, &mut Default::default(), &mut HashSet::new()).map(|_| ()),
+        _ => Ok(()),
+    }
+}
+
 /// Makes Lua values of all of `vs`.
 pub fn to_lua_multi(lua: &Lua, vs: &[Value]) -> mlua::Result<mlua::MultiValue> {
     vs.iter().map(|v| to_lua(lua, v)).collect()
@@ -232,6 +281,34 @@ mod tests {
     fn send(lua: &Lua, code: &str) -> Result<Value, SendError> {
         let v: mlua::Value = lua.load(code).eval().unwrap();
         from_lua(lua, &v, "arg 2")
+    }
+
+    #[test]
+    fn depth_is_checked_once_per_table() {
+        let a = lua();
+        let deep: mlua::Value = a
+            .load("local t = {} for i = 1, 5000 do t = {next = t} end return t")
+            .eval()
+            .unwrap();
+        assert_eq!(
+            check_depth(&deep).unwrap_err(),
+            format!("table nested deeper than {MAX_DEPTH} levels")
+        );
+        let ok: mlua::Value = a
+            .load("local t = {} for i = 1, 90 do t = {next = t, [{}] = 1} end return t")
+            .eval()
+            .unwrap();
+        check_depth(&ok).unwrap();
+        // 60 levels of a table shared twice per level: 2^60 paths, 60 tables.
+        let shared: mlua::Value = a
+            .load("local t = {} for i = 1, 60 do t = {a = t, b = t} end return t")
+            .eval()
+            .unwrap();
+        let t = std::time::Instant::now();
+        check_depth(&shared).unwrap();
+        assert!(t.elapsed() < std::time::Duration::from_secs(1));
+        let cyc: mlua::Value = a.load("local t = {} t.self = t return t").eval().unwrap();
+        assert_eq!(check_depth(&cyc).unwrap_err(), "table with a cycle");
     }
 
     #[test]

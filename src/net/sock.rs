@@ -170,3 +170,123 @@ mod tests {
         assert_eq!(literal_addr("example.com", 2), None);
     }
 }
+
+/// What an instance does when `accept` fails because the process is out of descriptors
+/// (EMFILE/ENFILE): the connection would otherwise wait in the backlog, connected but never
+/// served, while accept fails again and again. One descriptor is kept in reserve; at the
+/// limit it is released, the waiting connections are accepted and closed at once (the
+/// client sees the connection end instead of hanging), and the reserve is taken again.
+/// Refusals are counted and reported once per `REPORT_EVERY`.
+pub struct Refuser {
+    spare: Option<std::fs::File>,
+    /// Connections refused since the last report.
+    pub refused: u64,
+    /// Every connection refused so far.
+    pub total: u64,
+    last_report: Option<std::time::Instant>,
+}
+
+/// How often a port at the descriptor limit is reported.
+pub const REPORT_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+impl Default for Refuser {
+    fn default() -> Self {
+        Refuser::new()
+    }
+}
+
+impl Refuser {
+    pub fn new() -> Refuser {
+        Refuser {
+            spare: std::fs::File::open("/dev/null").ok(),
+            refused: 0,
+            total: 0,
+            last_report: None,
+        }
+    }
+
+    /// Whether `e` means "out of descriptors".
+    pub fn is_fd_limit(e: &io::Error) -> bool {
+        matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE))
+    }
+
+    /// Accepts and closes every connection waiting on `listener` (a non-blocking listening
+    /// socket), using the reserve descriptor. Returns how many were refused.
+    pub fn refuse_waiting(&mut self, listener: std::os::fd::RawFd) -> u64 {
+        self.spare = None;
+        let mut n = 0;
+        loop {
+            // SAFETY: accept on a listening descriptor we own; a returned fd is closed at once.
+            let fd = unsafe {
+                libc::accept4(
+                    listener,
+                    std::ptr::null_mut(),
+                    std::ptr::null_mut(),
+                    libc::SOCK_CLOEXEC,
+                )
+            };
+            if fd < 0 {
+                break;
+            }
+            unsafe { libc::close(fd) };
+            n += 1;
+            if n >= 1024 {
+                break;
+            }
+        }
+        self.spare = std::fs::File::open("/dev/null").ok();
+        self.refused += n;
+        self.total += n;
+        n
+    }
+
+    /// `Some(count)` when it is time to report the refusals since the last report.
+    pub fn report(&mut self, now: std::time::Instant) -> Option<u64> {
+        if self.refused == 0 {
+            return None;
+        }
+        if self
+            .last_report
+            .is_some_and(|t| now.duration_since(t) < REPORT_EVERY)
+        {
+            return None;
+        }
+        self.last_report = Some(now);
+        Some(std::mem::take(&mut self.refused))
+    }
+}
+
+#[cfg(test)]
+mod refuser_tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+
+    #[test]
+    fn waiting_connections_are_closed_and_counted() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.set_nonblocking(true).unwrap();
+        let addr = l.local_addr().unwrap();
+        let mut clients: Vec<std::net::TcpStream> = (0..3)
+            .map(|_| std::net::TcpStream::connect(addr).unwrap())
+            .collect();
+        let mut r = Refuser::new();
+        assert_eq!(r.refuse_waiting(l.as_raw_fd()), 3);
+        for c in &mut clients {
+            c.set_read_timeout(Some(std::time::Duration::from_secs(2)))
+                .unwrap();
+            let mut b = [0u8; 4];
+            assert!(matches!(std::io::Read::read(c, &mut b), Ok(0) | Err(_)));
+        }
+        let t = std::time::Instant::now();
+        assert_eq!(r.report(t), Some(3));
+        assert_eq!(r.refuse_waiting(l.as_raw_fd()), 0);
+        std::net::TcpStream::connect(addr).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert_eq!(r.refuse_waiting(l.as_raw_fd()), 1);
+        // Reported at most once per interval.
+        assert_eq!(r.report(t + std::time::Duration::from_secs(1)), None);
+        assert_eq!(r.report(t + REPORT_EVERY), Some(1));
+        assert_eq!(r.total, 4);
+        assert!(Refuser::is_fd_limit(&io::Error::from_raw_os_error(libc::EMFILE)));
+    }
+}
