@@ -545,6 +545,7 @@ impl Controller {
         let dir = st.paths.config.parent().map(Path::to_path_buf);
         drop(st);
         lock(&self.inner.lbs).remove(name);
+        lock(&self.inner.subs).retain(|(n, _)| n != name);
         if let Some(d) = dir {
             let _ = std::fs::remove_dir_all(d);
         }

@@ -34,7 +34,6 @@ pub fn binary() -> Result<PathBuf> {
 pub fn validate(bin: &Path, config: &Path) -> Result<()> {
     let out = Command::new(bin)
         .arg("-c")
-        .arg("-q")
         .arg("-f")
         .arg(config)
         .stdin(Stdio::null())
@@ -45,19 +44,32 @@ pub fn validate(bin: &Path, config: &Path) -> Result<()> {
     }
     let mut text = String::from_utf8_lossy(&out.stderr).into_owned();
     text.push_str(&String::from_utf8_lossy(&out.stdout));
+    Err(LbError::Rejected(format!(
+        "haproxy -c rejected the config: {}",
+        alerts(&text)
+    )))
+}
+
+/// HAProxy's ALERT lines without their prefixes (`[ALERT] (pid) : config : `), the summary
+/// lines dropped when there is a specific one.
+pub fn alerts(text: &str) -> String {
     let lines: Vec<&str> = text
         .lines()
-        .map(str::trim)
-        .filter(|l| l.contains("ALERT") || l.contains("rror"))
+        .filter(|l| l.contains("ALERT"))
+        .map(|l| l.split_once("] ").map(|(_, r)| r).unwrap_or(l).trim())
+        .map(|l| l.split_once(") : ").map(|(_, r)| r).unwrap_or(l))
+        .map(|l| l.trim_start_matches("config : ").trim())
         .collect();
-    let detail = if lines.is_empty() {
-        text.trim().to_string()
-    } else {
-        lines.join("; ")
-    };
-    Err(LbError::Rejected(format!(
-        "haproxy -c rejected the config: {detail}"
-    )))
+    let specific: Vec<&str> = lines
+        .iter()
+        .copied()
+        .filter(|l| !l.starts_with("Error(s) found") && !l.starts_with("Fatal errors"))
+        .collect();
+    match (specific.is_empty(), lines.is_empty()) {
+        (false, _) => specific.join("; "),
+        (true, false) => lines.join("; "),
+        (true, true) => text.trim().to_string(),
+    }
 }
 
 /// Whether a process exists (signal 0).
@@ -114,18 +126,9 @@ pub fn start(bin: &Path, paths: &Paths) -> Result<i32> {
         .map_err(|e| LbError::Failed(format!("cannot run {}: {e}", bin.display())))?;
     if !status.success() {
         let text = std::fs::read_to_string(&paths.log).unwrap_or_default();
-        let lines: Vec<&str> = text
-            .lines()
-            .filter(|l| l.contains("ALERT"))
-            .map(str::trim)
-            .collect();
         return Err(LbError::Rejected(format!(
             "haproxy did not start ({status}): {}",
-            if lines.is_empty() {
-                text.trim().to_string()
-            } else {
-                lines.join("; ")
-            }
+            alerts(&text)
         )));
     }
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -291,6 +294,21 @@ mod tests {
         assert_eq!(state_word("DOWN 1/2"), "DOWN");
         assert_eq!(state_word("MAINT (via x/y)"), "MAINT");
         assert_eq!(state_word("no check"), "UP");
+    }
+
+    #[test]
+    fn alerts_keep_the_specific_line() {
+        let text = "[NOTICE]   (1) : haproxy version is 2.6.12\n[ALERT]    (1) : config : parsing [/x:4] : unknown keyword 'bogus' in 'backend' section\n[ALERT]    (1) : config : Fatal errors found in configuration.\n";
+        assert_eq!(
+            alerts(text),
+            "parsing [/x:4] : unknown keyword 'bogus' in 'backend' section"
+        );
+        let text =
+            "[ALERT]    (26091) : [/usr/sbin/haproxy.main()] Cannot raise FD limit to 40032, limit is 20000.";
+        assert_eq!(
+            alerts(text),
+            "[/usr/sbin/haproxy.main()] Cannot raise FD limit to 40032, limit is 20000."
+        );
     }
 
     #[test]

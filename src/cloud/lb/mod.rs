@@ -319,7 +319,7 @@ impl Spec {
             health: Health::default_for(Protocol::Http),
             autoscale: None,
             drain: 30.0,
-            maxconn: 10_000,
+            maxconn: 4096,
             options: Vec::new(),
             project: None,
         };

@@ -86,7 +86,7 @@ pub fn render(spec: &Spec, paths: &Paths, draining: &[String]) -> String {
     c.push_str("    stats timeout 30s\n");
     let _ = writeln!(c, "    server-state-file {}", paths.state.display());
     c.push_str("    hard-stop-after 30s\n");
-    let _ = writeln!(c, "    maxconn {}", spec.maxconn.saturating_mul(2).max(100));
+    let _ = writeln!(c, "    maxconn {}", spec.maxconn);
     c.push('\n');
     c.push_str("defaults\n");
     let _ = writeln!(c, "    mode {}", spec.protocol.word());

@@ -1,0 +1,506 @@
+//! The LB controller against a real HAProxy on loopback, with backends that are real processes
+//! (tests/lb/backend.py) and a real load client (tests/lb/load.py, Python's http.client and
+//! sockets). Without haproxy the tests are skipped, except under CI=true where they fail.
+
+#[macro_use]
+mod harness;
+
+use serde_json::{json, Value as Json};
+use stage::cloud::lb::controller::StoreAt;
+use stage::cloud::lb::{Controller, Spec};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Whether HAProxy is here; panics under CI=true when it is not.
+fn have_haproxy() -> bool {
+    if stage::cloud::lb::haproxy::binary().is_ok() {
+        return true;
+    }
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("haproxy is not installed; scripts/setup installs it");
+    }
+    eprintln!("skipping: haproxy is not installed (scripts/setup installs it)");
+    false
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn script(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/lb").join(name)
+}
+
+/// A backend process on loopback; killed on drop.
+struct Backend {
+    child: Child,
+    port: u16,
+    mode: &'static str,
+}
+
+impl Backend {
+    fn start(mode: &'static str, port: u16) -> Backend {
+        let mut child = Command::new("python3")
+            .arg(script("backend.py"))
+            .arg(mode)
+            .arg(port.to_string())
+            .arg(format!("b{port}"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("python3");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "ready", "backend on {port} did not start");
+        Backend { child, port, mode }
+    }
+
+    fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn restart(&mut self) {
+        self.kill();
+        *self = Backend::start(self.mode, self.port);
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn backends(mode: &'static str, n: usize) -> Vec<Backend> {
+    (0..n).map(|_| Backend::start(mode, free_port())).collect()
+}
+
+/// A controller on a temporary directory; its HAProxy processes are stopped on drop.
+struct Ctl {
+    c: Controller,
+    dir: tempfile::TempDir,
+}
+
+impl Ctl {
+    fn new() -> Ctl {
+        let dir = tempfile::tempdir().unwrap();
+        let c = open(dir.path());
+        Ctl { c, dir }
+    }
+}
+
+fn open(dir: &Path) -> Controller {
+    Controller::open(dir, StoreAt::Sqlite(dir.join("state.db")), false)
+        .unwrap()
+        .unwrap()
+}
+
+impl Drop for Ctl {
+    fn drop(&mut self) {
+        self.c.shutdown(true);
+        // Whatever a test left running under this directory (a replaced master, say).
+        kill_haproxy_under(self.dir.path());
+    }
+}
+
+fn kill_haproxy_under(dir: &Path) {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    let needle = dir.display().to_string();
+    for p in procs.flatten() {
+        let Ok(pid) = p.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        if let Ok(cmd) = std::fs::read(p.path().join("cmdline")) {
+            let cmd = String::from_utf8_lossy(&cmd);
+            if cmd.contains("haproxy") && cmd.contains(&needle) {
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Load {
+    ok: u64,
+    fail: u64,
+    bodies: std::collections::HashMap<String, u64>,
+    errors: Vec<String>,
+}
+
+fn parse_load(out: &str) -> Load {
+    let j: Json = serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("load output {out:?}: {e}"));
+    Load {
+        ok: j["ok"].as_u64().unwrap(),
+        fail: j["fail"].as_u64().unwrap(),
+        bodies: j["bodies"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_u64().unwrap()))
+            .collect(),
+        errors: j["errors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e.to_string())
+            .collect(),
+    }
+}
+
+fn load_cmd(mode: &str, target: &str, requests: u64, seconds: f64, conc: u32) -> Command {
+    let mut c = Command::new("python3");
+    c.arg(script("load.py"))
+        .arg(mode)
+        .arg(target)
+        .arg(requests.to_string())
+        .arg(seconds.to_string())
+        .arg(conc.to_string())
+        .stdout(Stdio::piped());
+    c
+}
+
+fn load(mode: &str, target: &str, requests: u64, conc: u32) -> Load {
+    let out = load_cmd(mode, target, requests, 60.0, conc).output().unwrap();
+    parse_load(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// A load that runs in the background until `finish`.
+struct Running {
+    child: Child,
+    stop: PathBuf,
+}
+
+fn load_start(mode: &str, target: &str, dir: &Path) -> Running {
+    let id = free_port();
+    let stop = dir.join(format!("stop-{id}"));
+    let started = dir.join(format!("started-{id}"));
+    let child = load_cmd(mode, target, 0, 60.0, 2)
+        .env("LOAD_STOP", &stop)
+        .env("LOAD_STARTED", &started)
+        .spawn()
+        .unwrap();
+    wait_until(Duration::from_secs(10), || started.exists()).expect("the load starts");
+    Running { child, stop }
+}
+
+impl Running {
+    fn finish(self) -> Load {
+        std::fs::write(&self.stop, "").unwrap();
+        let out = self.child.wait_with_output().unwrap();
+        parse_load(&String::from_utf8_lossy(&out.stdout))
+    }
+}
+
+fn spec(v: Json) -> Spec {
+    Spec::from_json("test", &v).unwrap()
+}
+
+fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> Option<Duration> {
+    let t0 = Instant::now();
+    while t0.elapsed() < limit {
+        if f() {
+            return Some(t0.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+fn serving(listen: &str) -> bool {
+    std::net::TcpStream::connect_timeout(&listen.parse().unwrap(), Duration::from_millis(200)).is_ok()
+}
+
+fn balance(mode: &'static str) {
+    if !have_haproxy() {
+        return;
+    }
+    let ctl = Ctl::new();
+    let bs = backends(mode, 3);
+    let listen = format!("127.0.0.1:{}", free_port());
+    ctl.c
+        .create(spec(json!({"name": "bal", "protocol": mode, "listen": listen,
+            "backends": bs.iter().map(Backend::addr).collect::<Vec<_>>(),
+            "health": {"protocol": mode, "path": "/healthz", "interval": 1, "timeout": 1}})))
+        .unwrap();
+    let r = load(mode, &listen, 3000, 4);
+    assert_eq!((r.ok, r.fail), (3000, 0), "{:?}", r.errors);
+    for b in &bs {
+        let n = r.bodies.get(&format!("b{}", b.port)).copied().unwrap_or(0);
+        assert!(
+            (900..=1100).contains(&n),
+            "{mode}: backend {} got {n} of 3000: {:?}",
+            b.port,
+            r.bodies
+        );
+    }
+}
+
+#[test]
+fn balancing_http_round_robin() {
+    balance("http");
+}
+
+#[test]
+fn balancing_tcp_round_robin() {
+    balance("tcp");
+}
+
+#[test]
+fn a_killed_backend_goes_down_then_up() {
+    if !have_haproxy() {
+        return;
+    }
+    let ctl = Ctl::new();
+    let mut bs = backends("http", 3);
+    let listen = format!("127.0.0.1:{}", free_port());
+    ctl.c
+        .create(spec(json!({"name": "hc", "listen": listen,
+            "backends": bs.iter().map(Backend::addr).collect::<Vec<_>>(),
+            "health": {"path": "/healthz", "interval": 0.5, "timeout": 0.4, "healthy": 2, "unhealthy": 2}})))
+        .unwrap();
+    let mut rx = ctl.c.subscribe("hc");
+    // Every backend UP first.
+    wait_until(Duration::from_secs(5), || {
+        ctl.c.refresh("hc").unwrap();
+        ctl.c.info("hc").unwrap().backends.iter().all(|b| b.state == "UP")
+    })
+    .expect("all UP");
+    let victim = bs[1].addr();
+    bs[1].kill();
+    let t0 = Instant::now();
+    let ev = loop {
+        let ev = rx.blocking_recv().expect("event");
+        if ev.backend.as_deref() == Some(victim.as_str()) && ev.state == "DOWN" {
+            break ev;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(5), "no DOWN event");
+    };
+    let took = t0.elapsed();
+    // interval × unhealthy + 1 s
+    assert!(took <= Duration::from_millis(2000), "DOWN after {took:?}");
+    assert_eq!(ev.previous.as_deref(), Some("UP"));
+    let r = load("http", &listen, 300, 2);
+    assert_eq!(r.fail, 0, "{:?}", r.errors);
+    assert_eq!(r.bodies.get(&format!("b{}", bs[1].port)), None);
+    bs[1].restart();
+    let t0 = Instant::now();
+    loop {
+        let ev = rx.blocking_recv().expect("event");
+        if ev.backend.as_deref() == Some(victim.as_str()) && ev.state == "UP" {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(5), "no UP event");
+    }
+    assert!(
+        t0.elapsed() <= Duration::from_millis(2500),
+        "UP after {:?}",
+        t0.elapsed()
+    );
+}
+
+#[test]
+fn add_and_remove_under_load_without_failures_or_reload() {
+    if !have_haproxy() {
+        return;
+    }
+    let ctl = Ctl::new();
+    let bs = backends("http", 3);
+    let listen = format!("127.0.0.1:{}", free_port());
+    ctl.c
+        .create(spec(json!({"name": "live", "listen": listen, "drain": 5,
+            "backends": [bs[0].addr(), bs[1].addr()],
+            "health": {"path": "/healthz", "interval": 0.5, "timeout": 0.4}})))
+        .unwrap();
+    let pid = ctl.c.info("live").unwrap().pid;
+    let worker = stage::cloud::lb::haproxy::Runtime::new(&ctl.dir.path().join("live/admin.sock"))
+        .worker_pid()
+        .unwrap();
+    let run = load_start("http", &listen, ctl.dir.path());
+    std::thread::sleep(Duration::from_millis(500));
+    ctl.c.add("live", &bs[2].addr(), false).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    ctl.c.remove("live", &bs[0].addr()).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let before_end = load("http", &listen, 200, 2);
+    let r = run.finish();
+    assert_eq!(r.fail, 0, "{:?}", r.errors);
+    assert!(r.ok > 100, "{r:?}");
+    assert!(r.bodies.contains_key(&format!("b{}", bs[2].port)), "{r:?}");
+    assert_eq!(
+        before_end.bodies.get(&format!("b{}", bs[0].port)),
+        None,
+        "{before_end:?}"
+    );
+    let info = ctl.c.info("live").unwrap();
+    assert_eq!((info.pid, info.reloads), (pid, 0));
+    let same_worker = stage::cloud::lb::haproxy::Runtime::new(&ctl.dir.path().join("live/admin.sock"))
+        .worker_pid()
+        .unwrap();
+    assert_eq!(same_worker, worker, "no reload: the same worker serves");
+    let addrs: Vec<_> = info.backends.iter().map(|b| b.address.clone()).collect();
+    assert_eq!(addrs, vec![bs[1].addr(), bs[2].addr()]);
+    // The rendered config carries the runtime change too.
+    let cfg = std::fs::read_to_string(ctl.dir.path().join("live/haproxy.cfg")).unwrap();
+    assert!(
+        cfg.contains(&bs[2].addr()) && !cfg.contains(&bs[0].addr()),
+        "{cfg}"
+    );
+}
+
+#[test]
+fn kill_9_of_haproxy_is_replaced_with_runtime_backends() {
+    if !have_haproxy() {
+        return;
+    }
+    let ctl = Ctl::new();
+    let bs = backends("http", 3);
+    let listen = format!("127.0.0.1:{}", free_port());
+    ctl.c
+        .create(spec(json!({"name": "fo", "listen": listen,
+            "backends": [bs[0].addr(), bs[1].addr()],
+            "health": {"path": "/healthz", "interval": 1, "timeout": 1}})))
+        .unwrap();
+    ctl.c.add("fo", &bs[2].addr(), false).unwrap();
+    let mut rx = ctl.c.subscribe("fo");
+    let old = ctl.c.info("fo").unwrap().pid;
+    let worker = stage::cloud::lb::haproxy::Runtime::new(&ctl.dir.path().join("fo/admin.sock"))
+        .worker_pid()
+        .unwrap();
+    unsafe {
+        libc::kill(old, libc::SIGKILL);
+        libc::kill(worker, libc::SIGKILL);
+    }
+    let t0 = Instant::now();
+    wait_until(Duration::from_secs(3), || !serving(&listen)).expect("the old one stops");
+    let back =
+        wait_until(Duration::from_secs(5), || load("http", &listen, 3, 1).ok == 3).expect("serving again");
+    assert!(
+        t0.elapsed() <= Duration::from_secs(3),
+        "serving again after {:?}",
+        back
+    );
+    let ev = rx.blocking_recv().unwrap();
+    assert_eq!(ev.kind, "failover");
+    assert_eq!(ev.old_pid, Some(old));
+    let info = ctl.c.info("fo").unwrap();
+    assert_ne!(info.pid, old);
+    assert_eq!(info.failovers, 1);
+    let r = load("http", &listen, 300, 2);
+    assert_eq!(r.fail, 0, "{:?}", r.errors);
+    assert!(
+        r.bodies.contains_key(&format!("b{}", bs[2].port)),
+        "runtime-added backend present: {r:?}"
+    );
+}
+
+#[test]
+fn controller_restart_adopts_and_keeps_serving() {
+    if !have_haproxy() {
+        return;
+    }
+    let ctl = Ctl::new();
+    let bs = backends("http", 3);
+    let listen = format!("127.0.0.1:{}", free_port());
+    ctl.c
+        .create(spec(
+            json!({"name": "keep", "listen": listen, "backends": [bs[0].addr(), bs[1].addr()]}),
+        ))
+        .unwrap();
+    ctl.c.add("keep", &bs[2].addr(), false).unwrap();
+    let pid = ctl.c.info("keep").unwrap().pid;
+    let run = load_start("http", &listen, ctl.dir.path());
+    std::thread::sleep(Duration::from_millis(300));
+    ctl.c.shutdown(false);
+    std::thread::sleep(Duration::from_millis(300));
+    let again = open(ctl.dir.path());
+    assert_eq!(again.names(), vec!["keep".to_string()]);
+    let info = again.info("keep").unwrap();
+    assert_eq!(info.pid, pid, "adopted, not restarted");
+    assert_eq!(info.backends.len(), 3);
+    std::thread::sleep(Duration::from_millis(300));
+    let r = run.finish();
+    assert_eq!(r.fail, 0, "{:?}", r.errors);
+    assert_eq!(r.bodies.len(), 3, "{r:?}");
+    again.shutdown(true);
+}
+
+#[test]
+fn bad_input_is_refused_and_the_running_lb_untouched() {
+    if !have_haproxy() {
+        return;
+    }
+    let ctl = Ctl::new();
+    let bs = backends("http", 2);
+    let listen = format!("127.0.0.1:{}", free_port());
+    ctl.c
+        .create(spec(
+            json!({"name": "ok", "listen": listen, "backends": [bs[0].addr()]}),
+        ))
+        .unwrap();
+    // A port in use by another process.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken_addr = taken.local_addr().unwrap().to_string();
+    let e = ctl
+        .c
+        .create(spec(json!({"name": "other", "listen": taken_addr})))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("lb.create: listen") && e.contains("in use"), "{e}");
+    // The same listen address as a running LB.
+    let e = ctl
+        .c
+        .create(spec(json!({"name": "dup", "listen": listen})))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("used by another lb"), "{e}");
+    // An invalid backend address.
+    let e = ctl
+        .c
+        .add("ok", "backend.example:80", false)
+        .unwrap_err()
+        .to_string();
+    assert!(e.starts_with("ok.add:") && e.contains("not an ip:port"), "{e}");
+    // A config HAProxy rejects.
+    let e = ctl
+        .c
+        .update("ok", &json!({"options": ["no-such-directive 1"]}))
+        .unwrap_err()
+        .to_string();
+    assert!(e.starts_with("ok.update: haproxy -c rejected the config"), "{e}");
+    assert!(e.contains("no-such-directive"), "{e}");
+    let e = ctl
+        .c
+        .update("ok", &json!({"colour": "red"}))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("unknown field \"colour\""), "{e}");
+    let info = ctl.c.info("ok").unwrap();
+    assert_eq!(info.reloads, 0);
+    assert!(ctl.c.spec("ok").unwrap().options.is_empty());
+    assert_eq!(load("http", &listen, 20, 1).fail, 0);
+    // A good update reloads seamlessly.
+    ctl.c.update("ok", &json!({"algorithm": "leastconn"})).unwrap();
+    assert_eq!(ctl.c.info("ok").unwrap().reloads, 1);
+    let cfg = std::fs::read_to_string(ctl.dir.path().join("ok/haproxy.cfg")).unwrap();
+    assert!(cfg.contains("balance leastconn"));
+    assert_eq!(load("http", &listen, 20, 1).fail, 0);
+    ctl.c.delete("ok").unwrap();
+    assert!(!serving(&listen));
+    assert!(ctl.c.names().is_empty());
+    drop(taken);
+}
