@@ -504,3 +504,93 @@ fn bad_input_is_refused_and_the_running_lb_untouched() {
     assert!(ctl.c.names().is_empty());
     drop(taken);
 }
+
+/// Runs the Lua scenario `tests/lua/<rel>` on a fresh home whose preload defines `LB_ENV`
+/// (`listen`, `listen2`, `backends`, `names`, `pids`, `backend_py`, `load_py`), then stops
+/// whatever HAProxy the home left running.
+fn lua_scenario(rel: &str, bs: &[Backend], extra: &str, limit: Duration) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/lua").join(rel);
+    let text = std::fs::read_to_string(&path).unwrap();
+    let home = harness::TestHome::new();
+    let list = |f: &dyn Fn(&Backend) -> String| bs.iter().map(f).collect::<Vec<_>>().join(", ");
+    let env = format!(
+        "LB_ENV = {{ listen = \"127.0.0.1:{}\", listen2 = \"127.0.0.1:{}\", backends = {{ {} }}, names = {{ {} }}, pids = {{ {} }}, backend_py = {:?}, load_py = {:?} {extra} }}\n",
+        free_port(),
+        free_port(),
+        list(&|b| format!("\"{}\"", b.addr())),
+        list(&|b| format!("\"b{}\"", b.port)),
+        list(&|b| b.child.id().to_string()),
+        script("backend.py").display().to_string(),
+        script("load.py").display().to_string(),
+    );
+    home.write("preload/01-lb-env.lua", &env);
+    home.write("package/start.lua", &text);
+    let (code, out) = harness::wait_with_output(home.spawn(), limit);
+    kill_haproxy_under(home.path());
+    match code {
+        Some(0) => out,
+        Some(c) => panic!("scenario {rel} failed (exit {c}):\n{out}"),
+        None => panic!("scenario {rel} did not finish within {limit:?}:\n{out}"),
+    }
+}
+
+#[test]
+fn lua_api() {
+    if !have_haproxy() {
+        return;
+    }
+    let bs = backends("http", 3);
+    lua_scenario("lb/api.lua", &bs, "", Duration::from_secs(60));
+}
+
+#[test]
+fn node_restart_restores_every_lb_without_failed_requests() {
+    if !have_haproxy() {
+        return;
+    }
+    let bs = backends("http", 3);
+    let home = harness::TestHome::new();
+    let out = tempfile::tempdir().unwrap();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let env = format!(
+        "LB_ENV = {{ listen = {listen:?}, out = {:?}, backends = {{ {} }} }}\n",
+        out.path().display().to_string(),
+        bs.iter().map(|b| format!("\"{}\"", b.addr())).collect::<Vec<_>>().join(", ")
+    );
+    home.write("preload/01-lb-env.lua", &env);
+    let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/lua/lb/restart.lua")).unwrap();
+    home.write("package/start.lua", &text);
+    let stop = |child: Child| {
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        harness::wait_with_output(child, Duration::from_secs(10))
+    };
+    let node = home.spawn();
+    let first = out.path().join("first");
+    if wait_until(Duration::from_secs(20), || first.exists()).is_none() {
+        let (_, log) = stop(node);
+        kill_haproxy_under(home.path());
+        panic!("the first run did not create the lb:\n{log}");
+    }
+    let run = load_start("http", &listen, out.path());
+    std::thread::sleep(Duration::from_millis(300));
+    let (code, log1) = stop(node);
+    assert_eq!(code, Some(0), "{log1}");
+    std::thread::sleep(Duration::from_millis(300));
+    let node = home.spawn();
+    let second = out.path().join("second");
+    let restored = wait_until(Duration::from_secs(20), || second.exists());
+    std::thread::sleep(Duration::from_millis(300));
+    let r = run.finish();
+    let (_, log2) = stop(node);
+    kill_haproxy_under(home.path());
+    assert!(restored.is_some(), "the second run did not find the lb:\n{log2}");
+    assert_eq!(
+        std::fs::read_to_string(&first).unwrap(),
+        std::fs::read_to_string(&second).unwrap(),
+        "the same haproxy serves across the restart"
+    );
+    assert_eq!(r.fail, 0, "{:?}", r.errors);
+    assert!(r.ok > 50, "{r:?}");
+    assert_eq!(r.bodies.len(), 3, "all three backends served: {r:?}");
+    assert!(log2.contains("lb web: adopted the running haproxy"), "{log2}");
+}

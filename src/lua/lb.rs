@@ -209,7 +209,11 @@ async fn info(lua: &Lua, name: String) -> mlua::Result<Value> {
 
 /// The first argument of a handle method, whether called `web.add(x)` or `web:add(x)`.
 fn args(mut a: MultiValue) -> MultiValue {
-    if matches!(a.front(), Some(Value::Table(_))) {
+    let is_handle = match a.front() {
+        Some(Value::Table(t)) => matches!(t.raw_get::<Value>("add"), Ok(Value::Function(_))),
+        _ => false,
+    };
+    if is_handle {
         a.pop_front();
     }
     a
