@@ -594,3 +594,17 @@ fn node_restart_restores_every_lb_without_failed_requests() {
     assert_eq!(r.bodies.len(), 3, "all three backends served: {r:?}");
     assert!(log2.contains("lb web: adopted the running haproxy"), "{log2}");
 }
+
+#[test]
+fn lua_autoscaling_through_a_provider() {
+    if !have_haproxy() {
+        return;
+    }
+    let bs = backends("http", 1);
+    let out = tempfile::tempdir().unwrap();
+    let spare: Vec<String> = (0..4).map(|_| free_port().to_string()).collect();
+    let extra = format!(", spare = {{ {} }}, out = {:?}", spare.join(", "), out.path().display().to_string());
+    let log = lua_scenario("lb/autoscale.lua", &bs, &extra, Duration::from_secs(90));
+    assert!(log.contains("quota exceeded"), "the provider error is logged");
+    assert!(log.contains("scale-out failed; retrying in 1 s"), "{log}");
+}
