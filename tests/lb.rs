@@ -525,6 +525,10 @@ fn lua_scenario(rel: &str, bs: &[Backend], extra: &str, limit: Duration) -> Stri
     );
     home.write("preload/01-lb-env.lua", &env);
     home.write("package/start.lua", &text);
+    let conf: Vec<&str> = text.lines().take_while(|l| l.starts_with("--! ")).map(|l| &l[4..]).collect();
+    if !conf.is_empty() {
+        home.write("conf/stage.json", &conf.join("\n"));
+    }
     let (code, out) = harness::wait_with_output(home.spawn(), limit);
     kill_haproxy_under(home.path());
     match code {
@@ -607,4 +611,95 @@ fn lua_autoscaling_through_a_provider() {
     let log = lua_scenario("lb/autoscale.lua", &bs, &extra, Duration::from_secs(90));
     assert!(log.contains("quota exceeded"), "the provider error is logged");
     assert!(log.contains("scale-out failed; retrying in 1 s"), "{log}");
+}
+
+/// The example home's JSON API (stage/package/lbaas.lua) over BSON, driven by Python's bson.
+#[test]
+fn json_api_example_over_bson() {
+    if !have_haproxy() {
+        return;
+    }
+    let bs = backends("http", 3);
+    let home = harness::TestHome::new();
+    let out = tempfile::tempdir().unwrap();
+    let api_port = free_port();
+    let listen = format!("127.0.0.1:{}", free_port());
+    home.write(
+        "preload/01-lb-env.lua",
+        &format!("LB_ENV = {{ api_port = {api_port}, out = {:?} }}\n", out.path().display().to_string()),
+    );
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(root.join("tests/lua/lb/lbaas.lua")).unwrap();
+    let conf: Vec<&str> = text.lines().take_while(|l| l.starts_with("--! ")).map(|l| &l[4..]).collect();
+    home.write("conf/stage.json", &conf.join("\n"));
+    home.write("package/start.lua", &text);
+    home.write("package/lbaas.lua", &std::fs::read_to_string(root.join("stage/package/lbaas.lua")).unwrap());
+    let node = home.spawn();
+    let finish = |node: Child| {
+        unsafe { libc::kill(node.id() as i32, libc::SIGTERM) };
+        let r = harness::wait_with_output(node, Duration::from_secs(10));
+        kill_haproxy_under(home.path());
+        r.1
+    };
+    if wait_until(Duration::from_secs(20), || out.path().join("ready").exists()).is_none() {
+        panic!("the api did not start:\n{}", finish(node));
+    }
+    let hc = json!({"protocol": "HTTP", "port": bs[0].port, "request-path": "/healthz",
+        "criteria": {"interval": 1, "timeout": 1, "health-threshold": 2, "unhealth-threshold": 2}});
+    let reqs = json!([
+        {"action": "create", "type": "project", "info": {"user": "john", "name": "john's project"}},
+        {"action": "create", "type": "instance", "info": {"name": "web", "project": "john's project",
+            "listen": listen, "traffic_type": "http",
+            "backend": {"entities": [bs[0].addr(), bs[1].addr()], "health-check": hc, "auto-scaling": false}}},
+        {"action": "info", "type": "project", "info": {"name": "john's project"}},
+        {"action": "update", "type": "instance", "info": {"name": "web",
+            "backend": {"entities": [bs[1].addr(), bs[2].addr()]}}},
+        {"action": "info", "type": "instance", "info": {"name": "web"}},
+        {"action": "update", "type": "project", "info": {"id": 1, "user": "jane"}},
+        // Bad requests: each a "fail" naming the field.
+        {"action": "create", "type": "project", "info": {"name": "no user"}},
+        {"action": "launch", "type": "project", "info": {}},
+        {"action": "create", "type": "vm", "info": {}},
+        {"action": "create", "type": "instance", "info": {"name": "bad", "project": "john's project",
+            "listen": "127.0.0.1:1", "backend": {"entities": ["not-an-ip"]}}},
+        {"action": "create", "type": "instance", "info": {"name": "x", "project": "nobody's"}},
+        {"action": "delete", "type": "project", "info": {"id": 1}},
+        {"action": "delete", "type": "instance", "info": {"name": "web"}},
+        {"action": "delete", "type": "project", "info": {"id": 1}},
+        {"action": "info", "type": "project", "info": {"id": 1}},
+    ]);
+    let file = out.path().join("requests.json");
+    std::fs::write(&file, reqs.to_string()).unwrap();
+    let client = Command::new("python3")
+        .arg(script("bson_client.py"))
+        .arg(format!("127.0.0.1:{api_port}"))
+        .arg(&file)
+        .output()
+        .unwrap();
+    let log = finish(node);
+    let text = String::from_utf8_lossy(&client.stdout);
+    let res: Vec<Json> = serde_json::from_str(text.trim())
+        .unwrap_or_else(|e| panic!("{e}: {text} {}\n{log}", String::from_utf8_lossy(&client.stderr)));
+    let st = |i: usize| res[i]["status"].as_str().unwrap().to_string();
+    let msg = |i: usize| res[i]["message"].as_str().unwrap_or("").to_string();
+    for i in 0..6 {
+        assert_eq!(st(i), "successful", "request {i}: {}\n{log}", res[i]);
+    }
+    assert_eq!(res[0]["info"]["id"], 1);
+    assert_eq!(res[1]["info"]["url"], format!("http://{listen}"));
+    assert_eq!(res[2]["info"]["instances"], json!(["web"]));
+    assert_eq!(res[4]["info"]["backend"]["entities"], json!([bs[1].addr(), bs[2].addr()]));
+    assert_eq!(res[4]["info"]["backend"]["health-check"]["criteria"]["unhealth-threshold"], 2);
+    assert_eq!(res[5]["info"]["user"], "jane");
+    assert_eq!((st(6), msg(6).as_str()), ("fail".into(), "info.user is required"));
+    assert!(msg(7).starts_with("action: expected"), "{}", msg(7));
+    assert!(msg(8).starts_with("type: expected"), "{}", msg(8));
+    assert!(msg(9).contains("backends[1]") && msg(9).contains("not an ip:port"), "{}", msg(9));
+    assert!(msg(10).contains("does not exist"), "{}", msg(10));
+    assert!(msg(11).contains("still has instances"), "{}", msg(11));
+    assert_eq!((st(12), st(13), st(14)), ("successful".into(), "successful".into(), "fail".into()));
+    for i in 6..12 {
+        assert_eq!(st(i), "fail", "request {i}: {}", res[i]);
+        assert_eq!(res[i]["action"], reqs[i]["action"]);
+    }
 }

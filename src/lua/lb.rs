@@ -37,7 +37,8 @@ pub fn open(lua: &Lua) -> mlua::Result<Table> {
                 return Ok(Value::Nil);
             }
             if let Some(h) = hooks {
-                set_hooks(&lua, &name, &h)?;
+                let (_, hooks) = split_spec(&lua, "lb.get", &h)?;
+                set_hooks(&lua, &name, &hooks)?;
             }
             attach(&lua, &c, &name)?;
             Ok(Value::Table(handle(&lua, &name)?))
