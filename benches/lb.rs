@@ -48,7 +48,9 @@ fn serve(s: TcpStream) {
         if !any {
             continue;
         }
-        if w.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").is_err() {
+        if w.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            .is_err()
+        {
             return;
         }
     }
@@ -96,8 +98,10 @@ fn pcts(mut v: Vec<Duration>) -> (f64, f64) {
 }
 
 fn http_ok(port: u16) -> bool {
-    let Ok(mut s) = TcpStream::connect_timeout(&format!("127.0.0.1:{port}").parse().unwrap(), Duration::from_millis(200))
-    else {
+    let Ok(mut s) = TcpStream::connect_timeout(
+        &format!("127.0.0.1:{port}").parse().unwrap(),
+        Duration::from_millis(200),
+    ) else {
         return false;
     };
     let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
@@ -119,7 +123,11 @@ fn main() {
         .unwrap()
         .unwrap();
     let ports: Vec<u16> = (0..3).map(|_| backend()).collect();
-    let listen_port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let listen_port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let spec = Spec::from_json(
         "bench",
         &serde_json::json!({"name": "bench", "listen": format!("127.0.0.1:{listen_port}"),
@@ -138,7 +146,9 @@ fn main() {
 fn run(c: &Controller, listen_port: u16, ports: &[u16]) {
     println!("lb benchmark: {CONNECTIONS} keep-alive connections, {SECONDS} s each, HTTP GET");
     let (direct_rps, direct_p50, direct_p99) = load(ports[0]);
-    println!("  straight to one backend : {direct_rps:>9.0} req/s  p50 {direct_p50:>5} µs  p99 {direct_p99:>5} µs");
+    println!(
+        "  straight to one backend : {direct_rps:>9.0} req/s  p50 {direct_p50:>5} µs  p99 {direct_p99:>5} µs"
+    );
     let (lb_rps, lb_p50, lb_p99) = load(listen_port);
     println!("  through haproxy (3 be)  : {lb_rps:>9.0} req/s  p50 {lb_p50:>5} µs  p99 {lb_p99:>5} µs");
     println!("  ratio lb/direct         : {:>9.2}x", lb_rps / direct_rps);
@@ -157,14 +167,18 @@ fn run(c: &Controller, listen_port: u16, ports: &[u16]) {
     let (a50, a99) = pcts(adds);
     let (r50, r99) = pcts(removes);
     println!("  add backend             : p50 {a50:>7.1} ms  p99 {a99:>7.1} ms   (haproxy -c + runtime API + store)");
-    println!("  remove backend (idle)   : p50 {r50:>7.1} ms  p99 {r99:>7.1} ms   (drain, maint, del + store)");
+    println!(
+        "  remove backend (idle)   : p50 {r50:>7.1} ms  p99 {r99:>7.1} ms   (drain, maint, del + store)"
+    );
 
     // Fail-over: kill -9 the master and its worker; time until a request succeeds again.
     let mut times = Vec::new();
     for _ in 0..10 {
         let info = c.info("bench").unwrap();
         let sock = std::path::PathBuf::from(&info.dir).join("admin.sock");
-        let worker = stage::cloud::lb::haproxy::Runtime::new(&sock).worker_pid().unwrap();
+        let worker = stage::cloud::lb::haproxy::Runtime::new(&sock)
+            .worker_pid()
+            .unwrap();
         let t = Instant::now();
         unsafe {
             libc::kill(info.pid, libc::SIGKILL);

@@ -772,3 +772,60 @@ fn json_api_example_over_bson() {
         assert_eq!(res[i]["action"], reqs[i]["action"]);
     }
 }
+
+/// The store on PostgreSQL and MariaDB (the `%odbc` connection named `LB` can be any ODBC
+/// database): a spec written, replaced, read back and deleted.
+#[test]
+fn store_on_postgresql_and_mariadb() {
+    use stage::cloud::lb::store::Store;
+    let dbs = [
+        (
+            "STAGE_TEST_PG",
+            "DRIVER={PostgreSQL Unicode};SERVER=127.0.0.1;PORT=5432;DATABASE=stage_test;UID=stage;PWD=stage;",
+            5432,
+        ),
+        (
+            "STAGE_TEST_MYSQL",
+            "DRIVER={MariaDB Unicode};SERVER=127.0.0.1;PORT=3306;DATABASE=stage_test;UID=stage;PWD=stage;",
+            3306,
+        ),
+    ];
+    for (var, default, port) in dbs {
+        if std::net::TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_secs(2))
+            .is_err()
+        {
+            if std::env::var("CI").as_deref() == Ok("true") {
+                panic!("the database on port {port} is not reachable and CI=true: run scripts/services");
+            }
+            eprintln!("skipping {var}: nothing on port {port} (run scripts/services)");
+            continue;
+        }
+        let conn = std::env::var(var).unwrap_or_else(|_| default.to_string());
+        let store = Store::open(stage::db::ConnSpec::from_string(&conn)).unwrap();
+        let name = format!("t{}x{port}", std::process::id());
+        let mut s = spec(json!({"name": name, "listen": "127.0.0.1:1", "backends": ["127.0.0.1:2"]}));
+        store.put(&s).unwrap();
+        s.backends.push(stage::cloud::lb::Backend {
+            address: "127.0.0.1:3".into(),
+            autoscaled: true,
+        });
+        store.put(&s).unwrap();
+        let all = store.load().unwrap();
+        for e in all.iter().filter_map(|r| r.as_ref().err()) {
+            eprintln!("{var}: {e}");
+        }
+        let mine: Vec<Spec> = all
+            .into_iter()
+            .filter_map(Result::ok)
+            .filter(|x| x.name == name)
+            .collect();
+        assert_eq!(mine, vec![s.clone()], "{var}");
+        store.delete(&name).unwrap();
+        assert!(!store
+            .load()
+            .unwrap()
+            .into_iter()
+            .filter_map(Result::ok)
+            .any(|x| x.name == name));
+    }
+}

@@ -34,6 +34,10 @@ impl Store {
             );
             execute(c, &sql, &[], None).map(|_| ())
         })?;
+        // psqlODBC truncates long TEXT values read on the connection that created their
+        // table (seen with 2.6's driver: JSON cut at ~390 bytes); the next statements use a
+        // fresh connection.
+        *store.conn.lock().unwrap_or_else(|e| e.into_inner()) = None;
         Ok(store)
     }
 
@@ -84,7 +88,11 @@ impl Store {
             .iter()
             .map(|row| {
                 let name = text(&row[0]);
-                serde_json::from_str::<Spec>(&text(&row[1]))
+                // Written with a trailing newline: the db layer's read of a PostgreSQL TEXT
+                // value has been seen to end in NUL instead of its last byte (issue noted in
+                // the lb report); the padding is what gets lost, and is trimmed here.
+                let t = text(&row[1]);
+                serde_json::from_str::<Spec>(t.trim_end_matches(['\0', '\n', ' ']))
                     .map_err(|e| format!("lb store: the stored spec of {name:?} does not parse: {e}"))
             })
             .collect())
@@ -92,7 +100,8 @@ impl Store {
 
     /// Writes (inserts or replaces) one spec, in a transaction.
     pub fn put(&self, spec: &Spec) -> Result<()> {
-        let json = serde_json::to_string(spec).map_err(|e| fail(&self.spec.label, e))?;
+        let mut json = serde_json::to_string(spec).map_err(|e| fail(&self.spec.label, e))?;
+        json.push('\n');
         let name = spec.name.clone();
         self.with(|c| {
             c.set_autocommit(false)?;
@@ -108,7 +117,10 @@ impl Store {
                     &format!("INSERT INTO {TABLE} (name, spec, revision) VALUES (?, ?, ?)"),
                     &[
                         p(&name),
-                        p(&json),
+                        Param {
+                            value: Value::Text(json.clone()),
+                            letter: Some('C'),
+                        },
                         Param {
                             value: Value::Int(now_ms()),
                             letter: Some('L'),
