@@ -34,10 +34,6 @@ impl Store {
             );
             execute(c, &sql, &[], None).map(|_| ())
         })?;
-        // psqlODBC truncates long TEXT values read on the connection that created their
-        // table (seen with 2.6's driver: JSON cut at ~390 bytes); the next statements use a
-        // fresh connection.
-        *store.conn.lock().unwrap_or_else(|e| e.into_inner()) = None;
         Ok(store)
     }
 
