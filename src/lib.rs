@@ -8,6 +8,7 @@ pub mod config;
 pub mod db;
 pub mod home;
 pub mod host;
+pub mod lb_cli;
 pub mod locks;
 pub mod logging;
 pub mod lua;

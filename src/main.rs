@@ -46,6 +46,8 @@ enum Command {
     Vultr(stage::vultr_cli::VultrArgs),
     /// Serve an emulator of the Vultr API v2 (for tests and trying `stage vultr` without an account).
     VultrEmulator(stage::vultr_cli::EmulatorArgs),
+    /// Load balancers of a home: `stage lb status HOME`.
+    Lb(stage::lb_cli::LbArgs),
     /// Send JSON requests as BSON frames to a broker port and print the replies as JSON.
     Send {
         /// `host:port`, a broker URI such as `udp://127.0.0.1:9000?bson`, or an `http://`
@@ -140,6 +142,7 @@ fn main() -> ExitCode {
         },
         Command::Vultr(args) => stage::vultr_cli::run(args),
         Command::VultrEmulator(args) => stage::vultr_cli::run_emulator(args),
+        Command::Lb(args) => stage::lb_cli::run(args),
     }
 }
 

@@ -1,6 +1,7 @@
-//! Clients for cloud providers, in plain async Rust (no mlua): the Vultr API v2 client
+//! Clients for cloud providers, in plain async Rust (no mlua): the LB controller ([`lb`]), the Vultr API v2 client
 //! ([`vultr`]) and an emulator of that API for tests and demos ([`vultr_emulator`]).
 
+pub mod lb;
 pub mod vultr;
 pub mod vultr_emulator;
 

@@ -8,6 +8,7 @@ pub mod broker;
 pub mod broker_http;
 pub mod bson;
 pub mod bundle;
+pub mod lb;
 pub mod logger;
 pub mod messages;
 pub mod odbc;
@@ -30,6 +31,7 @@ const MODULES: &[(&str, Open)] = &[
     ("broker", broker::open),
     ("odbc", odbc::open),
     ("thread", thread::open),
+    ("lb", lb::open),
 ];
 
 /// Registers every module as a global and in `package.loaded`, so that both

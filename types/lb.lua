@@ -1,0 +1,131 @@
+---@meta lb
+-- LuaLS type stubs for stage's `lb` module (ext). See docs/lb.md.
+-- Every function yields the calling coroutine while the controller works; errors raise with
+-- the field or the HAProxy message named.
+
+---@class lb.Health
+---@field protocol? "http"|"tcp" defaults to the LB's protocol
+---@field path? string HTTP check path, "/" by default
+---@field expect? string|integer HTTP status codes: "200", "200-399" (default), "200,204"
+---@field port? integer check this port instead of the backend's
+---@field interval? number seconds between checks (2)
+---@field timeout? number seconds a check may take (1), at most interval
+---@field healthy? integer passed checks to become UP (2)
+---@field unhealthy? integer failed checks to become DOWN (2)
+
+---@class lb.Target
+---@field sessions_per_backend? number
+---@field requests_per_second? number
+---@field queue? number
+
+---@alias lb.Provider fun(info: lb.Info): string
+
+---@class lb.Autoscale
+---@field min? integer 1
+---@field max? integer 4
+---@field target lb.Target exactly one metric
+---@field cooldown? number seconds between scale-outs (30)
+---@field stabilization? number seconds of lower recommendations before a scale-in (300)
+---@field period? number seconds between evaluations (1)
+---@field provider lb.Provider|{create: lb.Provider, release?: fun(info: lb.Info, address: string)}|string
+---@field release? fun(info: lb.Info, address: string)
+
+---@class lb.Event
+---@field lb string
+---@field kind "backend"|"failover"
+---@field backend? string
+---@field state string UP, DOWN, MAINT, DRAIN, REMOVED; replaced or failed for a fail-over
+---@field previous? string
+---@field check? string HAProxy's last check status (L7OK, L4CON, ...)
+---@field reason? string
+---@field old_pid? integer
+---@field new_pid? integer
+---@field seconds? number
+
+---@class lb.Spec
+---@field name string
+---@field listen string "ip:port"
+---@field protocol? "http"|"tcp"
+---@field algorithm? "roundrobin"|"leastconn"
+---@field backends? string[] "ip:port" each
+---@field health? lb.Health
+---@field autoscale? lb.Autoscale
+---@field drain? number seconds remove waits for sessions to end (30)
+---@field maxconn? integer 4096
+---@field options? string[] extra HAProxy backend lines
+---@field project? string
+---@field on_change? fun(ev: lb.Event)
+---@field on_failover? fun(ev: lb.Event)
+
+---@class lb.Backend
+---@field address string
+---@field server string HAProxy's server name
+---@field state string UP, DOWN, MAINT, DRAIN or UNKNOWN
+---@field check string
+---@field sessions integer
+---@field total integer
+---@field rate integer
+---@field queue integer
+---@field autoscaled boolean
+
+---@class lb.Info
+---@field name string
+---@field protocol string
+---@field listen string
+---@field algorithm string
+---@field running boolean
+---@field pid integer
+---@field reloads integer
+---@field failovers integer
+---@field sessions integer
+---@field total integer
+---@field rate integer
+---@field requests_per_second integer
+---@field backends lb.Backend[]
+---@field health lb.Health
+---@field autoscale? table
+---@field project? string
+---@field dir string
+
+---@class lb.Handle
+---@field name string
+local Handle = {}
+---Adds a backend live (no reload).
+---@param address string "ip:port"
+---@return boolean
+function Handle.add(address) end
+---Drains and deletes a backend.
+---@param address string
+---@return boolean
+function Handle.remove(address) end
+---@return lb.Info
+function Handle.info() end
+---Changes fields (not name or backends) and reloads seamlessly.
+---@param changes table
+---@return lb.Info
+function Handle.update(changes) end
+---Stops the HAProxy and forgets the LB.
+---@return boolean
+function Handle.delete() end
+
+lb = {}
+
+---Creates an LB and starts its HAProxy.
+---@param spec lb.Spec
+---@return lb.Handle
+function lb.create(spec) end
+
+---The handle of an existing LB, attaching this instance's hooks; nil when there is none.
+---@param name string
+---@param hooks? {on_change?: fun(ev: lb.Event), on_failover?: fun(ev: lb.Event), autoscale?: table}
+---@return lb.Handle?
+function lb.get(name, hooks) end
+
+---@return lb.Info[]
+function lb.list() end
+
+---@param name string
+---@return lb.Info
+function lb.info(name) end
+
+return lb
