@@ -7,6 +7,7 @@ use mlua::{Lua, Table};
 pub mod broker;
 pub mod bson;
 pub mod bundle;
+pub mod densefog;
 pub mod logger;
 pub mod messages;
 pub mod odbc;
@@ -46,6 +47,7 @@ pub fn register_all(lua: &Lua) -> mlua::Result<()> {
     loaded.set("log4cxx", logger)?;
     logger::replace_print(lua)?;
     thread::install_sandbox(lua)?;
+    densefog::preload(lua)?;
     Ok(())
 }
 
