@@ -29,7 +29,10 @@ impl Db {
     /// The connection; SQLite's file is absolute so that several homes share it.
     fn conn(self, sqlite_file: &Path) -> serde_json::Value {
         match self {
-            Db::Sqlite => serde_json::json!({"DRIVER": "SQLite3", "DATABASE": sqlite_file.to_str().unwrap(), ".connectionTimeout": 10000}),
+            Db::Sqlite => serde_json::json!({
+                "DRIVER": "SQLite3", "DATABASE": sqlite_file.to_str().unwrap(),
+                "JournalMode": "WAL", "SyncPragma": "NORMAL", ".connectionTimeout": 10000
+            }),
             Db::Postgres => serde_json::Value::String(std::env::var("STAGE_TEST_PG").unwrap_or_else(|_| {
                 "DRIVER={PostgreSQL Unicode};SERVER=127.0.0.1;PORT=5432;DATABASE=stage_test;UID=stage;PWD=stage;".into()
             })),
@@ -81,9 +84,15 @@ fn available(db: Db) -> bool {
         return true;
     }
     if std::env::var("CI").map(|v| v == "true").unwrap_or(false) {
-        panic!("{} is not reachable on {addr} and CI=true: run scripts/services", db.name());
+        panic!(
+            "{} is not reachable on {addr} and CI=true: run scripts/services",
+            db.name()
+        );
     }
-    eprintln!("skipping: {} is not reachable on {addr} (run scripts/services)", db.name());
+    eprintln!(
+        "skipping: {} is not reachable on {addr} (run scripts/services)",
+        db.name()
+    );
     false
 }
 
@@ -121,4 +130,238 @@ macro_rules! on_databases {
 on_databases! {
     api => "densefog/api.lua",
     worker => "densefog/worker.lua",
+}
+
+/// One `stage` process of a multi-node test: tests/lua/densefog/nodes.lua with `settings`
+/// (Lua assignments: ROLE, JOBS, ...) preloaded, `instances` Lua instances.
+fn node(db: Db, shared: &Path, instances: usize, settings: &str) -> harness::TestHome {
+    let home = harness::TestHome::new();
+    let script =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/lua/densefog/nodes.lua"))
+            .unwrap();
+    home.write("conf/stage.json", &config(db, &shared.join("jobs.db"), instances));
+    home.write("preload/10-db.lua", db.preload());
+    home.write("preload/20-role.lua", settings);
+    home.write("package/start.lua", &script);
+    home
+}
+
+/// Runs a node to its end and panics with its log unless it exits 0.
+fn run_node(home: &harness::TestHome, what: &str, limit: Duration) {
+    let (code, out) = harness::wait_with_output(home.spawn(), limit);
+    assert_eq!(code, Some(0), "{what} failed:\n{out}");
+}
+
+fn finish(child: Child, what: &str, limit: Duration) {
+    let (code, out) = harness::wait_with_output(child, limit);
+    assert_eq!(code, Some(0), "{what} failed:\n{out}");
+}
+
+/// 1,000 jobs, 3 workers on 2 processes (2 instances + 1): every job runs exactly once, and
+/// every worker took part.
+fn exactly_once(db: Db) {
+    if !available(db) {
+        return;
+    }
+    let _guard = db.lock();
+    let shared = tempfile::tempdir().unwrap();
+    let jobs = 1000;
+    let seed = node(
+        db,
+        shared.path(),
+        1,
+        &format!("ROLE = 'seed'; JOBS = {jobs}; ACTION = 'Count'"),
+    );
+    run_node(&seed, "seed", Duration::from_secs(120));
+    let settings = format!("ROLE = 'worker'; JOBS = {jobs}; PICK = 10; EXEC = 10");
+    let a = node(db, shared.path(), 2, &settings);
+    let b = node(db, shared.path(), 1, &settings);
+    let (ca, cb) = (a.spawn(), b.spawn());
+    finish(ca, "node A (2 workers)", Duration::from_secs(180));
+    finish(cb, "node B (1 worker)", Duration::from_secs(60));
+    let verify = node(
+        db,
+        shared.path(),
+        1,
+        &format!("ROLE = 'verify'; JOBS = {jobs}; EXACT = true"),
+    );
+    run_node(&verify, "verify", Duration::from_secs(60));
+    let report = std::fs::read_to_string(verify.path().join("verified")).unwrap();
+    let workers: Vec<&str> = report.lines().filter(|l| !l.starts_with("rerun=")).collect();
+    assert_eq!(workers.len(), 3, "all three workers ran jobs:\n{report}");
+    assert!(report.contains("rerun=0"), "{report}");
+}
+
+/// A worker killed with SIGKILL while it runs jobs: after their lease those jobs run again on
+/// the other node; every job ends finished, and only the killed worker's jobs ran twice.
+fn kill9_mid_job(db: Db) {
+    if !available(db) {
+        return;
+    }
+    let _guard = db.lock();
+    let shared = tempfile::tempdir().unwrap();
+    let jobs = 30;
+    let seed = node(
+        db,
+        shared.path(),
+        1,
+        &format!("ROLE = 'seed'; JOBS = {jobs}; ACTION = 'Slow'"),
+    );
+    run_node(&seed, "seed", Duration::from_secs(60));
+    let settings = format!(
+        "ROLE = 'worker'; JOBS = {jobs}; PICK = 5; EXEC = 5; TIMEOUT = 3; MARGIN = 1; SLOW_MS = 1500"
+    );
+    let victim = node(db, shared.path(), 1, &settings);
+    let mut child = victim.spawn();
+    let start = Instant::now();
+    let busy = loop {
+        let found = std::fs::read_dir(victim.path())
+            .unwrap()
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().starts_with("busy."));
+        if found {
+            break true;
+        }
+        if start.elapsed() > Duration::from_secs(30) || child.try_wait().unwrap().is_some() {
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // SIGKILL: no chance to record anything.
+    let _ = child.kill();
+    let (_, out) = harness::wait_with_output(child, Duration::from_secs(5));
+    assert!(busy, "the victim never started a job:\n{out}");
+    let survivor = node(db, shared.path(), 1, &settings);
+    run_node(&survivor, "the surviving node", Duration::from_secs(90));
+    let verify = node(
+        db,
+        shared.path(),
+        1,
+        &format!("ROLE = 'verify'; JOBS = {jobs}; EXACT = false"),
+    );
+    run_node(&verify, "verify", Duration::from_secs(60));
+    let report = std::fs::read_to_string(verify.path().join("verified")).unwrap();
+    let rerun: usize = report
+        .lines()
+        .find_map(|l| l.strip_prefix("rerun="))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        (1..=5).contains(&rerun),
+        "the killed worker's jobs (at most exec_size = 5) ran again, nothing else:\n{report}"
+    );
+}
+
+#[test]
+fn exactly_once_sqlite() {
+    exactly_once(Db::Sqlite);
+}
+
+#[test]
+fn exactly_once_postgres() {
+    exactly_once(Db::Postgres);
+}
+
+#[test]
+fn kill9_mid_job_sqlite() {
+    kill9_mid_job(Db::Sqlite);
+}
+
+#[test]
+fn kill9_mid_job_postgres() {
+    kill9_mid_job(Db::Postgres);
+}
+
+/// `pg_ctlcluster` arguments of the first cluster: (version, name).
+fn pg_cluster() -> (String, String) {
+    let out = std::process::Command::new("pg_lsclusters")
+        .arg("-h")
+        .output()
+        .expect("pg_lsclusters (scripts/setup)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut f = text
+        .lines()
+        .next()
+        .expect("a PostgreSQL cluster (scripts/services)")
+        .split_whitespace();
+    (f.next().unwrap().to_string(), f.next().unwrap().to_string())
+}
+
+fn pg_ctl(action: &str) {
+    let (ver, name) = pg_cluster();
+    let mut cmd = std::process::Command::new("pg_ctlcluster");
+    cmd.args([&ver, &name, action]);
+    if action == "stop" {
+        cmd.args(["-m", "fast"]);
+    }
+    let st = cmd.status().expect("pg_ctlcluster");
+    assert!(st.success(), "pg_ctlcluster {ver} {name} {action} failed: {st}");
+}
+
+/// Starts PostgreSQL again when dropped, so a failing test never leaves it down.
+struct RestartPg;
+
+impl Drop for RestartPg {
+    fn drop(&mut self) {
+        let addr: SocketAddr = ([127, 0, 0, 1], 5432).into();
+        if TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_err() {
+            pg_ctl("start");
+        }
+    }
+}
+
+/// PostgreSQL stopped for 3 s while a worker picks and runs jobs: picks fail and are retried,
+/// results wait for the database, and every job still finishes (none lost, none failed).
+#[test]
+fn postgres_outage_during_picks() {
+    if !available(Db::Postgres) {
+        return;
+    }
+    let root = std::fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
+        .unwrap_or(false);
+    if !root && std::env::var("CI").as_deref() != Ok("true") {
+        eprintln!("skipping: stopping PostgreSQL needs root");
+        return;
+    }
+    let _guard = Db::Postgres.lock();
+    let shared = tempfile::tempdir().unwrap();
+    let jobs = 300;
+    let seed = node(
+        Db::Postgres,
+        shared.path(),
+        1,
+        &format!("ROLE = 'seed'; JOBS = {jobs}; ACTION = 'Slow'"),
+    );
+    run_node(&seed, "seed", Duration::from_secs(60));
+    let w = node(
+        Db::Postgres,
+        shared.path(),
+        1,
+        &format!(
+            "ROLE = 'worker'; JOBS = {jobs}; PICK = 5; EXEC = 5; TIMEOUT = 5; MARGIN = 15; SLOW_MS = 20"
+        ),
+    );
+    let child = w.spawn();
+    let _restart = RestartPg;
+    std::thread::sleep(Duration::from_millis(1500));
+    pg_ctl("stop");
+    std::thread::sleep(Duration::from_secs(3));
+    pg_ctl("start");
+    finish(child, "the worker across the outage", Duration::from_secs(120));
+    let stats = std::fs::read_to_string(w.path().join("stats.0")).unwrap();
+    let stats: serde_json::Value = serde_json::from_str(&stats).unwrap();
+    assert!(
+        stats["pick_errors"].as_i64().unwrap() >= 1,
+        "no pick met the outage: {stats}"
+    );
+    assert_eq!(stats["failed"].as_i64(), Some(0), "{stats}");
+    let verify = node(
+        Db::Postgres,
+        shared.path(),
+        1,
+        &format!("ROLE = 'verify'; JOBS = {jobs}; EXACT = false"),
+    );
+    run_node(&verify, "verify", Duration::from_secs(60));
 }

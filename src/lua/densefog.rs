@@ -10,10 +10,7 @@ pub const SOURCE: &str = include_str!("densefog.lua");
 /// Registers `package.preload.densefog`.
 pub fn preload(lua: &Lua) -> mlua::Result<()> {
     let preload: Table = lua.globals().get::<Table>("package")?.get("preload")?;
-    let loader = lua.create_function(|lua, ()| {
-        lua.load(SOURCE)
-            .set_name("@densefog.lua")
-            .call::<mlua::Value>(())
-    })?;
+    let loader =
+        lua.create_function(|lua, ()| lua.load(SOURCE).set_name("@densefog.lua").call::<mlua::Value>(()))?;
     preload.set("densefog", loader)
 }
