@@ -365,3 +365,72 @@ fn postgres_outage_during_picks() {
     );
     run_node(&verify, "verify", Duration::from_secs(60));
 }
+
+/// The example stage/package/iaas.lua against the Vultr emulator: RunInstances as a job, then
+/// the same API over BSON TCP from `stage send` (a client that is not the broker's codec).
+#[test]
+fn iaas_example_on_the_vultr_emulator() {
+    use stage::cloud::vultr_emulator::{Emulator, EmulatorConfig, Lifecycle};
+    let emu = Emulator::start(
+        "127.0.0.1:0".parse().unwrap(),
+        EmulatorConfig {
+            api_key: "DENSEFOG-TEST-KEY".into(),
+            lifecycle: Lifecycle::scaled(Duration::from_millis(100)),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let home = harness::TestHome::new();
+    let db = home.path().join("data/jobs.db");
+    std::fs::create_dir_all(home.path().join("data")).unwrap();
+    home.write(
+        "conf/stage.json",
+        &serde_json::json!({
+            "%vultr": { "endpoint": emu.endpoint(), "api_key": "DENSEFOG-TEST-KEY" },
+            "lua": { "%odbc": { "DB": Db::Sqlite.conn(&db) } }
+        })
+        .to_string(),
+    );
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    home.write(
+        "package/iaas.lua",
+        &std::fs::read_to_string(root.join("stage/package/iaas.lua")).unwrap(),
+    );
+    home.write(
+        "package/start.lua",
+        &std::fs::read_to_string(root.join("tests/lua/densefog/iaas.lua")).unwrap(),
+    );
+    let mut child = home.spawn();
+    let start = Instant::now();
+    while !home.path().join("ready").exists() {
+        if start.elapsed() > Duration::from_secs(40) || child.try_wait().unwrap().is_some() {
+            let _ = child.kill();
+            let (_, out) = harness::wait_with_output(child, Duration::from_secs(5));
+            panic!("the iaas scenario did not get ready:\n{out}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let port = std::fs::read_to_string(home.path().join("port")).unwrap();
+    let send = |body: &str| -> serde_json::Value {
+        let out = std::process::Command::new(harness::stage_bin())
+            .args(["send", &format!("127.0.0.1:{}", port.trim()), body])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "stage send: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
+    };
+    let r = send(r#"{"action":"DescribeInstances","project_id":"p-1"}"#);
+    assert_eq!(r["ret_code"], 0, "{r}");
+    assert_eq!(r["instance_set"].as_array().map(Vec::len), Some(1), "{r}");
+    let r = send(r#"{"action":"LaunchRockets"}"#);
+    assert_eq!(r["ret_code"], 4104, "{r}");
+    let r = send(r#"{"action":"RunInstances","project_id":"p-1"}"#);
+    assert_eq!(r["ret_code"], 4100, "{r}");
+    let _ = child.kill();
+    let _ = child.wait();
+}
