@@ -177,7 +177,7 @@ fn exactly_once(db: Db) {
     let a = node(db, shared.path(), 2, &settings);
     let b = node(db, shared.path(), 1, &settings);
     let (ca, cb) = (a.spawn(), b.spawn());
-    finish(ca, "node A (2 workers)", Duration::from_secs(180));
+    finish(ca, "node A (2 workers)", Duration::from_secs(300));
     finish(cb, "node B (1 worker)", Duration::from_secs(60));
     let verify = node(
         db,
