@@ -8,6 +8,7 @@ pub mod broker;
 pub mod broker_http;
 pub mod bson;
 pub mod bundle;
+pub mod densefog;
 pub mod lb;
 pub mod logger;
 pub mod messages;
@@ -49,6 +50,7 @@ pub fn register_all(lua: &Lua) -> mlua::Result<()> {
     loaded.set("log4cxx", logger)?;
     logger::replace_print(lua)?;
     thread::install_sandbox(lua)?;
+    densefog::preload(lua)?;
     Ok(())
 }
 

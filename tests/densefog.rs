@@ -1,0 +1,436 @@
+//! The `densefog` library (docs/densefog.md) against real databases: the API router and the
+//! job worker as Lua scenarios under tests/lua/densefog/ on SQLite, PostgreSQL and MariaDB,
+//! and several `stage` processes sharing one job table (exactly-once, `kill -9` mid-job).
+//!
+//! PostgreSQL and MariaDB are expected on 127.0.0.1 (`scripts/services`: database
+//! `stage_test`, user/password `stage`); when one is unreachable its tests are skipped with a
+//! message, except with `CI=true`, where they fail.
+
+mod harness;
+
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::process::Child;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// Tests of one database share its `job` table names; they run one at a time per database.
+static SQL_PG: Mutex<()> = Mutex::new(());
+static SQL_MY: Mutex<()> = Mutex::new(());
+
+#[derive(Clone, Copy, PartialEq)]
+enum Db {
+    Sqlite,
+    Postgres,
+    Mysql,
+}
+
+impl Db {
+    /// The connection; SQLite's file is absolute so that several homes share it.
+    fn conn(self, sqlite_file: &Path) -> serde_json::Value {
+        match self {
+            Db::Sqlite => serde_json::json!({
+                "DRIVER": "SQLite3", "DATABASE": sqlite_file.to_str().unwrap(),
+                "JournalMode": "WAL", "SyncPragma": "NORMAL", ".connectionTimeout": 10000
+            }),
+            Db::Postgres => serde_json::Value::String(std::env::var("STAGE_TEST_PG").unwrap_or_else(|_| {
+                "DRIVER={PostgreSQL Unicode};SERVER=127.0.0.1;PORT=5432;DATABASE=stage_test;UID=stage;PWD=stage;".into()
+            })),
+            Db::Mysql => serde_json::Value::String(std::env::var("STAGE_TEST_MYSQL").unwrap_or_else(|_| {
+                "DRIVER={MariaDB Unicode};SERVER=127.0.0.1;PORT=3306;DATABASE=stage_test;UID=stage;PWD=stage;".into()
+            })),
+        }
+    }
+
+    fn preload(self) -> &'static str {
+        match self {
+            Db::Sqlite => r#"DIALECT = "sqlite"; SQL_SLEEP = nil"#,
+            Db::Postgres => r#"DIALECT = "postgres"; SQL_SLEEP = "SELECT pg_sleep(0.05)""#,
+            Db::Mysql => r#"DIALECT = "mysql"; SQL_SLEEP = "SELECT SLEEP(0.05)""#,
+        }
+    }
+
+    fn port(self) -> Option<u16> {
+        match self {
+            Db::Sqlite => None,
+            Db::Postgres => Some(5432),
+            Db::Mysql => Some(3306),
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Db::Sqlite => "SQLite",
+            Db::Postgres => "PostgreSQL",
+            Db::Mysql => "MariaDB",
+        }
+    }
+
+    fn lock(self) -> Option<std::sync::MutexGuard<'static, ()>> {
+        let m = match self {
+            Db::Sqlite => return None,
+            Db::Postgres => &SQL_PG,
+            Db::Mysql => &SQL_MY,
+        };
+        Some(m.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+/// Whether the server of `db` answers; panics under CI when it does not.
+fn available(db: Db) -> bool {
+    let Some(port) = db.port() else { return true };
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    if TcpStream::connect_timeout(&addr, Duration::from_secs(2)).is_ok() {
+        return true;
+    }
+    if std::env::var("CI").map(|v| v == "true").unwrap_or(false) {
+        panic!(
+            "{} is not reachable on {addr} and CI=true: run scripts/services",
+            db.name()
+        );
+    }
+    eprintln!(
+        "skipping: {} is not reachable on {addr} (run scripts/services)",
+        db.name()
+    );
+    false
+}
+
+fn config(db: Db, sqlite_file: &Path, instances: usize) -> String {
+    let startup: Vec<_> = (0..instances).map(|_| serde_json::json!(["lua+stage"])).collect();
+    serde_json::json!({
+        "#threads": [4, 1024],
+        "#startup": startup,
+        "lua": { "%odbc": { "DB": db.conn(sqlite_file) } }
+    })
+    .to_string()
+}
+
+fn run_on(db: Db, rel: &str) {
+    if !available(db) {
+        return;
+    }
+    let _guard = db.lock();
+    harness::run_scenario_with(rel, |home| {
+        let file = home.path().join("data/test.db");
+        std::fs::create_dir_all(home.path().join("data")).unwrap();
+        home.write("conf/stage.json", &config(db, &file, 1));
+        home.write("preload/10-db.lua", db.preload());
+    });
+}
+
+macro_rules! on_databases {
+    ($($name:ident => $path:literal,)*) => {
+        mod sqlite { use super::*; $(#[test] fn $name() { run_on(Db::Sqlite, $path); })* }
+        mod postgres { use super::*; $(#[test] fn $name() { run_on(Db::Postgres, $path); })* }
+        mod mariadb { use super::*; $(#[test] fn $name() { run_on(Db::Mysql, $path); })* }
+    };
+}
+
+on_databases! {
+    api => "densefog/api.lua",
+    worker => "densefog/worker.lua",
+}
+
+/// One `stage` process of a multi-node test: tests/lua/densefog/nodes.lua with `settings`
+/// (Lua assignments: ROLE, JOBS, ...) preloaded, `instances` Lua instances.
+fn node(db: Db, shared: &Path, instances: usize, settings: &str) -> harness::TestHome {
+    let home = harness::TestHome::new();
+    let script =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/lua/densefog/nodes.lua"))
+            .unwrap();
+    home.write("conf/stage.json", &config(db, &shared.join("jobs.db"), instances));
+    home.write("preload/10-db.lua", db.preload());
+    home.write("preload/20-role.lua", settings);
+    home.write("package/start.lua", &script);
+    home
+}
+
+/// Runs a node to its end and panics with its log unless it exits 0.
+fn run_node(home: &harness::TestHome, what: &str, limit: Duration) {
+    let (code, out) = harness::wait_with_output(home.spawn(), limit);
+    assert_eq!(code, Some(0), "{what} failed:\n{out}");
+}
+
+fn finish(child: Child, what: &str, limit: Duration) {
+    let (code, out) = harness::wait_with_output(child, limit);
+    assert_eq!(code, Some(0), "{what} failed:\n{out}");
+}
+
+/// 1,000 jobs, 3 workers on 2 processes (2 instances + 1): every job runs exactly once, and
+/// every worker took part.
+fn exactly_once(db: Db) {
+    if !available(db) {
+        return;
+    }
+    let _guard = db.lock();
+    let shared = tempfile::tempdir().unwrap();
+    let jobs = 1000;
+    let seed = node(
+        db,
+        shared.path(),
+        1,
+        &format!("ROLE = 'seed'; JOBS = {jobs}; ACTION = 'Count'"),
+    );
+    run_node(&seed, "seed", Duration::from_secs(120));
+    let settings = format!("ROLE = 'worker'; JOBS = {jobs}; PICK = 10; EXEC = 10");
+    let a = node(db, shared.path(), 2, &settings);
+    let b = node(db, shared.path(), 1, &settings);
+    let (ca, cb) = (a.spawn(), b.spawn());
+    finish(ca, "node A (2 workers)", Duration::from_secs(300));
+    finish(cb, "node B (1 worker)", Duration::from_secs(60));
+    let verify = node(
+        db,
+        shared.path(),
+        1,
+        &format!("ROLE = 'verify'; JOBS = {jobs}; EXACT = true"),
+    );
+    run_node(&verify, "verify", Duration::from_secs(60));
+    let report = std::fs::read_to_string(verify.path().join("verified")).unwrap();
+    let workers: Vec<&str> = report.lines().filter(|l| !l.starts_with("rerun=")).collect();
+    assert_eq!(workers.len(), 3, "all three workers ran jobs:\n{report}");
+    assert!(report.contains("rerun=0"), "{report}");
+}
+
+/// A worker killed with SIGKILL while it runs jobs: after their lease those jobs run again on
+/// the other node; every job ends finished, and only the killed worker's jobs ran twice.
+fn kill9_mid_job(db: Db) {
+    if !available(db) {
+        return;
+    }
+    let _guard = db.lock();
+    let shared = tempfile::tempdir().unwrap();
+    let jobs = 30;
+    let seed = node(
+        db,
+        shared.path(),
+        1,
+        &format!("ROLE = 'seed'; JOBS = {jobs}; ACTION = 'Slow'"),
+    );
+    run_node(&seed, "seed", Duration::from_secs(60));
+    let settings = format!(
+        "ROLE = 'worker'; JOBS = {jobs}; PICK = 5; EXEC = 5; TIMEOUT = 3; MARGIN = 1; SLOW_MS = 1500"
+    );
+    let victim = node(db, shared.path(), 1, &settings);
+    let mut child = victim.spawn();
+    let start = Instant::now();
+    let busy = loop {
+        let found = std::fs::read_dir(victim.path())
+            .unwrap()
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().starts_with("busy."));
+        if found {
+            break true;
+        }
+        if start.elapsed() > Duration::from_secs(30) || child.try_wait().unwrap().is_some() {
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // SIGKILL: no chance to record anything.
+    let _ = child.kill();
+    let (_, out) = harness::wait_with_output(child, Duration::from_secs(5));
+    assert!(busy, "the victim never started a job:\n{out}");
+    let survivor = node(db, shared.path(), 1, &settings);
+    run_node(&survivor, "the surviving node", Duration::from_secs(90));
+    let verify = node(
+        db,
+        shared.path(),
+        1,
+        &format!("ROLE = 'verify'; JOBS = {jobs}; EXACT = false"),
+    );
+    run_node(&verify, "verify", Duration::from_secs(60));
+    let report = std::fs::read_to_string(verify.path().join("verified")).unwrap();
+    let rerun: usize = report
+        .lines()
+        .find_map(|l| l.strip_prefix("rerun="))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        (1..=5).contains(&rerun),
+        "the killed worker's jobs (at most exec_size = 5) ran again, nothing else:\n{report}"
+    );
+}
+
+#[test]
+fn exactly_once_sqlite() {
+    exactly_once(Db::Sqlite);
+}
+
+#[test]
+fn exactly_once_postgres() {
+    exactly_once(Db::Postgres);
+}
+
+#[test]
+fn kill9_mid_job_sqlite() {
+    kill9_mid_job(Db::Sqlite);
+}
+
+#[test]
+fn kill9_mid_job_postgres() {
+    kill9_mid_job(Db::Postgres);
+}
+
+/// `pg_ctlcluster` arguments of the first cluster: (version, name).
+fn pg_cluster() -> (String, String) {
+    let out = std::process::Command::new("pg_lsclusters")
+        .arg("-h")
+        .output()
+        .expect("pg_lsclusters (scripts/setup)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut f = text
+        .lines()
+        .next()
+        .expect("a PostgreSQL cluster (scripts/services)")
+        .split_whitespace();
+    (f.next().unwrap().to_string(), f.next().unwrap().to_string())
+}
+
+fn pg_ctl(action: &str) {
+    let (ver, name) = pg_cluster();
+    let mut cmd = std::process::Command::new("pg_ctlcluster");
+    cmd.args([&ver, &name, action]);
+    if action == "stop" {
+        cmd.args(["-m", "fast"]);
+    }
+    let st = cmd.status().expect("pg_ctlcluster");
+    assert!(st.success(), "pg_ctlcluster {ver} {name} {action} failed: {st}");
+}
+
+/// Starts PostgreSQL again when dropped, so a failing test never leaves it down.
+struct RestartPg;
+
+impl Drop for RestartPg {
+    fn drop(&mut self) {
+        let addr: SocketAddr = ([127, 0, 0, 1], 5432).into();
+        if TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_err() {
+            pg_ctl("start");
+        }
+    }
+}
+
+/// PostgreSQL stopped for 3 s while a worker picks and runs jobs: picks fail and are retried,
+/// results wait for the database, and every job still finishes (none lost, none failed).
+#[test]
+fn postgres_outage_during_picks() {
+    if !available(Db::Postgres) {
+        return;
+    }
+    let root = std::fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
+        .unwrap_or(false);
+    if !root && std::env::var("CI").as_deref() != Ok("true") {
+        eprintln!("skipping: stopping PostgreSQL needs root");
+        return;
+    }
+    let _guard = Db::Postgres.lock();
+    let shared = tempfile::tempdir().unwrap();
+    let jobs = 300;
+    let seed = node(
+        Db::Postgres,
+        shared.path(),
+        1,
+        &format!("ROLE = 'seed'; JOBS = {jobs}; ACTION = 'Slow'"),
+    );
+    run_node(&seed, "seed", Duration::from_secs(60));
+    let w = node(
+        Db::Postgres,
+        shared.path(),
+        1,
+        &format!(
+            "ROLE = 'worker'; JOBS = {jobs}; PICK = 5; EXEC = 5; TIMEOUT = 5; MARGIN = 15; SLOW_MS = 20"
+        ),
+    );
+    let child = w.spawn();
+    let _restart = RestartPg;
+    std::thread::sleep(Duration::from_millis(1500));
+    pg_ctl("stop");
+    std::thread::sleep(Duration::from_secs(3));
+    pg_ctl("start");
+    finish(child, "the worker across the outage", Duration::from_secs(120));
+    let stats = std::fs::read_to_string(w.path().join("stats.0")).unwrap();
+    let stats: serde_json::Value = serde_json::from_str(&stats).unwrap();
+    assert!(
+        stats["pick_errors"].as_i64().unwrap() >= 1,
+        "no pick met the outage: {stats}"
+    );
+    assert_eq!(stats["failed"].as_i64(), Some(0), "{stats}");
+    let verify = node(
+        Db::Postgres,
+        shared.path(),
+        1,
+        &format!("ROLE = 'verify'; JOBS = {jobs}; EXACT = false"),
+    );
+    run_node(&verify, "verify", Duration::from_secs(60));
+}
+
+/// The example stage/package/iaas.lua against the Vultr emulator: RunInstances as a job, then
+/// the same API over BSON TCP from `stage send` (a client that is not the broker's codec).
+#[test]
+fn iaas_example_on_the_vultr_emulator() {
+    use stage::cloud::vultr_emulator::{Emulator, EmulatorConfig, Lifecycle};
+    let emu = Emulator::start(
+        "127.0.0.1:0".parse().unwrap(),
+        EmulatorConfig {
+            api_key: "DENSEFOG-TEST-KEY".into(),
+            lifecycle: Lifecycle::scaled(Duration::from_millis(100)),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let home = harness::TestHome::new();
+    let db = home.path().join("data/jobs.db");
+    std::fs::create_dir_all(home.path().join("data")).unwrap();
+    home.write(
+        "conf/stage.json",
+        &serde_json::json!({
+            "%vultr": { "endpoint": emu.endpoint(), "api_key": "DENSEFOG-TEST-KEY" },
+            "lua": { "%odbc": { "DB": Db::Sqlite.conn(&db) } }
+        })
+        .to_string(),
+    );
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    home.write(
+        "package/iaas.lua",
+        &std::fs::read_to_string(root.join("stage/package/iaas.lua")).unwrap(),
+    );
+    home.write(
+        "package/start.lua",
+        &std::fs::read_to_string(root.join("tests/lua/densefog/iaas.lua")).unwrap(),
+    );
+    let mut child = home.spawn();
+    let start = Instant::now();
+    while !home.path().join("ready").exists() {
+        if start.elapsed() > Duration::from_secs(40) || child.try_wait().unwrap().is_some() {
+            let _ = child.kill();
+            let (_, out) = harness::wait_with_output(child, Duration::from_secs(5));
+            panic!("the iaas scenario did not get ready:\n{out}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let port = std::fs::read_to_string(home.path().join("port")).unwrap();
+    let send = |body: &str| -> serde_json::Value {
+        let out = std::process::Command::new(harness::stage_bin())
+            .args(["send", &format!("127.0.0.1:{}", port.trim()), body])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "stage send: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
+    };
+    let r = send(r#"{"action":"DescribeInstances","project_id":"p-1"}"#);
+    assert_eq!(r["ret_code"], 0, "{r}");
+    assert_eq!(r["instance_set"].as_array().map(Vec::len), Some(1), "{r}");
+    let r = send(r#"{"action":"LaunchRockets"}"#);
+    assert_eq!(r["ret_code"], 4104, "{r}");
+    let r = send(r#"{"action":"RunInstances","project_id":"p-1"}"#);
+    assert_eq!(r["ret_code"], 4100, "{r}");
+    let _ = child.kill();
+    let _ = child.wait();
+}
