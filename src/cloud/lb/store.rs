@@ -116,10 +116,14 @@ impl Store {
                         Param {
                             value: Value::Text(json.clone()),
                             letter: Some('C'),
+                            len: None,
+                            dir: Default::default(),
                         },
                         Param {
                             value: Value::Int(now_ms()),
                             letter: Some('L'),
+                            len: None,
+                            dir: Default::default(),
                         },
                     ],
                     None,
@@ -152,6 +156,8 @@ fn p(s: &str) -> Param {
     Param {
         value: Value::Text(s.to_string()),
         letter: None,
+        len: None,
+        dir: Default::default(),
     }
 }
 
