@@ -3,10 +3,13 @@
 //! type, the body and an HMAC-SHA256 tag (truncated to 128 bits) over all of it. The receiver
 //! checks, in order: length, magic, key id, tag, time (±`MAX_SKEW`), and a 1024-entry
 //! sliding replay window per session. Without a key (`#cluster-insecure`) the key id is 0
-//! and there is no tag; the replay window still applies.
+//! and there is no tag; the replay window still applies. The tag also covers the receiver's
+//! address (not sent: each side puts it in), so a datagram captured on its way to one node
+//! is refused by every other node.
 
 use ring::hmac;
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -145,12 +148,12 @@ impl Envelope {
         self.key.is_some()
     }
 
-    /// One datagram carrying `body` as frame type `frame`.
-    pub fn seal(&self, frame: u8, body: &[u8]) -> Vec<u8> {
-        self.seal_at(frame, body, now_ms())
+    /// One datagram for `to` carrying `body` as frame type `frame`.
+    pub fn seal(&self, to: SocketAddr, frame: u8, body: &[u8]) -> Vec<u8> {
+        self.seal_at(to, frame, body, now_ms())
     }
 
-    fn seal_at(&self, frame: u8, body: &[u8], time: u64) -> Vec<u8> {
+    fn seal_at(&self, to: SocketAddr, frame: u8, body: &[u8], time: u64) -> Vec<u8> {
         let seq = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
         let mut d = Vec::with_capacity(HEADER + body.len() + TAG);
         d.extend_from_slice(MAGIC);
@@ -162,18 +165,18 @@ impl Envelope {
         d.push(frame);
         d.extend_from_slice(body);
         if let Some((_, key)) = &self.key {
-            let tag = hmac::sign(key, &d);
-            d.extend_from_slice(&tag.as_ref()[..TAG]);
+            let tag = sign(key, to, &d);
+            d.extend_from_slice(&tag[..TAG]);
         }
         d
     }
 
-    /// Checks a datagram and returns what it carries, or why it is refused.
-    pub fn open<'a>(&self, d: &'a [u8]) -> Result<Opened<'a>, Reject> {
-        self.open_at(d, now_ms())
+    /// Checks a datagram that arrived at `me` and returns what it carries, or why it is refused.
+    pub fn open<'a>(&self, me: SocketAddr, d: &'a [u8]) -> Result<Opened<'a>, Reject> {
+        self.open_at(me, d, now_ms())
     }
 
-    fn open_at<'a>(&self, d: &'a [u8], now: u64) -> Result<Opened<'a>, Reject> {
+    fn open_at<'a>(&self, me: SocketAddr, d: &'a [u8], now: u64) -> Result<Opened<'a>, Reject> {
         let tag_len = if self.key.is_some() { TAG } else { 0 };
         if d.len() < 4 || &d[..2] != MAGIC || d[2] != VERSION {
             return Err(Reject::Truncated);
@@ -186,8 +189,8 @@ impl Envelope {
         }
         let (signed, tag) = d.split_at(d.len() - tag_len);
         if let Some((_, key)) = &self.key {
-            let want = hmac::sign(key, signed);
-            if !constant_eq(&want.as_ref()[..TAG], tag) {
+            let want = sign(key, me, signed);
+            if !constant_eq(&want[..TAG], tag) {
                 return Err(Reject::BadTag);
             }
         }
@@ -225,6 +228,18 @@ impl Envelope {
     }
 }
 
+/// HMAC-SHA256 over the receiver's address and the datagram.
+fn sign(key: &hmac::Key, to: SocketAddr, d: &[u8]) -> [u8; 32] {
+    let mut ctx = hmac::Context::with_key(key);
+    match to.ip() {
+        std::net::IpAddr::V4(ip) => ctx.update(&ip.to_ipv6_mapped().octets()),
+        std::net::IpAddr::V6(ip) => ctx.update(&ip.octets()),
+    }
+    ctx.update(&to.port().to_le_bytes());
+    ctx.update(d);
+    ctx.sign().as_ref().try_into().expect("32 bytes")
+}
+
 fn constant_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
@@ -233,39 +248,51 @@ fn constant_eq(a: &[u8], b: &[u8]) -> bool {
 mod tests {
     use super::*;
 
+    fn at(p: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], p))
+    }
+
+    #[test]
+    fn a_datagram_for_one_node_is_refused_by_another() {
+        let a = Envelope::new(Some(b"k1"), 7);
+        let d = a.seal(at(2), 3, b"hello");
+        assert_eq!(Envelope::new(Some(b"k1"), 9).open(at(3), &d), Err(Reject::BadTag));
+        assert!(Envelope::new(Some(b"k1"), 9).open(at(2), &d).is_ok());
+    }
+
     #[test]
     fn a_sealed_datagram_opens_once() {
         let a = Envelope::new(Some(b"k1"), 7);
         let b = Envelope::new(Some(b"k1"), 8);
-        let d = a.seal(3, b"hello");
-        let o = b.open(&d).unwrap();
+        let d = a.seal(at(1), 3, b"hello");
+        let o = b.open(at(1), &d).unwrap();
         assert_eq!((o.session, o.seq, o.frame, o.body), (7, 1, 3, &b"hello"[..]));
-        assert_eq!(b.open(&d), Err(Reject::Replayed));
+        assert_eq!(b.open(at(1), &d), Err(Reject::Replayed));
     }
 
     #[test]
     fn wrong_key_no_key_forged_truncated_stale_are_refused() {
         let good = Envelope::new(Some(b"right"), 1);
         let rx = Envelope::new(Some(b"right"), 2);
-        assert_eq!(rx.open(&Envelope::new(Some(b"wrong"), 3).seal(1, b"x")), Err(Reject::WrongKey));
-        assert_eq!(rx.open(&Envelope::new(None, 4).seal(1, b"x")), Err(Reject::WrongKey));
+        assert_eq!(rx.open(at(1), &Envelope::new(Some(b"wrong"), 3).seal(at(1), 1, b"x")), Err(Reject::WrongKey));
+        assert_eq!(rx.open(at(1), &Envelope::new(None, 4).seal(at(1), 1, b"x")), Err(Reject::WrongKey));
         // An insecure node refuses keyed datagrams too.
-        assert_eq!(Envelope::new(None, 5).open(&good.seal(1, b"x")), Err(Reject::WrongKey));
-        let mut forged = good.seal(1, b"pay 10");
+        assert_eq!(Envelope::new(None, 5).open(at(1), &good.seal(at(1), 1, b"x")), Err(Reject::WrongKey));
+        let mut forged = good.seal(at(1), 1, b"pay 10");
         let n = forged.len();
         forged[HEADER] ^= 1;
-        assert_eq!(rx.open(&forged), Err(Reject::BadTag));
+        assert_eq!(rx.open(at(1), &forged), Err(Reject::BadTag));
         forged[HEADER] ^= 1;
         forged[n - 1] ^= 0x80;
-        assert_eq!(rx.open(&forged), Err(Reject::BadTag));
-        let d = good.seal(1, b"body");
+        assert_eq!(rx.open(at(1), &forged), Err(Reject::BadTag));
+        let d = good.seal(at(1), 1, b"body");
         for cut in [0, 3, HEADER, d.len() - 1] {
-            assert!(rx.open(&d[..cut]).is_err(), "cut at {cut} accepted");
+            assert!(rx.open(at(1), &d[..cut]).is_err(), "cut at {cut} accepted");
         }
-        assert_eq!(rx.open(&d[..10]), Err(Reject::Truncated));
-        let old = good.seal_at(1, b"x", now_ms() - 31_000);
-        assert_eq!(rx.open(&old), Err(Reject::Stale));
-        assert!(rx.open(&d).is_ok(), "the untouched datagram still opens");
+        assert_eq!(rx.open(at(1), &d[..10]), Err(Reject::Truncated));
+        let old = good.seal_at(at(1), 1, b"x", now_ms() - 31_000);
+        assert_eq!(rx.open(at(1), &old), Err(Reject::Stale));
+        assert!(rx.open(at(1), &d).is_ok(), "the untouched datagram still opens");
     }
 
     #[test]

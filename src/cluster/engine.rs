@@ -311,7 +311,7 @@ impl Engine {
     /// Carries out what foca asked for: datagrams, timers, membership notifications.
     fn run(&self, mut rt: AccumulatingRuntime<Ident>, now: Instant) {
         while let Some((to, data)) = rt.to_send() {
-            let d = self.env.seal(F_GOSSIP, &data);
+            let d = self.env.seal(to.addr, F_GOSSIP, &data);
             self.stats.gossip_bytes_sent.fetch_add(d.len() as u64, Ordering::Relaxed);
             self.send_raw(to.addr, &d);
         }
@@ -466,12 +466,12 @@ impl Engine {
             w.u32(s.instances);
             w.u8(s.load);
         }
-        let d = self.env.seal(F_STATE, &w.buf);
         let to: Vec<SocketAddr> = {
             let s = self.swim.lock().expect("swim");
             s.foca.iter_members().map(|m| m.id().addr).collect()
         };
         for a in to {
+            let d = self.env.seal(a, F_STATE, &w.buf);
             self.stats.gossip_bytes_sent.fetch_add(d.len() as u64, Ordering::Relaxed);
             self.send_raw(a, &d);
         }
@@ -529,7 +529,7 @@ impl Engine {
 
     /// Takes one datagram that arrived from `from`.
     pub fn receive(&self, from: SocketAddr, d: &[u8]) {
-        let o = match self.env.open(d) {
+        let o = match self.env.open(self.me.addr, d) {
             Ok(o) => o,
             Err(why) => return self.refuse(from, why),
         };
@@ -563,7 +563,7 @@ impl Engine {
                 }
             }
             F_STATUS_REQ => {
-                let d = self.env.seal(F_STATUS, self.status_json().to_string().as_bytes());
+                let d = self.env.seal(from, F_STATUS, self.status_json().to_string().as_bytes());
                 self.send_raw(from, &d);
             }
             _ => self.refuse(from, Reject::Malformed),
@@ -623,7 +623,7 @@ impl Engine {
             *e
         };
         for f in frag::split(seq, &payload, self.chunk) {
-            let d = self.env.seal(F_FRAG, &f);
+            let d = self.env.seal(to, F_FRAG, &f);
             self.send_raw(to, &d);
         }
         Ok(())
@@ -819,12 +819,12 @@ impl Engine {
 }
 
 /// A status request as `stage cluster status` sends it, and the reply's body.
-pub fn status_request(env: &Envelope) -> Vec<u8> {
-    env.seal(F_STATUS_REQ, b"")
+pub fn status_request(env: &Envelope, to: SocketAddr) -> Vec<u8> {
+    env.seal(to, F_STATUS_REQ, b"")
 }
 
-pub fn status_reply<'a>(env: &Envelope, d: &'a [u8]) -> Option<&'a [u8]> {
-    env.open(d).ok().filter(|o| o.frame == F_STATUS).map(|o| o.body)
+pub fn status_reply<'a>(env: &Envelope, me: SocketAddr, d: &'a [u8]) -> Option<&'a [u8]> {
+    env.open(me, d).ok().filter(|o| o.frame == F_STATUS).map(|o| o.body)
 }
 
 fn s(v: &str) -> Value {

@@ -106,10 +106,15 @@ fn serve(engine: &Engine, sock: &UdpSocket, stop: &AtomicBool) {
 
 /// Asks the node at `addr` for its status (with the cluster's key); the JSON it answers.
 pub fn status(addr: SocketAddr, key: Option<&[u8]>, timeout: Duration) -> anyhow::Result<serde_json::Value> {
-    let any = if addr.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
-    let sock = UdpSocket::bind(any)?;
+    // Bound to the address the node is asked at, so the reply's tag names it.
+    let sock = UdpSocket::bind(SocketAddr::new(
+        if addr.ip().is_loopback() { addr.ip() } else if addr.is_ipv4() { [0, 0, 0, 0].into() } else { std::net::Ipv6Addr::UNSPECIFIED.into() },
+        0,
+    ))?;
+    sock.connect(addr)?;
+    let me = sock.local_addr()?;
     let env = Envelope::new(key, engine::random_u64());
-    sock.send_to(&engine::status_request(&env), addr)?;
+    sock.send(&engine::status_request(&env, addr))?;
     let deadline = Instant::now() + timeout;
     let mut buf = vec![0u8; 65536];
     loop {
@@ -119,7 +124,7 @@ pub fn status(addr: SocketAddr, key: Option<&[u8]>, timeout: Duration) -> anyhow
         }
         sock.set_read_timeout(Some(left))?;
         if let Ok((n, _)) = sock.recv_from(&mut buf) {
-            if let Some(body) = engine::status_reply(&env, &buf[..n]) {
+            if let Some(body) = engine::status_reply(&env, me, &buf[..n]) {
                 return Ok(serde_json::from_slice(body)?);
             }
         }

@@ -7,6 +7,7 @@ use mlua::{Lua, Table};
 pub mod broker;
 pub mod bson;
 pub mod bundle;
+pub mod cluster;
 pub mod logger;
 pub mod messages;
 pub mod odbc;
@@ -29,6 +30,7 @@ const MODULES: &[(&str, Open)] = &[
     ("broker", broker::open),
     ("odbc", odbc::open),
     ("thread", thread::open),
+    ("cluster", cluster::open),
 ];
 
 /// Registers every module as a global and in `package.loaded`, so that both
