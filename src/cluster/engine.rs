@@ -13,7 +13,7 @@ use crate::router::{Kind, LockOp, Message, SenderInfo};
 use crate::value::Value;
 use foca::{AccumulatingRuntime, Foca, NoCustomBroadcast, OwnedNotification, PostcardCodec, Timer};
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
@@ -180,7 +180,7 @@ pub struct Engine {
     rr: AtomicUsize,
     pub stats: Stats,
     /// Per sender address: when a refusal was last logged (once per peer per minute).
-    logged: Mutex<HashMap<IpAddr, Instant>>,
+    logged: Mutex<HashMap<SocketAddr, Instant>>,
     watchers: Mutex<Vec<(usize, String)>>,
     last_push: Mutex<Option<Instant>>,
     last_announce: Mutex<Option<Instant>>,
@@ -515,13 +515,13 @@ impl Engine {
         self.stats.rejected[i].fetch_add(1, Ordering::Relaxed);
         let now = Instant::now();
         let mut l = self.logged.lock().expect("logged");
-        if l.get(&from.ip()).is_none_or(|t| now.duration_since(*t) >= Duration::from_secs(60)) {
-            l.insert(from.ip(), now);
+        if l.get(&from).is_none_or(|t| now.duration_since(*t) >= Duration::from_secs(60)) {
+            l.insert(from, now);
             if l.len() > 4096 {
                 l.retain(|_, t| now.duration_since(*t) < Duration::from_secs(60));
             }
             log::warn!(
-                "cluster: refused a datagram from {from} ({}); further refusals from this address are counted, not logged, for a minute",
+                "cluster: refused a datagram from {from} ({}); further refusals from it are counted, not logged, for a minute",
                 why.name()
             );
         }
@@ -643,7 +643,18 @@ impl Engine {
 
     /// Nodes this one routes `stage` to (direction rule, live, state heard), with instance
     /// counts and load.
+    /// Suspected nodes count only when no alive node has the stage.
     fn candidates(&self, stage: &str, same_host: bool) -> Vec<(SocketAddr, u32, u8)> {
+        let all = self.candidates_with_state(stage, same_host);
+        let alive: Vec<_> = all.iter().filter(|c| c.3 == State::Alive).map(|c| (c.0, c.1, c.2)).collect();
+        if alive.is_empty() {
+            all.into_iter().map(|c| (c.0, c.1, c.2)).collect()
+        } else {
+            alive
+        }
+    }
+
+    fn candidates_with_state(&self, stage: &str, same_host: bool) -> Vec<(SocketAddr, u32, u8, State)> {
         let t = self.table.read().expect("table");
         let mut v: Vec<_> = self
             .cfg
@@ -656,7 +667,7 @@ impl Engine {
                     return None;
                 }
                 let s = p.stages.iter().find(|s| s.stage == stage)?;
-                Some((*a, s.instances, s.load))
+                Some((*a, s.instances, s.load, p.state))
             })
             .collect();
         v.dedup_by_key(|x| x.0);
