@@ -192,7 +192,10 @@ impl Engine {
     pub fn new(cfg: ClusterConfig, transport: Arc<dyn Transport>) -> Arc<Engine> {
         let me = Ident {
             addr: cfg.addr(),
-            generation: random_u64() >> 1,
+            // Later starts win address conflicts: a restarted node replaces its old self.
+            generation: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_micros() as u64),
         };
         let sync = cfg.sync;
         let mut fc = foca::Config::new_lan(std::num::NonZeroU32::new(32).expect("nonzero"));
