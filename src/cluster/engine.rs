@@ -46,6 +46,9 @@ pub struct StageLoad {
     pub load: u8,
 }
 
+/// How many fail-over nodes a message passes through at most (a chain, not a loop).
+pub const MAX_FAILOVER_HOPS: u8 = 4;
+
 /// A node whose queues are this full is skipped while another can take the message.
 pub const OVERLOADED: u8 = 90;
 
@@ -582,6 +585,20 @@ impl Engine {
                     self.fail_request(msg, "no route");
                 }
             }
+            App::Failover { stage, msg, hops } => {
+                let Err(msg) = sink.one(&stage, msg) else { return };
+                // STAGE's fail-over nodes chain: pass it on, a bounded number of times.
+                match self.failover() {
+                    Some(next) if hops < MAX_FAILOVER_HOPS => {
+                        let app = App::Failover { stage, msg, hops: hops + 1 };
+                        if !self.send_or_log(next, &app) {
+                            let App::Failover { msg, .. } = app else { unreachable!() };
+                            self.fail_request(msg, "no route");
+                        }
+                    }
+                    _ => self.fail_request(msg, "no route"),
+                }
+            }
             App::All { stage, msg } => {
                 sink.all(&stage, &msg);
             }
@@ -695,10 +712,18 @@ impl Engine {
             if same_host {
                 return Err(msg);
             }
-            match self.failover() {
-                Some(f) => f,
-                None => return Err(msg),
-            }
+            let Some(f) = self.failover() else { return Err(msg) };
+            let app = App::Failover {
+                stage: stage.to_string(),
+                msg,
+                hops: 0,
+            };
+            return if self.send_or_log(f, &app) {
+                Ok(())
+            } else {
+                let App::Failover { msg, .. } = app else { unreachable!() };
+                Err(msg)
+            };
         } else {
             let start = self.rr.fetch_add(1, Ordering::Relaxed);
             let n = c.len();

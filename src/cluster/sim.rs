@@ -301,6 +301,26 @@ fn failover_chain_and_overload_and_detection() {
 }
 
 #[test]
+fn the_failover_chain_passes_a_message_on_until_a_node_has_the_stage() {
+    let mut sim = Sim::new();
+    // 0 -> fail-over 1 -> fail-over 2 (has `db`); 2's own fail-over is 0 (a loop, bounded).
+    sim.add(cfg(0, vec![], vec![addr(1)], b"k", 300), vec![]);
+    sim.add(cfg(1, vec![], vec![addr(2)], b"k", 300), vec![]);
+    sim.add(cfg(2, vec![], vec![addr(0)], b"k", 300), vec![stage("db", 0)]);
+    sim.until(Duration::from_secs(5), |s| (0..3).all(|i| s.alive_seen(i) == 2)).expect("converge");
+    sim.nodes[0].0.deliver_one("db", msg("chained", vec![], Kind::Reply), false).unwrap();
+    // Nobody has `nope`: it goes round the loop at most MAX_FAILOVER_HOPS times, then a
+    // request is answered "no route".
+    sim.nodes[0].0.deliver_one("nope", msg("lost", vec![], Kind::Request { cb: "r1".into() }), false).unwrap();
+    sim.run(Duration::from_millis(100));
+    assert!(sim.nodes[2].1.got.lock().unwrap().iter().any(|(k, _, m)| *k == "one" && m.id == "chained"));
+    let answers: Vec<_> = sim.nodes[0].1.got.lock().unwrap().iter().filter(|(k, _, m)| *k == "to" && m.id == "r1").map(|(_, _, m)| m.kind.clone()).collect();
+    assert_eq!(answers, vec![Kind::Failed("no route".into())]);
+    let hops: u64 = sim.nodes.iter().map(|(e, _)| e.stats.messages_in.load(std::sync::atomic::Ordering::Relaxed)).sum();
+    assert!(hops <= 2 + 1 + super::engine::MAX_FAILOVER_HOPS as u64 + 1, "{hops}");
+}
+
+#[test]
 fn overloaded_nodes_are_skipped_while_another_can_take_it() {
     let mut sim = Sim::new();
     sim.add(cfg(0, vec![addr(1), addr(2)], vec![], b"k", 300), vec![]);

@@ -220,6 +220,9 @@ pub fn get_message(r: &mut Reader, functions: bool) -> Result<Message, WireError
 pub enum App {
     /// Deliver to one local instance of `stage` (round-robin); answer a request that cannot be.
     One { stage: String, msg: Message },
+    /// No live node of the sender had `stage`: this fail-over node delivers it, or passes it
+    /// down its own fail-over chain (`hops` so far, bounded).
+    Failover { stage: String, msg: Message, hops: u8 },
     /// Deliver to every local instance of `stage`.
     All { stage: String, msg: Message },
     /// Deliver to instance `instance` of this node (an answer, a lock grant, an event).
@@ -239,6 +242,12 @@ pub fn encode_app(app: &App, functions: bool) -> Result<Vec<u8>, &'static str> {
     match app {
         App::One { stage, msg } | App::All { stage, msg } => {
             w.u8(if matches!(app, App::One { .. }) { 1 } else { 2 });
+            w.str(stage);
+            put_message(&mut w, msg, functions)?;
+        }
+        App::Failover { stage, msg, hops } => {
+            w.u8(5);
+            w.u8(*hops);
             w.str(stage);
             put_message(&mut w, msg, functions)?;
         }
@@ -277,6 +286,11 @@ pub fn decode_app(b: &[u8], functions: bool) -> Result<App, WireError> {
             msg: get_message(&mut r, functions)?,
         },
         2 => App::All {
+            stage: r.str()?,
+            msg: get_message(&mut r, functions)?,
+        },
+        5 => App::Failover {
+            hops: r.u8()?,
             stage: r.str()?,
             msg: get_message(&mut r, functions)?,
         },
