@@ -199,7 +199,11 @@ fn cluster_status(action: &str, home: &std::path::Path, json: bool) -> anyhow::R
     )?
     .ok_or_else(|| anyhow::anyhow!("{}: conf/stage.json has no #cluster port", home.display()))?;
     let to = std::net::SocketAddr::new(
-        if c.advertise.is_unspecified() { [127, 0, 0, 1].into() } else { c.advertise },
+        if c.advertise.is_unspecified() {
+            [127, 0, 0, 1].into()
+        } else {
+            c.advertise
+        },
         c.port,
     );
     let st = stage::cluster::udp::status(to, c.key.as_deref(), std::time::Duration::from_secs(2))?;
@@ -207,14 +211,32 @@ fn cluster_status(action: &str, home: &std::path::Path, json: bool) -> anyhow::R
         println!("{st}");
         return Ok(());
     }
-    println!("node {} ({})", st["node"].as_str().unwrap_or("?"), if st["secure"] == true { "authenticated" } else { "insecure" });
-    println!("{:<24} {:<8} {:<6} stages (instances, load %)", "member", "state", "routed");
+    println!(
+        "node {} ({})",
+        st["node"].as_str().unwrap_or("?"),
+        if st["secure"] == true {
+            "authenticated"
+        } else {
+            "insecure"
+        }
+    );
+    println!(
+        "{:<24} {:<8} {:<6} stages (instances, load %)",
+        "member", "state", "routed"
+    );
     for m in st["members"].as_array().into_iter().flatten() {
         let stages: Vec<String> = m["stages"]
             .as_array()
             .into_iter()
             .flatten()
-            .map(|s| format!("{}({}, {}%)", s["stage"].as_str().unwrap_or("?"), s["instances"], s["load"]))
+            .map(|s| {
+                format!(
+                    "{}({}, {}%)",
+                    s["stage"].as_str().unwrap_or("?"),
+                    s["instances"],
+                    s["load"]
+                )
+            })
             .collect();
         println!(
             "{:<24} {:<8} {:<6} {}",

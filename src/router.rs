@@ -630,7 +630,10 @@ impl Router {
     /// Every local instance of `stage` only (a broadcast another node routed here).
     pub fn deliver_here_all(&self, stage: &str, msg: &Message) -> usize {
         self.groups.get(stage).map_or(0, |g| {
-            g.members.iter().filter(|&&i| self.send_to(i, msg.clone()).is_ok()).count()
+            g.members
+                .iter()
+                .filter(|&&i| self.send_to(i, msg.clone()).is_ok())
+                .count()
         })
     }
 

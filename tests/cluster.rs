@@ -18,7 +18,11 @@ use std::time::{Duration, Instant};
 const KEY: &str = "test cluster key 0123456789";
 
 fn free_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn node(p: u16) -> String {
@@ -58,7 +62,11 @@ fn spawn(h: &TestHome, env: &[(&str, String)], key: Option<&str>) -> Child {
     for (k, v) in env {
         c.env(k, v);
     }
-    c.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("start stage")
+    c.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start stage")
 }
 
 fn stop(c: Child) -> String {
@@ -82,8 +90,18 @@ fn wait_file(p: &Path, limit: Duration) -> bool {
 fn three_nodes_carry_requests_broadcasts_scopes_and_a_mebibyte() {
     let (pa, pb, pc) = (free_port(), free_port(), free_port());
     let idle = "-- serves db only\n";
-    let b = home(serde_json::json!([pb]), &["db", "db"], idle, serde_json::json!({}));
-    let c = home(serde_json::json!([pc, node(pa)]), &["db"], idle, serde_json::json!({}));
+    let b = home(
+        serde_json::json!([pb]),
+        &["db", "db"],
+        idle,
+        serde_json::json!({}),
+    );
+    let c = home(
+        serde_json::json!([pc, node(pa)]),
+        &["db"],
+        idle,
+        serde_json::json!({}),
+    );
     let a = home(
         serde_json::json!([pa, node(pb), node(pc)]),
         &["web"],
@@ -96,7 +114,10 @@ fn three_nodes_carry_requests_broadcasts_scopes_and_a_mebibyte() {
     let (code, out) = wait_with_output(ca, Duration::from_secs(60));
     let (ob, oc) = (stop(cb), stop(cc));
     assert_eq!(code, Some(0), "A:\n{out}\nB:\n{ob}\nC:\n{oc}");
-    assert!(out.contains(&format!("node {} joined", node(pb))), "one line per membership change:\n{out}");
+    assert!(
+        out.contains(&format!("node {} joined", node(pb))),
+        "one line per membership change:\n{out}"
+    );
 }
 
 #[test]
@@ -104,9 +125,24 @@ fn kill_9_is_detected_rerouted_failed_over_and_rejoined() {
     let (pa, pb, pc, pf) = (free_port(), free_port(), free_port(), free_port());
     let sync = tempfile::tempdir().unwrap();
     let idle = "-- serves db only\n";
-    let b = home(serde_json::json!([pb]), &["db"], idle, serde_json::json!({"#router": [1500]}));
-    let c = home(serde_json::json!([pc]), &["db"], idle, serde_json::json!({"#router": [1500]}));
-    let f = home(serde_json::json!([pf]), &["db"], idle, serde_json::json!({"#router": [1500]}));
+    let b = home(
+        serde_json::json!([pb]),
+        &["db"],
+        idle,
+        serde_json::json!({"#router": [1500]}),
+    );
+    let c = home(
+        serde_json::json!([pc]),
+        &["db"],
+        idle,
+        serde_json::json!({"#router": [1500]}),
+    );
+    let f = home(
+        serde_json::json!([pf]),
+        &["db"],
+        idle,
+        serde_json::json!({"#router": [1500]}),
+    );
     let a = home(
         serde_json::json!([pa, node(pb), node(pc), format!("={}", node(pf))]),
         &["web"],
@@ -193,7 +229,12 @@ fn status(h: &TestHome) -> serde_json::Value {
 fn only_holders_of_the_key_join_and_nothing_forged_replayed_or_cut_is_accepted() {
     // Without a key and without "#cluster-insecure", a node refuses to start.
     let p0 = free_port();
-    let h0 = home(serde_json::json!([p0]), &["db"], "", serde_json::json!({"#cluster-key": null}));
+    let h0 = home(
+        serde_json::json!([p0]),
+        &["db"],
+        "",
+        serde_json::json!({"#cluster-key": null}),
+    );
     let (code, out) = wait_with_output(spawn(&h0, &[], None), Duration::from_secs(10));
     assert_ne!(code, Some(0));
     assert!(out.contains("#cluster-key: missing"), "{out}");
@@ -202,7 +243,12 @@ fn only_holders_of_the_key_join_and_nothing_forged_replayed_or_cut_is_accepted()
     let mark = tempfile::tempdir().unwrap();
     let mark_file = mark.path().join("mark");
     let a = home(serde_json::json!([pa]), &["db"], "", serde_json::json!({}));
-    let w = home(serde_json::json!([pw, node(pa)]), &["db"], "", serde_json::json!({}));
+    let w = home(
+        serde_json::json!([pw, node(pa)]),
+        &["db"],
+        "",
+        serde_json::json!({}),
+    );
     let n = home(
         serde_json::json!([pn, node(pa)]),
         &["db"],
@@ -248,19 +294,38 @@ fn only_holders_of_the_key_join_and_nothing_forged_replayed_or_cut_is_accepted()
         false
     };
     let a_addr: SocketAddr = node(pa).parse().unwrap();
-    let a_has_db = || t.members().iter().any(|m| m.0 == node(pa) && m.2.iter().any(|s| s.stage == "db"));
+    let a_has_db = || {
+        t.members()
+            .iter()
+            .any(|m| m.0 == node(pa) && m.2.iter().any(|s| s.stage == "db"))
+    };
     assert!(pump(Duration::from_secs(15), &a_has_db), "the test node joins A");
 
     let msg = |v: &str| Message {
         id: "mark".into(),
-        from: Arc::new(SenderInfo { node: node(pt), stage: "tap".into(), instance: 0 }),
+        from: Arc::new(SenderInfo {
+            node: node(pt),
+            stage: "tap".into(),
+            instance: 0,
+        }),
         values: vec![Value::Str(v.as_bytes().to_vec())],
-        kind: Kind::Signal { cb: None, implicit: false },
+        kind: Kind::Signal {
+            cb: None,
+            implicit: false,
+        },
     };
     let before = tap.sent.lock().unwrap().len();
     t.deliver_one("db", msg("one"), false).unwrap();
-    assert!(wait_file(&mark_file, Duration::from_secs(5)), "a keyed message is delivered");
-    let captured: Vec<u8> = tap.sent.lock().unwrap()[before..].iter().find(|(to, d)| *to == a_addr && d.len() > 60).unwrap().1.clone();
+    assert!(
+        wait_file(&mark_file, Duration::from_secs(5)),
+        "a keyed message is delivered"
+    );
+    let captured: Vec<u8> = tap.sent.lock().unwrap()[before..]
+        .iter()
+        .find(|(to, d)| *to == a_addr && d.len() > 60)
+        .unwrap()
+        .1
+        .clone();
     std::fs::remove_file(&mark_file).unwrap();
 
     // Replayed, forged (one bit), truncated: none delivered.
@@ -271,10 +336,22 @@ fn only_holders_of_the_key_join_and_nothing_forged_replayed_or_cut_is_accepted()
     sock.send_to(&captured[..20], a_addr).unwrap();
     sock.send_to(&captured[..captured.len() - 1], a_addr).unwrap();
     // A datagram A sent to the test node, replayed to A.
-    let from_a = tap.received.lock().unwrap().iter().find(|(f, _)| *f == a_addr).unwrap().1.clone();
+    let from_a = tap
+        .received
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|(f, _)| *f == a_addr)
+        .unwrap()
+        .1
+        .clone();
     sock.send_to(&from_a, a_addr).unwrap();
-    assert!(pump(Duration::from_millis(800), &|| false) || true);
-    assert!(!mark_file.exists(), "a replayed/forged/truncated message was delivered");
+    // Keep the test node alive in the cluster while A handles (and refuses) them.
+    pump(Duration::from_millis(800), &|| false);
+    assert!(
+        !mark_file.exists(),
+        "a replayed/forged/truncated message was delivered"
+    );
 
     // The cluster keeps working.
     t.deliver_one("db", msg("two"), false).unwrap();
@@ -289,13 +366,28 @@ fn only_holders_of_the_key_join_and_nothing_forged_replayed_or_cut_is_accepted()
     assert!(r["replayed"].as_u64().unwrap() >= 1, "{st}");
     assert!(r["bad tag"].as_u64().unwrap() >= 3, "{st}");
     assert!(r["truncated"].as_u64().unwrap() >= 1, "{st}");
-    assert!(r["wrong key"].as_u64().unwrap() >= 2, "the wrong-key and the keyless node: {st}");
-    let members: Vec<&str> = st["members"].as_array().unwrap().iter().filter(|m| m["state"] != "down").map(|m| m["node"].as_str().unwrap()).collect();
+    assert!(
+        r["wrong key"].as_u64().unwrap() >= 2,
+        "the wrong-key and the keyless node: {st}"
+    );
+    let members: Vec<&str> = st["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["state"] != "down")
+        .map(|m| m["node"].as_str().unwrap())
+        .collect();
     assert!(members.contains(&node(pt).as_str()), "{st}");
-    assert!(!members.contains(&node(pw).as_str()) && !members.contains(&node(pn).as_str()), "{st}\nW:\n{ow}\nN:\n{on}");
+    assert!(
+        !members.contains(&node(pw).as_str()) && !members.contains(&node(pn).as_str()),
+        "{st}\nW:\n{ow}\nN:\n{on}"
+    );
     // Logged at most once per peer per minute.
     for p in [pt, pw, pn] {
-        let lines = oa.lines().filter(|l| l.contains("refused a datagram") && l.contains(&format!(":{p} "))).count();
+        let lines = oa
+            .lines()
+            .filter(|l| l.contains("refused a datagram") && l.contains(&format!(":{p} ")))
+            .count();
         assert!(lines <= 1, "{lines} lines for {p}:\n{oa}");
     }
     assert!(on.contains("#cluster-insecure"), "the insecure node warns:\n{on}");

@@ -81,7 +81,10 @@ fn now_ms() -> u64 {
 /// The key id of a secret: one non-zero byte derived from it, so a node tells "another key"
 /// from "forged" and a key ring can pick the right key during a rotation.
 pub fn key_id(secret: &[u8]) -> u8 {
-    let d = ring::digest::digest(&ring::digest::SHA256, &[b"stage cluster key id\0", secret].concat());
+    let d = ring::digest::digest(
+        &ring::digest::SHA256,
+        &[b"stage cluster key id\0", secret].concat(),
+    );
     d.as_ref()[0] | 1
 }
 
@@ -274,10 +277,19 @@ mod tests {
     fn wrong_key_no_key_forged_truncated_stale_are_refused() {
         let good = Envelope::new(Some(b"right"), 1);
         let rx = Envelope::new(Some(b"right"), 2);
-        assert_eq!(rx.open(at(1), &Envelope::new(Some(b"wrong"), 3).seal(at(1), 1, b"x")), Err(Reject::WrongKey));
-        assert_eq!(rx.open(at(1), &Envelope::new(None, 4).seal(at(1), 1, b"x")), Err(Reject::WrongKey));
+        assert_eq!(
+            rx.open(at(1), &Envelope::new(Some(b"wrong"), 3).seal(at(1), 1, b"x")),
+            Err(Reject::WrongKey)
+        );
+        assert_eq!(
+            rx.open(at(1), &Envelope::new(None, 4).seal(at(1), 1, b"x")),
+            Err(Reject::WrongKey)
+        );
         // An insecure node refuses keyed datagrams too.
-        assert_eq!(Envelope::new(None, 5).open(at(1), &good.seal(at(1), 1, b"x")), Err(Reject::WrongKey));
+        assert_eq!(
+            Envelope::new(None, 5).open(at(1), &good.seal(at(1), 1, b"x")),
+            Err(Reject::WrongKey)
+        );
         let mut forged = good.seal(at(1), 1, b"pay 10");
         let n = forged.len();
         forged[HEADER] ^= 1;
@@ -297,7 +309,11 @@ mod tests {
 
     #[test]
     fn the_replay_window_takes_reordering_and_refuses_repeats_and_ancient() {
-        let mut w = Window { top: 0, seen: [0; 16], last_use: 0 };
+        let mut w = Window {
+            top: 0,
+            seen: [0; 16],
+            last_use: 0,
+        };
         for s in [5, 3, 4, 1, 2] {
             assert!(w.accept(s));
         }

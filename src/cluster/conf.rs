@@ -102,13 +102,11 @@ impl ClusterConfig {
             Some("") => return Err(err("-key", "empty")),
             Some(k) => Some(k.as_bytes().to_vec()),
             None if insecure => None,
-            None => {
-                return Err(err(
-                    "-key",
-                    "missing: every cluster datagram is authenticated with it (use \"env:STAGE_CLUSTER_KEY\"), \
+            None => return Err(err(
+                "-key",
+                "missing: every cluster datagram is authenticated with it (use \"env:STAGE_CLUSTER_KEY\"), \
                      or set \"#cluster-insecure\": true on a trusted network",
-                ))
-            }
+            )),
         };
         if sync_ms < 100 {
             return Err(err("", format!("#router[0] = {sync_ms} ms is below 100 ms")));
@@ -150,24 +148,47 @@ mod tests {
     use serde_json::json;
 
     fn parse(v: Json, key: Option<&str>, insecure: bool) -> Result<Option<ClusterConfig>, ConfError> {
-        let ifs = vec![("lo".to_string(), IpAddr::from([127, 0, 0, 1])), ("eth9".into(), "10.1.2.3".parse().unwrap())];
+        let ifs = vec![
+            ("lo".to_string(), IpAddr::from([127, 0, 0, 1])),
+            ("eth9".into(), "10.1.2.3".parse().unwrap()),
+        ];
         ClusterConfig::parse(v.as_array().unwrap(), key, insecure, 1500, &ifs)
     }
 
     #[test]
     fn stage_entries_mean_what_they_mean_in_stage() {
-        let c = parse(json!([":eth9", "=127.0.0.1:9809", 9801, "127.0.0.1:9802", "127.0.0.1:9803"]), Some("k"), false)
-            .unwrap()
-            .unwrap();
+        let c = parse(
+            json!([
+                ":eth9",
+                "=127.0.0.1:9809",
+                9801,
+                "127.0.0.1:9802",
+                "127.0.0.1:9803"
+            ]),
+            Some("k"),
+            false,
+        )
+        .unwrap()
+        .unwrap();
         assert_eq!(c.port, 9801);
         assert_eq!(c.advertise, "10.1.2.3".parse::<IpAddr>().unwrap());
-        assert_eq!(c.peers, vec!["127.0.0.1:9802".parse().unwrap(), "127.0.0.1:9803".parse().unwrap()]);
+        assert_eq!(
+            c.peers,
+            vec![
+                "127.0.0.1:9802".parse().unwrap(),
+                "127.0.0.1:9803".parse().unwrap()
+            ]
+        );
         assert_eq!(c.failover, vec!["127.0.0.1:9809".parse().unwrap()]);
         assert_eq!(c.addr().to_string(), "10.1.2.3:9801");
-        let c = parse(json!([":10.0.0.5", 9801]), Some("k"), false).unwrap().unwrap();
+        let c = parse(json!([":10.0.0.5", 9801]), Some("k"), false)
+            .unwrap()
+            .unwrap();
         assert_eq!(c.addr().to_string(), "10.0.0.5:9801");
         // Loopback peers: advertised as loopback.
-        let c = parse(json!([9801, "127.0.0.1:9802"]), Some("k"), false).unwrap().unwrap();
+        let c = parse(json!([9801, "127.0.0.1:9802"]), Some("k"), false)
+            .unwrap()
+            .unwrap();
         assert_eq!(c.advertise, IpAddr::from([127, 0, 0, 1]));
     }
 
@@ -177,11 +198,26 @@ mod tests {
         let e = parse(json!([9801]), None, false).unwrap_err();
         assert!(e.to_string().starts_with("#cluster-key: missing"), "{e}");
         assert!(parse(json!([9801]), None, true).unwrap().unwrap().key.is_none());
-        assert!(parse(json!(["127.0.0.1:1"]), Some("k"), false).unwrap_err().to_string().contains("no port"));
-        assert!(parse(json!([70000]), Some("k"), false).unwrap_err().to_string().contains("#cluster[0]"));
-        assert!(parse(json!([1, ":nope0"]), Some("k"), false).unwrap_err().to_string().contains("no interface"));
-        assert!(parse(json!([1, "nohostport"]), Some("k"), false).unwrap_err().to_string().contains("#cluster[1]"));
+        assert!(parse(json!(["127.0.0.1:1"]), Some("k"), false)
+            .unwrap_err()
+            .to_string()
+            .contains("no port"));
+        assert!(parse(json!([70000]), Some("k"), false)
+            .unwrap_err()
+            .to_string()
+            .contains("#cluster[0]"));
+        assert!(parse(json!([1, ":nope0"]), Some("k"), false)
+            .unwrap_err()
+            .to_string()
+            .contains("no interface"));
+        assert!(parse(json!([1, "nohostport"]), Some("k"), false)
+            .unwrap_err()
+            .to_string()
+            .contains("#cluster[1]"));
         assert!(parse(json!([1, true]), Some("k"), false).is_err());
-        assert!(parse(json!([1, 2]), Some("k"), false).unwrap_err().to_string().contains("second port"));
+        assert!(parse(json!([1, 2]), Some("k"), false)
+            .unwrap_err()
+            .to_string()
+            .contains("second port"));
     }
 }

@@ -154,7 +154,9 @@ struct Swim {
 pub fn random_u64() -> u64 {
     use ring::rand::SecureRandom;
     let mut b = [0u8; 8];
-    ring::rand::SystemRandom::new().fill(&mut b).expect("system random");
+    ring::rand::SystemRandom::new()
+        .fill(&mut b)
+        .expect("system random");
     u64::from_le_bytes(b)
 }
 
@@ -206,7 +208,8 @@ impl Engine {
         fc.probe_rtt = sync / 6;
         fc.suspect_to_down_after = sync;
         fc.remove_down_after = Some(Duration::from_secs(120));
-        fc.max_packet_size = std::num::NonZeroUsize::new(1400 - super::auth::HEADER - super::auth::TAG).expect("nonzero");
+        fc.max_packet_size =
+            std::num::NonZeroUsize::new(1400 - super::auth::HEADER - super::auth::TAG).expect("nonzero");
         fc.periodic_announce = Some(foca::PeriodicParams {
             frequency: sync * 4,
             num_members: std::num::NonZeroUsize::new(1).expect("nonzero"),
@@ -270,7 +273,9 @@ impl Engine {
         let mut rt = AccumulatingRuntime::new();
         let next = {
             let mut s = self.swim.lock().expect("swim");
-            let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut s.timers).into_iter().partition(|(t, _)| *t <= now);
+            let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut s.timers)
+                .into_iter()
+                .partition(|(t, _)| *t <= now);
             s.timers = later;
             for (_, t) in due {
                 if let Err(e) = s.foca.handle_timer(t, &mut rt) {
@@ -289,7 +294,10 @@ impl Engine {
                 let table = self.table.read().expect("table");
                 for addr in self.cfg.peers.iter().chain(&self.cfg.failover) {
                     if *addr != self.me.addr && table.get(addr).is_none_or(|p| p.state == State::Down) {
-                        let dst = Ident { addr: *addr, generation: 0 };
+                        let dst = Ident {
+                            addr: *addr,
+                            generation: 0,
+                        };
                         let _ = s.foca.announce(dst, &mut rt);
                     }
                 }
@@ -318,7 +326,9 @@ impl Engine {
     fn run(&self, mut rt: AccumulatingRuntime<Ident>, now: Instant) {
         while let Some((to, data)) = rt.to_send() {
             let d = self.env.seal(to.addr, F_GOSSIP, &data);
-            self.stats.gossip_bytes_sent.fetch_add(d.len() as u64, Ordering::Relaxed);
+            self.stats
+                .gossip_bytes_sent
+                .fetch_add(d.len() as u64, Ordering::Relaxed);
             self.send_raw(to.addr, &d);
         }
         let mut timers = vec![];
@@ -375,12 +385,16 @@ impl Engine {
     }
 
     fn emit(&self, ev: Event) {
-        log::info!("cluster: node {} {}", ev.node, match ev.kind {
-            "join" => "joined",
-            "leave" => "left (down)",
-            "suspect" => "is suspected down",
-            _ => "is back",
-        });
+        log::info!(
+            "cluster: node {} {}",
+            ev.node,
+            match ev.kind {
+                "join" => "joined",
+                "leave" => "left (down)",
+                "suspect" => "is suspected down",
+                _ => "is back",
+            }
+        );
         let Some(sink) = self.sink.get() else { return };
         let stages = self.peer_stages(&ev.node);
         for (instance, id) in self.watchers.lock().expect("watchers").clone() {
@@ -397,7 +411,11 @@ impl Engine {
                     (
                         s("stages"),
                         Value::Table(
-                            stages.iter().enumerate().map(|(i, st)| (Value::Int(i as i64 + 1), s(st))).collect(),
+                            stages
+                                .iter()
+                                .enumerate()
+                                .map(|(i, st)| (Value::Int(i as i64 + 1), s(st)))
+                                .collect(),
                         ),
                     ),
                 ])],
@@ -408,7 +426,9 @@ impl Engine {
     }
 
     fn peer_stages(&self, node: &str) -> Vec<String> {
-        let Ok(addr) = node.parse::<SocketAddr>() else { return vec![] };
+        let Ok(addr) = node.parse::<SocketAddr>() else {
+            return vec![];
+        };
         self.table
             .read()
             .expect("table")
@@ -429,7 +449,12 @@ impl Engine {
                 .collect()
         };
         for id in suspects {
-            let alive = self.table.read().expect("table").get(&id.addr).is_some_and(|p| p.state == State::Alive);
+            let alive = self
+                .table
+                .read()
+                .expect("table")
+                .get(&id.addr)
+                .is_some_and(|p| p.state == State::Alive);
             if alive {
                 self.set_state(&id, State::Suspect);
             }
@@ -444,7 +469,12 @@ impl Engine {
                 .collect()
         };
         for id in back {
-            let suspect = self.table.read().expect("table").get(&id.addr).is_some_and(|p| p.state == State::Suspect);
+            let suspect = self
+                .table
+                .read()
+                .expect("table")
+                .get(&id.addr)
+                .is_some_and(|p| p.state == State::Suspect);
             if suspect {
                 self.set_state(&id, State::Alive);
             }
@@ -453,7 +483,10 @@ impl Engine {
         let mut t = self.table.write().expect("table");
         for (addr, p) in t.iter_mut() {
             if p.heard.is_some_and(|h| now.duration_since(h) > grace) {
-                log::info!("cluster: node {addr} not heard from for {} ms: its stage ids are withdrawn", grace.as_millis());
+                log::info!(
+                    "cluster: node {addr} not heard from for {} ms: its stage ids are withdrawn",
+                    grace.as_millis()
+                );
                 p.stages.clear();
                 p.heard = None;
             }
@@ -478,7 +511,9 @@ impl Engine {
         };
         for a in to {
             let d = self.env.seal(a, F_STATE, &w.buf);
-            self.stats.gossip_bytes_sent.fetch_add(d.len() as u64, Ordering::Relaxed);
+            self.stats
+                .gossip_bytes_sent
+                .fetch_add(d.len() as u64, Ordering::Relaxed);
             self.send_raw(a, &d);
         }
     }
@@ -521,7 +556,9 @@ impl Engine {
         self.stats.rejected[i].fetch_add(1, Ordering::Relaxed);
         let now = Instant::now();
         let mut l = self.logged.lock().expect("logged");
-        if l.get(&from).is_none_or(|t| now.duration_since(*t) >= Duration::from_secs(60)) {
+        if l.get(&from)
+            .is_none_or(|t| now.duration_since(*t) >= Duration::from_secs(60))
+        {
             l.insert(from, now);
             if l.len() > 4096 {
                 l.retain(|_, t| now.duration_since(*t) < Duration::from_secs(60));
@@ -569,7 +606,9 @@ impl Engine {
                 }
             }
             F_STATUS_REQ => {
-                let d = self.env.seal(from, F_STATUS, self.status_json().to_string().as_bytes());
+                let d = self
+                    .env
+                    .seal(from, F_STATUS, self.status_json().to_string().as_bytes());
                 self.send_raw(from, &d);
             }
             _ => self.refuse(from, Reject::Malformed),
@@ -590,9 +629,15 @@ impl Engine {
                 // STAGE's fail-over nodes chain: pass it on, a bounded number of times.
                 match self.failover() {
                     Some(next) if hops < MAX_FAILOVER_HOPS => {
-                        let app = App::Failover { stage, msg, hops: hops + 1 };
+                        let app = App::Failover {
+                            stage,
+                            msg,
+                            hops: hops + 1,
+                        };
                         if !self.send_or_log(next, &app) {
-                            let App::Failover { msg, .. } = app else { unreachable!() };
+                            let App::Failover { msg, .. } = app else {
+                                unreachable!()
+                            };
                             self.fail_request(msg, "no route");
                         }
                     }
@@ -607,7 +652,13 @@ impl Engine {
                     self.fail_request(msg, "no route");
                 }
             }
-            App::Lock { op, name, cb, from, values } => sink.lock(op, &name, &cb, Arc::new(from), values),
+            App::Lock {
+                op,
+                name,
+                cb,
+                from,
+                values,
+            } => sink.lock(op, &name, &cb, Arc::new(from), values),
         }
     }
 
@@ -666,7 +717,11 @@ impl Engine {
     /// Suspected nodes count only when no alive node has the stage.
     fn candidates(&self, stage: &str, same_host: bool) -> Vec<(SocketAddr, u32, u8)> {
         let all = self.candidates_with_state(stage, same_host);
-        let alive: Vec<_> = all.iter().filter(|c| c.3 == State::Alive).map(|c| (c.0, c.1, c.2)).collect();
+        let alive: Vec<_> = all
+            .iter()
+            .filter(|c| c.3 == State::Alive)
+            .map(|c| (c.0, c.1, c.2))
+            .collect();
         if alive.is_empty() {
             all.into_iter().map(|c| (c.0, c.1, c.2)).collect()
         } else {
@@ -721,7 +776,9 @@ impl Engine {
             return if self.send_or_log(f, &app) {
                 Ok(())
             } else {
-                let App::Failover { msg, .. } = app else { unreachable!() };
+                let App::Failover { msg, .. } = app else {
+                    unreachable!()
+                };
                 Err(msg)
             };
         } else {
@@ -762,7 +819,9 @@ impl Engine {
     /// An answer (or grant) to the instance at `to` on another node. Answers go back to
     /// whoever asked, whatever the direction rule (the asker named this node, or was named).
     pub fn deliver_to(&self, to: &SenderInfo, msg: Message) -> Result<(), Message> {
-        let Ok(addr) = to.node.parse::<SocketAddr>() else { return Err(msg) };
+        let Ok(addr) = to.node.parse::<SocketAddr>() else {
+            return Err(msg);
+        };
         if addr == self.me.addr {
             return match self.sink.get() {
                 Some(s) => s.to(to.instance, msg),
@@ -792,7 +851,14 @@ impl Engine {
     }
 
     /// Forwards a lock operation to the owning node; false when this node owns the lock.
-    pub fn forward_lock(&self, op: LockOp, name: &str, cb: &str, from: &SenderInfo, values: &[Value]) -> bool {
+    pub fn forward_lock(
+        &self,
+        op: LockOp,
+        name: &str,
+        cb: &str,
+        from: &SenderInfo,
+        values: &[Value],
+    ) -> bool {
         let owner = self.lock_owner(name);
         if owner == self.me.addr {
             return false;
@@ -820,7 +886,10 @@ impl Engine {
             self.sink.get().map(|s| s.local()).unwrap_or_default(),
         )];
         let t = self.table.read().expect("table");
-        let mut others: Vec<_> = t.iter().map(|(a, p)| (a.to_string(), p.state, p.stages.clone())).collect();
+        let mut others: Vec<_> = t
+            .iter()
+            .map(|(a, p)| (a.to_string(), p.state, p.stages.clone()))
+            .collect();
         others.sort_by(|a, b| a.0.cmp(&b.0));
         out.extend(others);
         out
@@ -863,7 +932,10 @@ pub fn status_request(env: &Envelope, to: SocketAddr) -> Vec<u8> {
 }
 
 pub fn status_reply<'a>(env: &Envelope, me: SocketAddr, d: &'a [u8]) -> Option<&'a [u8]> {
-    env.open(me, d).ok().filter(|o| o.frame == F_STATUS).map(|o| o.body)
+    env.open(me, d)
+        .ok()
+        .filter(|o| o.frame == F_STATUS)
+        .map(|o| o.body)
 }
 
 fn s(v: &str) -> Value {

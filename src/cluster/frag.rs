@@ -120,7 +120,12 @@ impl Reassembler {
             return Ok(Some(out));
         }
         while self.bytes > MAX_BUFFERED {
-            let Some(oldest) = self.partial.iter().min_by_key(|(_, p)| p.started).map(|(k, _)| *k) else {
+            let Some(oldest) = self
+                .partial
+                .iter()
+                .min_by_key(|(_, p)| p.started)
+                .map(|(k, _)| *k)
+            else {
                 break;
             };
             self.remove(oldest);

@@ -30,7 +30,11 @@ impl Transport for Mem {
         if self.net.dead.lock().unwrap().contains(&self.me) {
             return;
         }
-        self.net.queue.lock().unwrap().push_back((self.me, to, d.to_vec()));
+        self.net
+            .queue
+            .lock()
+            .unwrap()
+            .push_back((self.me, to, d.to_vec()));
         self.net.log.lock().unwrap().push((self.me, to, d.to_vec()));
     }
 }
@@ -75,7 +79,13 @@ fn addr(i: usize) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 20000 + i as u16))
 }
 
-fn cfg(i: usize, peers: Vec<SocketAddr>, failover: Vec<SocketAddr>, key: &[u8], sync_ms: u64) -> ClusterConfig {
+fn cfg(
+    i: usize,
+    peers: Vec<SocketAddr>,
+    failover: Vec<SocketAddr>,
+    key: &[u8],
+    sync_ms: u64,
+) -> ClusterConfig {
     ClusterConfig {
         port: addr(i).port(),
         peers,
@@ -167,7 +177,13 @@ impl Sim {
     }
 
     fn alive_seen(&self, i: usize) -> usize {
-        self.nodes[i].0.members().iter().skip(1).filter(|m| m.1 == State::Alive).count()
+        self.nodes[i]
+            .0
+            .members()
+            .iter()
+            .skip(1)
+            .filter(|m| m.1 == State::Alive)
+            .count()
     }
 }
 
@@ -186,9 +202,15 @@ fn msg(id: &str, values: Vec<Value>, kind: Kind) -> Message {
 
 fn three(sim: &mut Sim, key_of_third: &[u8]) {
     // Node 0 names 1 and 2 and has fail-over node 3; 1 names nobody; 2 names 0.
-    sim.add(cfg(0, vec![addr(1), addr(2)], vec![addr(3)], b"k", 300), vec![stage("web", 0)]);
+    sim.add(
+        cfg(0, vec![addr(1), addr(2)], vec![addr(3)], b"k", 300),
+        vec![stage("web", 0)],
+    );
     sim.add(cfg(1, vec![], vec![], b"k", 300), vec![stage("db", 0)]);
-    sim.add(cfg(2, vec![addr(0)], vec![], key_of_third, 300), vec![stage("db", 0), stage("web", 0)]);
+    sim.add(
+        cfg(2, vec![addr(0)], vec![], key_of_third, 300),
+        vec![stage("db", 0), stage("web", 0)],
+    );
 }
 
 #[test]
@@ -197,28 +219,61 @@ fn three_nodes_route_by_the_direction_rule_and_carry_a_mebibyte() {
     three(&mut sim, b"k");
     let took = sim
         .until(Duration::from_secs(5), |s| {
-            (0..3).all(|i| s.alive_seen(i) == 2) && s.nodes[0].0.members()[1..].iter().all(|m| !m.2.is_empty())
+            (0..3).all(|i| s.alive_seen(i) == 2)
+                && s.nodes[0].0.members()[1..].iter().all(|m| !m.2.is_empty())
         })
         .expect("three nodes converge");
     eprintln!("3 nodes converged in {took:?}");
     let (e0, _) = &sim.nodes[0];
     // `db` lives on 1 and 2: round-robin over both.
     for i in 0..4 {
-        e0.deliver_one("db", msg(&format!("m{i}"), vec![Value::Int(i)], Kind::Reply), false).unwrap();
+        e0.deliver_one(
+            "db",
+            msg(&format!("m{i}"), vec![Value::Int(i)], Kind::Reply),
+            false,
+        )
+        .unwrap();
     }
     // A 1 MiB value crosses in fragments.
     let big = Value::Str((0..1 << 20).map(|i| (i % 253) as u8).collect());
-    e0.deliver_one("db", msg("big", vec![big.clone()], Kind::Reply), false).unwrap();
+    e0.deliver_one("db", msg("big", vec![big.clone()], Kind::Reply), false)
+        .unwrap();
     assert_eq!(e0.deliver_all("db", &msg("all", vec![], Kind::Reply)), 4);
     sim.run(Duration::from_millis(100));
-    let got = |i: usize| sim.nodes[i].1.got.lock().unwrap().iter().map(|(k, _, m)| format!("{k}:{}", m.id)).collect::<Vec<_>>();
+    let got = |i: usize| {
+        sim.nodes[i]
+            .1
+            .got
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(k, _, m)| format!("{k}:{}", m.id))
+            .collect::<Vec<_>>()
+    };
     let (g1, g2) = (got(1), got(2));
-    assert_eq!(g1.iter().chain(&g2).filter(|x| x.starts_with("one:m")).count(), 4, "{g1:?} {g2:?}");
-    assert!(g1.iter().any(|x| x.starts_with("one:m")) && g2.iter().any(|x| x.starts_with("one:m")), "round-robin");
+    assert_eq!(
+        g1.iter().chain(&g2).filter(|x| x.starts_with("one:m")).count(),
+        4,
+        "{g1:?} {g2:?}"
+    );
+    assert!(
+        g1.iter().any(|x| x.starts_with("one:m")) && g2.iter().any(|x| x.starts_with("one:m")),
+        "round-robin"
+    );
     assert!(g1.contains(&"all:all".to_string()) && g2.contains(&"all:all".to_string()));
     let bigs: Vec<_> = [1, 2]
         .iter()
-        .flat_map(|&i| sim.nodes[i].1.got.lock().unwrap().iter().filter(|(_, _, m)| m.id == "big").map(|(_, _, m)| m.values.clone()).collect::<Vec<_>>())
+        .flat_map(|&i| {
+            sim.nodes[i]
+                .1
+                .got
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|(_, _, m)| m.id == "big")
+                .map(|(_, _, m)| m.values.clone())
+                .collect::<Vec<_>>()
+        })
         .collect();
     assert_eq!(bigs, vec![vec![big]]);
     // FIFO per pair: node 1 saw its m-messages in sending order.
@@ -227,18 +282,42 @@ fn three_nodes_route_by_the_direction_rule_and_carry_a_mebibyte() {
     sorted.sort();
     assert_eq!(order, sorted);
     // Direction rule: node 1 names nobody, so it routes nothing, though it knows both.
-    assert!(sim.nodes[1].0.deliver_one("web", msg("x", vec![], Kind::Reply), false).is_err());
-    assert_eq!(sim.nodes[1].0.deliver_all("web", &msg("x", vec![], Kind::Reply)), 0);
+    assert!(sim.nodes[1]
+        .0
+        .deliver_one("web", msg("x", vec![], Kind::Reply), false)
+        .is_err());
+    assert_eq!(
+        sim.nodes[1].0.deliver_all("web", &msg("x", vec![], Kind::Reply)),
+        0
+    );
     // Node 2 names 0 only: `db` is local to it, `web` goes to 0.
-    assert!(sim.nodes[2].0.deliver_one("web", msg("w", vec![], Kind::Reply), false).is_ok());
+    assert!(sim.nodes[2]
+        .0
+        .deliver_one("web", msg("w", vec![], Kind::Reply), false)
+        .is_ok());
     // Answers go back whatever the direction rule: 1 answers 0.
-    let to0 = SenderInfo { node: addr(0).to_string(), stage: "web".into(), instance: 1 };
-    assert!(sim.nodes[1].0.deliver_to(&to0, msg("answer", vec![], Kind::Reply)).is_ok());
+    let to0 = SenderInfo {
+        node: addr(0).to_string(),
+        stage: "web".into(),
+        instance: 1,
+    };
+    assert!(sim.nodes[1]
+        .0
+        .deliver_to(&to0, msg("answer", vec![], Kind::Reply))
+        .is_ok());
     sim.run(Duration::from_millis(50));
     let g0 = got(0);
-    assert!(g0.contains(&"one:w".to_string()) && g0.contains(&"to:answer".to_string()), "{g0:?}");
+    assert!(
+        g0.contains(&"one:w".to_string()) && g0.contains(&"to:answer".to_string()),
+        "{g0:?}"
+    );
     // Functions cross between authenticated nodes.
-    e0.deliver_one("db", msg("f", vec![Value::Function(vec![1, 2, 3])], Kind::Reply), false).unwrap();
+    e0.deliver_one(
+        "db",
+        msg("f", vec![Value::Function(vec![1, 2, 3])], Kind::Reply),
+        false,
+    )
+    .unwrap();
     sim.run(Duration::from_millis(50));
     assert_eq!(got(1).iter().chain(&got(2)).filter(|x| *x == "one:f").count(), 1);
 }
@@ -249,13 +328,28 @@ fn a_node_with_another_key_never_joins_and_forgeries_and_replays_are_counted() {
     three(&mut sim, b"wrong");
     sim.run(Duration::from_secs(2));
     assert_eq!(sim.alive_seen(0), 1, "only node 1 is a member of 0's cluster");
-    assert!(sim.nodes[0].0.members().iter().all(|m| m.0 != addr(2).to_string() || m.1 == State::Down));
+    assert!(sim.nodes[0]
+        .0
+        .members()
+        .iter()
+        .all(|m| m.0 != addr(2).to_string() || m.1 == State::Down));
     assert!(sim.nodes[0].0.rejected(Reject::WrongKey) > 0);
-    assert!(sim.nodes[0].0.deliver_one("db", msg("d", vec![], Kind::Reply), false).is_ok());
+    assert!(sim.nodes[0]
+        .0
+        .deliver_one("db", msg("d", vec![], Kind::Reply), false)
+        .is_ok());
     // Capture a real message datagram from 0 to 1 and replay it; flip a bit; cut it.
     sim.run(Duration::from_millis(50));
     let before = sim.nodes[1].1.got.lock().unwrap().len();
-    let captured: Vec<_> = sim.net.log.lock().unwrap().iter().filter(|(f, t, _)| *f == addr(0) && *t == addr(1)).map(|x| x.2.clone()).collect();
+    let captured: Vec<_> = sim
+        .net
+        .log
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(f, t, _)| *f == addr(0) && *t == addr(1))
+        .map(|x| x.2.clone())
+        .collect();
     let e1 = &sim.nodes[1].0;
     for d in &captured {
         e1.receive(addr(0), d);
@@ -267,11 +361,24 @@ fn a_node_with_another_key_never_joins_and_forgeries_and_replays_are_counted() {
     assert_eq!(e1.rejected(Reject::BadTag), 1);
     e1.receive(addr(9), &captured[0][..20]);
     assert_eq!(e1.rejected(Reject::Truncated), 1);
-    assert_eq!(sim.nodes[1].1.got.lock().unwrap().len(), before, "nothing refused was delivered");
+    assert_eq!(
+        sim.nodes[1].1.got.lock().unwrap().len(),
+        before,
+        "nothing refused was delivered"
+    );
     // The cluster keeps working.
-    sim.nodes[0].0.deliver_one("db", msg("after", vec![], Kind::Reply), false).unwrap();
+    sim.nodes[0]
+        .0
+        .deliver_one("db", msg("after", vec![], Kind::Reply), false)
+        .unwrap();
     sim.run(Duration::from_millis(50));
-    assert!(sim.nodes[1].1.got.lock().unwrap().iter().any(|(_, _, m)| m.id == "after"));
+    assert!(sim.nodes[1]
+        .1
+        .got
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|(_, _, m)| m.id == "after"));
 }
 
 #[test]
@@ -279,25 +386,57 @@ fn failover_chain_and_overload_and_detection() {
     let mut sim = Sim::new();
     three(&mut sim, b"k");
     sim.add(cfg(3, vec![], vec![], b"k", 300), vec![stage("spare", 0)]);
-    sim.until(Duration::from_secs(5), |s| s.alive_seen(0) == 3 && s.nodes[0].0.members()[1..].iter().all(|m| !m.2.is_empty())).expect("converge");
+    sim.until(Duration::from_secs(5), |s| {
+        s.alive_seen(0) == 3 && s.nodes[0].0.members()[1..].iter().all(|m| !m.2.is_empty())
+    })
+    .expect("converge");
     // No node has `nobody`: the fail-over node gets it.
-    sim.nodes[0].0.deliver_one("nobody", msg("fo", vec![], Kind::Reply), false).unwrap();
+    sim.nodes[0]
+        .0
+        .deliver_one("nobody", msg("fo", vec![], Kind::Reply), false)
+        .unwrap();
     sim.run(Duration::from_millis(30));
     // Node 3's recording sink refuses stages it lacks, so the message arrives but is not delivered:
     // count it through the engine.
-    assert!(sim.nodes[3].0.stats.messages_in.load(std::sync::atomic::Ordering::Relaxed) >= 1);
+    assert!(
+        sim.nodes[3]
+            .0
+            .stats
+            .messages_in
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 1
+    );
     // Kill both db nodes: detection, then `db` goes to the fail-over node.
     sim.net.dead.lock().unwrap().extend([addr(1), addr(2)]);
     let took = sim.until(Duration::from_secs(5), |s| {
-        s.nodes[0].0.members().iter().filter(|m| m.0 == addr(1).to_string() || m.0 == addr(2).to_string()).all(|m| m.1 == State::Down || m.2.is_empty())
+        s.nodes[0]
+            .0
+            .members()
+            .iter()
+            .filter(|m| m.0 == addr(1).to_string() || m.0 == addr(2).to_string())
+            .all(|m| m.1 == State::Down || m.2.is_empty())
     });
     let took = took.expect("dead nodes detected");
     eprintln!("detection with #router 300 ms: {took:?}");
     assert!(took < Duration::from_secs(3));
-    let n_in = sim.nodes[3].0.stats.messages_in.load(std::sync::atomic::Ordering::Relaxed);
-    sim.nodes[0].0.deliver_one("db", msg("to-failover", vec![], Kind::Reply), false).unwrap();
+    let n_in = sim.nodes[3]
+        .0
+        .stats
+        .messages_in
+        .load(std::sync::atomic::Ordering::Relaxed);
+    sim.nodes[0]
+        .0
+        .deliver_one("db", msg("to-failover", vec![], Kind::Reply), false)
+        .unwrap();
     sim.run(Duration::from_millis(30));
-    assert_eq!(sim.nodes[3].0.stats.messages_in.load(std::sync::atomic::Ordering::Relaxed), n_in + 1);
+    assert_eq!(
+        sim.nodes[3]
+            .0
+            .stats
+            .messages_in
+            .load(std::sync::atomic::Ordering::Relaxed),
+        n_in + 1
+    );
 }
 
 #[test]
@@ -307,17 +446,49 @@ fn the_failover_chain_passes_a_message_on_until_a_node_has_the_stage() {
     sim.add(cfg(0, vec![], vec![addr(1)], b"k", 300), vec![]);
     sim.add(cfg(1, vec![], vec![addr(2)], b"k", 300), vec![]);
     sim.add(cfg(2, vec![], vec![addr(0)], b"k", 300), vec![stage("db", 0)]);
-    sim.until(Duration::from_secs(5), |s| (0..3).all(|i| s.alive_seen(i) == 2)).expect("converge");
-    sim.nodes[0].0.deliver_one("db", msg("chained", vec![], Kind::Reply), false).unwrap();
+    sim.until(Duration::from_secs(5), |s| (0..3).all(|i| s.alive_seen(i) == 2))
+        .expect("converge");
+    sim.nodes[0]
+        .0
+        .deliver_one("db", msg("chained", vec![], Kind::Reply), false)
+        .unwrap();
     // Nobody has `nope`: it goes round the loop at most MAX_FAILOVER_HOPS times, then a
     // request is answered "no route".
-    sim.nodes[0].0.deliver_one("nope", msg("lost", vec![], Kind::Request { cb: "r1".into() }), false).unwrap();
+    sim.nodes[0]
+        .0
+        .deliver_one(
+            "nope",
+            msg("lost", vec![], Kind::Request { cb: "r1".into() }),
+            false,
+        )
+        .unwrap();
     sim.run(Duration::from_millis(100));
-    assert!(sim.nodes[2].1.got.lock().unwrap().iter().any(|(k, _, m)| *k == "one" && m.id == "chained"));
-    let answers: Vec<_> = sim.nodes[0].1.got.lock().unwrap().iter().filter(|(k, _, m)| *k == "to" && m.id == "r1").map(|(_, _, m)| m.kind.clone()).collect();
+    assert!(sim.nodes[2]
+        .1
+        .got
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|(k, _, m)| *k == "one" && m.id == "chained"));
+    let answers: Vec<_> = sim.nodes[0]
+        .1
+        .got
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(k, _, m)| *k == "to" && m.id == "r1")
+        .map(|(_, _, m)| m.kind.clone())
+        .collect();
     assert_eq!(answers, vec![Kind::Failed("no route".into())]);
-    let hops: u64 = sim.nodes.iter().map(|(e, _)| e.stats.messages_in.load(std::sync::atomic::Ordering::Relaxed)).sum();
-    assert!(hops <= 2 + 1 + super::engine::MAX_FAILOVER_HOPS as u64 + 1, "{hops}");
+    let hops: u64 = sim
+        .nodes
+        .iter()
+        .map(|(e, _)| e.stats.messages_in.load(std::sync::atomic::Ordering::Relaxed))
+        .sum();
+    assert!(
+        hops <= 2 + 1 + super::engine::MAX_FAILOVER_HOPS as u64 + 1,
+        "{hops}"
+    );
 }
 
 #[test]
@@ -326,9 +497,19 @@ fn overloaded_nodes_are_skipped_while_another_can_take_it() {
     sim.add(cfg(0, vec![addr(1), addr(2)], vec![], b"k", 300), vec![]);
     sim.add(cfg(1, vec![], vec![], b"k", 300), vec![stage("db", 95)]);
     sim.add(cfg(2, vec![], vec![], b"k", 300), vec![stage("db", 10)]);
-    sim.until(Duration::from_secs(5), |s| s.nodes[0].0.members()[1..].iter().filter(|m| !m.2.is_empty()).count() == 2).expect("converge");
+    sim.until(Duration::from_secs(5), |s| {
+        s.nodes[0].0.members()[1..]
+            .iter()
+            .filter(|m| !m.2.is_empty())
+            .count()
+            == 2
+    })
+    .expect("converge");
     for i in 0..6 {
-        sim.nodes[0].0.deliver_one("db", msg(&format!("m{i}"), vec![], Kind::Reply), false).unwrap();
+        sim.nodes[0]
+            .0
+            .deliver_one("db", msg(&format!("m{i}"), vec![], Kind::Reply), false)
+            .unwrap();
     }
     sim.run(Duration::from_millis(30));
     assert_eq!(sim.nodes[1].1.got.lock().unwrap().len(), 0);
@@ -341,7 +522,8 @@ fn every_node_agrees_on_lock_owners_and_forwards_to_them() {
     for i in 0..5 {
         sim.add(cfg(i, vec![addr(0)], vec![], b"k", 300), vec![]);
     }
-    sim.until(Duration::from_secs(5), |s| (0..5).all(|i| s.alive_seen(i) == 4)).expect("converge");
+    sim.until(Duration::from_secs(5), |s| (0..5).all(|i| s.alive_seen(i) == 4))
+        .expect("converge");
     let mut owners = HashMap::new();
     for l in 0..100 {
         let name = format!("lock{l}");
@@ -350,10 +532,17 @@ fn every_node_agrees_on_lock_owners_and_forwards_to_them() {
         *owners.entry(*o.iter().next().unwrap()).or_insert(0) += 1;
     }
     assert_eq!(owners.len(), 5, "locks spread over every node: {owners:?}");
-    let from = SenderInfo { node: addr(1).to_string(), stage: "s".into(), instance: 0 };
+    let from = SenderInfo {
+        node: addr(1).to_string(),
+        stage: "s".into(),
+        instance: 0,
+    };
     for l in 0..20 {
         let name = format!("lock{l}");
-        if !sim.nodes[1].0.forward_lock(LockOp::Acquire, &name, "cb", &from, &[]) {
+        if !sim.nodes[1]
+            .0
+            .forward_lock(LockOp::Acquire, &name, "cb", &from, &[])
+        {
             sim.nodes[1].1.locks.lock().unwrap().push(name);
         }
     }
@@ -373,22 +562,59 @@ fn fifty_nodes_converge_and_detect_five_kills() {
     for i in 0..50 {
         sim.add(cfg(i, vec![addr(0)], vec![], b"k", 1500), vec![stage("s", 0)]);
     }
-    let conv = sim.until(Duration::from_secs(30), |s| (0..50).all(|i| s.alive_seen(i) == 49)).expect("50 nodes converge");
-    let bytes0: u64 = sim.nodes.iter().map(|(e, _)| e.stats.gossip_bytes_sent.load(std::sync::atomic::Ordering::Relaxed)).sum();
+    let conv = sim
+        .until(Duration::from_secs(30), |s| {
+            (0..50).all(|i| s.alive_seen(i) == 49)
+        })
+        .expect("50 nodes converge");
+    let bytes0: u64 = sim
+        .nodes
+        .iter()
+        .map(|(e, _)| {
+            e.stats
+                .gossip_bytes_sent
+                .load(std::sync::atomic::Ordering::Relaxed)
+        })
+        .sum();
     let t0 = Instant::now();
     sim.net.dead.lock().unwrap().extend((45..50).map(addr));
     let dead: Vec<String> = (45..50).map(|i| addr(i).to_string()).collect();
     // Routing detection: every survivor has withdrawn the dead nodes' stage ids.
     let det = sim
         .until(Duration::from_secs(20), |s| {
-            (0..45).all(|i| s.nodes[i].0.members().iter().filter(|m| dead.contains(&m.0)).all(|m| m.1 == State::Down || m.2.is_empty()))
+            (0..45).all(|i| {
+                s.nodes[i]
+                    .0
+                    .members()
+                    .iter()
+                    .filter(|m| dead.contains(&m.0))
+                    .all(|m| m.1 == State::Down || m.2.is_empty())
+            })
         })
         .expect("kills detected");
     // Membership: every survivor marks them down.
     let down = sim
-        .until(Duration::from_secs(30), |s| (0..45).all(|i| s.nodes[i].0.members().iter().filter(|m| m.1 == State::Down).count() >= 5))
+        .until(Duration::from_secs(30), |s| {
+            (0..45).all(|i| {
+                s.nodes[i]
+                    .0
+                    .members()
+                    .iter()
+                    .filter(|m| m.1 == State::Down)
+                    .count()
+                    >= 5
+            })
+        })
         .expect("kills marked down");
-    let bytes1: u64 = sim.nodes.iter().map(|(e, _)| e.stats.gossip_bytes_sent.load(std::sync::atomic::Ordering::Relaxed)).sum();
+    let bytes1: u64 = sim
+        .nodes
+        .iter()
+        .map(|(e, _)| {
+            e.stats
+                .gossip_bytes_sent
+                .load(std::sync::atomic::Ordering::Relaxed)
+        })
+        .sum();
     let per_node = (bytes1 - bytes0) as f64 / t0.elapsed().as_secs_f64() / 50.0;
     eprintln!("50 nodes: converged in {conv:?}; 5 kills out of every routing table in {det:?}, marked down by all {down:?} later; {per_node:.0} gossip bytes/s per node");
     assert!(det < Duration::from_secs(4), "routing detection {det:?}");

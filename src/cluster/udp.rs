@@ -30,13 +30,21 @@ pub struct Node {
 
 fn bind(port: u16, v6: bool) -> std::io::Result<UdpSocket> {
     use socket2::{Domain, Protocol, Socket, Type};
-    let s = Socket::new(if v6 { Domain::IPV6 } else { Domain::IPV4 }, Type::DGRAM, Some(Protocol::UDP))?;
+    let s = Socket::new(
+        if v6 { Domain::IPV6 } else { Domain::IPV4 },
+        Type::DGRAM,
+        Some(Protocol::UDP),
+    )?;
     // Room for a burst of fragments (1 MiB messages) while the thread catches up.
     let _ = s.set_recv_buffer_size(8 << 20);
     let _ = s.set_send_buffer_size(4 << 20);
-    let any: SocketAddr = if v6 { format!("[::]:{port}") } else { format!("0.0.0.0:{port}") }
-        .parse()
-        .expect("address");
+    let any: SocketAddr = if v6 {
+        format!("[::]:{port}")
+    } else {
+        format!("0.0.0.0:{port}")
+    }
+    .parse()
+    .expect("address");
     s.bind(&any.into())?;
     Ok(s.into())
 }
@@ -58,7 +66,11 @@ impl Node {
             "cluster: node {} listening on UDP {} ({})",
             engine.name(),
             engine.cfg.port,
-            if engine.cfg.key.is_some() { "authenticated" } else { "INSECURE: no #cluster-key" }
+            if engine.cfg.key.is_some() {
+                "authenticated"
+            } else {
+                "INSECURE: no #cluster-key"
+            }
         );
         if engine.cfg.key.is_none() {
             log::warn!("cluster: \"#cluster-insecure\": datagrams are not authenticated; anyone who reaches UDP port {} can join and inject messages", engine.cfg.port);
@@ -94,11 +106,17 @@ fn serve(engine: &Engine, sock: &UdpSocket, stop: &AtomicBool) {
         if now >= next {
             next = engine.tick(now);
         }
-        let wait = next.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+        let wait = next
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(1));
         let _ = sock.set_read_timeout(Some(wait));
         match sock.recv_from(&mut buf) {
             Ok((n, from)) => engine.receive(from, &buf[..n]),
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
             Err(e) => log::debug!("cluster: receive: {e}"),
         }
     }
@@ -108,7 +126,13 @@ fn serve(engine: &Engine, sock: &UdpSocket, stop: &AtomicBool) {
 pub fn status(addr: SocketAddr, key: Option<&[u8]>, timeout: Duration) -> anyhow::Result<serde_json::Value> {
     // Bound to the address the node is asked at, so the reply's tag names it.
     let sock = UdpSocket::bind(SocketAddr::new(
-        if addr.ip().is_loopback() { addr.ip() } else if addr.is_ipv4() { [0, 0, 0, 0].into() } else { std::net::Ipv6Addr::UNSPECIFIED.into() },
+        if addr.ip().is_loopback() {
+            addr.ip()
+        } else if addr.is_ipv4() {
+            [0, 0, 0, 0].into()
+        } else {
+            std::net::Ipv6Addr::UNSPECIFIED.into()
+        },
         0,
     ))?;
     sock.connect(addr)?;
@@ -120,7 +144,10 @@ pub fn status(addr: SocketAddr, key: Option<&[u8]>, timeout: Duration) -> anyhow
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            anyhow::bail!("no answer from the node at UDP {addr} within {} ms (not running, or another #cluster-key)", timeout.as_millis());
+            anyhow::bail!(
+                "no answer from the node at UDP {addr} within {} ms (not running, or another #cluster-key)",
+                timeout.as_millis()
+            );
         }
         sock.set_read_timeout(Some(left))?;
         if let Ok((n, _)) = sock.recv_from(&mut buf) {

@@ -212,7 +212,12 @@ pub fn get_message(r: &mut Reader, functions: bool) -> Result<Message, WireError
         _ => return Err(WireError("unknown message kind")),
     };
     let values = get_values(r, functions)?;
-    Ok(Message { id, from, values, kind })
+    Ok(Message {
+        id,
+        from,
+        values,
+        kind,
+    })
 }
 
 /// What one reassembled application payload asks the receiving node to do.
@@ -358,14 +363,23 @@ mod tests {
     #[test]
     fn messages_round_trip_with_every_kind_and_value() {
         for kind in [
-            Kind::Signal { cb: Some("cb".into()), implicit: true },
-            Kind::Signal { cb: None, implicit: false },
+            Kind::Signal {
+                cb: Some("cb".into()),
+                implicit: true,
+            },
+            Kind::Signal {
+                cb: None,
+                implicit: false,
+            },
             Kind::Request { cb: "r#7".into() },
             Kind::Reply,
             Kind::Failed("timeout".into()),
         ] {
             let m = msg(all_values(), kind.clone());
-            let app = App::One { stage: "db".into(), msg: m };
+            let app = App::One {
+                stage: "db".into(),
+                msg: m,
+            };
             let b = encode_app(&app, true).unwrap();
             let App::One { stage, msg: got } = decode_app(&b, true).unwrap() else {
                 panic!("kind changed")
@@ -373,16 +387,29 @@ mod tests {
             assert_eq!(stage, "db");
             assert_eq!(got.values, all_values());
             assert_eq!(got.kind, kind);
-            assert_eq!(*got.from, SenderInfo { node: "127.0.0.1:9801".into(), stage: "web".into(), instance: 3 });
+            assert_eq!(
+                *got.from,
+                SenderInfo {
+                    node: "127.0.0.1:9801".into(),
+                    stage: "web".into(),
+                    instance: 3
+                }
+            );
         }
     }
 
     #[test]
     fn functions_need_an_authenticated_cluster() {
-        let app = App::To { instance: 0, msg: msg(all_values(), Kind::Reply) };
+        let app = App::To {
+            instance: 0,
+            msg: msg(all_values(), Kind::Reply),
+        };
         assert!(encode_app(&app, false).is_err());
         let b = encode_app(&app, true).unwrap();
-        assert_eq!(decode_app(&b, false).unwrap_err(), WireError("function from an unauthenticated node"));
+        assert_eq!(
+            decode_app(&b, false).unwrap_err(),
+            WireError("function from an unauthenticated node")
+        );
     }
 
     #[test]
@@ -391,7 +418,11 @@ mod tests {
             op: LockOp::Extend,
             name: "L".into(),
             cb: "x".into(),
-            from: SenderInfo { node: "n".into(), stage: "s".into(), instance: 1 },
+            from: SenderInfo {
+                node: "n".into(),
+                stage: "s".into(),
+                instance: 1,
+            },
             values: all_values(),
         };
         let b = encode_app(&app, true).unwrap();

@@ -53,7 +53,9 @@ impl NodeShared {
             Some(c) => Some(crate::cluster::udp::Node::start(c)?),
             None => None,
         };
-        let node_name = cluster.as_ref().map_or_else(hostname, |c| c.engine.name().to_string());
+        let node_name = cluster
+            .as_ref()
+            .map_or_else(hostname, |c| c.engine.name().to_string());
         // Lua instances first (their numbers are `process.stage`), then the built-in stages.
         let stages: Vec<String> = config
             .startup
@@ -107,7 +109,9 @@ impl crate::cluster::Sink for RouterSink {
         }
     }
     fn all(&self, stage: &str, msg: &crate::router::Message) -> usize {
-        self.0.upgrade().map_or(0, |n| n.router.deliver_here_all(stage, msg))
+        self.0
+            .upgrade()
+            .map_or(0, |n| n.router.deliver_here_all(stage, msg))
     }
     fn to(&self, instance: usize, msg: crate::router::Message) -> Result<(), crate::router::Message> {
         match self.0.upgrade() {
