@@ -392,3 +392,35 @@ fn only_holders_of_the_key_join_and_nothing_forged_replayed_or_cut_is_accepted()
     }
     assert!(on.contains("#cluster-insecure"), "the insecure node warns:\n{on}");
 }
+
+#[test]
+fn locks_are_cluster_wide() {
+    let (pa, pb) = (free_port(), free_port());
+    let sync = tempfile::tempdir().unwrap();
+    let script = include_str!("lua/cluster/locks.lua");
+    // Each instance marks its end as <letter>_<instance> (the script cannot know its letter).
+    let fin = |letter: &str| {
+        script.replace(
+            r#"write(dir .. "/done_" .. me:gsub("[:.]", "_") .. "_" .. process.stage, "1")"#,
+            &format!(r#"write(dir .. "/{letter}_" .. process.stage, "1")"#),
+        )
+    };
+    let a = home(
+        serde_json::json!([pa, node(pb)]),
+        &["w", "w"],
+        &fin("A"),
+        serde_json::json!({}),
+    );
+    let b = home(
+        serde_json::json!([pb, node(pa)]),
+        &["w", "w"],
+        &fin("B"),
+        serde_json::json!({}),
+    );
+    let dir = sync.path().display().to_string();
+    let ca = spawn(&a, &[("SYNC_DIR", dir.clone()), ("OTHER", node(pb))], Some(KEY));
+    let cb = spawn(&b, &[("SYNC_DIR", dir), ("OTHER", node(pa))], Some(KEY));
+    let (code_a, oa) = wait_with_output(ca, Duration::from_secs(60));
+    let (code_b, ob) = wait_with_output(cb, Duration::from_secs(10));
+    assert_eq!((code_a, code_b), (Some(0), Some(0)), "A:\n{oa}\nB:\n{ob}");
+}
