@@ -424,3 +424,27 @@ fn locks_are_cluster_wide() {
     let (code_b, ob) = wait_with_output(cb, Duration::from_secs(10));
     assert_eq!((code_a, code_b), (Some(0), Some(0)), "A:\n{oa}\nB:\n{ob}");
 }
+
+#[test]
+fn two_processes_of_one_home_form_a_cluster() {
+    let (p1, p2) = (free_port(), free_port());
+    let h = home(
+        serde_json::json!(["env:STAGE_CLUSTER_PORT", node(p1), node(p2)]),
+        &["w", "x"],
+        include_str!("lua/cluster/same_home.lua"),
+        serde_json::json!({}),
+    );
+    let c1 = spawn(
+        &h,
+        &[("STAGE_CLUSTER_PORT", p1.to_string()), ("OTHER", node(p2))],
+        Some(KEY),
+    );
+    let c2 = spawn(
+        &h,
+        &[("STAGE_CLUSTER_PORT", p2.to_string()), ("OTHER", node(p1))],
+        Some(KEY),
+    );
+    let (r1, o1) = wait_with_output(c1, Duration::from_secs(30));
+    let (r2, o2) = wait_with_output(c2, Duration::from_secs(10));
+    assert_eq!((r1, r2), (Some(0), Some(0)), "1:\n{o1}\n2:\n{o2}");
+}

@@ -69,6 +69,18 @@ impl ClusterConfig {
                         return Err(err(&at, "a second port (a node listens on one)"));
                     }
                 }
+                // A port given as a string: `"env:STAGE_CLUSTER_PORT"` after resolution, so two
+                // processes of one home can listen on different ports.
+                Json::String(s) if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) => {
+                    let p = s
+                        .parse::<u16>()
+                        .ok()
+                        .filter(|p| *p > 0)
+                        .ok_or_else(|| err(&at, format!("port {s} is not in 1..65535")))?;
+                    if port.replace(p).is_some() {
+                        return Err(err(&at, "a second port (a node listens on one)"));
+                    }
+                }
                 Json::String(s) if s.starts_with(':') => {
                     let name = &s[1..];
                     let ip = match name.parse::<IpAddr>() {

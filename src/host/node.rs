@@ -178,6 +178,14 @@ pub fn open_home(root: &Path) -> anyhow::Result<(PathBuf, Config, Home)> {
     // start with the key named, instead of failing every instance's Lua state.
     crate::cloud::vultr::Settings::from_config(config.vultr.as_ref())
         .map_err(|e| anyhow::anyhow!("conf/stage.json: {e}"))?;
+    crate::cluster::ClusterConfig::parse(
+        &config.cluster,
+        config.cluster_key.as_deref(),
+        config.cluster_insecure,
+        config.router_sync_ms,
+        &crate::net::sock::interfaces(),
+    )
+    .map_err(|e| anyhow::anyhow!("conf/stage.json: {e}"))?;
     for b in &config.builtins {
         crate::stages::new(b).map_err(|e| anyhow::anyhow!("conf/stage.json: {e}"))?;
     }
