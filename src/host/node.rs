@@ -67,7 +67,12 @@ impl NodeShared {
             Some(c) => Box::new(crate::cluster::ClusterRemote(c.engine.clone())),
             None => Box::new(crate::router::NoRemote),
         };
-        let router = Arc::new(crate::router::Router::new(&node_name, &stages, config.queue, remote));
+        let router = Arc::new(crate::router::Router::new(
+            &node_name,
+            &stages,
+            config.queue,
+            remote,
+        ));
         let node = Arc::new(NodeShared {
             config: Arc::new(config),
             home: Arc::new(home),
