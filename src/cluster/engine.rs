@@ -170,6 +170,19 @@ pub struct Stats {
     pub messages_dropped: AtomicU64,
 }
 
+/// A lock acquisition forwarded to its owner and not granted yet: queued again at the new
+/// owner if the owner leaves.
+struct PendingLock {
+    owner: SocketAddr,
+    name: String,
+    cb: String,
+    from: SenderInfo,
+    values: Vec<Value>,
+}
+
+/// Forwarded acquisitions remembered at most (the oldest are forgotten first).
+const MAX_PENDING_LOCKS: usize = 65536;
+
 /// One node of the cluster.
 pub struct Engine {
     pub cfg: ClusterConfig,
@@ -187,6 +200,7 @@ pub struct Engine {
     /// Per sender address: when a refusal was last logged (once per peer per minute).
     logged: Mutex<HashMap<SocketAddr, Instant>>,
     watchers: Mutex<Vec<(usize, String)>>,
+    pending_locks: Mutex<Vec<PendingLock>>,
     last_push: Mutex<Option<Instant>>,
     last_announce: Mutex<Option<Instant>>,
     /// Payload bytes per fragment.
@@ -236,6 +250,7 @@ impl Engine {
             stats: Stats::default(),
             logged: Mutex::new(HashMap::new()),
             watchers: Mutex::new(vec![]),
+            pending_locks: Mutex::new(vec![]),
             last_push: Mutex::new(None),
             last_announce: Mutex::new(None),
             chunk,
@@ -381,6 +396,34 @@ impl Engine {
                 kind,
                 node: id.addr.to_string(),
             });
+            if kind == "leave" {
+                self.requeue_locks(id.addr);
+            }
+        }
+    }
+
+    /// The owner `gone` left: the acquisitions this node forwarded to it and that were not
+    /// granted go to each lock's new owner (by then an unrenewed lease there has ended).
+    fn requeue_locks(&self, gone: SocketAddr) {
+        let moved: Vec<PendingLock> = {
+            let mut p = self.pending_locks.lock().expect("pending locks");
+            let (moved, kept) = std::mem::take(&mut *p).into_iter().partition(|w| w.owner == gone);
+            *p = kept;
+            moved
+        };
+        if moved.is_empty() {
+            return;
+        }
+        log::info!(
+            "cluster: {} lock request(s) waiting at {gone} are queued at the locks' new owners",
+            moved.len()
+        );
+        for w in moved {
+            if !self.forward_lock(LockOp::Acquire, &w.name, &w.cb, &w.from, &w.values) {
+                if let Some(sink) = self.sink.get() {
+                    sink.lock(LockOp::Acquire, &w.name, &w.cb, Arc::new(w.from), w.values);
+                }
+            }
         }
     }
 
@@ -648,6 +691,13 @@ impl Engine {
                 sink.all(&stage, &msg);
             }
             App::To { instance, msg } => {
+                // A lock grant comes "from" the waiter itself: it is no longer pending.
+                if msg.kind == Kind::Reply && msg.from.instance == instance && msg.from.node == self.name {
+                    let mut p = self.pending_locks.lock().expect("pending locks");
+                    if let Some(i) = p.iter().position(|w| w.cb == msg.id && w.from == *msg.from) {
+                        p.remove(i);
+                    }
+                }
                 if let Err(msg) = sink.to(instance, msg) {
                     self.fail_request(msg, "no route");
                 }
@@ -862,6 +912,26 @@ impl Engine {
         let owner = self.lock_owner(name);
         if owner == self.me.addr {
             return false;
+        }
+        {
+            let mut p = self.pending_locks.lock().expect("pending locks");
+            match op {
+                LockOp::Acquire => {
+                    if p.len() >= MAX_PENDING_LOCKS {
+                        p.remove(0);
+                    }
+                    p.push(PendingLock {
+                        owner,
+                        name: name.to_string(),
+                        cb: cb.to_string(),
+                        from: from.clone(),
+                        values: values.to_vec(),
+                    });
+                }
+                // A waiter that gives up (or a holder that releases) is no longer pending.
+                LockOp::Release => p.retain(|w| !(w.name == name && w.from == *from)),
+                LockOp::Extend => {}
+            }
         }
         self.send_or_log(
             owner,

@@ -557,6 +557,60 @@ fn every_node_agrees_on_lock_owners_and_forwards_to_them() {
 }
 
 #[test]
+fn waiters_at_a_dead_lock_owner_are_queued_at_the_new_owner() {
+    let mut sim = Sim::new();
+    for i in 0..3 {
+        sim.add(cfg(i, vec![addr(0), addr(1), addr(2)], vec![], b"k", 300), vec![]);
+    }
+    sim.until(Duration::from_secs(5), |s| (0..3).all(|i| s.alive_seen(i) == 2))
+        .expect("converge");
+    // Two locks owned by node 2; node 1 waits for both; one is granted.
+    let names: Vec<String> = (0..1000)
+        .map(|i| format!("L{i}"))
+        .filter(|n| sim.nodes[1].0.lock_owner(n) == addr(2))
+        .take(2)
+        .collect();
+    let from = SenderInfo {
+        node: addr(1).to_string(),
+        stage: "s".into(),
+        instance: 0,
+    };
+    for n in &names {
+        assert!(sim.nodes[1].0.forward_lock(LockOp::Acquire, n, "got", &from, &[]));
+    }
+    sim.run(Duration::from_millis(50));
+    assert_eq!(sim.nodes[2].1.locks.lock().unwrap().len(), 2);
+    // Node 2 grants the first (a message "from" the waiter, to it).
+    let grant = Message {
+        id: "got".into(),
+        from: Arc::new(from.clone()),
+        values: vec![],
+        kind: Kind::Reply,
+    };
+    sim.nodes[2].0.deliver_to(&from, grant).unwrap();
+    sim.run(Duration::from_millis(50));
+    sim.net.dead.lock().unwrap().insert(addr(2));
+    sim.until(Duration::from_secs(5), |s| {
+        s.nodes[1]
+            .0
+            .members()
+            .iter()
+            .any(|m| m.0 == addr(2).to_string() && m.1 == State::Down)
+    })
+    .expect("owner detected down");
+    sim.run(Duration::from_millis(50));
+    let requeued: Vec<String> = [0, 1]
+        .iter()
+        .flat_map(|&i| sim.nodes[i].1.locks.lock().unwrap().clone())
+        .collect();
+    assert_eq!(
+        requeued,
+        vec![names[1].clone()],
+        "only the waiting request moves, once"
+    );
+}
+
+#[test]
 fn fifty_nodes_converge_and_detect_five_kills() {
     let mut sim = Sim::new();
     for i in 0..50 {
