@@ -3,7 +3,12 @@
 //! fail-over and rejoin (times printed), and the key: wrong key, no key, forged, replayed and
 //! truncated datagrams refused and counted while the cluster keeps working.
 
+#[macro_use]
 mod harness;
+
+scenarios! {
+    no_cluster => "cluster/no_cluster.lua",
+}
 
 use harness::{stage_bin, wait_with_output, TestHome};
 use stage::cluster::engine::{Engine, Sink, StageLoad, Transport};
