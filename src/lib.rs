@@ -4,6 +4,7 @@
 
 pub mod check;
 pub mod cloud;
+pub mod cluster;
 pub mod config;
 pub mod db;
 pub mod home;

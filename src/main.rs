@@ -42,6 +42,17 @@ enum Command {
         /// Directory to create.
         name: PathBuf,
     },
+    /// The cluster of a stage home: `stage cluster status HOME` asks the running node (over
+    /// its UDP port, with its #cluster-key) for its members, their state, stage ids and load.
+    Cluster {
+        /// `status`.
+        action: String,
+        #[arg(default_value = ".")]
+        home: PathBuf,
+        /// Print the raw JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Vultr API v2: listall, create, list, subdetail, wait, delete (VultrMaker parity).
     Vultr(stage::vultr_cli::VultrArgs),
     /// Serve an emulator of the Vultr API v2 (for tests and trying `stage vultr` without an account).
@@ -140,6 +151,13 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Cluster { action, home, json } => match cluster_status(&action, &home, json) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("stage cluster: {e:#}");
+                ExitCode::from(1)
+            }
+        },
         Command::Vultr(args) => stage::vultr_cli::run(args),
         Command::VultrEmulator(args) => stage::vultr_cli::run_emulator(args),
         Command::Lb(args) => stage::lb_cli::run(args),
@@ -167,4 +185,71 @@ fn run(home: &std::path::Path, args: Vec<String>) -> anyhow::Result<i32> {
         }
     });
     Ok(node.join())
+}
+
+/// `stage cluster status HOME`: one line per member (node, state, stage ids with instances
+/// and load), then the refused-datagram counters.
+fn cluster_status(action: &str, home: &std::path::Path, json: bool) -> anyhow::Result<()> {
+    if action != "status" {
+        anyhow::bail!("unknown action \"{action}\" (expected: status)");
+    }
+    let (_, config, _) = stage::host::node::open_home(home)?;
+    let c = stage::cluster::ClusterConfig::parse(
+        &config.cluster,
+        config.cluster_key.as_deref(),
+        config.cluster_insecure,
+        config.router_sync_ms,
+        &stage::net::sock::interfaces(),
+    )?
+    .ok_or_else(|| anyhow::anyhow!("{}: conf/stage.json has no #cluster port", home.display()))?;
+    let to = std::net::SocketAddr::new(
+        if c.advertise.is_unspecified() {
+            [127, 0, 0, 1].into()
+        } else {
+            c.advertise
+        },
+        c.port,
+    );
+    let st = stage::cluster::udp::status(to, c.key.as_deref(), std::time::Duration::from_secs(2))?;
+    if json {
+        println!("{st}");
+        return Ok(());
+    }
+    println!(
+        "node {} ({})",
+        st["node"].as_str().unwrap_or("?"),
+        if st["secure"] == true {
+            "authenticated"
+        } else {
+            "insecure"
+        }
+    );
+    println!(
+        "{:<24} {:<8} {:<6} stages (instances, load %)",
+        "member", "state", "routed"
+    );
+    for m in st["members"].as_array().into_iter().flatten() {
+        let stages: Vec<String> = m["stages"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|s| {
+                format!(
+                    "{}({}, {}%)",
+                    s["stage"].as_str().unwrap_or("?"),
+                    s["instances"],
+                    s["load"]
+                )
+            })
+            .collect();
+        println!(
+            "{:<24} {:<8} {:<6} {}",
+            m["node"].as_str().unwrap_or("?"),
+            m["state"].as_str().unwrap_or("?"),
+            if m["routed"] == true { "yes" } else { "no" },
+            stages.join(" ")
+        );
+    }
+    println!("refused datagrams: {}", st["rejected"]);
+    Ok(())
 }

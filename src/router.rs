@@ -282,6 +282,17 @@ pub trait Remote: Send + Sync {
         let _ = to;
         Err(msg)
     }
+    /// Delivers to one instance of `stage` in another process of this host (`=stage:msg`).
+    fn deliver_host(&self, stage: &str, msg: Message) -> Result<(), Message> {
+        let _ = stage;
+        Err(msg)
+    }
+    /// Sends a lock operation to the node that owns lock `name`; false when this node owns
+    /// it (the router's own table decides).
+    fn forward_lock(&self, op: LockOp, name: &str, cb: &str, from: &SenderInfo, values: &[Value]) -> bool {
+        let _ = (op, name, cb, from, values);
+        false
+    }
 }
 
 /// No other nodes: nothing is delivered.
@@ -558,6 +569,15 @@ impl Router {
             Scope::One | Scope::Local => {
                 let msg = match self.deliver_local(stage, msg) {
                     Ok(()) => return Ok(1),
+                    // `=stage:msg`: another process of this host (a cluster node) may have it.
+                    Err(Undelivered::NoRoute(m)) if scope == Scope::Local => {
+                        return self
+                            .post
+                            .remote
+                            .deliver_host(stage, m)
+                            .map(|()| 1)
+                            .map_err(Undelivered::NoRoute)
+                    }
                     Err(u) if scope == Scope::Local => return Err(u),
                     Err(u) => u,
                 };
@@ -600,6 +620,45 @@ impl Router {
             Some(u) if n == 0 => Err(u),
             _ => Ok(n),
         }
+    }
+
+    /// One local instance of `stage` only (a message another node routed here).
+    pub fn deliver_here(&self, stage: &str, msg: Message) -> Result<(), Undelivered> {
+        self.deliver_local(stage, msg)
+    }
+
+    /// Every local instance of `stage` only (a broadcast another node routed here).
+    pub fn deliver_here_all(&self, stage: &str, msg: &Message) -> usize {
+        self.groups.get(stage).map_or(0, |g| {
+            g.members
+                .iter()
+                .filter(|&&i| self.send_to(i, msg.clone()).is_ok())
+                .count()
+        })
+    }
+
+    /// Each local stage id with its instance count and its fullest queue in percent (what
+    /// this node advertises to the cluster).
+    pub fn load(&self) -> Vec<(String, usize, u8)> {
+        let mut out: Vec<_> = self
+            .groups
+            .iter()
+            .map(|(stage, g)| {
+                let full = g
+                    .members
+                    .iter()
+                    .map(|&i| {
+                        let tx = &self.post.mailboxes[i];
+                        let max = tx.max_capacity().max(1);
+                        ((max - tx.capacity()) * 100 / max) as u8
+                    })
+                    .max()
+                    .unwrap_or(0);
+                (stage.clone(), g.members.len(), full)
+            })
+            .collect();
+        out.sort();
+        out
     }
 
     /// Round-robin over the local instances of `stage`, skipping full queues.
@@ -654,6 +713,15 @@ impl Router {
     /// is message `cb` with `values`, sent back to `from`), `>>` extends the holder's lease by
     /// `values[0]` ms, `<` releases. Refused extensions and releases are logged.
     pub fn lock(&self, op: LockOp, name: &str, cb: &str, from: Arc<SenderInfo>, values: Vec<Value>) {
+        // In a cluster one node owns each lock: the others forward to it.
+        if self.post.remote.forward_lock(op, name, cb, &from, &values) {
+            return;
+        }
+        self.lock_here(op, name, cb, from, values);
+    }
+
+    /// A lock operation on this node's own table (this node owns lock `name`).
+    pub fn lock_here(&self, op: LockOp, name: &str, cb: &str, from: Arc<SenderInfo>, values: Vec<Value>) {
         let mut table = self.locks.table.lock().expect("lock table");
         let now = Instant::now();
         match op {

@@ -35,6 +35,8 @@ pub struct NodeShared {
     pub title: Mutex<String>,
     /// The mailboxes of every instance (`stage.signal`, `stage.request`).
     pub router: Arc<crate::router::Router>,
+    /// This node in the cluster (`#cluster`), if it has one.
+    pub cluster: Option<crate::cluster::udp::Node>,
     /// The blocking-work pool of `thread.new`, started on first use.
     pub threads: std::sync::OnceLock<crate::host::workers::Pool>,
     /// Globals shared by `_SANDBOX[""] = {"*NAME"}`: the last committed value of each.
@@ -42,10 +44,24 @@ pub struct NodeShared {
 }
 
 impl NodeShared {
-    pub fn new(config: Config, home: Home, args: Vec<String>) -> Arc<NodeShared> {
+    /// The shared state of a node; with `#cluster`, its cluster node is started (a bad
+    /// `#cluster` or a taken port is an error naming it).
+    pub fn new(config: Config, home: Home, args: Vec<String>) -> anyhow::Result<Arc<NodeShared>> {
         let (shutdown, _) = tokio::sync::watch::channel(false);
         let (draining, _) = tokio::sync::watch::channel(false);
-        let node_name = hostname();
+        let cluster = match crate::cluster::ClusterConfig::parse(
+            &config.cluster,
+            config.cluster_key.as_deref(),
+            config.cluster_insecure,
+            config.router_sync_ms,
+            &crate::net::sock::interfaces(),
+        )? {
+            Some(c) => Some(crate::cluster::udp::Node::start(c)?),
+            None => None,
+        };
+        let node_name = cluster
+            .as_ref()
+            .map_or_else(hostname, |c| c.engine.name().to_string());
         // Lua instances first (their numbers are `process.stage`), then the built-in stages.
         let stages: Vec<String> = config
             .startup
@@ -53,13 +69,17 @@ impl NodeShared {
             .map(|s| s.stage_id.clone())
             .chain(config.builtins.iter().map(|b| b.stage_id.clone()))
             .collect();
+        let remote: Box<dyn crate::router::Remote> = match &cluster {
+            Some(c) => Box::new(crate::cluster::ClusterRemote(c.engine.clone())),
+            None => Box::new(crate::router::NoRemote),
+        };
         let router = Arc::new(crate::router::Router::new(
             &node_name,
             &stages,
             config.queue,
-            Box::new(crate::router::NoRemote),
+            remote,
         ));
-        Arc::new(NodeShared {
+        let node = Arc::new(NodeShared {
             config: Arc::new(config),
             home: Arc::new(home),
             generation: Arc::new(AtomicU64::new(0)),
@@ -73,9 +93,14 @@ impl NodeShared {
             node_name,
             title: Mutex::new("stage".into()),
             router,
+            cluster,
             threads: std::sync::OnceLock::new(),
             sandbox: Mutex::new(std::collections::HashMap::new()),
-        })
+        });
+        if let Some(c) = &node.cluster {
+            c.engine.set_sink(Arc::new(RouterSink(Arc::downgrade(&node))));
+        }
+        Ok(node)
     }
 
     /// Counts one request or message as in flight until the guard is dropped.
@@ -102,6 +127,55 @@ pub struct InFlight(Arc<NodeShared>);
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.inflight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The cluster's way into this node's router: messages other nodes routed here are
+/// delivered to local instances only (never forwarded again).
+struct RouterSink(std::sync::Weak<NodeShared>);
+
+impl crate::cluster::Sink for RouterSink {
+    fn one(&self, stage: &str, msg: crate::router::Message) -> Result<(), crate::router::Message> {
+        match self.0.upgrade() {
+            Some(n) => n.router.deliver_here(stage, msg).map_err(|u| u.into_message()),
+            None => Err(msg),
+        }
+    }
+    fn all(&self, stage: &str, msg: &crate::router::Message) -> usize {
+        self.0
+            .upgrade()
+            .map_or(0, |n| n.router.deliver_here_all(stage, msg))
+    }
+    fn to(&self, instance: usize, msg: crate::router::Message) -> Result<(), crate::router::Message> {
+        match self.0.upgrade() {
+            Some(n) => n.router.send_to(instance, msg).map_err(|u| u.into_message()),
+            None => Err(msg),
+        }
+    }
+    fn lock(
+        &self,
+        op: crate::router::LockOp,
+        name: &str,
+        cb: &str,
+        from: Arc<crate::router::SenderInfo>,
+        values: Vec<crate::value::Value>,
+    ) {
+        if let Some(n) = self.0.upgrade() {
+            n.router.lock_here(op, name, cb, from, values);
+        }
+    }
+    fn local(&self) -> Vec<crate::cluster::StageLoad> {
+        self.0.upgrade().map_or_else(Vec::new, |n| {
+            n.router
+                .load()
+                .into_iter()
+                .map(|(stage, instances, load)| crate::cluster::StageLoad {
+                    stage,
+                    instances: instances as u32,
+                    load,
+                })
+                .collect()
+        })
     }
 }
 
@@ -137,6 +211,14 @@ pub fn open_home(root: &Path) -> anyhow::Result<(PathBuf, Config, Home)> {
     // start with the key named, instead of failing every instance's Lua state.
     crate::cloud::vultr::Settings::from_config(config.vultr.as_ref())
         .map_err(|e| anyhow::anyhow!("conf/stage.json: {}", config.redact(&e.to_string())))?;
+    crate::cluster::ClusterConfig::parse(
+        &config.cluster,
+        config.cluster_key.as_deref(),
+        config.cluster_insecure,
+        config.router_sync_ms,
+        &crate::net::sock::interfaces(),
+    )
+    .map_err(|e| anyhow::anyhow!("conf/stage.json: {}", config.redact(&e.to_string())))?;
     for b in &config.builtins {
         crate::stages::new(b).map_err(|e| anyhow::anyhow!("conf/stage.json: {e}"))?;
     }

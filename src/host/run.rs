@@ -35,7 +35,7 @@ pub fn start(root: &Path, args: Vec<String>, bindings: Bindings) -> anyhow::Resu
     for w in &config.warnings {
         log::warn!("{w}");
     }
-    let node = NodeShared::new(config, home, args);
+    let node = NodeShared::new(config, home, args)?;
     let watcher = match watch(&root, node.generation.clone()) {
         Ok(w) => Some(w),
         Err(e) => {
@@ -204,6 +204,10 @@ impl NodeHandle {
             }
         }
         self.node.shutdown.send_replace(true);
+        // Others see this node leave at once instead of after failure detection.
+        if let Some(c) = &self.node.cluster {
+            c.engine.leave();
+        }
         let deadline = Instant::now() + STOP_GRACE;
         for t in self.threads {
             while !t.is_finished() && Instant::now() < deadline {

@@ -8,6 +8,7 @@ pub mod broker;
 pub mod broker_http;
 pub mod bson;
 pub mod bundle;
+pub mod cluster;
 pub mod densefog;
 pub mod lb;
 pub mod logger;
@@ -33,6 +34,7 @@ const MODULES: &[(&str, Open)] = &[
     ("odbc", odbc::open),
     ("thread", thread::open),
     ("lb", lb::open),
+    ("cluster", cluster::open),
 ];
 
 /// Registers every module as a global and in `package.loaded`, so that both

@@ -1,0 +1,675 @@
+//! The in-memory twin of the UDP transport and a one-process simulation of many nodes:
+//! datagrams go through a queue that the test pumps, nodes can be killed (their datagrams
+//! vanish), and a recording sink stands in for each node's router.
+
+use super::auth::Reject;
+use super::conf::ClusterConfig;
+use super::engine::{Engine, Sink, StageLoad, State, Transport};
+use crate::router::{Kind, LockOp, Message, SenderInfo};
+use crate::value::Value;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+#[derive(Default)]
+struct Net {
+    queue: Mutex<VecDeque<(SocketAddr, SocketAddr, Vec<u8>)>>,
+    dead: Mutex<HashSet<SocketAddr>>,
+    /// Every datagram ever sent (for replay tests).
+    log: Mutex<Vec<(SocketAddr, SocketAddr, Vec<u8>)>>,
+}
+
+struct Mem {
+    net: Arc<Net>,
+    me: SocketAddr,
+}
+
+impl Transport for Mem {
+    fn send(&self, to: SocketAddr, d: &[u8]) {
+        if self.net.dead.lock().unwrap().contains(&self.me) {
+            return;
+        }
+        self.net
+            .queue
+            .lock()
+            .unwrap()
+            .push_back((self.me, to, d.to_vec()));
+        self.net.log.lock().unwrap().push((self.me, to, d.to_vec()));
+    }
+}
+
+#[derive(Default)]
+struct Rec {
+    stages: Vec<StageLoad>,
+    got: Mutex<Vec<(&'static str, String, Message)>>,
+    locks: Mutex<Vec<String>>,
+}
+
+impl Sink for Rec {
+    fn one(&self, stage: &str, msg: Message) -> Result<(), Message> {
+        if !self.stages.iter().any(|s| s.stage == stage) {
+            return Err(msg);
+        }
+        self.got.lock().unwrap().push(("one", stage.into(), msg));
+        Ok(())
+    }
+    fn all(&self, stage: &str, msg: &Message) -> usize {
+        self.got.lock().unwrap().push(("all", stage.into(), msg.clone()));
+        1
+    }
+    fn to(&self, instance: usize, msg: Message) -> Result<(), Message> {
+        self.got.lock().unwrap().push(("to", instance.to_string(), msg));
+        Ok(())
+    }
+    fn lock(&self, _op: LockOp, name: &str, _cb: &str, _from: Arc<SenderInfo>, _values: Vec<Value>) {
+        self.locks.lock().unwrap().push(name.into());
+    }
+    fn local(&self) -> Vec<StageLoad> {
+        self.stages.clone()
+    }
+}
+
+struct Sim {
+    net: Arc<Net>,
+    nodes: Vec<(Arc<Engine>, Arc<Rec>)>,
+}
+
+fn addr(i: usize) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 20000 + i as u16))
+}
+
+fn cfg(
+    i: usize,
+    peers: Vec<SocketAddr>,
+    failover: Vec<SocketAddr>,
+    key: &[u8],
+    sync_ms: u64,
+) -> ClusterConfig {
+    ClusterConfig {
+        port: addr(i).port(),
+        peers,
+        failover,
+        advertise: addr(i).ip(),
+        key: Some(key.to_vec()),
+        sync: Duration::from_millis(sync_ms),
+    }
+}
+
+fn stage(name: &str, load: u8) -> StageLoad {
+    StageLoad {
+        stage: name.into(),
+        instances: 2,
+        load,
+    }
+}
+
+impl Sim {
+    fn new() -> Sim {
+        Sim {
+            net: Arc::new(Net::default()),
+            nodes: vec![],
+        }
+    }
+
+    fn add(&mut self, c: ClusterConfig, stages: Vec<StageLoad>) -> usize {
+        let me = c.addr();
+        let e = Engine::new(
+            c,
+            Arc::new(Mem {
+                net: self.net.clone(),
+                me,
+            }),
+        );
+        let rec = Arc::new(Rec {
+            stages,
+            ..Default::default()
+        });
+        e.set_sink(rec.clone());
+        self.nodes.push((e, rec));
+        self.nodes.len() - 1
+    }
+
+    fn by_addr(&self, a: SocketAddr) -> Option<&Arc<Engine>> {
+        self.nodes.iter().map(|(e, _)| e).find(|e| e.cfg.addr() == a)
+    }
+
+    /// Runs every live node's timers and delivers queued datagrams, for `d` of real time.
+    fn run(&self, d: Duration) {
+        let end = Instant::now() + d;
+        while Instant::now() < end {
+            self.step();
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn step(&self) {
+        let now = Instant::now();
+        let dead = self.net.dead.lock().unwrap().clone();
+        for (e, _) in &self.nodes {
+            if !dead.contains(&e.cfg.addr()) {
+                e.tick(now);
+            }
+        }
+        loop {
+            let next = self.net.queue.lock().unwrap().pop_front();
+            let Some((from, to, d)) = next else { break };
+            if dead.contains(&to) {
+                continue;
+            }
+            if let Some(e) = self.by_addr(to) {
+                e.receive(from, &d);
+            }
+        }
+    }
+
+    /// Runs until `f` holds (true) or `limit` passes (false).
+    fn until(&self, limit: Duration, f: impl Fn(&Sim) -> bool) -> Option<Duration> {
+        let t0 = Instant::now();
+        while t0.elapsed() < limit {
+            if f(self) {
+                return Some(t0.elapsed());
+            }
+            self.step();
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        None
+    }
+
+    fn alive_seen(&self, i: usize) -> usize {
+        self.nodes[i]
+            .0
+            .members()
+            .iter()
+            .skip(1)
+            .filter(|m| m.1 == State::Alive)
+            .count()
+    }
+}
+
+fn msg(id: &str, values: Vec<Value>, kind: Kind) -> Message {
+    Message {
+        id: id.into(),
+        from: Arc::new(SenderInfo {
+            node: addr(0).to_string(),
+            stage: "web".into(),
+            instance: 1,
+        }),
+        values,
+        kind,
+    }
+}
+
+fn three(sim: &mut Sim, key_of_third: &[u8]) {
+    // Node 0 names 1 and 2 and has fail-over node 3; 1 names nobody; 2 names 0.
+    sim.add(
+        cfg(0, vec![addr(1), addr(2)], vec![addr(3)], b"k", 300),
+        vec![stage("web", 0)],
+    );
+    sim.add(cfg(1, vec![], vec![], b"k", 300), vec![stage("db", 0)]);
+    sim.add(
+        cfg(2, vec![addr(0)], vec![], key_of_third, 300),
+        vec![stage("db", 0), stage("web", 0)],
+    );
+}
+
+#[test]
+fn three_nodes_route_by_the_direction_rule_and_carry_a_mebibyte() {
+    let mut sim = Sim::new();
+    three(&mut sim, b"k");
+    let took = sim
+        .until(Duration::from_secs(5), |s| {
+            (0..3).all(|i| s.alive_seen(i) == 2)
+                && s.nodes[0].0.members()[1..].iter().all(|m| !m.2.is_empty())
+        })
+        .expect("three nodes converge");
+    eprintln!("3 nodes converged in {took:?}");
+    let (e0, _) = &sim.nodes[0];
+    // `db` lives on 1 and 2: round-robin over both.
+    for i in 0..4 {
+        e0.deliver_one(
+            "db",
+            msg(&format!("m{i}"), vec![Value::Int(i)], Kind::Reply),
+            false,
+        )
+        .unwrap();
+    }
+    // A 1 MiB value crosses in fragments.
+    let big = Value::Str((0..1 << 20).map(|i| (i % 253) as u8).collect());
+    e0.deliver_one("db", msg("big", vec![big.clone()], Kind::Reply), false)
+        .unwrap();
+    assert_eq!(e0.deliver_all("db", &msg("all", vec![], Kind::Reply)), 4);
+    sim.run(Duration::from_millis(100));
+    let got = |i: usize| {
+        sim.nodes[i]
+            .1
+            .got
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(k, _, m)| format!("{k}:{}", m.id))
+            .collect::<Vec<_>>()
+    };
+    let (g1, g2) = (got(1), got(2));
+    assert_eq!(
+        g1.iter().chain(&g2).filter(|x| x.starts_with("one:m")).count(),
+        4,
+        "{g1:?} {g2:?}"
+    );
+    assert!(
+        g1.iter().any(|x| x.starts_with("one:m")) && g2.iter().any(|x| x.starts_with("one:m")),
+        "round-robin"
+    );
+    assert!(g1.contains(&"all:all".to_string()) && g2.contains(&"all:all".to_string()));
+    let bigs: Vec<_> = [1, 2]
+        .iter()
+        .flat_map(|&i| {
+            sim.nodes[i]
+                .1
+                .got
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|(_, _, m)| m.id == "big")
+                .map(|(_, _, m)| m.values.clone())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert_eq!(bigs, vec![vec![big]]);
+    // FIFO per pair: node 1 saw its m-messages in sending order.
+    let order: Vec<_> = g1.iter().filter(|x| x.starts_with("one:m")).cloned().collect();
+    let mut sorted = order.clone();
+    sorted.sort();
+    assert_eq!(order, sorted);
+    // Direction rule: node 1 names nobody, so it routes nothing, though it knows both.
+    assert!(sim.nodes[1]
+        .0
+        .deliver_one("web", msg("x", vec![], Kind::Reply), false)
+        .is_err());
+    assert_eq!(
+        sim.nodes[1].0.deliver_all("web", &msg("x", vec![], Kind::Reply)),
+        0
+    );
+    // Node 2 names 0 only: `db` is local to it, `web` goes to 0.
+    assert!(sim.nodes[2]
+        .0
+        .deliver_one("web", msg("w", vec![], Kind::Reply), false)
+        .is_ok());
+    // Answers go back whatever the direction rule: 1 answers 0.
+    let to0 = SenderInfo {
+        node: addr(0).to_string(),
+        stage: "web".into(),
+        instance: 1,
+    };
+    assert!(sim.nodes[1]
+        .0
+        .deliver_to(&to0, msg("answer", vec![], Kind::Reply))
+        .is_ok());
+    sim.run(Duration::from_millis(50));
+    let g0 = got(0);
+    assert!(
+        g0.contains(&"one:w".to_string()) && g0.contains(&"to:answer".to_string()),
+        "{g0:?}"
+    );
+    // Functions cross between authenticated nodes.
+    e0.deliver_one(
+        "db",
+        msg("f", vec![Value::Function(vec![1, 2, 3])], Kind::Reply),
+        false,
+    )
+    .unwrap();
+    sim.run(Duration::from_millis(50));
+    assert_eq!(got(1).iter().chain(&got(2)).filter(|x| *x == "one:f").count(), 1);
+}
+
+#[test]
+fn a_node_with_another_key_never_joins_and_forgeries_and_replays_are_counted() {
+    let mut sim = Sim::new();
+    three(&mut sim, b"wrong");
+    sim.run(Duration::from_secs(2));
+    assert_eq!(sim.alive_seen(0), 1, "only node 1 is a member of 0's cluster");
+    assert!(sim.nodes[0]
+        .0
+        .members()
+        .iter()
+        .all(|m| m.0 != addr(2).to_string() || m.1 == State::Down));
+    assert!(sim.nodes[0].0.rejected(Reject::WrongKey) > 0);
+    assert!(sim.nodes[0]
+        .0
+        .deliver_one("db", msg("d", vec![], Kind::Reply), false)
+        .is_ok());
+    // Capture a real message datagram from 0 to 1 and replay it; flip a bit; cut it.
+    sim.run(Duration::from_millis(50));
+    let before = sim.nodes[1].1.got.lock().unwrap().len();
+    let captured: Vec<_> = sim
+        .net
+        .log
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(f, t, _)| *f == addr(0) && *t == addr(1))
+        .map(|x| x.2.clone())
+        .collect();
+    let e1 = &sim.nodes[1].0;
+    for d in &captured {
+        e1.receive(addr(0), d);
+    }
+    assert!(e1.rejected(Reject::Replayed) >= captured.len() as u64);
+    let mut forged = captured.last().unwrap().clone();
+    forged[40] ^= 4;
+    e1.receive(addr(9), &forged);
+    assert_eq!(e1.rejected(Reject::BadTag), 1);
+    e1.receive(addr(9), &captured[0][..20]);
+    assert_eq!(e1.rejected(Reject::Truncated), 1);
+    assert_eq!(
+        sim.nodes[1].1.got.lock().unwrap().len(),
+        before,
+        "nothing refused was delivered"
+    );
+    // The cluster keeps working.
+    sim.nodes[0]
+        .0
+        .deliver_one("db", msg("after", vec![], Kind::Reply), false)
+        .unwrap();
+    sim.run(Duration::from_millis(50));
+    assert!(sim.nodes[1]
+        .1
+        .got
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|(_, _, m)| m.id == "after"));
+}
+
+#[test]
+fn failover_chain_and_overload_and_detection() {
+    let mut sim = Sim::new();
+    three(&mut sim, b"k");
+    sim.add(cfg(3, vec![], vec![], b"k", 300), vec![stage("spare", 0)]);
+    sim.until(Duration::from_secs(5), |s| {
+        s.alive_seen(0) == 3 && s.nodes[0].0.members()[1..].iter().all(|m| !m.2.is_empty())
+    })
+    .expect("converge");
+    // No node has `nobody`: the fail-over node gets it.
+    sim.nodes[0]
+        .0
+        .deliver_one("nobody", msg("fo", vec![], Kind::Reply), false)
+        .unwrap();
+    sim.run(Duration::from_millis(30));
+    // Node 3's recording sink refuses stages it lacks, so the message arrives but is not delivered:
+    // count it through the engine.
+    assert!(
+        sim.nodes[3]
+            .0
+            .stats
+            .messages_in
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 1
+    );
+    // Kill both db nodes: detection, then `db` goes to the fail-over node.
+    sim.net.dead.lock().unwrap().extend([addr(1), addr(2)]);
+    let took = sim.until(Duration::from_secs(5), |s| {
+        s.nodes[0]
+            .0
+            .members()
+            .iter()
+            .filter(|m| m.0 == addr(1).to_string() || m.0 == addr(2).to_string())
+            .all(|m| m.1 == State::Down || m.2.is_empty())
+    });
+    let took = took.expect("dead nodes detected");
+    eprintln!("detection with #router 300 ms: {took:?}");
+    assert!(took < Duration::from_secs(3));
+    let n_in = sim.nodes[3]
+        .0
+        .stats
+        .messages_in
+        .load(std::sync::atomic::Ordering::Relaxed);
+    sim.nodes[0]
+        .0
+        .deliver_one("db", msg("to-failover", vec![], Kind::Reply), false)
+        .unwrap();
+    sim.run(Duration::from_millis(30));
+    assert_eq!(
+        sim.nodes[3]
+            .0
+            .stats
+            .messages_in
+            .load(std::sync::atomic::Ordering::Relaxed),
+        n_in + 1
+    );
+}
+
+#[test]
+fn the_failover_chain_passes_a_message_on_until_a_node_has_the_stage() {
+    let mut sim = Sim::new();
+    // 0 -> fail-over 1 -> fail-over 2 (has `db`); 2's own fail-over is 0 (a loop, bounded).
+    sim.add(cfg(0, vec![], vec![addr(1)], b"k", 300), vec![]);
+    sim.add(cfg(1, vec![], vec![addr(2)], b"k", 300), vec![]);
+    sim.add(cfg(2, vec![], vec![addr(0)], b"k", 300), vec![stage("db", 0)]);
+    sim.until(Duration::from_secs(5), |s| (0..3).all(|i| s.alive_seen(i) == 2))
+        .expect("converge");
+    sim.nodes[0]
+        .0
+        .deliver_one("db", msg("chained", vec![], Kind::Reply), false)
+        .unwrap();
+    // Nobody has `nope`: it goes round the loop at most MAX_FAILOVER_HOPS times, then a
+    // request is answered "no route".
+    sim.nodes[0]
+        .0
+        .deliver_one(
+            "nope",
+            msg("lost", vec![], Kind::Request { cb: "r1".into() }),
+            false,
+        )
+        .unwrap();
+    sim.run(Duration::from_millis(100));
+    assert!(sim.nodes[2]
+        .1
+        .got
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|(k, _, m)| *k == "one" && m.id == "chained"));
+    let answers: Vec<_> = sim.nodes[0]
+        .1
+        .got
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(k, _, m)| *k == "to" && m.id == "r1")
+        .map(|(_, _, m)| m.kind.clone())
+        .collect();
+    assert_eq!(answers, vec![Kind::Failed("no route".into())]);
+    let hops: u64 = sim
+        .nodes
+        .iter()
+        .map(|(e, _)| e.stats.messages_in.load(std::sync::atomic::Ordering::Relaxed))
+        .sum();
+    assert!(
+        hops <= 2 + 1 + super::engine::MAX_FAILOVER_HOPS as u64 + 1,
+        "{hops}"
+    );
+}
+
+#[test]
+fn overloaded_nodes_are_skipped_while_another_can_take_it() {
+    let mut sim = Sim::new();
+    sim.add(cfg(0, vec![addr(1), addr(2)], vec![], b"k", 300), vec![]);
+    sim.add(cfg(1, vec![], vec![], b"k", 300), vec![stage("db", 95)]);
+    sim.add(cfg(2, vec![], vec![], b"k", 300), vec![stage("db", 10)]);
+    sim.until(Duration::from_secs(5), |s| {
+        s.nodes[0].0.members()[1..]
+            .iter()
+            .filter(|m| !m.2.is_empty())
+            .count()
+            == 2
+    })
+    .expect("converge");
+    for i in 0..6 {
+        sim.nodes[0]
+            .0
+            .deliver_one("db", msg(&format!("m{i}"), vec![], Kind::Reply), false)
+            .unwrap();
+    }
+    sim.run(Duration::from_millis(30));
+    assert_eq!(sim.nodes[1].1.got.lock().unwrap().len(), 0);
+    assert_eq!(sim.nodes[2].1.got.lock().unwrap().len(), 6);
+}
+
+#[test]
+fn every_node_agrees_on_lock_owners_and_forwards_to_them() {
+    let mut sim = Sim::new();
+    for i in 0..5 {
+        sim.add(cfg(i, vec![addr(0)], vec![], b"k", 300), vec![]);
+    }
+    sim.until(Duration::from_secs(5), |s| (0..5).all(|i| s.alive_seen(i) == 4))
+        .expect("converge");
+    let mut owners = HashMap::new();
+    for l in 0..100 {
+        let name = format!("lock{l}");
+        let o: HashSet<_> = sim.nodes.iter().map(|(e, _)| e.lock_owner(&name)).collect();
+        assert_eq!(o.len(), 1, "one owner for {name}");
+        *owners.entry(*o.iter().next().unwrap()).or_insert(0) += 1;
+    }
+    assert_eq!(owners.len(), 5, "locks spread over every node: {owners:?}");
+    let from = SenderInfo {
+        node: addr(1).to_string(),
+        stage: "s".into(),
+        instance: 0,
+    };
+    for l in 0..20 {
+        let name = format!("lock{l}");
+        if !sim.nodes[1]
+            .0
+            .forward_lock(LockOp::Acquire, &name, "cb", &from, &[])
+        {
+            sim.nodes[1].1.locks.lock().unwrap().push(name);
+        }
+    }
+    sim.run(Duration::from_millis(50));
+    let total: usize = sim.nodes.iter().map(|(_, r)| r.locks.lock().unwrap().len()).sum();
+    assert_eq!(total, 20, "each operation reached exactly one owner");
+    for (e, r) in &sim.nodes {
+        for name in r.locks.lock().unwrap().iter() {
+            assert_eq!(e.lock_owner(name), e.cfg.addr());
+        }
+    }
+}
+
+#[test]
+fn waiters_at_a_dead_lock_owner_are_queued_at_the_new_owner() {
+    let mut sim = Sim::new();
+    for i in 0..3 {
+        sim.add(cfg(i, vec![addr(0), addr(1), addr(2)], vec![], b"k", 300), vec![]);
+    }
+    sim.until(Duration::from_secs(5), |s| (0..3).all(|i| s.alive_seen(i) == 2))
+        .expect("converge");
+    // Two locks owned by node 2; node 1 waits for both; one is granted.
+    let names: Vec<String> = (0..1000)
+        .map(|i| format!("L{i}"))
+        .filter(|n| sim.nodes[1].0.lock_owner(n) == addr(2))
+        .take(2)
+        .collect();
+    let from = SenderInfo {
+        node: addr(1).to_string(),
+        stage: "s".into(),
+        instance: 0,
+    };
+    for n in &names {
+        assert!(sim.nodes[1].0.forward_lock(LockOp::Acquire, n, "got", &from, &[]));
+    }
+    sim.run(Duration::from_millis(50));
+    assert_eq!(sim.nodes[2].1.locks.lock().unwrap().len(), 2);
+    // Node 2 grants the first (a message "from" the waiter, to it).
+    let grant = Message {
+        id: "got".into(),
+        from: Arc::new(from.clone()),
+        values: vec![],
+        kind: Kind::Reply,
+    };
+    sim.nodes[2].0.deliver_to(&from, grant).unwrap();
+    sim.run(Duration::from_millis(50));
+    sim.net.dead.lock().unwrap().insert(addr(2));
+    sim.until(Duration::from_secs(5), |s| {
+        s.nodes[1]
+            .0
+            .members()
+            .iter()
+            .any(|m| m.0 == addr(2).to_string() && m.1 == State::Down)
+    })
+    .expect("owner detected down");
+    sim.run(Duration::from_millis(50));
+    let requeued: Vec<String> = [0, 1]
+        .iter()
+        .flat_map(|&i| sim.nodes[i].1.locks.lock().unwrap().clone())
+        .collect();
+    assert_eq!(
+        requeued,
+        vec![names[1].clone()],
+        "only the waiting request moves, once"
+    );
+}
+
+#[test]
+fn fifty_nodes_converge_and_detect_five_kills() {
+    let mut sim = Sim::new();
+    for i in 0..50 {
+        sim.add(cfg(i, vec![addr(0)], vec![], b"k", 1500), vec![stage("s", 0)]);
+    }
+    let conv = sim
+        .until(Duration::from_secs(30), |s| {
+            (0..50).all(|i| s.alive_seen(i) == 49)
+        })
+        .expect("50 nodes converge");
+    let bytes0: u64 = sim
+        .nodes
+        .iter()
+        .map(|(e, _)| {
+            e.stats
+                .gossip_bytes_sent
+                .load(std::sync::atomic::Ordering::Relaxed)
+        })
+        .sum();
+    let t0 = Instant::now();
+    sim.net.dead.lock().unwrap().extend((45..50).map(addr));
+    let dead: Vec<String> = (45..50).map(|i| addr(i).to_string()).collect();
+    // Routing detection: every survivor has withdrawn the dead nodes' stage ids.
+    let det = sim
+        .until(Duration::from_secs(20), |s| {
+            (0..45).all(|i| {
+                s.nodes[i]
+                    .0
+                    .members()
+                    .iter()
+                    .filter(|m| dead.contains(&m.0))
+                    .all(|m| m.1 == State::Down || m.2.is_empty())
+            })
+        })
+        .expect("kills detected");
+    // Membership: every survivor marks them down.
+    let down = sim
+        .until(Duration::from_secs(30), |s| {
+            (0..45).all(|i| {
+                s.nodes[i]
+                    .0
+                    .members()
+                    .iter()
+                    .filter(|m| m.1 == State::Down)
+                    .count()
+                    >= 5
+            })
+        })
+        .expect("kills marked down");
+    let bytes1: u64 = sim
+        .nodes
+        .iter()
+        .map(|(e, _)| {
+            e.stats
+                .gossip_bytes_sent
+                .load(std::sync::atomic::Ordering::Relaxed)
+        })
+        .sum();
+    let per_node = (bytes1 - bytes0) as f64 / t0.elapsed().as_secs_f64() / 50.0;
+    eprintln!("50 nodes: converged in {conv:?}; 5 kills out of every routing table in {det:?}, marked down by all {down:?} later; {per_node:.0} gossip bytes/s per node");
+    assert!(det < Duration::from_secs(4), "routing detection {det:?}");
+}
