@@ -366,8 +366,67 @@ fn postgres_outage_during_picks() {
     run_node(&verify, "verify", Duration::from_secs(60));
 }
 
+/// One answer of the HTTP API as curl saw it.
+#[derive(Debug)]
+struct Answer {
+    status: u16,
+    headers: Vec<(String, String)>,
+    json: serde_json::Value,
+}
+
+impl Answer {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// `curl -si URL ARGS...`: the status, the headers (names lower-cased) and the JSON body.
+fn curl(url: &str, args: &[&str]) -> Answer {
+    let out = std::process::Command::new("curl")
+        .args([
+            "-si",
+            "--max-time",
+            "20",
+            "-H",
+            "content-type: application/json",
+            url,
+        ])
+        .args(args)
+        .output()
+        .expect("curl (scripts/setup installs it)");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "curl {args:?}: {}\n{text}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("no head: {text}"));
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|s| s.parse().ok());
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let json = serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: body {body:?}"));
+    Answer {
+        status: status.unwrap_or_else(|| panic!("no status: {text}")),
+        headers,
+        json,
+    }
+}
+
 /// The example stage/package/iaas.lua against the Vultr emulator: RunInstances as a job, then
-/// the same API over BSON TCP from `stage send` (a client that is not the broker's codec).
+/// the API over HTTP with curl (routing, error codes and shapes, 405, `x-request-id`,
+/// concurrent requests) and over BSON TCP from `stage send` (a client that is not the
+/// broker's codec).
 #[test]
 fn iaas_example_on_the_vultr_emulator() {
     use stage::cloud::vultr_emulator::{Emulator, EmulatorConfig, Lifecycle};
@@ -411,9 +470,132 @@ fn iaas_example_on_the_vultr_emulator() {
         std::thread::sleep(Duration::from_millis(50));
     }
     let port = std::fs::read_to_string(home.path().join("port")).unwrap();
+    let url = format!("http://127.0.0.1:{}/", port.trim());
+    // HTTP with curl: POST bodies routed by their action.
+    let r = curl(
+        &url,
+        &["-d", r#"{"action":"DescribeInstances","project_id":"p-1"}"#],
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.json["ret_code"], 0, "{r:?}");
+    assert_eq!(r.json["action"], "DescribeInstancesResponse", "{r:?}");
+    assert_eq!(r.json["instance_set"].as_array().map(Vec::len), Some(1), "{r:?}");
+    assert_eq!(r.header("content-type"), Some("application/json"), "{r:?}");
+    let rid = r.header("x-request-id").expect("x-request-id header").to_string();
+    assert!(rid.starts_with("req-"), "{r:?}");
+    assert_eq!(
+        r.json["request_id"],
+        rid.as_str(),
+        "the header is the body's request id: {r:?}"
+    );
+    let again = curl(
+        &url,
+        &["-d", r#"{"action":"DescribeInstances","project_id":"p-1"}"#],
+    );
+    assert_ne!(
+        again.header("x-request-id"),
+        Some(rid.as_str()),
+        "a new id per request"
+    );
+    // The project from the x-project-id header; another project sees nothing.
+    let r = curl(
+        &url,
+        &[
+            "-H",
+            "x-project-id: p-1",
+            "-d",
+            r#"{"action":"DescribeInstances"}"#,
+        ],
+    );
+    assert_eq!(r.json["instance_set"].as_array().map(Vec::len), Some(1), "{r:?}");
+    let r = curl(
+        &url,
+        &["-d", r#"{"action":"DescribeInstances","project_id":"p-2"}"#],
+    );
+    assert_eq!(r.json["instance_set"].as_array().map(Vec::len), Some(0), "{r:?}");
+    // Errors: the code in the body, the matching HTTP status, the seed's shape.
+    for (body, status, code, needle) in [
+        (r#"{"action":"LaunchRockets"}"#, 404, 4104, "LaunchRockets"),
+        (
+            r#"{"action":"DescribeJobs","job_id":"job-nope","project_id":"p-1"}"#,
+            404,
+            4104,
+            "job-nope",
+        ),
+        (
+            r#"{"action":"RunInstances","project_id":"p-1"}"#,
+            400,
+            4100,
+            "region",
+        ),
+        (
+            r#"{"action":"RunInstances","region":"icn","os_id":1}"#,
+            400,
+            4100,
+            "plan",
+        ),
+        (r#"{"action": 5}"#, 400, 4100, "no action"),
+        ("{}", 400, 4100, "no action"),
+        (r#"{"action":"DescribeInstances""#, 400, 4100, "invalid JSON"),
+        ("[1, 2]", 400, 4100, "JSON object"),
+        ("x.json", 400, 4100, "JSON object"),
+        ("", 400, 4100, "JSON object"),
+    ] {
+        let r = curl(&url, &["-d", body]);
+        assert_eq!(
+            (r.status, r.json["ret_code"].as_i64()),
+            (status, Some(code)),
+            "{body}: {r:?}"
+        );
+        let message = r.json["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains(needle),
+            "{body}: message {message:?} names {needle}"
+        );
+        assert_eq!(
+            r.header("x-request-id"),
+            r.json["request_id"].as_str(),
+            "{body}: {r:?}"
+        );
+        assert!(
+            r.json.get("instance_set").is_none(),
+            "{body}: no data on an error: {r:?}"
+        );
+    }
+    // GET (and anything but POST) answers 405 with the same JSON shape.
+    for method in ["GET", "PUT", "DELETE"] {
+        let r = curl(&url, &["-X", method]);
+        assert_eq!(r.status, 405, "{method}: {r:?}");
+        assert_eq!(r.json["ret_code"], 4100, "{method}: {r:?}");
+        assert!(
+            r.json["message"].as_str().unwrap_or_default().contains("POST"),
+            "{r:?}"
+        );
+        assert_eq!(r.header("x-request-id"), r.json["request_id"].as_str(), "{r:?}");
+    }
+    // Concurrent requests, each answered with its own id.
+    let ids: Vec<String> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..8)
+            .map(|_| {
+                s.spawn(|| {
+                    let r = curl(
+                        &url,
+                        &["-d", r#"{"action":"DescribeInstances","project_id":"p-1"}"#],
+                    );
+                    assert_eq!(r.json["ret_code"], 0, "{r:?}");
+                    r.json["request_id"].as_str().unwrap().to_string()
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let unique: std::collections::HashSet<_> = ids.iter().collect();
+    assert_eq!(unique.len(), ids.len(), "{ids:?}");
+    // The same API over BSON TCP from `stage send` (a client that is not the broker's codec).
+    let bson_port = std::fs::read_to_string(home.path().join("bson_port")).unwrap();
     let send = |body: &str| -> serde_json::Value {
         let out = std::process::Command::new(harness::stage_bin())
-            .args(["send", &format!("127.0.0.1:{}", port.trim()), body])
+            .args(["send", &format!("127.0.0.1:{}", bson_port.trim()), body])
             .output()
             .unwrap();
         assert!(

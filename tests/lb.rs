@@ -662,6 +662,48 @@ fn lua_autoscaling_through_a_provider() {
 /// The example home's JSON API (stage/package/lbaas.lua) over BSON, driven by Python's bson.
 #[test]
 fn json_api_example_over_bson() {
+    json_api_example(Transport::Bson);
+}
+
+/// The same API over HTTP, driven by curl: POST JSON, the HTTP status matching the answer
+/// (200 successful, 400 a bad request, 404 what does not exist), 405 for GET, bad JSON and a
+/// body that names a file answered 400 without reading it.
+#[test]
+fn json_api_example_over_http() {
+    json_api_example(Transport::Http);
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Transport {
+    Bson,
+    Http,
+}
+
+/// `curl -si` with `args`: the HTTP status, the headers (lower-case names) and the body.
+fn curl(url: &str, args: &[&str]) -> (u16, String, String) {
+    let out = Command::new("curl")
+        .args(["-si", "--max-time", "30", url])
+        .args(args)
+        .output()
+        .expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "curl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("no head: {text}"));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status: {text}"));
+    (status, head.to_ascii_lowercase(), body.to_string())
+}
+
+fn json_api_example(transport: Transport) {
     if !have_haproxy() {
         return;
     }
@@ -669,11 +711,12 @@ fn json_api_example_over_bson() {
     let home = harness::TestHome::new();
     let out = tempfile::tempdir().unwrap();
     let api_port = free_port();
+    let http_port = free_port();
     let listen = format!("127.0.0.1:{}", free_port());
     home.write(
         "preload/01-lb-env.lua",
         &format!(
-            "LB_ENV = {{ api_port = {api_port}, out = {:?} }}\n",
+            "LB_ENV = {{ api_port = {api_port}, http_port = {http_port}, out = {:?} }}\n",
             out.path().display().to_string()
         ),
     );
@@ -726,16 +769,75 @@ fn json_api_example_over_bson() {
     ]);
     let file = out.path().join("requests.json");
     std::fs::write(&file, reqs.to_string()).unwrap();
-    let client = Command::new("python3")
-        .arg(script("bson_client.py"))
-        .arg(format!("127.0.0.1:{api_port}"))
-        .arg(&file)
-        .output()
+    let (res, statuses): (Vec<Json>, Vec<u16>) = if transport == Transport::Bson {
+        let client = Command::new("python3")
+            .arg(script("bson_client.py"))
+            .arg(format!("127.0.0.1:{api_port}"))
+            .arg(&file)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&client.stdout);
+        let res = serde_json::from_str(text.trim())
+            .unwrap_or_else(|e| panic!("{e}: {text} {}", String::from_utf8_lossy(&client.stderr)));
+        (res, vec![])
+    } else {
+        let url = format!("http://127.0.0.1:{http_port}/");
+        let mut res = vec![];
+        let mut statuses = vec![];
+        for r in reqs.as_array().unwrap() {
+            let (status, head, body) = curl(
+                &url,
+                &["-H", "content-type: application/json", "-d", &r.to_string()],
+            );
+            assert!(head.contains("content-type: application/json"), "{head}");
+            res.push(serde_json::from_str::<Json>(&body).unwrap_or_else(|e| panic!("{e}: {body}")));
+            statuses.push(status);
+        }
+        // Not POST, not JSON, a file name: refused before any handler, nothing read.
+        let (status, head, body) = curl(&url, &[]);
+        assert_eq!(status, 405, "GET: {body}");
+        assert!(head.contains("allow: post"), "{head}");
+        assert_eq!(
+            serde_json::from_str::<Json>(&body).unwrap()["status"],
+            "fail",
+            "{body}"
+        );
+        std::fs::write(
+            home.path().join("x.json"),
+            r#"{"action":"info","type":"project","info":{"id":1}}"#,
+        )
         .unwrap();
+        for (bad, needle) in [
+            ("x.json", "must be a JSON object"),
+            ("[1]", "must be a JSON object"),
+            ("", "must be a JSON object"),
+            ("{\"action\": ", "invalid JSON"),
+        ] {
+            let (status, _, body) = curl(&url, &["-d", bad]);
+            let v: Json = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
+            assert_eq!(
+                (status, v["status"].as_str()),
+                (400, Some("fail")),
+                "{bad:?}: {body}"
+            );
+            assert!(v["message"].as_str().unwrap().contains(needle), "{bad:?}: {body}");
+        }
+        (res, statuses)
+    };
     let log = finish(node);
-    let text = String::from_utf8_lossy(&client.stdout);
-    let res: Vec<Json> = serde_json::from_str(text.trim())
-        .unwrap_or_else(|e| panic!("{e}: {text} {}\n{log}", String::from_utf8_lossy(&client.stderr)));
+    if transport == Transport::Http {
+        let want: Vec<u16> = [200; 6]
+            .into_iter()
+            .chain([400, 400, 400, 400, 404, 400, 200, 200, 404])
+            .collect();
+        assert_eq!(statuses, want, "{res:?}\n{log}");
+        assert_eq!(
+            res[0]["info"]["instances"],
+            json!([]),
+            "an empty list: {}",
+            res[0]
+        );
+    }
     let st = |i: usize| res[i]["status"].as_str().unwrap().to_string();
     let msg = |i: usize| res[i]["message"].as_str().unwrap_or("").to_string();
     for (i, r) in res.iter().enumerate().take(6) {

@@ -19,6 +19,7 @@ scenarios! {
     stage_durations => "stage/durations.lua",
     bundle_json_random => "bundle/json_random.lua",
     bundle_bson_stage => "bundle/bson_stage.lua",
+    bundle_json_text_not_path => "bundle/json_text_not_path.lua",
     process_fields => "process/fields.lua",
 }
 

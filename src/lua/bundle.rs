@@ -20,6 +20,7 @@ fn json_options() -> mlua::SerializeOptions {
 }
 
 /// `bundle.json(v)`: JSON text → value, `*.json` file name → value, table → JSON text.
+/// Text starting with `{`, `[` or `"` (after whitespace) is never a file name.
 fn json(lua: &Lua, v: Value) -> mlua::Result<Value> {
     match v {
         Value::String(s) => {

@@ -8,9 +8,14 @@
 --   {"action":"DescribeInstances"}               → {"ret_code":0,"instance_set":[...]} (the project's)
 --   {"action":"TerminateInstances","instance_id":"..."} → {"ret_code":0,"job_id":"job-..."}
 --
--- Start it from an entry script:
+-- Start it from an entry script; the API is JSON over HTTP (POST, any path):
 --
---   stage.load("iaas").serve{ listen = "http://0.0.0.0:8080", db = "GAME" }
+--   local api = stage.load("iaas").serve{ listen = "http://0.0.0.0:8080", db = "GAME" }
+--   api.listen("tcp://0.0.0.0:8081?bson")     -- optional: the same API over BSON
+--
+--   $ curl -s -H 'x-project-id: p-1' -d '{"action":"DescribeInstances"}' http://127.0.0.1:8080/
+--   {"ret_code":0,"action":"DescribeInstancesResponse","request_id":"req-...","instance_set":[...]}
+--   (errors: 4100 → HTTP 400, 4104 → 404, 5001 → 500; GET → 405; header x-request-id)
 local densefog = require("densefog")
 local E = densefog.error
 local M = {}
@@ -21,6 +26,13 @@ local function need(params, name, kind)
         error(E.InvalidRequestParameter(name .. " is required (a " .. kind .. ")"))
     end
     return v
+end
+
+-- An empty Lua table is encoded as a JSON object; a list decoded from "[]" keeps its array mark,
+-- so an empty list answers [] (clients iterate it as a list).
+local function list(t)
+    if next(t) == nil then return bundle.json("[]") end
+    return t
 end
 
 local function project_tag(ctx)
@@ -54,7 +66,7 @@ M.routes = {
         return { job_set = { job } }
     end,
     DescribeInstances = function (params, ctx)
-        return { instance_set = provider(vultr.instances, { tag = project_tag(ctx) }) }
+        return { instance_set = list(provider(vultr.instances, { tag = project_tag(ctx) })) }
     end,
 }
 

@@ -4,8 +4,11 @@
 --   response {"status": "successful"|"fail", "action": ..., "type": ..., "info": {...}, "message": ...}
 --
 -- Projects live in a database table (lbaas_project, through odbc); instances are load
--- balancers (lb.create), tagged with their project. Until the broker serves HTTP the API is
--- served over BSON: stage.load("lbaas").serve("tcp://127.0.0.1:8810?bson", "GAME").
+-- balancers (lb.create), tagged with their project. Served over HTTP (POST a JSON request,
+-- get the JSON response) or BSON (one document per request):
+--   stage.load("lbaas").serve("http://127.0.0.1:8810", "GAME")
+--   stage.load("lbaas").serve("tcp://127.0.0.1:8811?bson", "GAME")
+--   curl -d '{"action":"info","type":"project","info":{"id":1}}' http://127.0.0.1:8810/
 local M = {}
 
 M.conn = "GAME"          -- the %odbc connection for projects
@@ -50,7 +53,7 @@ local function find_project(adp, info)
 end
 
 local function instances_of(project_name)
-    local out = {}
+    local out = bundle.json("[]")   -- a list: JSON [] when empty (an empty {} would be an object)
     for _, i in ipairs(lb.list()) do
         if i.project == project_name then out[#out + 1] = i.name end
     end
@@ -243,9 +246,43 @@ function M.handle(req)
     return res
 end
 
--- Serves the API on a broker endpoint (BSON frames: one request, one response).
-function M.serve(uri, conn)
+-- HTTP status of a response: 200 when successful, 404 for what does not exist, 400 otherwise.
+local function status_of(res)
+    if res.status == "successful" then return 200 end
+    if type(res.message) == "string" and res.message:find("does not exist", 1, true) then return 404 end
+    return 400
+end
+
+local function json_answer(status, res, extra)
+    local headers = { ["content-type"] = "application/json" }
+    for k, v in pairs(extra or {}) do headers[k] = v end
+    return { status = status, headers = headers, body = bundle.json(res) }
+end
+
+-- The `broker.ready("http://...")` handler: POST with a JSON request document.
+function M.http(req)
+    if req.method ~= "POST" then
+        return json_answer(405, { status = "fail", message = "use POST with a JSON request" }, { allow = "POST" })
+    end
+    -- Only JSON object text reaches bundle.json (it reads a file for a name such as "x.json").
+    if not req.body:match("^%s*{") then
+        return json_answer(400, { status = "fail", message = "the request must be a JSON object" })
+    end
+    local ok, doc = pcall(bundle.json, req.body)
+    if not ok then
+        return json_answer(400, { status = "fail", message = "invalid JSON: " .. tostring(doc):match("^[^\n]*") })
+    end
+    local res = M.handle(doc)
+    return json_answer(status_of(res), res)
+end
+
+-- Serves the API on a broker endpoint: http(s)://host:port (JSON over HTTP, `opts` passed to
+-- broker.ready) or tcp://host:port?bson (BSON frames: one request, one response).
+function M.serve(uri, conn, opts)
     if conn then M.conn = conn end
+    if type(uri) == "string" and uri:match("^https?://") then
+        return broker.ready(uri, M.http, opts)
+    end
     return broker.ready(uri, function ()
         return function (_, req) return M.handle(req) end
     end)

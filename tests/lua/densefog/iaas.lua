@@ -2,10 +2,15 @@
 -- RunInstances answers a job id at once; the worker creates the instance and waits until it is
 -- ready; DescribeJobs shows the result; DescribeInstances lists the project's instances;
 -- bad parameters answer 4100, an unknown job 4104, a provider refusal ends the job as 5001.
+-- The API listens on HTTP (the example's form); a BSON TCP listener is added beside it.
 local iaas = stage.load("iaas")
-local api = iaas.serve{ listen = "tcp://127.0.0.1:0?bson=64k,1m", db = "DB", exec_size = 4, exec_timeout = 30,
+local api = iaas.serve{ listen = "http://127.0.0.1:0", db = "DB", exec_size = 4, exec_timeout = 30,
     interval = 0.2, wait_timeout = 20000, wait_interval = 50 }
 write("port", tostring(api.port.port))
+-- the same API over BSON TCP as well (one document per request)
+write("bson_port", tostring(api.listen("tcp://127.0.0.1:0?bson=64k,1m").port))
+-- a file a body must never be read as (the test posts the body `x.json`)
+write("x.json", '{"action":"DescribeInstances","project_id":"p-1"}')
 
 local function call(t)
     local _, r = api.handle(bundle.json(t))
@@ -51,4 +56,5 @@ else
     eq(job.status, "error", "provider refusal")
 end
 write("ready", "")
--- the test now talks to the BSON port with `stage send`; it ends the node when done
+-- the test now talks to the HTTP port with curl and to the BSON port with `stage send`;
+-- it ends the node when done
