@@ -557,7 +557,7 @@ fn item2_a_signal_flood_at_sleeping_handlers_keeps_rss_flat() {
             if process.stage == 1 then
                 -- the victim: a handler that waits, and a port its clients use
                 local busy, most = 0, 0
-                stage.waitfor("sink:slow", function(i)
+                stage.waitfor("slow", function(i)
                     busy = busy + 1
                     most = math.max(most, busy)
                     stage.sleep(2000)

@@ -49,9 +49,9 @@ eq(from[C], "pong", "C reaches A")
 for i = 1, 300 do stage.signal("db:seq", process.node, i) end
 local reports, viol, count = 0, 0, 0
 stage.waitfor("rep", function(v, n) reports = reports + 1; viol = viol + v; count = count + n end)
-stage.sleep(300)
+stage.sleep(1000)
 stage.signal("*db:report=rep")
-check(wait_until(function() return reports == 3 end, 3000), "3 reports")
+check(wait_until(function() return reports == 3 end, 10000), "3 reports")
 eq(viol, 0, "order violations")
 eq(count, 300, "signals delivered")
 done()
