@@ -7,6 +7,15 @@ local M = { version = "1" }
 local json, null = bundle.json, bundle.null
 local fmt = string.format
 
+-- odbc.new(conn, fn) logs a connection failure and returns nil without calling fn (STAGE's
+-- behaviour); the library needs it as an error, so that picks, results and retries see it.
+local function connect(db, fn)
+    local called = false
+    local r = table.pack(odbc.new(db, function (adp) called = true; return fn(adp) end))
+    if not called then error("cannot connect to database " .. tostring(db), 0) end
+    return table.unpack(r, 1, r.n)
+end
+
 -- Log text must not be read as logger escapes (%l, %F, ...).
 local function esc(s)
     return (tostring(s):gsub("%%", "%%%%"))
@@ -155,7 +164,7 @@ local function dialect_of(db, given)
     end
     local key = type(db) == "table" and db or tostring(db)
     if detected[key] then return detected[key] end
-    local name = odbc.new(db, function (adp)
+    local name = connect(db, function (adp)
         local ok, rows = pcall(adp.query, "SELECT version() AS v")
         if ok and rows[1] then
             local v = tostring(rows[1].v or rows[1].V or ""):lower()
@@ -191,7 +200,7 @@ function M.jobs(o)
     --- Creates the table and its index when missing (idempotent).
     function J.migrate()
         local x = d()
-        odbc.new(J.db, function (adp)
+        connect(J.db, function (adp)
             adp.execute(fmt([[CREATE TABLE IF NOT EXISTS %s (
                 id VARCHAR(32) NOT NULL PRIMARY KEY,
                 project_id VARCHAR(32),
@@ -234,7 +243,7 @@ function M.jobs(o)
         local run_at = delay > 0 and x.plus(math.floor(delay * 1000)) or x.now
         local sql = fmt("INSERT INTO %s (id, project_id, action, status, params, updated, created, run_at, try_period, try_max, trys) VALUES (?, ?, ?, 'pending', ?, %s, %s, %s, ?, ?, 0)",
             tbl, x.now, x.now, run_at)
-        local ok, e = pcall(odbc.new, J.db, function (adp)
+        local ok, e = pcall(connect, J.db, function (adp)
             adp.exec(sql, id, project or null, action, text, try_period, try_max)
         end)
         if not ok then error("jobs.add: " .. tostring(e), 2) end
@@ -252,7 +261,7 @@ function M.jobs(o)
 
     --- The job `id` as a table of its columns (nil when absent); `params`/`result` stay JSON text.
     function J.get(id)
-        return odbc.new(J.db, function (adp)
+        return connect(J.db, function (adp)
             return decode(adp.query(fmt("SELECT %s FROM %s WHERE id = ?", JOB_COLUMNS, tbl), id)[1])
         end)
     end
@@ -267,7 +276,7 @@ function M.jobs(o)
         local limit = positive(f.limit, 100, "jobs.list: limit", true)
         local sql = fmt("SELECT %s FROM %s%s ORDER BY created, id LIMIT %d", JOB_COLUMNS, tbl,
             #where > 0 and (" WHERE " .. table.concat(where, " AND ")) or "", limit)
-        return odbc.new(J.db, function (adp)
+        return connect(J.db, function (adp)
             local rows = adp.query(sql, table.unpack(args))
             for _, r in ipairs(rows) do decode(r) end
             return rows
@@ -276,7 +285,7 @@ function M.jobs(o)
 
     --- Counts by status: `{pending = 3, running = 1, finished = 10, error = 0}`.
     function J.counts()
-        return odbc.new(J.db, function (adp)
+        return connect(J.db, function (adp)
             local c = { pending = 0, running = 0, finished = 0, error = 0 }
             for _, r in ipairs(adp.query(fmt("SELECT status, COUNT(*) AS n FROM %s GROUP BY status", tbl))) do
                 c[r.status] = math.tointeger(r.n) or r.n
@@ -360,7 +369,7 @@ function M.worker(o)
     local function persist(what, deadline, fn)
         local wait = 0.2
         while true do
-            local ok, r = pcall(odbc.new, db, fn)
+            local ok, r = pcall(connect, db, fn)
             if ok then return r end
             if process.tick + wait > deadline then
                 log.error(what .. ": gave up: " .. message_of(r))
@@ -393,7 +402,7 @@ function M.worker(o)
     -- Claims up to n jobs; returns them (each {id, project_id, action, params, trys, try_max, try_period}).
     local function claim(n)
         local x = W.jobs.dialect()
-        return odbc.new(db, function (adp)
+        return connect(db, function (adp)
             local lost = {}
             if process.tick - last_sweep >= W.interval then
                 last_sweep = process.tick
