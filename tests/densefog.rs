@@ -273,44 +273,6 @@ fn kill9_mid_job_postgres() {
     kill9_mid_job(Db::Postgres);
 }
 
-/// `pg_ctlcluster` arguments of the first cluster: (version, name).
-fn pg_cluster() -> (String, String) {
-    let out = std::process::Command::new("pg_lsclusters")
-        .arg("-h")
-        .output()
-        .expect("pg_lsclusters (scripts/setup)");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let mut f = text
-        .lines()
-        .next()
-        .expect("a PostgreSQL cluster (scripts/services)")
-        .split_whitespace();
-    (f.next().unwrap().to_string(), f.next().unwrap().to_string())
-}
-
-fn pg_ctl(action: &str) {
-    let (ver, name) = pg_cluster();
-    let mut cmd = std::process::Command::new("pg_ctlcluster");
-    cmd.args([&ver, &name, action]);
-    if action == "stop" {
-        cmd.args(["-m", "fast"]);
-    }
-    let st = cmd.status().expect("pg_ctlcluster");
-    assert!(st.success(), "pg_ctlcluster {ver} {name} {action} failed: {st}");
-}
-
-/// Starts PostgreSQL again when dropped, so a failing test never leaves it down.
-struct RestartPg;
-
-impl Drop for RestartPg {
-    fn drop(&mut self) {
-        let addr: SocketAddr = ([127, 0, 0, 1], 5432).into();
-        if TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_err() {
-            pg_ctl("start");
-        }
-    }
-}
-
 /// PostgreSQL stopped for 3 s while a worker picks and runs jobs: picks fail and are retried,
 /// results wait for the database, and every job still finishes (none lost, none failed).
 #[test]
@@ -344,11 +306,11 @@ fn postgres_outage_during_picks() {
         ),
     );
     let child = w.spawn();
-    let _restart = RestartPg;
+    let _restart = harness::RestartPg;
     std::thread::sleep(Duration::from_millis(1500));
-    pg_ctl("stop");
+    harness::pg_ctl("stop");
     std::thread::sleep(Duration::from_secs(3));
-    pg_ctl("start");
+    harness::pg_ctl("start");
     finish(child, "the worker across the outage", Duration::from_secs(120));
     let stats = std::fs::read_to_string(w.path().join("stats.0")).unwrap();
     let stats: serde_json::Value = serde_json::from_str(&stats).unwrap();

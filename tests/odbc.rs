@@ -167,44 +167,6 @@ fn home_odbcinst_ini_is_honoured() {
     });
 }
 
-/// `pg_ctlcluster` arguments of the first cluster: (version, name).
-fn pg_cluster() -> (String, String) {
-    let out = std::process::Command::new("pg_lsclusters")
-        .arg("-h")
-        .output()
-        .expect("pg_lsclusters (scripts/setup)");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let mut f = text
-        .lines()
-        .next()
-        .expect("a PostgreSQL cluster (scripts/services)")
-        .split_whitespace();
-    (f.next().unwrap().to_string(), f.next().unwrap().to_string())
-}
-
-fn pg_ctl(action: &str) {
-    let (ver, name) = pg_cluster();
-    let mut cmd = std::process::Command::new("pg_ctlcluster");
-    cmd.args([&ver, &name, action]);
-    if action == "stop" {
-        cmd.args(["-m", "fast"]);
-    }
-    let st = cmd.status().expect("pg_ctlcluster");
-    assert!(st.success(), "pg_ctlcluster {ver} {name} {action} failed: {st}");
-}
-
-/// Restarts PostgreSQL when dropped, so a failing test never leaves it down.
-struct RestartPg;
-
-impl Drop for RestartPg {
-    fn drop(&mut self) {
-        let addr: SocketAddr = ([127, 0, 0, 1], 5432).into();
-        if TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_err() {
-            pg_ctl("start");
-        }
-    }
-}
-
 fn wait_file(path: &Path, limit: Duration) -> bool {
     let start = Instant::now();
     while start.elapsed() < limit {
@@ -241,18 +203,18 @@ fn postgres_stopped_and_restarted_mid_run() {
     );
     home.write("package/start.lua", &script);
     let child = home.spawn();
-    let _restart = RestartPg;
+    let _restart = harness::RestartPg;
     let phase = |name: &str| home.path().join(name);
     let outcome = (|| {
         if !wait_file(&phase("up"), Duration::from_secs(15)) {
             return Err("the node never reported its first query");
         }
-        pg_ctl("stop");
+        harness::pg_ctl("stop");
         std::fs::write(phase("stopped"), "").unwrap();
         if !wait_file(&phase("failed"), Duration::from_secs(15)) {
             return Err("queries did not fail while PostgreSQL was down");
         }
-        pg_ctl("start");
+        harness::pg_ctl("start");
         std::fs::write(phase("started"), "").unwrap();
         Ok(())
     })();

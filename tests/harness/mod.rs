@@ -186,3 +186,43 @@ pub fn run_scenario_output(rel: &str, setup: impl FnOnce(&TestHome)) -> String {
         None => panic!("scenario {rel} did not finish within {limit} s (call done()):\n{out}"),
     }
 }
+
+/// PostgreSQL control for the outage tests (odbc, densefog).
+///
+/// `pg_ctlcluster` arguments of the first cluster: (version, name).
+pub fn pg_cluster() -> (String, String) {
+    let out = std::process::Command::new("pg_lsclusters")
+        .arg("-h")
+        .output()
+        .expect("pg_lsclusters (scripts/setup)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut f = text
+        .lines()
+        .next()
+        .expect("a PostgreSQL cluster (scripts/services)")
+        .split_whitespace();
+    (f.next().unwrap().to_string(), f.next().unwrap().to_string())
+}
+
+pub fn pg_ctl(action: &str) {
+    let (ver, name) = pg_cluster();
+    let mut cmd = std::process::Command::new("pg_ctlcluster");
+    cmd.args([&ver, &name, action]);
+    if action == "stop" {
+        cmd.args(["-m", "fast"]);
+    }
+    let st = cmd.status().expect("pg_ctlcluster");
+    assert!(st.success(), "pg_ctlcluster {ver} {name} {action} failed: {st}");
+}
+
+/// Restarts PostgreSQL when dropped, so a failing test never leaves it down.
+pub struct RestartPg;
+
+impl Drop for RestartPg {
+    fn drop(&mut self) {
+        let addr: std::net::SocketAddr = ([127, 0, 0, 1], 5432).into();
+        if std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_err() {
+            pg_ctl("start");
+        }
+    }
+}
