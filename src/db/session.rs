@@ -463,8 +463,10 @@ unsafe impl ParameterCollectionRef for &mut Slots {
 
 /// Runs `sql` with `params` and reads the whole result set into memory. With output
 /// parameters (`=`/`+`), `outputs` holds every parameter's value after the statement.
+/// `driver` decides how character columns are read (see [`read_cursor`]).
 pub fn execute(
     conn: &Connection<'_>,
+    driver: QueryDriver,
     sql: &str,
     params: &[Param],
     timeout: Option<Duration>,
@@ -478,12 +480,12 @@ pub fn execute(
     if !outputs {
         let bound = params.iter().map(Param::bind).collect::<Result<Vec<_>>>()?;
         if let Some(cursor) = stmt.execute(sql, bound.as_slice())? {
-            read_cursor(cursor, &mut result)?;
+            read_cursor(cursor, &mut result, driver)?;
         }
     } else {
         let mut slots = Slots(params.iter().map(Slot::of).collect::<Result<Vec<_>>>()?);
         if let Some(cursor) = stmt.execute(sql, &mut slots)? {
-            read_cursor(cursor, &mut result)?;
+            read_cursor(cursor, &mut result, driver)?;
         }
         result.outputs = Some(slots.0.iter().zip(params).map(|(s, p)| s.value(p)).collect());
     }
@@ -493,7 +495,11 @@ pub fn execute(
     Ok(result)
 }
 
-fn read_cursor(mut cursor: impl Cursor, result: &mut QueryResult) -> Result<()> {
+/// Character columns are read as bytes (SQL_C_BINARY: no conversion to the client's locale),
+/// except on PostgreSQL: psqlODBC loses the last byte of a TEXT value read as binary in more
+/// than one SQLGetData call (postgresql-interfaces/psqlodbc#98), so there they are read as
+/// text, which its "Unicode" driver hands out as UTF-8.
+fn read_cursor(mut cursor: impl Cursor, result: &mut QueryResult, driver: QueryDriver) -> Result<()> {
     let ncols = cursor.num_result_cols()?.max(0) as u16;
     for i in 1..=ncols {
         // One SQLDescribeCol per column gives name, type and nullability in one driver call.
@@ -518,6 +524,11 @@ fn read_cursor(mut cursor: impl Cursor, result: &mut QueryResult) -> Result<()> 
         });
     }
     let mut kinds: Vec<Kind> = result.columns.iter().map(|c| c.kind).collect();
+    if driver == QueryDriver::Postgres {
+        for k in kinds.iter_mut().filter(|k| **k == Kind::Chars) {
+            *k = Kind::Text;
+        }
+    }
     let mut buf = Vec::new();
     while let Some(mut row) = cursor.next_row()? {
         let mut values = Vec::with_capacity(kinds.len());
@@ -641,16 +652,16 @@ pub fn last_insert_id(conn: &Connection<'_>, driver: QueryDriver, in_transaction
     // transaction aborts it; a savepoint keeps the transaction usable.
     let guard = driver == QueryDriver::Postgres && in_transaction;
     if guard {
-        execute(conn, "SAVEPOINT stage_lastval", &[], None)?;
+        execute(conn, driver, "SAVEPOINT stage_lastval", &[], None)?;
     }
-    let r = execute(conn, driver.last_insert_id_sql(), &[], None);
+    let r = execute(conn, driver, driver.last_insert_id_sql(), &[], None);
     if guard {
         let undo = if r.is_ok() {
             "RELEASE SAVEPOINT stage_lastval"
         } else {
             "ROLLBACK TO SAVEPOINT stage_lastval"
         };
-        execute(conn, undo, &[], None)?;
+        execute(conn, driver, undo, &[], None)?;
     }
     match r {
         Ok(res) => Ok(first_value(&res)),
@@ -704,7 +715,7 @@ impl Session {
 
     pub fn execute(&mut self, sql: &str, params: &[Param]) -> Result<QueryResult> {
         let timeout = self.timeout;
-        self.with(|c, _, _| execute(c, sql, params, timeout))
+        self.with(|c, driver, _| execute(c, driver, sql, params, timeout))
     }
 
     pub fn begin(&mut self) -> Result<()> {

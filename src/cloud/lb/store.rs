@@ -32,7 +32,7 @@ impl Store {
             let sql = format!(
                 "CREATE TABLE IF NOT EXISTS {TABLE} (name VARCHAR(64) PRIMARY KEY, spec TEXT NOT NULL, revision BIGINT NOT NULL)"
             );
-            execute(c, &sql, &[], None).map(|_| ())
+            execute(c, store.spec.driver, &sql, &[], None).map(|_| ())
         })?;
         Ok(store)
     }
@@ -74,6 +74,7 @@ impl Store {
         let res = self.with(|c| {
             execute(
                 c,
+                self.spec.driver,
                 &format!("SELECT name, spec FROM {TABLE} ORDER BY name"),
                 &[],
                 None,
@@ -84,11 +85,8 @@ impl Store {
             .iter()
             .map(|row| {
                 let name = text(&row[0]);
-                // Written with a trailing newline: the db layer's read of a PostgreSQL TEXT
-                // value has been seen to end in NUL instead of its last byte (issue noted in
-                // the lb report); the padding is what gets lost, and is trimmed here.
                 let t = text(&row[1]);
-                serde_json::from_str::<Spec>(t.trim_end_matches(['\0', '\n', ' ']))
+                serde_json::from_str::<Spec>(&t)
                     .map_err(|e| format!("lb store: the stored spec of {name:?} does not parse: {e}"))
             })
             .collect())
@@ -96,20 +94,21 @@ impl Store {
 
     /// Writes (inserts or replaces) one spec, in a transaction.
     pub fn put(&self, spec: &Spec) -> Result<()> {
-        let mut json = serde_json::to_string(spec).map_err(|e| fail(&self.spec.label, e))?;
-        json.push('\n');
+        let json = serde_json::to_string(spec).map_err(|e| fail(&self.spec.label, e))?;
         let name = spec.name.clone();
         self.with(|c| {
             c.set_autocommit(false)?;
             let r = (|| {
                 execute(
                     c,
+                    self.spec.driver,
                     &format!("DELETE FROM {TABLE} WHERE name = ?"),
                     &[p(&name)],
                     None,
                 )?;
                 execute(
                     c,
+                    self.spec.driver,
                     &format!("INSERT INTO {TABLE} (name, spec, revision) VALUES (?, ?, ?)"),
                     &[
                         p(&name),
@@ -143,6 +142,7 @@ impl Store {
         self.with(|c| {
             execute(
                 c,
+                self.spec.driver,
                 &format!("DELETE FROM {TABLE} WHERE name = ?"),
                 &[p(name)],
                 None,
