@@ -141,8 +141,9 @@ pub struct Config {
     pub router_sync_ms: u64,
     /// `#cluster` entries, kept as written (the cluster issue interprets them).
     pub cluster: Vec<Json>,
-    /// `#cluster-key`, after `env:` resolution.
-    pub cluster_key: Option<String>,
+    /// `#cluster-key`, after `env:` resolution: a string, or a list during a key rotation
+    /// (the first signs, every one is accepted). Empty: no key.
+    pub cluster_key: Vec<String>,
     /// `#cluster-insecure`.
     pub cluster_insecure: bool,
     /// `#threads[0]`: blocking pool size.
@@ -238,7 +239,7 @@ impl Config {
             services_udp: vec![],
             router_sync_ms: 1500,
             cluster: vec![],
-            cluster_key: None,
+            cluster_key: vec![],
             cluster_insecure: false,
             workers: 4,
             queue: 1024,
@@ -266,7 +267,19 @@ impl Config {
                     }
                 }
                 "#cluster" => cfg.cluster = expect_array(value, "#cluster")?.clone(),
-                "#cluster-key" => cfg.cluster_key = Some(expect_str(value, "#cluster-key")?.to_string()),
+                "#cluster-key" => {
+                    cfg.cluster_key = match value {
+                        Json::Array(keys) if !keys.is_empty() => keys
+                            .iter()
+                            .enumerate()
+                            .map(|(i, k)| expect_str(k, &format!("#cluster-key[{i}]")).map(str::to_string))
+                            .collect::<Result<_, _>>()?,
+                        Json::Array(_) => {
+                            return Err(invalid("#cluster-key", "an empty list (give at least one key)"))
+                        }
+                        _ => vec![expect_str(value, "#cluster-key")?.to_string()],
+                    }
+                }
                 "#cluster-insecure" => {
                     cfg.cluster_insecure = value
                         .as_bool()
@@ -738,7 +751,7 @@ mod tests {
     fn env_values_are_resolved() {
         std::env::set_var("STAGE_TEST_KEY_CFG", "s3cret");
         let c = Config::parse(r##"{"#cluster-key": "env:STAGE_TEST_KEY_CFG"}"##).unwrap();
-        assert_eq!(c.cluster_key.as_deref(), Some("s3cret"));
+        assert_eq!(c.cluster_key, vec!["s3cret".to_string()]);
         let e = Config::parse(r##"{"%vultr": {"api_key": "env:STAGE_TEST_MISSING_VAR"}}"##).unwrap_err();
         assert_eq!(
             e.to_string(),

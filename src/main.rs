@@ -196,7 +196,7 @@ fn cluster_status(action: &str, home: &std::path::Path, json: bool) -> anyhow::R
     let (_, config, _) = stage::host::node::open_home(home)?;
     let c = stage::cluster::ClusterConfig::parse(
         &config.cluster,
-        config.cluster_key.as_deref(),
+        &config.cluster_key,
         config.cluster_insecure,
         config.router_sync_ms,
         &stage::net::sock::interfaces(),
@@ -210,7 +210,7 @@ fn cluster_status(action: &str, home: &std::path::Path, json: bool) -> anyhow::R
         },
         c.port,
     );
-    let st = stage::cluster::udp::status(to, c.key.as_deref(), std::time::Duration::from_secs(2))?;
+    let st = stage::cluster::udp::status(to, c.key.as_deref(), &c.accept, std::time::Duration::from_secs(2))?;
     if json {
         println!("{st}");
         return Ok(());

@@ -279,6 +279,7 @@ fn only_holders_of_the_key_join_and_nothing_forged_replayed_or_cut_is_accepted()
         failover: vec![],
         advertise: [127, 0, 0, 1].into(),
         key: Some(KEY.as_bytes().to_vec()),
+        accept: vec![],
         sync: Duration::from_millis(600),
     };
     let t = Engine::new(cfg, tap.clone());
@@ -448,6 +449,47 @@ fn two_processes_of_one_home_form_a_cluster() {
         &h,
         &[("STAGE_CLUSTER_PORT", p2.to_string()), ("OTHER", node(p1))],
         Some(KEY),
+    );
+    let (r1, o1) = wait_with_output(c1, Duration::from_secs(30));
+    let (r2, o2) = wait_with_output(c2, Duration::from_secs(10));
+    assert_eq!((r1, r2), (Some(0), Some(0)), "1:\n{o1}\n2:\n{o2}");
+}
+
+/// A key rotation in progress: one process signs with the new key and accepts the old, the
+/// other signs with the old and accepts the new. They form one cluster (the key ring's
+/// refusals are in the cluster::auth unit tests).
+#[test]
+fn a_key_rotation_in_progress_keeps_the_cluster_whole() {
+    let (p1, p2) = (free_port(), free_port());
+    let h = home(
+        serde_json::json!(["env:STAGE_CLUSTER_PORT", node(p1), node(p2)]),
+        &["w", "x"],
+        include_str!("lua/cluster/same_home.lua"),
+        serde_json::json!({"#cluster-key": ["env:KEY_SIGN", "env:KEY_ALSO"]}),
+    );
+    let (old, new) = (
+        "the old cluster key".to_string(),
+        "the new cluster key".to_string(),
+    );
+    let c1 = spawn(
+        &h,
+        &[
+            ("STAGE_CLUSTER_PORT", p1.to_string()),
+            ("OTHER", node(p2)),
+            ("KEY_SIGN", new.clone()),
+            ("KEY_ALSO", old.clone()),
+        ],
+        None,
+    );
+    let c2 = spawn(
+        &h,
+        &[
+            ("STAGE_CLUSTER_PORT", p2.to_string()),
+            ("OTHER", node(p1)),
+            ("KEY_SIGN", old),
+            ("KEY_ALSO", new),
+        ],
+        None,
     );
     let (r1, o1) = wait_with_output(c1, Duration::from_secs(30));
     let (r2, o2) = wait_with_output(c2, Duration::from_secs(10));

@@ -90,7 +90,10 @@ pub fn key_id(secret: &[u8]) -> u8 {
 
 /// Seals datagrams of this process and opens those of others.
 pub struct Envelope {
+    /// The key this process signs with.
     key: Option<(u8, hmac::Key)>,
+    /// Keys still accepted on receipt (a rotation in progress), by key id.
+    accept: Vec<(u8, hmac::Key)>,
     session: u64,
     seq: AtomicU64,
     windows: std::sync::Mutex<HashMap<u64, Window>>,
@@ -137,10 +140,23 @@ impl Envelope {
     pub fn new(secret: Option<&[u8]>, session: u64) -> Envelope {
         Envelope {
             key: secret.map(|s| (key_id(s), hmac::Key::new(hmac::HMAC_SHA256, s))),
+            accept: vec![],
             session,
             seq: AtomicU64::new(0),
             windows: std::sync::Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Also opens datagrams signed with one of `older` keys: during a rotation every node
+    /// first accepts the new key, then signs with it, then drops the old one.
+    pub fn accepting(mut self, older: &[Vec<u8>]) -> Envelope {
+        if self.key.is_some() {
+            self.accept = older
+                .iter()
+                .map(|s| (key_id(s), hmac::Key::new(hmac::HMAC_SHA256, s)))
+                .collect();
+        }
+        self
     }
 
     pub fn session(&self) -> u64 {
@@ -184,16 +200,23 @@ impl Envelope {
         if d.len() < 4 || &d[..2] != MAGIC || d[2] != VERSION {
             return Err(Reject::Truncated);
         }
-        if d[3] != self.key.as_ref().map_or(0, |k| k.0) {
+        let mine = self.key.as_ref().map_or(0, |k| k.0);
+        if d[3] != mine && !self.accept.iter().any(|k| k.0 == d[3]) {
             return Err(Reject::WrongKey);
         }
         if d.len() < HEADER + tag_len {
             return Err(Reject::Truncated);
         }
         let (signed, tag) = d.split_at(d.len() - tag_len);
-        if let Some((_, key)) = &self.key {
-            let want = sign(key, me, signed);
-            if !constant_eq(&want[..TAG], tag) {
+        if self.key.is_some() {
+            // Every key of the ring with this id is tried (ids are one byte: two keys may share one).
+            let ok = self
+                .key
+                .iter()
+                .chain(&self.accept)
+                .filter(|k| k.0 == d[3])
+                .any(|(_, key)| constant_eq(&sign(key, me, signed)[..TAG], tag));
+            if !ok {
                 return Err(Reject::BadTag);
             }
         }
@@ -271,6 +294,40 @@ mod tests {
         let o = b.open(at(1), &d).unwrap();
         assert_eq!((o.session, o.seq, o.frame, o.body), (7, 1, 3, &b"hello"[..]));
         assert_eq!(b.open(at(1), &d), Err(Reject::Replayed));
+    }
+
+    #[test]
+    fn a_key_rotation_never_splits_the_cluster() {
+        let (k1, k2) = (b"old-key".to_vec(), b"new-key".to_vec());
+        let only = |k: &[u8], s| Envelope::new(Some(k), s);
+        let ring = |sign: &[u8], also: &[u8], s| Envelope::new(Some(sign), s).accepting(&[also.to_vec()]);
+        // Step 1: every node accepts k2 while still signing with k1; step 2: nodes switch to
+        // signing with k2 one by one (still accepting k1); step 3: k1 is dropped.
+        let step1 = ring(&k1, &k2, 1);
+        let step2 = ring(&k2, &k1, 2);
+        let step3 = only(&k2, 3);
+        let old = only(&k1, 4);
+        assert!(step2.open(at(1), &step1.seal(at(1), 1, b"a")).is_ok());
+        assert!(step1.open(at(1), &step2.seal(at(1), 1, b"b")).is_ok());
+        assert!(step2.open(at(1), &step3.seal(at(1), 1, b"c")).is_ok());
+        assert!(step3.open(at(1), &step2.seal(at(1), 1, b"d")).is_ok());
+        assert!(step1.open(at(1), &old.seal(at(1), 1, b"e")).is_ok());
+        // Skipping a step is refused, by key id, not by a bad tag.
+        assert_eq!(
+            old.open(at(1), &step2.seal(at(1), 1, b"f")),
+            Err(Reject::WrongKey)
+        );
+        assert_eq!(
+            step3.open(at(1), &old.seal(at(1), 1, b"g")),
+            Err(Reject::WrongKey)
+        );
+        // An accepted key still needs a true tag.
+        let mut forged = step1.seal(at(1), 1, b"h");
+        forged[HEADER] ^= 1;
+        assert_eq!(step2.open(at(1), &forged), Err(Reject::BadTag));
+        // An insecure node accepts nothing more by being given older keys.
+        let open = Envelope::new(None, 9).accepting(&[k1.clone()]);
+        assert_eq!(open.open(at(1), &old.seal(at(1), 1, b"i")), Err(Reject::WrongKey));
     }
 
     #[test]

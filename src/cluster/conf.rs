@@ -17,7 +17,10 @@ pub struct ClusterConfig {
     pub failover: Vec<SocketAddr>,
     /// The address other nodes reach this one at (its name is `ip:port`).
     pub advertise: IpAddr,
+    /// The key this node signs with (`#cluster-key`, or its first entry).
     pub key: Option<Vec<u8>>,
+    /// Older keys still accepted during a rotation (the other entries of `#cluster-key`).
+    pub accept: Vec<Vec<u8>>,
     pub sync: Duration,
 }
 
@@ -48,7 +51,7 @@ impl ClusterConfig {
     /// of the machine, for `":eth0"`.
     pub fn parse(
         entries: &[Json],
-        key: Option<&str>,
+        keys: &[String],
         insecure: bool,
         sync_ms: u64,
         interfaces: &[(String, IpAddr)],
@@ -110,8 +113,17 @@ impl ClusterConfig {
             }
             return Err(err("", "no port: add this node's UDP port (an integer)"));
         };
-        let key = match key {
-            Some("") => return Err(err("-key", "empty")),
+        if let Some(i) = keys.iter().position(|k| k.is_empty()) {
+            return Err(err(
+                "-key",
+                if keys.len() == 1 {
+                    "empty".to_string()
+                } else {
+                    format!("[{i}] is empty")
+                },
+            ));
+        }
+        let key = match keys.first() {
             Some(k) => Some(k.as_bytes().to_vec()),
             None if insecure => None,
             None => return Err(err(
@@ -144,6 +156,7 @@ impl ClusterConfig {
             failover,
             advertise,
             key,
+            accept: keys.iter().skip(1).map(|k| k.as_bytes().to_vec()).collect(),
             sync: Duration::from_millis(sync_ms),
         }))
     }
@@ -160,11 +173,26 @@ mod tests {
     use serde_json::json;
 
     fn parse(v: Json, key: Option<&str>, insecure: bool) -> Result<Option<ClusterConfig>, ConfError> {
+        parse_ring(v, key.iter().map(|k| k.to_string()).collect(), insecure)
+    }
+
+    fn parse_ring(v: Json, keys: Vec<String>, insecure: bool) -> Result<Option<ClusterConfig>, ConfError> {
         let ifs = vec![
             ("lo".to_string(), IpAddr::from([127, 0, 0, 1])),
             ("eth9".into(), "10.1.2.3".parse().unwrap()),
         ];
-        ClusterConfig::parse(v.as_array().unwrap(), key, insecure, 1500, &ifs)
+        ClusterConfig::parse(v.as_array().unwrap(), &keys, insecure, 1500, &ifs)
+    }
+
+    #[test]
+    fn a_key_ring_signs_with_the_first_and_accepts_the_rest() {
+        let c = parse_ring(json!([9801]), vec!["new".into(), "old".into()], false)
+            .unwrap()
+            .unwrap();
+        assert_eq!(c.key.as_deref(), Some(&b"new"[..]));
+        assert_eq!(c.accept, vec![b"old".to_vec()]);
+        let e = parse_ring(json!([9801]), vec!["new".into(), "".into()], false).unwrap_err();
+        assert_eq!(e.to_string(), "#cluster-key: [1] is empty");
     }
 
     #[test]

@@ -235,7 +235,7 @@ impl Engine {
         let foca = Foca::new(me.clone(), fc, Rng(random_u64() | 1), PostcardCodec);
         // Loopback carries big datagrams; real networks get datagrams that fit an MTU.
         let chunk = if cfg.advertise.is_loopback() { 60_000 } else { 1200 };
-        let env = Envelope::new(cfg.key.as_deref(), random_u64());
+        let env = Envelope::new(cfg.key.as_deref(), random_u64()).accepting(&cfg.accept);
         Arc::new(Engine {
             name: me.addr.to_string(),
             me,

@@ -92,6 +92,7 @@ fn cfg(
         failover,
         advertise: addr(i).ip(),
         key: Some(key.to_vec()),
+        accept: vec![],
         sync: Duration::from_millis(sync_ms),
     }
 }

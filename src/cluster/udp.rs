@@ -129,7 +129,12 @@ fn serve(engine: &Engine, sock: &UdpSocket, stop: &AtomicBool) {
 }
 
 /// Asks the node at `addr` for its status (with the cluster's key); the JSON it answers.
-pub fn status(addr: SocketAddr, key: Option<&[u8]>, timeout: Duration) -> anyhow::Result<serde_json::Value> {
+pub fn status(
+    addr: SocketAddr,
+    key: Option<&[u8]>,
+    accept: &[Vec<u8>],
+    timeout: Duration,
+) -> anyhow::Result<serde_json::Value> {
     // Bound to the address the node is asked at, so the reply's tag names it.
     let sock = UdpSocket::bind(SocketAddr::new(
         if addr.ip().is_loopback() {
@@ -143,7 +148,7 @@ pub fn status(addr: SocketAddr, key: Option<&[u8]>, timeout: Duration) -> anyhow
     ))?;
     sock.connect(addr)?;
     let me = sock.local_addr()?;
-    let env = Envelope::new(key, engine::random_u64());
+    let env = Envelope::new(key, engine::random_u64()).accepting(accept);
     sock.send(&engine::status_request(&env, addr))?;
     let deadline = Instant::now() + timeout;
     let mut buf = vec![0u8; 65536];

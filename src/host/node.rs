@@ -51,7 +51,7 @@ impl NodeShared {
         let (draining, _) = tokio::sync::watch::channel(false);
         let cluster = match crate::cluster::ClusterConfig::parse(
             &config.cluster,
-            config.cluster_key.as_deref(),
+            &config.cluster_key,
             config.cluster_insecure,
             config.router_sync_ms,
             &crate::net::sock::interfaces(),
@@ -213,7 +213,7 @@ pub fn open_home(root: &Path) -> anyhow::Result<(PathBuf, Config, Home)> {
         .map_err(|e| anyhow::anyhow!("conf/stage.json: {}", config.redact(&e.to_string())))?;
     crate::cluster::ClusterConfig::parse(
         &config.cluster,
-        config.cluster_key.as_deref(),
+        &config.cluster_key,
         config.cluster_insecure,
         config.router_sync_ms,
         &crate::net::sock::interfaces(),
