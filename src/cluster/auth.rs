@@ -326,7 +326,7 @@ mod tests {
         forged[HEADER] ^= 1;
         assert_eq!(step2.open(at(1), &forged), Err(Reject::BadTag));
         // An insecure node accepts nothing more by being given older keys.
-        let open = Envelope::new(None, 9).accepting(&[k1.clone()]);
+        let open = Envelope::new(None, 9).accepting(std::slice::from_ref(&k1));
         assert_eq!(open.open(at(1), &old.seal(at(1), 1, b"i")), Err(Reject::WrongKey));
     }
 
