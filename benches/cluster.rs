@@ -180,6 +180,7 @@ fn cfg(port: u16, peers: Vec<u16>) -> ClusterConfig {
         failover: vec![],
         advertise: [127, 0, 0, 1].into(),
         key: Some(KEY.as_bytes().to_vec()),
+        accept: vec![],
         sync: Duration::from_millis(1500),
     }
 }
