@@ -539,8 +539,12 @@ impl Engine {
     /// Sends this node's stages and load to every member that is not down.
     fn push_state(&self) {
         let Some(sink) = self.sink.get() else { return };
+        // foca's identity, not `self.me`: after this node was declared down somewhere (a lossy
+        // link, a partition) foca renews it with a higher generation, and the others then
+        // accept only pushes of that generation.
+        let generation = self.swim.lock().expect("swim").foca.identity().generation;
         let mut w = Writer::default();
-        w.u64(self.me.generation);
+        w.u64(generation);
         let local = sink.local();
         w.u32(local.len() as u32);
         for s in &local {
