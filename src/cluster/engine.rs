@@ -194,7 +194,8 @@ pub struct Engine {
     swim: Mutex<Swim>,
     table: RwLock<HashMap<SocketAddr, Peer>>,
     reasm: Mutex<Reassembler>,
-    out_seq: Mutex<HashMap<SocketAddr, u64>>,
+    /// The last message number sent to each node, each behind its own lock.
+    out_seq: Mutex<HashMap<SocketAddr, Arc<Mutex<u64>>>>,
     rr: AtomicUsize,
     pub stats: Stats,
     /// Per sender address: when a refusal was last logged (once per peer per minute).
@@ -741,13 +742,19 @@ impl Engine {
         if payload.len() > frag::MAX_MESSAGE {
             return Err("message larger than the cluster's 8 MiB limit");
         }
-        let seq = {
-            let mut s = self.out_seq.lock().expect("out_seq");
-            let e = s.entry(to).or_insert(0);
-            *e += 1;
-            *e
-        };
-        for f in frag::split(seq, &payload, self.chunk) {
+        let counter = self
+            .out_seq
+            .lock()
+            .expect("out_seq")
+            .entry(to)
+            .or_default()
+            .clone();
+        // Numbered and sent under the destination's lock: the receiver drops a message older
+        // than one it delivered, so two threads sending to one node must not overtake each
+        // other between numbering and sending.
+        let mut seq = counter.lock().expect("out_seq of a node");
+        *seq += 1;
+        for f in frag::split(*seq, &payload, self.chunk) {
             let d = self.env.seal(to, F_FRAG, &f);
             self.send_raw(to, &d);
         }
