@@ -23,9 +23,20 @@ function thread.new(f, ...) end
 ---@return boolean sent
 function thread.signal(...) end
 
----`_SANDBOX[""] = {"*NAME", ...}` shares global `NAME` among all instances of the process.
+---`_SANDBOX[""] = {"*NAME", ...}` shares global `NAME` among all instances of the process;
+---a `"NAME"` without `*` is accepted and listed (a plain global here). `pairs(_SANDBOX)`
+---lists the declared names with their values.
 ---@type table<string, any>
 _SANDBOX = {}
+
+---STAGE's sandbox helper over the store of `*NAME` globals: `__.X` reads, `__.X = v` writes,
+---`__[n]` is namespace n (`__[n] = nil` clears it), `__("X", function (v) return new end)`
+---updates atomically across instances (nil = unchanged) and returns the value.
+---```lua
+---__("VISITS", function (n) return (n or 0) + 1 end)
+---```
+---@type table|fun(name: string, f: fun(v: any): any): any
+__ = {}
 
 ---While a message handler runs: `[-1]` handler id, `[0]` message id,
 ---`[1]` sender `{node, stage, instance}`, `[2]` reply route (nil when no reply is wanted).

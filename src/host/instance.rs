@@ -53,19 +53,14 @@ fn new_state(
     Ok(lua)
 }
 
-/// Runs the preload scripts in name order, then the entry script; an entry script that
+/// Runs the preload scripts (`%preload`, see `home::preload_files`), then the entry script; an entry script that
 /// returns a function makes it the idle function.
 async fn boot(lua: Lua, entry: String) {
     let c = ctx(&lua);
-    let preload_dir = c.node.home.root.join(&c.node.config.lua.preload);
-    let mut preloads: Vec<_> = std::fs::read_dir(&preload_dir)
-        .map(|rd| {
-            rd.filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.extension().is_some_and(|x| x == "lua"))
-                .collect()
-        })
-        .unwrap_or_default();
-    preloads.sort();
+    let (preloads, problems) = crate::home::preload_files(&c.node.home.root, &c.node.config.lua.preload);
+    for p in problems {
+        log::error!(target: &c.name, "{p}");
+    }
     for p in preloads {
         match c.loader.compile(&lua, &p) {
             Ok(f) => {

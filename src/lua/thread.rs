@@ -217,21 +217,50 @@ fn new(lua: &Lua, (f, args): (Function, MultiValue)) -> mlua::Result<Table> {
 
 /// Installs `_SANDBOX`: `_SANDBOX[""] = {"*NAME", ...}` makes global `NAME` shared by all
 /// instances of the process. The names live in `NodeShared::sandbox`; each read of such a
-/// global gets a fresh copy of the latest value, each assignment replaces it.
+/// global gets a fresh copy of the latest value, each assignment replaces it. A name without
+/// `*` is STAGE's per-coroutine sandbox global: accepted and listed, and otherwise a plain
+/// global (an instance's coroutines share its globals, as in plain Lua). Also installs `__`.
 pub fn install_sandbox(lua: &Lua) -> mlua::Result<()> {
     let shared: Rc<RefCell<HashSet<String>>> = Rc::new(RefCell::new(HashSet::new()));
+    // Every declared name as written (`NAME`, `*NAME`), in declaration order.
+    let declared: Rc<RefCell<Vec<String>>> = Rc::new(RefCell::new(vec![]));
     let sandbox = lua.create_table()?;
     let meta = lua.create_table()?;
-    let names = shared.clone();
+    let list = declared.clone();
     meta.set(
         "__index",
         lua.create_function(move |lua, (_, k): (Table, Value)| {
             if matches!(&k, Value::String(s) if s.as_bytes().is_empty()) {
-                let mut list: Vec<String> = names.borrow().iter().map(|n| format!("*{n}")).collect();
-                list.sort();
-                return Ok(Value::Table(lua.create_sequence_from(list)?));
+                return Ok(Value::Table(lua.create_sequence_from(list.borrow().clone())?));
             }
             Ok(Value::Nil)
+        })?,
+    )?;
+    let list = declared.clone();
+    // `pairs(_SANDBOX)`: each declared name (`NAME` or `*NAME`) with the global's value.
+    meta.set(
+        "__pairs",
+        lua.create_function(move |lua, _: Table| {
+            let names = list.clone();
+            let next = lua.create_function(move |lua, (_, k): (Value, Value)| {
+                let names = names.borrow();
+                let at = match &k {
+                    Value::Nil => 0,
+                    Value::String(s) => {
+                        let s = s.to_str()?.to_string();
+                        names.iter().position(|n| *n == s).map_or(names.len(), |i| i + 1)
+                    }
+                    _ => names.len(),
+                };
+                match names.get(at) {
+                    Some(n) => {
+                        let v: Value = lua.globals().get(n.trim_start_matches('*'))?;
+                        Ok((Value::String(lua.create_string(n)?), v))
+                    }
+                    None => Ok((Value::Nil, Value::Nil)),
+                }
+            })?;
+            Ok((next, Value::Nil, Value::Nil))
         })?,
     )?;
     let names = shared.clone();
@@ -242,23 +271,145 @@ pub fn install_sandbox(lua: &Lua) -> mlua::Result<()> {
                 return t.raw_set(k, v);
             }
             let Value::Table(list) = v else {
-                return Err(mlua::Error::runtime("_SANDBOX[\"\"]: expected a list of \"*NAME\" strings"));
+                return Err(mlua::Error::runtime(
+                    "_SANDBOX[\"\"]: expected a list of names (\"*NAME\" shared by all instances, \"NAME\" per coroutine)",
+                ));
             };
             for entry in list.sequence_values::<String>() {
                 let entry = entry?;
-                let Some(name) = entry.strip_prefix('*').filter(|n| !n.is_empty()) else {
+                let name = entry.strip_prefix('*').unwrap_or(&entry);
+                let valid = !name.is_empty()
+                    && !name.starts_with(|c: char| c.is_ascii_digit())
+                    && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+                if !valid {
                     return Err(mlua::Error::runtime(format!(
-                        "_SANDBOX[\"\"]: expected \"*NAME\" (a global shared by all instances), got \"{entry}\""
+                        "_SANDBOX[\"\"]: \"{entry}\" is not a global name (expected \"NAME\" or \"*NAME\")"
                     )));
-                };
-                share_global(lua, &names, name)?;
+                }
+                if entry.starts_with('*') {
+                    share_global(lua, &names, name)?;
+                }
+                let mut d = declared.borrow_mut();
+                if !d.contains(&entry) {
+                    d.push(entry.clone());
+                }
             }
             Ok(())
         })?,
     )?;
     sandbox.set_metatable(Some(meta))?;
     lua.globals().set("_SANDBOX", sandbox)?;
+    lua.globals().set("__", store_view(lua, String::new())?)?;
     Ok(())
+}
+
+thread_local! {
+    /// Whether this thread holds the node's `__(name, f)` update lock (re-entry runs inline).
+    static UPDATING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// `__` (STAGE's sandbox helper) over the node-wide store of `*NAME` globals: `__.NAME`
+/// reads, `__.NAME = v` writes, `__[n]` is namespace `n` of the store (`__[n] = nil` clears
+/// it), and `__("NAME", function (v) return new end)` updates atomically across instances.
+fn store_view(lua: &Lua, prefix: String) -> mlua::Result<Table> {
+    let t = lua.create_table()?;
+    let meta = lua.create_table()?;
+    let key_of = {
+        let prefix = prefix.clone();
+        move |k: &Value| -> mlua::Result<String> {
+            match k {
+                Value::String(s) => Ok(format!("{prefix}{}", s.to_str()?)),
+                Value::Integer(i) => Ok(format!("{prefix}{i}")),
+                other => Err(mlua::Error::runtime(format!(
+                    "__: a key must be a name, got a {}",
+                    other.type_name()
+                ))),
+            }
+        }
+    };
+    let (k1, p1) = (key_of.clone(), prefix.clone());
+    meta.set(
+        "__index",
+        lua.create_function(move |lua, (_, k): (Table, Value)| {
+            if let (Value::Integer(n), true) = (&k, p1.is_empty()) {
+                if *n <= 0 {
+                    return Err(mlua::Error::runtime("__[n]: n must be a positive integer"));
+                }
+                return store_view(lua, format!("#{n}.")).map(Value::Table);
+            }
+            let key = k1(&k)?;
+            let v = ctx(lua).node.sandbox.lock().expect("sandbox").get(&key).cloned();
+            match v {
+                Some(v) => value::to_lua(lua, &v),
+                None => Ok(Value::Nil),
+            }
+        })?,
+    )?;
+    let (k2, p2) = (key_of.clone(), prefix.clone());
+    meta.set(
+        "__newindex",
+        lua.create_function(move |lua, (_, k, v): (Table, Value, Value)| {
+            let node = ctx(lua).node.clone();
+            if let (Value::Integer(n), true) = (&k, p2.is_empty()) {
+                if !v.is_nil() || *n <= 0 {
+                    return Err(mlua::Error::runtime(
+                        "__[n] = nil clears namespace n (n > 0); other values cannot be assigned to it",
+                    ));
+                }
+                let ns = format!("#{n}.");
+                node.sandbox
+                    .lock()
+                    .expect("sandbox")
+                    .retain(|k, _| !k.starts_with(&ns));
+                return Ok(());
+            }
+            let key = k2(&k)?;
+            if v.is_nil() {
+                node.sandbox.lock().expect("sandbox").remove(&key);
+            } else {
+                let sent = value::from_lua(lua, &v, &format!("__.{key}")).lua_err()?;
+                node.sandbox.lock().expect("sandbox").insert(key, sent);
+            }
+            Ok(())
+        })?,
+    )?;
+    let k3 = key_of;
+    meta.set(
+        "__call",
+        lua.create_function(move |lua, (_, k, f): (Table, Value, Function)| {
+            let key = k3(&k)?;
+            let node = ctx(lua).node.clone();
+            let reentered = UPDATING.with(|u| u.get());
+            let _guard = if reentered {
+                None
+            } else {
+                let g = node.sandbox_update.lock().unwrap_or_else(|e| e.into_inner());
+                UPDATING.with(|u| u.set(true));
+                Some(g)
+            };
+            let result = (|| {
+                let cur = node.sandbox.lock().expect("sandbox").get(&key).cloned();
+                let cur = match cur {
+                    Some(v) => value::to_lua(lua, &v)?,
+                    None => Value::Nil,
+                };
+                // Called directly: a yield inside would hold the lock, so it is an error.
+                let new: Value = f.call(cur.clone())?;
+                if new.is_nil() {
+                    return Ok(cur);
+                }
+                let sent = value::from_lua(lua, &new, &format!("__.{key}")).lua_err()?;
+                node.sandbox.lock().expect("sandbox").insert(key.clone(), sent);
+                Ok(new)
+            })();
+            if !reentered {
+                UPDATING.with(|u| u.set(false));
+            }
+            result
+        })?,
+    )?;
+    t.set_metatable(Some(meta))?;
+    Ok(t)
 }
 
 /// Makes global `name` shared: a value already set here is committed unless another
