@@ -15,6 +15,7 @@ scenarios! {
     bundle_forms => "compat/bundle_forms.lua",
     lua53 => "compat/lua53.lua",
     lua53_off => "compat/lua53_off.lua",
+    thread_state => "compat/thread_state.lua",
 }
 
 #[test]

@@ -2,17 +2,24 @@
 -- LuaLS stubs for the thread module, _SANDBOX and _WAITFOR (see docs/thread.md, docs/messages.md).
 
 ---@class thread
+---@field id integer the OS id of the thread running this state
+---@field tick number wall-clock seconds (milliseconds as the fraction)
 thread = {}
 
 ---@class ThreadJob
 local ThreadJob = {}
 
 ---Receives `f`'s `thread.signal` values, then its return values (or `nil, message` on error).
----@param cb fun(...: any)
+---`waitfor(nil)` removes the callback (later values are dropped).
+---@param cb fun(...: any)|nil
 ---@return ThreadJob
 function ThreadJob.waitfor(cb) end
 
----Runs `f(...)` on the blocking pool in a separate Lua state. `f` may not have upvalues other than `_ENV`.
+---Runs `f(...)` on the blocking pool in a full stage state (modules, preloads, `*NAME` globals)
+---of the worker. `f` may not have upvalues other than `_ENV`.
+---```lua
+---thread.new(function (n) stage.sleep(10) return n * 2 end, 21).waitfor(print)
+---```
 ---@param f fun(...: any): ...
 ---@param ... any copied arguments
 ---@return ThreadJob
