@@ -16,6 +16,7 @@ scenarios! {
     lua53 => "compat/lua53.lua",
     lua53_off => "compat/lua53_off.lua",
     thread_state => "compat/thread_state.lua",
+    viewof => "compat/viewof.lua",
 }
 
 #[test]

@@ -28,6 +28,19 @@ function bundle.bson(v, mapping) end
 ---@return any
 function bundle.random(state, lo, hi) end
 
+---Rows of fixed-size records of a file (or a buffer): `format` is a file name, a buffer or
+---`{source, "c10 i"}`; rows are `buffer[1..count]`; `commit()`, `rollback()`, `scope(mode, f)`,
+---`size`, `count`. With `f`, returns `buffer.scope("rw", f)`.
+---```lua
+---local b = bundle.viewof({ "example.mmap", "c10 i" }, 0, 10); b[2] = { "HELLO", 100 }; b.commit()
+---```
+---@param format string|table
+---@param start? integer|function byte offset
+---@param rows? integer|function
+---@param f? fun(buffer: table): ...
+---@return any
+function bundle.viewof(format, start, rows, f) end
+
 ---A view of `t` whose assignments run `rules` (STAGE): `rules[k]` (`"#"` number keys, `"*"`
 ---other string keys, `""` any key) is `function (proxy, old, k, v)` or edges
 ---`{V1, V2, F1, N1, F2}` calling `F(proxy, edges_reached, k, v)`; `false` refuses the change.

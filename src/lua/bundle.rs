@@ -1,5 +1,5 @@
 //! The `bundle` module: `json`, `bson`, `random` (WELL512 with its state in a Lua table),
-//! `proxy` (bundle.lua) and `null`.
+//! `proxy` and `viewof` (bundle.lua) and `null`.
 
 use crate::host::convert::IntoLuaErr;
 use crate::random::Well512;
