@@ -29,13 +29,14 @@ function bundle.bson(v, mapping) end
 function bundle.random(state, lo, hi) end
 
 ---Rows of fixed-size records of a file (or a buffer): `format` is a file name, a buffer or
----`{source, "c10 i"}`; rows are `buffer[1..count]`; `commit()`, `rollback()`, `scope(mode, f)`,
----`size`, `count`. With `f`, returns `buffer.scope("rw", f)`.
+---`{source, {"c10 i"}}`; `viewof(format, rows)` or `viewof(format, start, rows)` (creates the
+---file); rows are `buffer[1..count]`; `commit()`, `rollback()`, `scope(mode, f)`, `size`,
+---`count`. With `f`, returns `buffer.scope("rw", f)`.
 ---```lua
----local b = bundle.viewof({ "example.mmap", "c10 i" }, 0, 10); b[2] = { "HELLO", 100 }; b.commit()
+---local b = bundle.viewof({ "example.mmap", { "c10 i" } }, 10); b[2] = { "HELLO", 100 }; b.commit()
 ---```
 ---@param format string|table
----@param start? integer|function byte offset
+---@param start? integer|function rows, or the byte offset when `rows` follows
 ---@param rows? integer|function
 ---@param f? fun(buffer: table): ...
 ---@return any

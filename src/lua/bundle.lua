@@ -130,33 +130,37 @@ end
 -- changed in place. STAGE maps the file with mmap; here the region is read into memory,
 -- changes are kept until `commit()` writes them back (or `rollback()` drops them).
 local LETTERS = {
-    b = "i1", B = "I1", h = "i2", H = "I2", i = "i4", I = "I4", l = "i8", f = "f", d = "d",
+    b = "i1", B = "I1", h = "i2", H = "I2", i = "i4", I = "I4", l = "i8", L = "I8", f = "f", d = "d",
 }
 
--- "c10 i" / { "c10", "i" } / 14 (fourteen int8) → list of { pack = "<fmt", size = n, z = bool }
+-- One field: { pack = "<i4", n = count (array when > 1), size = bytes, str = "c"|"s"|nil }
+local function field(letter, n, item)
+    if letter == "c" or letter == "s" then
+        if not n or n < 1 then error("bundle.viewof: '" .. item .. "' needs a length (c10, s16)", 5) end
+        return { pack = "<c" .. n, n = 1, size = n, str = letter }
+    end
+    local fmt = LETTERS[letter]
+    if not fmt then
+        error("bundle.viewof: unknown field '" .. item .. "' (expected c s b B h H i I l L f d, with a count)", 5)
+    end
+    n = n or 1
+    return { pack = "<" .. fmt, n = n, size = string.packsize("<" .. fmt) * n }
+end
+
+-- { "c10 i", 4 } → fields; a number N is an array of N uint8 (STAGE)
 local function parse_struct(spec, fields)
     fields = fields or {}
-    local t = type(spec)
     if math_type(spec) == "integer" then
-        for _ = 1, spec do fields[#fields + 1] = { pack = "<i1", size = 1 } end
-    elseif t == "string" then
+        fields[#fields + 1] = field("B", spec, tostring(spec))
+    elseif type(spec) == "string" then
         for item in spec:gmatch("%S+") do
             local letter, n = item:match("^(%a)(%d*)$")
-            n = tonumber(n)
-            if letter == "c" or letter == "s" then
-                if not n or n < 1 then error("bundle.viewof: '" .. item .. "' needs a length (c10, s16)", 4) end
-                fields[#fields + 1] = { pack = "<c" .. n, size = n, z = letter == "s" }
-            elseif letter and LETTERS[letter] then
-                local fmt = "<" .. LETTERS[letter]
-                for _ = 1, n or 1 do fields[#fields + 1] = { pack = fmt, size = string.packsize(fmt) } end
-            else
-                error("bundle.viewof: unknown field '" .. item .. "' (expected c s b B h H i I l f d with a count)", 4)
-            end
+            fields[#fields + 1] = field(letter or item, tonumber(n), item)
         end
-    elseif t == "table" then
+    elseif type(spec) == "table" then
         for _, s in ipairs(spec) do parse_struct(s, fields) end
     else
-        error("bundle.viewof: expected a struct description, got a " .. t, 4)
+        error("bundle.viewof: expected a struct description, got a " .. type(spec), 4)
     end
     return fields
 end
@@ -167,78 +171,118 @@ View.__newindex = function (self, k, v) rawget(self, "_set")(k, v) end
 View.__len = function (self) return rawget(self, "_impl")("count") end
 View.__name = "viewof"
 
-local function region(src, start, len)
+-- The bytes [start, start + len) of a file or a buffer; with `create`, a file is created
+-- or extended to hold them (STAGE opens with O_CREAT when rows are given).
+local function region(src, start, len, create)
     if type(src) == "string" then
-        local f, err = io.open(src, "rb")
-        if not f then error("bundle.viewof: cannot open " .. src .. ": " .. tostring(err), 4) end
+        local f = io.open(src, "rb")
+        if not f and create then
+            f = io.open(src, "wb")
+            if f then f:close() end
+            f = io.open(src, "rb")
+        end
+        if not f then error("bundle.viewof: cannot open " .. src, 4) end
         local size = f:seek("end")
         if len == nil then len = math.max(0, size - start) end
         f:seek("set", start)
         local data = f:read(len) or ""
         f:close()
+        if #data < len and create then
+            local w = assert(io.open(src, "r+b"))
+            w:seek("set", start + #data)
+            w:write(string.rep("\0", len - #data))
+            w:close()
+        elseif #data < len then
+            error("bundle.viewof: " .. src .. " has " .. size .. " bytes, fewer than " .. start + len, 4)
+        end
         return data .. string.rep("\0", len - #data), len
     end
     local bytes = src._bytes()
     if len == nil then len = math.max(0, #bytes - start) end
-    local data = bytes:sub(start + 1, start + len)
-    return data .. string.rep("\0", len - #data), len
+    if start + len > #bytes then
+        error("bundle.viewof: no buffer available (" .. start .. " + " .. len .. " > " .. #bytes .. ")", 4)
+    end
+    return bytes:sub(start + 1, start + len), len
 end
 
-function bundle.viewof(format, start, rows, f)
-    if type(start) == "function" then start, rows, f = nil, nil, start end
-    if type(rows) == "function" then rows, f = nil, rows end
-    local src, spec
-    if type(format) == "string" then
-        src, spec = format, 1
-    elseif type(format) == "table" and getmetatable(format) == View then
-        src, spec = format, 1
+function bundle.viewof(format, a, b, f)
+    local start, rows
+    if type(a) == "function" then f = a
+    elseif type(b) == "function" then rows, f = a, b
+    elseif b == nil then rows = a
+    else start, rows = a, b end
+    local src, spec, as_table
+    if type(format) == "string" or getmetatable(format) == View then
+        src = format
     elseif type(format) == "table" then
-        src, spec = format[1], format[2] or 1
+        src, spec = format[1], format[2]
+        as_table = type(spec) == "table" or type(spec) == "string"
     else
         error("bundle.viewof: expected a file name, a buffer or {source, struct}, got a " .. type(format), 2)
     end
     if type(src) ~= "string" and getmetatable(src) ~= View then
         error("bundle.viewof: the source must be a file name or a buffer", 2)
     end
-    local fields = parse_struct(spec)
+    local fields = parse_struct(spec or 1)
     local size = 0
     for _, fd in ipairs(fields) do size = size + fd.size end
-    if size == 0 then error("bundle.viewof: the struct has no fields", 2) end
     start = start or 0
     if math_type(start) ~= "integer" or start < 0 then error("bundle.viewof: start must be a byte offset >= 0", 2) end
-    local data, len = region(src, start, rows and rows * size or nil)
+    if rows ~= nil and (math_type(rows) ~= "integer" or rows < 0) then
+        error("bundle.viewof: rows must be an integer >= 0", 2)
+    end
+    local data, len = region(src, start, rows and rows * size or nil, rows ~= nil)
+    if len == 0 then error("bundle.viewof: the source is empty", 2) end
     local count = len // size
-    local rowdata, dirty, mode = {}, {}, "rw"
+    local saved, dirty, mode = {}, {}, "rw"
     local buf = {}
     local function row_bytes(i)
-        return dirty[i] or rowdata[i] or data:sub((i - 1) * size + 1, i * size)
+        return dirty[i] or saved[i] or data:sub((i - 1) * size + 1, i * size)
     end
     local function decode(i)
         local bytes, out, pos = row_bytes(i), {}, 1
         for k, fd in ipairs(fields) do
-            local v = string.unpack(fd.pack, bytes, pos)
-            if fd.z then v = v:match("^[^%z]*") end
+            local v
+            if fd.str then
+                v = string.unpack(fd.pack, bytes, pos)
+                if fd.str == "s" then v = v:match("^[^%z]*") end
+            elseif fd.n == 1 then
+                v = string.unpack(fd.pack, bytes, pos)
+            else
+                v = {}
+                local step = fd.size // fd.n
+                for j = 1, fd.n do v[j] = string.unpack(fd.pack, bytes, pos + (j - 1) * step) end
+            end
             out[k] = v
             pos = pos + fd.size
         end
-        if #fields == 1 then return out[1] end
+        if not as_table and #fields == 1 then return out[1] end
         return out
     end
-    local function encode(v)
-        if #fields == 1 and type(v) ~= "table" then v = { v } end
-        if type(v) ~= "table" then error("bundle.viewof: a row is a table of " .. #fields .. " values", 3) end
-        local parts = {}
+    -- A row from `v`, over the current bytes: fields (and array elements) left nil keep theirs.
+    local function encode(i, v)
+        -- without a struct table, a one-field row is the field's value itself
+        if not as_table and #fields == 1 then v = { v } end
+        if type(v) ~= "table" then error("bundle.viewof: a row is a table of " .. #fields .. " values", 4) end
+        local cur, parts, pos = row_bytes(i), {}, 1
         for k, fd in ipairs(fields) do
-            local x = v[k]
-            if fd.size and fd.pack:sub(2, 2) == "c" then
-                x = tostring(x or "")
-                local n = fd.size - (fd.z and 1 or 0)
-                x = x:sub(1, n)
-                x = x .. string.rep("\0", fd.size - #x)
+            local x, old = v[k], cur:sub(pos, pos + fd.size - 1)
+            if x == nil then
+                parts[k] = old
+            elseif fd.str then
+                x = tostring(x):sub(1, fd.size - (fd.str == "s" and 1 or 0))
+                parts[k] = x .. string.rep("\0", fd.size - #x)
+            elseif fd.n == 1 then
+                parts[k] = string.pack(fd.pack, x)
             else
-                x = x or 0
+                if type(x) ~= "table" then x = { x } end
+                local step, el = fd.size // fd.n, {}
+                for j = 1, fd.n do
+                    el[j] = x[j] ~= nil and string.pack(fd.pack, x[j]) or old:sub((j - 1) * step + 1, j * step)
+                end
+                parts[k] = table.concat(el)
             end
-            parts[k] = string.pack(fd.pack, x)
+            pos = pos + fd.size
         end
         return table.concat(parts)
     end
@@ -255,7 +299,7 @@ function bundle.viewof(format, start, rows, f)
         else
             for i, bytes in pairs(dirty) do src._write(start + (i - 1) * size, bytes) end
         end
-        for i, bytes in pairs(dirty) do rowdata[i] = bytes end
+        for i, bytes in pairs(dirty) do saved[i] = bytes end
         dirty = {}
         return true
     end
@@ -263,10 +307,10 @@ function bundle.viewof(format, start, rows, f)
     function buf.scope(m, fn)
         if type(m) == "function" then m, fn = "rw", m end
         if m ~= "rw" and m ~= "ro" then error("buffer.scope: mode is \"rw\" or \"ro\"", 2) end
-        local saved = mode
+        local outer = mode
         mode = m
         local r = table.pack(pcall(fn, buf))
-        mode = saved
+        mode = outer
         if not r[1] then buf.rollback() error(r[2], 2) end
         if m == "rw" then buf.commit() end
         return table.unpack(r, 2, r.n)
@@ -277,11 +321,10 @@ function bundle.viewof(format, start, rows, f)
         return table.concat(parts)
     end
     function buf._write(off, bytes)
-        -- bytes from a view over this one: split over the rows they touch
-        local first = off // size + 1
+        -- bytes written by a view over this one: split over the rows they touch
         local all = buf._bytes()
         all = all:sub(1, off) .. bytes .. all:sub(off + #bytes + 1)
-        for i = first, (off + #bytes - 1) // size + 1 do
+        for i = off // size + 1, (off + #bytes - 1) // size + 1 do
             if i >= 1 and i <= count then dirty[i] = all:sub((i - 1) * size + 1, i * size) end
         end
     end
@@ -289,10 +332,7 @@ function bundle.viewof(format, start, rows, f)
     rawset(buf, "_impl", function (k)
         if k == "size" then return size end
         if k == "count" then return count end
-        if math_type(k) then
-            if k < 1 or k > count then return nil end
-            return decode(k)
-        end
+        if math_type(k) and k >= 1 and k <= count then return decode(k) end
         return nil
     end)
     rawset(buf, "_set", function (k, v)
@@ -300,7 +340,7 @@ function bundle.viewof(format, start, rows, f)
             error("bundle.viewof: row " .. tostring(k) .. " is outside 1.." .. count, 3)
         end
         if mode == "ro" then error("bundle.viewof: the buffer is read-only in this scope", 3) end
-        dirty[k] = encode(v)
+        dirty[k] = encode(k, v)
     end)
     if f then
         return buf.scope("rw", f)
