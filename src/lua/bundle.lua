@@ -62,31 +62,51 @@ local function run_edges(proxy, rule, old, k, new)
     return true
 end
 
--- bundle.proxy(t, rules [, index]): a view of `t` whose assignments run `rules`:
+-- bundle.proxy(t, rules [, index]): a view of `t` whose assignments run the rules:
 -- rules[k] (rules["#"] for number keys, rules["*"] for other string keys, rules[""] for
 -- any key) is `function (proxy, old, k, v)` or edges `{V1, V2, ..., F1, N1, ..., F2}`.
 -- A callback returning false refuses the assignment; an assignment made by a key's own
--- callback is applied directly. `index(k, "proxy", t)` turns table keys into keys.
+-- callback is applied directly. As STAGE, a function at a number key of `rules` (or of
+-- rules[""]) turns table keys into keys (`index(k, name, t)`, nil = ignore the access),
+-- and a string there names the proxy.
 function bundle.proxy(t, rules, index)
     if type(t) ~= "table" then
         error("bundle.proxy: expected a table to watch, got a " .. type(t), 2)
     end
-    if type(rules) == "function" then rules = { [""] = rules } end
-    if type(rules) ~= "table" then
-        error("bundle.proxy: expected a table of rules or a function, got a " .. type(rules), 2)
+    local handlers, name = {}, nil
+    local function add(list, nested)
+        for k, v in pairs(list) do
+            if math_type(k) then
+                if type(v) == "function" then index = index or v
+                elseif type(v) == "string" then name = v end
+            elseif k == "" and not nested then
+                if type(v) == "table" then add(v, true)
+                elseif type(v) == "function" then handlers[""] = v
+                elseif type(v) == "string" then name = v end
+            elseif type(k) == "string" and (type(v) == "function" or (type(v) == "table" and not nested)) then
+                handlers[k] = v
+            end
+        end
     end
+    if type(rules) == "function" then handlers[""] = rules
+    elseif type(rules) == "string" then name = rules
+    elseif type(rules) == "table" then add(rules, false)
+    elseif rules ~= nil then
+        error("bundle.proxy: expected a table of rules, a function or a name, got a " .. type(rules), 2)
+    end
+    name = name or "proxy"
     local busy = {}
     local proxy = {}
     local function key_of(k)
         if index and (type(k) == "table" or type(k) == "userdata") then
-            return index(k, "proxy", t)
+            return index(k, name, t)
         end
         return k
     end
     local function rule_of(k)
-        if math_type(k) then return rules["#"] or rules[""] end
-        if type(k) == "string" then return rules[k] or rules["*"] or rules[""] end
-        return rules[""]
+        if math_type(k) then return handlers["#"] or handlers[""] end
+        if type(k) == "string" then return handlers[k] or handlers["*"] or handlers[""] end
+        return handlers[""]
     end
     setmetatable(proxy, {
         __index = function (_, k)
@@ -121,7 +141,7 @@ function bundle.proxy(t, rules, index)
             end
             return t
         end,
-        __tostring = function () return "proxy:[" .. tostring(t) .. "]" end,
+        __tostring = function () return (name:match("^[^:]*")) .. ":[" .. tostring(t) .. "]" end,
     })
     return proxy
 end

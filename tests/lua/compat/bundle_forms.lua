@@ -30,6 +30,18 @@ local n = 0
 for _ in pairs(p) do n = n + 1 end
 eq(n, 3)
 
+-- a function at a number key turns table keys into keys; a string names the proxy
+local idx = bundle.proxy({}, { function (k, name, t) return k[2] * 100 + k[1] end, "grid" })
+idx[{ 10, 2 }] = "x"
+eq(idx[210], "x")
+eq(idx[{ 10, 2 }], "x")
+check(tostring(idx):find("^grid:%["), tostring(idx))
+-- rules[""] as a function sees every assignment
+local seen = {}
+local any = bundle.proxy({}, { [""] = function (p, old, k, v) seen[#seen + 1] = k end })
+any.a, any[1] = 1, 2
+eq(#seen, 2)
+
 -- STAGE's preload/stage.lua pattern: copy bundle into stage
 for k, v in pairs(bundle) do stage[k] = v end
 eq(stage.proxy, bundle.proxy)
