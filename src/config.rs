@@ -828,6 +828,52 @@ mod tests {
     }
 
     #[test]
+    fn stage_engine_sections_merge() {
+        let c = Config::parse(
+            r##"{
+            "#startup": [["luajit.so+stage"], ["lua.so+db"]],
+            "lua.so": {"%preload": "preload", "%cluster": ["a"], "%odbc": {"A": {"DRIVER": "x"}}, "lua.so+db": "dbmain"},
+            "luajit.so": {"%preload": ["preload", "more.json"], "%reflush": 10, "%cluster": "b", "luajit.so+stage": "main"},
+            "lua.so+db": {"%odbc": {"B": "DSN=b"}},
+            "lua.so+unused": {"%preload": "x"}
+        }"##,
+        )
+        .unwrap();
+        assert_eq!(c.lua.preload, ["preload", "more.json"], "luajit.so's value wins");
+        assert_eq!(c.section["%cluster"], "b");
+        assert_eq!(c.startup[0].entry, "main");
+        assert_eq!(c.startup[1].entry, "dbmain");
+        // the per-stage section of a #startup entry is merged, objects key by key
+        assert_eq!(c.lua.odbc.keys().collect::<Vec<_>>(), ["A", "B"]);
+        assert_eq!(c.lookup(""), Some(&c.section));
+        assert_eq!(c.lookup("%reflush"), Some(&Json::from(10)));
+        let w = c.warnings.join("\n");
+        assert_eq!(c.warnings.len(), 3, "{w}");
+        assert!(w.contains("\"lua.so\", \"luajit.so\""), "{w}");
+        assert!(w.contains("luajit.so.%reflush"), "{w}");
+        assert!(w.contains("\"lua.so+unused\" is not used"), "{w}");
+        // an unknown key in any Lua section is an error naming it
+        let e = Config::parse(r##"{"lua.so+db": {"%clustr": 1}}"##).unwrap_err();
+        assert!(e.to_string().starts_with("lua.so+db.%clustr: unknown key"), "{e}");
+        let e = Config::parse(r##"{"lua": {"%preload": 3}}"##).unwrap_err();
+        assert!(
+            e.to_string().starts_with("lua.%preload: expected a directory"),
+            "{e}"
+        );
+        let e = Config::parse(r##"{"lua": {"%compat": "no"}}"##).unwrap_err();
+        assert!(
+            e.to_string().starts_with("lua.%compat: expected true or false"),
+            "{e}"
+        );
+        assert!(
+            !Config::parse(r##"{"lua": {"%compat": false}}"##)
+                .unwrap()
+                .lua
+                .compat
+        );
+    }
+
+    #[test]
     fn errors_name_the_key() {
         let e = Config::parse(r##"{"#threads": ["four"]}"##).unwrap_err();
         assert_eq!(

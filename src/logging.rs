@@ -343,6 +343,22 @@ pub fn parse_route(spec: &str) -> Result<(Option<String>, Option<log::Level>), S
 mod tests {
     use super::*;
 
+    #[test]
+    fn stage_widths_and_inline_routes() {
+        let env = |n: &str| (n == "W").then(|| "word".to_string());
+        assert_eq!(
+            expand("[%8{W}][%3{W}][%0{W}][%{W}][%2{NONE}]", &caller(), env),
+            "[    word][wor][][word][  ]"
+        );
+        assert_eq!(expand("100%5 done", &caller(), env), "100%5 done");
+        assert_eq!(
+            take_routes("a %{=bot:warn}b%{=x}"),
+            ("a b".to_string(), Some("%{=x}".to_string()))
+        );
+        assert_eq!(take_routes("plain"), ("plain".to_string(), None));
+        assert_eq!(take_routes("open %{=bot"), ("open %{=bot".to_string(), None));
+    }
+
     fn caller() -> Caller {
         Caller {
             file: "package/start.lua".into(),
