@@ -33,6 +33,13 @@ check(math.abs(got.tick - os.time()) < 5, "thread.tick in the body")
 eq(got.json, '{"a":7}')
 eq(SHARED_T, "from thread", "the thread's assignment to *SHARED_T is seen")
 
+-- a thread body's stage.signal is handled by the instance that started it (STAGE's docs)
+local from_thread
+stage.waitfor("from_thread", function (v) from_thread = v end)
+thread.new(function () stage.signal("from_thread", "THREAD") end)
+check(wait_until(function () return from_thread ~= nil end, 5000), "the instance got the thread's signal")
+eq(from_thread, "THREAD")
+
 -- to.waitfor(nil) removes the callback: later values are dropped
 local late = false
 local to = thread.new(function () stage.sleep(50) return "late" end)
