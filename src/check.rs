@@ -53,7 +53,12 @@ pub fn check(root: &Path) -> anyhow::Result<Report> {
     for entry in &home.search {
         lua_files(&home.dir(entry), &mut files, !entry.dir.is_empty());
     }
-    lua_files(&root.join(&config.lua.preload), &mut files, false);
+    let (preloads, problems) = crate::home::preload_files(&root, &config.lua.preload);
+    files.extend(preloads);
+    for p in problems {
+        report.lines.push(p);
+        report.problems += 1;
+    }
     files.sort();
     files.dedup();
     let lua = mlua::Lua::new();

@@ -72,26 +72,30 @@ pub struct InstanceSpec {
 /// The `lua` engine section.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LuaSection {
-    /// Directory of scripts run in every state before its entry script.
-    pub preload: String,
+    /// What every state runs before its entry script, STAGE's `%preload`: each entry is a
+    /// directory (its `.lua` files), a `.lua` file or a `.json` list of such entries.
+    pub preload: Vec<String>,
     /// The script search path, STAGE's `%package`.
     pub package: Vec<String>,
     /// Named ODBC connections: name → attributes.
     pub odbc: BTreeMap<String, Json>,
     /// Entry script per stage id.
     pub entries: BTreeMap<String, String>,
+    /// `%compat` (ext): install the Lua 5.1/5.3/LuaJIT names (`unpack`, `bit32`, `bit`).
+    pub compat: bool,
 }
 
 impl Default for LuaSection {
     fn default() -> Self {
         LuaSection {
-            preload: "preload".into(),
+            preload: vec!["preload".into()],
             package: ["package", "[0]lib", "rollback", "[0]"]
                 .iter()
                 .map(|s| s.to_string())
                 .collect(),
             odbc: BTreeMap::new(),
             entries: BTreeMap::new(),
+            compat: true,
         }
     }
 }
@@ -172,6 +176,9 @@ pub struct Config {
     pub warnings: Vec<String>,
     /// The whole document after `env:` resolution, for `process["$key"]`.
     pub raw: Json,
+    /// The Lua engine section in effect (every Lua engine section and the per-stage sections
+    /// of `#startup`'s entries, merged as STAGE merges them): what `process["$key"]` reads.
+    pub section: Json,
 }
 
 impl Default for Config {
@@ -254,9 +261,11 @@ impl Config {
             env_values,
             warnings: vec![],
             raw: Json::Null,
+            section: Json::Object(Map::new()),
         };
         let mut startup_raw: Option<&Json> = None;
-        let mut lua_section: Option<(&str, &Json)> = None;
+        let mut lua_sections: Vec<(&str, &Json)> = vec![];
+        let mut stage_sections: Vec<(&str, &Json)> = vec![];
         for (key, value) in top {
             match key.as_str() {
                 "#services" => parse_services(&mut cfg, value)?,
@@ -325,13 +334,16 @@ impl Config {
                 }
                 k if STAGE_IGNORED_KEYS.contains(&k) => {}
                 k if LUA_ENGINES.contains(&k) => {
-                    if let Some((other, _)) = lua_section {
-                        return Err(invalid(
-                            k,
-                            format!("the lua engine section is already given as \"{other}\""),
-                        ));
-                    }
-                    lua_section = Some((k, value));
+                    check_lua_section(k, value)?;
+                    lua_sections.push((k, value));
+                }
+                // STAGE's per-stage section (`lua.so+process`): used by that #startup entry.
+                k if k
+                    .split_once('+')
+                    .is_some_and(|(e, id)| LUA_ENGINES.contains(&e) && !id.is_empty()) =>
+                {
+                    check_lua_section(k, value)?;
+                    stage_sections.push((k, value));
                 }
                 k if k.starts_with('#') || k.starts_with('%') => {
                     return Err(invalid(
@@ -350,16 +362,44 @@ impl Config {
                 )),
             }
         }
-        if let Some((name, section)) = lua_section {
-            cfg.lua = parse_lua_section(name, section)?;
-        }
+        let mut used = vec![];
         match startup_raw {
-            Some(v) => parse_startup(&mut cfg, v, &json)?,
+            Some(v) => used = parse_startup(&mut cfg, v, &json)?,
             None => cfg.startup.push(InstanceSpec {
                 stage_id: "stage".into(),
                 entry: "start".into(),
             }),
         }
+        if lua_sections.len() > 1 {
+            let names: Vec<String> = lua_sections.iter().map(|(n, _)| format!("\"{n}\"")).collect();
+            cfg.warnings.push(format!(
+                "the Lua engine sections {} all configure this build's one Lua (5.4); their keys are \
+                 merged in that order, a later section's value winning",
+                names.join(", ")
+            ));
+        }
+        // As STAGE: an engine's configuration is its sections merged; a per-stage section
+        // (`lua.so+process`) counts only when #startup starts that entry.
+        let mut merged = Json::Object(Map::new());
+        for (_, v) in &lua_sections {
+            merge_object(&mut merged, v);
+        }
+        for (name, v) in &stage_sections {
+            if used.iter().any(|u| u == name) {
+                merge_object(&mut merged, v);
+            } else {
+                cfg.warnings.push(format!(
+                    "section \"{name}\" is not used: no #startup entry is \"{name}\""
+                ));
+            }
+        }
+        let section_name = match (lua_sections.last(), stage_sections.last()) {
+            (Some((n, _)), _) => *n,
+            (None, Some((n, _))) => *n,
+            (None, None) => "lua",
+        };
+        cfg.lua = parse_lua_section(section_name, &merged, &mut cfg.warnings)?;
+        cfg.section = merged;
         for spec in &mut cfg.startup {
             if let Some(entry) = cfg.lua.entries.get(&spec.stage_id) {
                 spec.entry = entry.clone();
@@ -369,20 +409,47 @@ impl Config {
         Ok(cfg)
     }
 
-    /// The value at a dotted path (`"#threads"`, `"lua.%package"`), for `process["$key"]`.
+    /// `process["$key"]`: as STAGE, a key of the Lua engine section (`"%cluster"`, `""` for
+    /// the whole section); otherwise (an extension) a dotted path into the whole document.
     pub fn lookup(&self, path: &str) -> Option<&Json> {
-        if let Some(v) = self.raw.get(path) {
+        if path.is_empty() {
+            return Some(&self.section);
+        }
+        if let Some(v) = self.section.get(path) {
             return Some(v);
         }
-        let mut cur = &self.raw;
-        for part in path.split('.') {
-            cur = match cur {
-                Json::Object(m) => m.get(part)?,
-                Json::Array(a) => a.get(part.parse::<usize>().ok()?)?,
-                _ => return None,
-            };
+        lookup_path(&self.raw, path)
+    }
+}
+
+/// The value at a dotted path (`"#threads"`, `"lua.%package"`, `"#threads.1"`) of `doc`.
+pub fn lookup_path<'a>(doc: &'a Json, path: &str) -> Option<&'a Json> {
+    if let Some(v) = doc.get(path) {
+        return Some(v);
+    }
+    let mut cur = doc;
+    for part in path.split('.') {
+        cur = match cur {
+            Json::Object(m) => m.get(part)?,
+            Json::Array(a) => a.get(part.parse::<usize>().ok()?)?,
+            _ => return None,
+        };
+    }
+    Some(cur)
+}
+
+/// STAGE's merge of configuration objects: objects merge key by key, anything else replaces.
+pub fn merge_object(into: &mut Json, from: &Json) {
+    let (Json::Object(o), Json::Object(i)) = (into, from) else {
+        return;
+    };
+    for (k, v) in i {
+        match o.get_mut(k) {
+            Some(cur @ Json::Object(_)) if v.is_object() => merge_object(cur, v),
+            _ => {
+                o.insert(k.clone(), v.clone());
+            }
         }
-        Some(cur)
     }
 }
 
@@ -554,8 +621,11 @@ fn parse_services(cfg: &mut Config, v: &Json) -> Result<(), ConfigError> {
     Ok(())
 }
 
-fn parse_startup(cfg: &mut Config, v: &Json, raw: &Json) -> Result<(), ConfigError> {
+/// Reads `#startup`; returns its Lua entries as written (`lua.so+stage`), which select the
+/// per-stage sections.
+fn parse_startup(cfg: &mut Config, v: &Json, raw: &Json) -> Result<Vec<String>, ConfigError> {
     let mut warned: Vec<String> = vec![];
+    let mut used = vec![];
     for (i, entry) in expect_array(v, "#startup")?.iter().enumerate() {
         let key = format!("#startup[{i}]");
         // STAGE writes each entry as a list; a bare string is accepted as a list of one.
@@ -588,6 +658,7 @@ fn parse_startup(cfg: &mut Config, v: &Json, raw: &Json) -> Result<(), ConfigErr
                 ));
             }
             if LUA_ENGINES.contains(&engine) {
+                used.push(s.to_string());
                 cfg.startup.push(InstanceSpec {
                     stage_id: id.to_string(),
                     entry: "start".into(),
@@ -606,15 +677,52 @@ fn parse_startup(cfg: &mut Config, v: &Json, raw: &Json) -> Result<(), ConfigErr
             }
         }
     }
-    Ok(())
+    Ok(used)
 }
 
-fn parse_lua_section(name: &str, v: &Json) -> Result<LuaSection, ConfigError> {
+/// Checks one Lua engine section on its own, so that an error names the section it is in.
+fn check_lua_section(name: &str, v: &Json) -> Result<(), ConfigError> {
+    parse_lua_section(name, v, &mut vec![]).map(|_| ())
+}
+
+fn parse_lua_section(name: &str, v: &Json, warnings: &mut Vec<String>) -> Result<LuaSection, ConfigError> {
     let mut section = LuaSection::default();
     for (k, val) in expect_object(v, name)? {
         let key = format!("{name}.{k}");
         match k.as_str() {
-            "%preload" => section.preload = expect_str(val, &key)?.to_string(),
+            "%preload" => {
+                section.preload = match val {
+                    Json::String(s) => vec![s.clone()],
+                    Json::Array(items) => items
+                        .iter()
+                        .enumerate()
+                        .map(|(i, p)| expect_str(p, &format!("{key}[{i}]")).map(str::to_string))
+                        .collect::<Result<_, _>>()?,
+                    other => {
+                        return Err(invalid(
+                            &key,
+                            format!(
+                            "expected a directory, a .lua file, a .json list or an array of them, found {}",
+                            kind(other)
+                        ),
+                        ))
+                    }
+                }
+            }
+            "%compat" => {
+                section.compat = val
+                    .as_bool()
+                    .ok_or_else(|| invalid(&key, format!("expected true or false, found {}", kind(val))))?
+            }
+            // Read by scripts through process["$%cluster"] (STAGE's cluster sample does).
+            "%cluster" => {}
+            "%reflush" => {
+                expect_u64(val, &key)?;
+                warnings.push(format!(
+                    "{key}: not used by this build: a script is reloaded as soon as its file \
+                     changes (the file watcher), not after a cache time"
+                ));
+            }
             "%package" => {
                 let mut list = vec![];
                 for (i, p) in expect_array(val, &key)?.iter().enumerate() {
@@ -654,7 +762,7 @@ fn parse_lua_section(name: &str, v: &Json) -> Result<LuaSection, ConfigError> {
                     _ => {
                         return Err(invalid(
                             &key,
-                            "unknown key (expected %preload, %package, %odbc or lua+<stage_id>)",
+                            "unknown key (expected %preload, %package, %odbc, %cluster, %reflush, %compat or lua+<stage_id>)",
                         ))
                     }
                 }
@@ -717,6 +825,52 @@ mod tests {
         assert_eq!(c.builtins[2].settings[1]["odbc"], 10);
         // one warning per unsupported engine in #startup and per unsupported section
         assert_eq!(c.warnings.len(), 3, "{:?}", c.warnings);
+    }
+
+    #[test]
+    fn stage_engine_sections_merge() {
+        let c = Config::parse(
+            r##"{
+            "#startup": [["luajit.so+stage"], ["lua.so+db"]],
+            "lua.so": {"%preload": "preload", "%cluster": ["a"], "%odbc": {"A": {"DRIVER": "x"}}, "lua.so+db": "dbmain"},
+            "luajit.so": {"%preload": ["preload", "more.json"], "%reflush": 10, "%cluster": "b", "luajit.so+stage": "main"},
+            "lua.so+db": {"%odbc": {"B": "DSN=b"}},
+            "lua.so+unused": {"%preload": "x"}
+        }"##,
+        )
+        .unwrap();
+        assert_eq!(c.lua.preload, ["preload", "more.json"], "luajit.so's value wins");
+        assert_eq!(c.section["%cluster"], "b");
+        assert_eq!(c.startup[0].entry, "main");
+        assert_eq!(c.startup[1].entry, "dbmain");
+        // the per-stage section of a #startup entry is merged, objects key by key
+        assert_eq!(c.lua.odbc.keys().collect::<Vec<_>>(), ["A", "B"]);
+        assert_eq!(c.lookup(""), Some(&c.section));
+        assert_eq!(c.lookup("%reflush"), Some(&Json::from(10)));
+        let w = c.warnings.join("\n");
+        assert_eq!(c.warnings.len(), 3, "{w}");
+        assert!(w.contains("\"lua.so\", \"luajit.so\""), "{w}");
+        assert!(w.contains("luajit.so.%reflush"), "{w}");
+        assert!(w.contains("\"lua.so+unused\" is not used"), "{w}");
+        // an unknown key in any Lua section is an error naming it
+        let e = Config::parse(r##"{"lua.so+db": {"%clustr": 1}}"##).unwrap_err();
+        assert!(e.to_string().starts_with("lua.so+db.%clustr: unknown key"), "{e}");
+        let e = Config::parse(r##"{"lua": {"%preload": 3}}"##).unwrap_err();
+        assert!(
+            e.to_string().starts_with("lua.%preload: expected a directory"),
+            "{e}"
+        );
+        let e = Config::parse(r##"{"lua": {"%compat": "no"}}"##).unwrap_err();
+        assert!(
+            e.to_string().starts_with("lua.%compat: expected true or false"),
+            "{e}"
+        );
+        assert!(
+            !Config::parse(r##"{"lua": {"%compat": false}}"##)
+                .unwrap()
+                .lua
+                .compat
+        );
     }
 
     #[test]

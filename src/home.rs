@@ -108,9 +108,17 @@ pub fn split_name(name: &str) -> (&str, Option<&str>) {
     }
 }
 
-/// `cluster.ready` → `cluster/ready.lua`; names that could leave the home are refused.
+/// `cluster.ready` (or STAGE's `cluster:ready`) → `cluster/ready.lua`; names that could
+/// leave the home are refused.
 pub fn script_rel_path(name: &str) -> Result<PathBuf, String> {
     let name = name.strip_suffix(".lua").unwrap_or(name);
+    let colons;
+    let name = if name.contains(':') {
+        colons = name.replace(':', ".");
+        colons.as_str()
+    } else {
+        name
+    };
     if name.is_empty() || name.starts_with('/') || name.split('.').any(|p| p.is_empty() || p.contains("..")) {
         return Err(format!("invalid script name \"{name}\""));
     }
@@ -142,9 +150,107 @@ pub fn parse_host_port(s: &str) -> Result<(String, u16), String> {
     Ok((host.to_string(), port))
 }
 
+/// The scripts STAGE's `%preload` names, in the order they run: each entry is a directory
+/// (every `.lua` file in it and below, by name; a `.json` file in it is a list too), a `.lua`
+/// file, or a `.json` file holding an entry or a list of entries (an array, or an object
+/// whose string values are entries). Relative paths are relative to the home. A missing
+/// entry is skipped (as in STAGE); a `.json` file that does not parse is a problem.
+pub fn preload_files(root: &Path, entries: &[String]) -> (Vec<PathBuf>, Vec<String>) {
+    let mut files = vec![];
+    let mut problems = vec![];
+    for e in entries {
+        collect_preload(&root.join(e), root, 0, &mut files, &mut problems);
+    }
+    (files, problems)
+}
+
+fn collect_preload(
+    path: &Path,
+    root: &Path,
+    depth: usize,
+    files: &mut Vec<PathBuf>,
+    problems: &mut Vec<String>,
+) {
+    if depth > 8 {
+        problems.push(format!("{}: %preload nests deeper than 8 levels", path.display()));
+        return;
+    }
+    if path.is_dir() {
+        let mut children: Vec<PathBuf> = std::fs::read_dir(path)
+            .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).collect())
+            .unwrap_or_default();
+        children.retain(|p| {
+            !p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+        });
+        children.sort();
+        for c in children {
+            collect_preload(&c, root, depth + 1, files, problems);
+        }
+        return;
+    }
+    if !path.is_file() {
+        return;
+    }
+    match path.extension().and_then(|x| x.to_str()) {
+        Some("lua") if !files.iter().any(|f| f == path) => files.push(path.to_path_buf()),
+        Some("lua") => {}
+        Some("json") => {
+            let parsed = std::fs::read(path)
+                .map_err(|e| e.to_string())
+                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).map_err(|e| e.to_string()));
+            let list: Vec<String> = match parsed {
+                Ok(serde_json::Value::String(s)) => vec![s],
+                Ok(serde_json::Value::Array(a)) => {
+                    a.iter().filter_map(|v| v.as_str().map(String::from)).collect()
+                }
+                Ok(serde_json::Value::Object(m)) => {
+                    m.values().filter_map(|v| v.as_str().map(String::from)).collect()
+                }
+                Ok(_) => vec![],
+                Err(e) => {
+                    problems.push(format!("{}: %preload list: {e}", path.display()));
+                    vec![]
+                }
+            };
+            for e in list {
+                collect_preload(&root.join(e), root, depth + 1, files, problems);
+            }
+        }
+        _ => {}
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn preload_entries_are_dirs_files_and_json_lists() {
+        let dir = std::env::temp_dir().join(format!("stage-preload-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("preload/sub")).unwrap();
+        std::fs::write(dir.join("preload/b.lua"), "").unwrap();
+        std::fs::write(dir.join("preload/a.lua"), "").unwrap();
+        std::fs::write(dir.join("preload/sub/c.lua"), "").unwrap();
+        std::fs::write(dir.join("preload/notes.txt"), "").unwrap();
+        std::fs::write(dir.join("one.lua"), "").unwrap();
+        std::fs::write(dir.join("list.json"), r#"["one.lua", "missing.lua"]"#).unwrap();
+        std::fs::write(dir.join("bad.json"), "[").unwrap();
+        let (files, problems) =
+            preload_files(&dir, &["preload".into(), "list.json".into(), "bad.json".into()]);
+        let names: Vec<String> = files
+            .iter()
+            .map(|f| f.strip_prefix(&dir).unwrap().display().to_string())
+            .collect();
+        assert_eq!(
+            names,
+            ["preload/a.lua", "preload/b.lua", "preload/sub/c.lua", "one.lua"]
+        );
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(problems[0].contains("bad.json"), "{problems:?}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn search_entries_have_positions() {
@@ -166,6 +272,7 @@ mod tests {
 
     #[test]
     fn names_map_to_paths() {
+        assert_eq!(script_rel_path("grp:sub").unwrap(), PathBuf::from("grp/sub.lua"));
         assert_eq!(script_rel_path("start").unwrap(), PathBuf::from("start.lua"));
         assert_eq!(
             script_rel_path("cluster.ready").unwrap(),

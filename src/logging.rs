@@ -259,21 +259,54 @@ pub fn expand(msg: &str, caller: &Caller, env: impl Fn(&str) -> Option<String>) 
                 chars.next();
                 out.push('%');
             }
-            Some('{') => match msg[i + 2..].find('}') {
-                Some(end) => {
-                    let name = &msg[i + 2..i + 2 + end];
-                    out.push_str(&env(name).unwrap_or_default());
-                    // Skip "{name}".
-                    for _ in 0..name.chars().count() + 2 {
-                        chars.next();
+            Some(c) if c == '{' || c.is_ascii_digit() => {
+                // `%{NAME}` or STAGE's `%N{NAME}`: at most N characters, right-aligned.
+                let rest = &msg[i + 1..];
+                let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+                let after = &rest[digits..];
+                match after.strip_prefix('{').and_then(|a| a.find('}').map(|e| &a[..e])) {
+                    Some(name) => {
+                        let value = env(name).unwrap_or_default();
+                        match rest[..digits].parse::<usize>() {
+                            Ok(width) => {
+                                let n = value.chars().count();
+                                if n > width {
+                                    out.extend(value.chars().take(width));
+                                } else {
+                                    out.extend(std::iter::repeat_n(' ', width - n));
+                                    out.push_str(&value);
+                                }
+                            }
+                            Err(_) => out.push_str(&value),
+                        }
+                        // Skip "N{name}".
+                        for _ in 0..digits + name.chars().count() + 2 {
+                            chars.next();
+                        }
                     }
+                    None => out.push('%'),
                 }
-                None => out.push('%'),
-            },
+            }
             _ => out.push('%'),
         }
     }
     out
+}
+
+/// Takes every `%{=group[:level]}` out of a logger format (STAGE finds them anywhere in
+/// the message); returns the text without them and the last one found.
+pub fn take_routes(msg: &str) -> (String, Option<String>) {
+    let mut out = String::with_capacity(msg.len());
+    let mut route = None;
+    let mut rest = msg;
+    while let Some(start) = rest.find("%{=") {
+        let Some(len) = rest[start..].find('}') else { break };
+        out.push_str(&rest[..start]);
+        route = Some(rest[start..start + len + 1].to_string());
+        rest = &rest[start + len + 1..];
+    }
+    out.push_str(rest);
+    (out, route)
 }
 
 /// Parses the optional second argument of a logger call: `%{=group}` or `%{=group:level}`
@@ -309,6 +342,22 @@ pub fn parse_route(spec: &str) -> Result<(Option<String>, Option<log::Level>), S
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stage_widths_and_inline_routes() {
+        let env = |n: &str| (n == "W").then(|| "word".to_string());
+        assert_eq!(
+            expand("[%8{W}][%3{W}][%0{W}][%{W}][%2{NONE}]", &caller(), env),
+            "[    word][wor][][word][  ]"
+        );
+        assert_eq!(expand("100%5 done", &caller(), env), "100%5 done");
+        assert_eq!(
+            take_routes("a %{=bot:warn}b%{=x}"),
+            ("a b".to_string(), Some("%{=x}".to_string()))
+        );
+        assert_eq!(take_routes("plain"), ("plain".to_string(), None));
+        assert_eq!(take_routes("open %{=bot"), ("open %{=bot".to_string(), None));
+    }
 
     fn caller() -> Caller {
         Caller {

@@ -1,7 +1,9 @@
 ---@meta logger
 -- LuaLS type stubs for stage's `logger` module (alias `log4cxx`). See docs/logger.md.
--- Escapes in format only: %l %F %M %L %{ENV} %% (secret-looking names print [hidden]);
--- values are written tab-separated as they are; a route is "%{=group}" or "%{=group:level}".
+-- Escapes in format only: %l %F %M %L %{ENV} %N{ENV} (N characters, right-aligned) %%
+-- (secret-looking names print [hidden]); values are written tab-separated as they are; a
+-- route "%{=group}" or "%{=group:level}" is found anywhere in format or as a whole argument.
+--   logger.out("%{=bot:warn}[%8{USER}] %l - " .. msg, "extra", 42)
 
 ---@class logger
 logger = {}

@@ -19,7 +19,7 @@ pub struct InstanceCtx {
     /// `stage_id#number`, used as the log target of `print` and `logger`.
     pub name: String,
     pub loader: Loader,
-    pub(crate) tasks: RefCell<HashMap<i64, AbortHandle>>,
+    pub(crate) tasks: RefCell<HashMap<i64, (AbortHandle, Rc<crate::host::tasks::TaskCtl>)>>,
     pub(crate) next_task: Cell<i64>,
     /// Work queued per `stage.submit` key; a key present here has a drain task running.
     pub(crate) submits: RefCell<HashMap<String, VecDeque<(Function, MultiValue)>>>,

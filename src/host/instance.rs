@@ -26,6 +26,29 @@ fn new_state(
     number: usize,
     bindings: &Bindings,
 ) -> mlua::Result<Lua> {
+    let time = std::time::Duration::from_millis(node.config.limits.time_ms);
+    state_with(node, &spec.stage_id, number, bindings, time)
+}
+
+/// A full stage state for a `thread.new` worker acting for instance `number`: every module,
+/// the memory budget, no time slice (a thread body is there to do long, blocking work).
+/// The caller runs the preloads (`run_preloads`) inside its runtime.
+pub fn new_worker_state(
+    node: &Arc<NodeShared>,
+    stage_id: &str,
+    number: usize,
+    bindings: &Bindings,
+) -> mlua::Result<Lua> {
+    state_with(node, stage_id, number, bindings, std::time::Duration::ZERO)
+}
+
+fn state_with(
+    node: &Arc<NodeShared>,
+    stage_id: &str,
+    number: usize,
+    bindings: &Bindings,
+    time: std::time::Duration,
+) -> mlua::Result<Lua> {
     // The debug library is loaded on purpose: tracebacks and tools such as StackTracePlus need it.
     // Coroutines of finished callbacks (message handlers, `stage.submit`, ...) are reset
     // and reused instead of being created and collected per call (`scripts/bench messages`).
@@ -38,12 +61,8 @@ fn new_state(
     // young collections reclaim cheaply too (`scripts/bench echo`: ~10% less CPU per message).
     lua.gc_gen(0, 0);
     let limits = &node.config.limits;
-    crate::host::budget::install(
-        &lua,
-        limits.memory,
-        std::time::Duration::from_millis(limits.time_ms),
-    )?;
-    let ctx = Rc::new(InstanceCtx::new(node, &spec.stage_id, number));
+    crate::host::budget::install(&lua, limits.memory, time)?;
+    let ctx = Rc::new(InstanceCtx::new(node, stage_id, number));
     lua.set_app_data(ctx);
     install_runner(&lua)?;
     (bindings.register)(&lua)?;
@@ -53,27 +72,28 @@ fn new_state(
     Ok(lua)
 }
 
-/// Runs the preload scripts in name order, then the entry script; an entry script that
-/// returns a function makes it the idle function.
-async fn boot(lua: Lua, entry: String) {
-    let c = ctx(&lua);
-    let preload_dir = c.node.home.root.join(&c.node.config.lua.preload);
-    let mut preloads: Vec<_> = std::fs::read_dir(&preload_dir)
-        .map(|rd| {
-            rd.filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.extension().is_some_and(|x| x == "lua"))
-                .collect()
-        })
-        .unwrap_or_default();
-    preloads.sort();
+/// Runs the preload scripts (`%preload`, see `home::preload_files`) in order.
+pub async fn run_preloads(lua: &Lua) {
+    let c = ctx(lua);
+    let (preloads, problems) = crate::home::preload_files(&c.node.home.root, &c.node.config.lua.preload);
+    for p in problems {
+        log::error!(target: &c.name, "{p}");
+    }
     for p in preloads {
-        match c.loader.compile(&lua, &p) {
+        match c.loader.compile(lua, &p) {
             Ok(f) => {
-                call_callback(&lua, &format!("preload {}", c.loader.display_path(&p)), &f, ()).await;
+                call_callback(lua, &format!("preload {}", c.loader.display_path(&p)), &f, ()).await;
             }
             Err(e) => log::error!(target: &c.name, "preload script failed to compile: {e}"),
         }
     }
+}
+
+/// Runs the preload scripts, then the entry script; an entry script that
+/// returns a function makes it the idle function.
+async fn boot(lua: Lua, entry: String) {
+    run_preloads(&lua).await;
+    let c = ctx(&lua);
     let loaded = match c.loader.load(&lua, &entry, true).await {
         Ok(l) => l,
         Err(e) => {

@@ -41,12 +41,18 @@ pub struct NodeShared {
     pub threads: std::sync::OnceLock<crate::host::workers::Pool>,
     /// Globals shared by `_SANDBOX[""] = {"*NAME"}`: the last committed value of each.
     pub sandbox: Mutex<std::collections::HashMap<String, crate::value::Value>>,
+    /// The Lua engine section as scripts see and change it (`process["$key"]`, STAGE's
+    /// running configuration); starts as `Config::section`.
+    pub section: Mutex<serde_json::Value>,
+    /// Held while a `__("NAME", f)` update runs, so updates from all instances are atomic.
+    pub sandbox_update: Mutex<()>,
 }
 
 impl NodeShared {
     /// The shared state of a node; with `#cluster`, its cluster node is started (a bad
     /// `#cluster` or a taken port is an error naming it).
     pub fn new(config: Config, home: Home, args: Vec<String>) -> anyhow::Result<Arc<NodeShared>> {
+        let section = config.section.clone();
         let (shutdown, _) = tokio::sync::watch::channel(false);
         let (draining, _) = tokio::sync::watch::channel(false);
         let cluster = match crate::cluster::ClusterConfig::parse(
@@ -96,6 +102,8 @@ impl NodeShared {
             cluster,
             threads: std::sync::OnceLock::new(),
             sandbox: Mutex::new(std::collections::HashMap::new()),
+            section: Mutex::new(section),
+            sandbox_update: Mutex::new(()),
         });
         if let Some(c) = &node.cluster {
             c.engine.set_sink(Arc::new(RouterSink(Arc::downgrade(&node))));

@@ -5,8 +5,11 @@ use crate::host::callback::{call_callback, spawn_callback};
 use crate::host::context::{ctx, InstanceCtx};
 use crate::host::convert;
 use mlua::{Function, Lua, MultiValue};
+use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
+use std::rc::Rc;
 use std::time::Duration;
+use tokio::sync::Notify;
 use tokio::task::spawn_local;
 
 /// A positive number returned by callback `what`: "run me again after that many ms"
@@ -19,37 +22,76 @@ pub fn rerun_after(lua: &Lua, what: &str, rets: &Option<MultiValue>) -> Option<D
     })
 }
 
+/// What `stage.addtask(task, ms [, f])` changes in a pending task.
+pub struct TaskCtl {
+    /// The next delay, set by a reschedule: it replaces the wait in progress, or the
+    /// callback's own answer when it is running.
+    resched: Cell<Option<Duration>>,
+    f: RefCell<Function>,
+    wake: Notify,
+}
+
 impl InstanceCtx {
     /// `stage.addtask`: runs `f(args)` after `delay`, again while it returns a positive number.
     pub fn add_task(&self, lua: &Lua, delay: Duration, f: Function, args: MultiValue) -> i64 {
         let id = self.next_task.get() + 1;
         self.next_task.set(id);
         let lua2 = lua.clone();
+        let ctl = Rc::new(TaskCtl {
+            resched: Cell::new(None),
+            f: RefCell::new(f),
+            wake: Notify::new(),
+        });
+        let ctl2 = ctl.clone();
         let handle = spawn_local(async move {
             let mut delay = delay;
             loop {
-                tokio::time::sleep(delay).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = ctl2.wake.notified() => {
+                        if let Some(d) = ctl2.resched.take() {
+                            delay = d;
+                        }
+                        continue;
+                    }
+                }
+                let f = ctl2.f.borrow().clone();
                 let rets = call_callback(&lua2, "task", &f, args.clone()).await;
-                match rerun_after(&lua2, "task", &rets) {
+                let next = rerun_after(&lua2, "task", &rets);
+                match ctl2.resched.take().or(next) {
                     Some(d) => delay = d,
                     None => break,
                 }
             }
             ctx(&lua2).tasks.borrow_mut().remove(&id);
         });
-        self.tasks.borrow_mut().insert(id, handle.abort_handle());
+        self.tasks.borrow_mut().insert(id, (handle.abort_handle(), ctl));
         id
     }
 
     /// Cancels a task; returns whether it was still pending.
     pub fn cancel_task(&self, id: i64) -> bool {
         match self.tasks.borrow_mut().remove(&id) {
-            Some(h) => {
+            Some((h, _)) => {
                 h.abort();
                 true
             }
             None => false,
         }
+    }
+
+    /// `stage.addtask(task, ms [, f])`: the task runs next after `delay` (from now), with `f`
+    /// from then on when given. Returns whether the task was still pending.
+    pub fn reschedule_task(&self, id: i64, delay: Duration, f: Option<Function>) -> bool {
+        let Some(ctl) = self.tasks.borrow().get(&id).map(|(_, c)| c.clone()) else {
+            return false;
+        };
+        if let Some(f) = f {
+            *ctl.f.borrow_mut() = f;
+        }
+        ctl.resched.set(Some(delay));
+        ctl.wake.notify_one();
+        true
     }
 
     /// `stage.submit`: calls with the same non-empty key run one after the other, in order.

@@ -1,4 +1,5 @@
-//! The `bundle` module: `json`, `bson`, `random` (WELL512 with its state in a Lua table) and `null`.
+//! The `bundle` module: `json`, `bson`, `random` (WELL512 with its state in a Lua table),
+//! `proxy` and `viewof` (bundle.lua) and `null`.
 
 use crate::host::convert::IntoLuaErr;
 use crate::random::Well512;
@@ -8,8 +9,11 @@ pub fn open(lua: &Lua) -> mlua::Result<Table> {
     let t = lua.create_table()?;
     t.set("null", Value::NULL)?;
     t.set("json", lua.create_function(json)?)?;
-    t.set("random", lua.create_function(random)?)?;
     t.set("bson", lua.create_function(bson)?)?;
+    // bundle.proxy and bundle.random (with its function form) are written in Lua.
+    lua.load(include_str!("bundle.lua"))
+        .set_name("=bundle")
+        .call::<()>((t.clone(), lua.create_function(random)?))?;
     Ok(t)
 }
 

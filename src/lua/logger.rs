@@ -2,7 +2,7 @@
 
 use crate::host::convert::IntoLuaErr;
 use crate::host::ctx;
-use crate::logging::{expand, log_env, parse_route, Caller};
+use crate::logging::{expand, log_env, parse_route, take_routes, Caller};
 use log::Level;
 use mlua::{Lua, Table, Value, Variadic};
 
@@ -56,15 +56,22 @@ fn is_route(v: &Value) -> bool {
 /// `logger.X(format, ...)`: the first argument is the format, whose escapes are expanded;
 /// the other arguments are values written after it, tab-separated, as they are (never
 /// expanded: a client's text passed as a value cannot pull the environment into the log).
-/// An argument of the form `%{=group[:level]}` after the first is the route.
+/// The route `%{=group[:level]}` is found anywhere in the format, or as a whole argument
+/// after it.
 fn write(lua: &Lua, level: Level, args: Variadic<Value>) -> mlua::Result<()> {
     let c = ctx(lua);
     let mut args = args.into_iter();
     let msg = args.next().unwrap_or(Value::Nil);
+    let mut text = msg.to_string()?;
     let mut route = None;
+    if text.contains("%{=") {
+        let (t, r) = take_routes(&text);
+        text = t;
+        route = r;
+    }
     let mut values = vec![];
     for v in args {
-        if route.is_none() && is_route(&v) {
+        if is_route(&v) {
             route = Some(v.to_string()?);
         } else {
             values.push(v);
@@ -80,7 +87,6 @@ fn write(lua: &Lua, level: Level, args: Variadic<Value>) -> mlua::Result<()> {
     if !log::log_enabled!(target: &target, level) {
         return Ok(());
     }
-    let text = msg.to_string()?;
     let mut text = if text.contains('%') {
         let allowed = &c.node.config.logger_env;
         expand(&text, &caller(lua), |n| log_env(n, allowed))

@@ -52,6 +52,11 @@ pub fn register_all(lua: &Lua) -> mlua::Result<()> {
     loaded.set("log4cxx", logger)?;
     logger::replace_print(lua)?;
     thread::install_sandbox(lua)?;
+    if crate::host::ctx(lua).node.config.lua.compat {
+        lua.load(include_str!("compat53.lua"))
+            .set_name("=compat53")
+            .exec()?;
+    }
     densefog::preload(lua)?;
     Ok(())
 }

@@ -9,7 +9,10 @@ pub fn open(lua: &Lua) -> mlua::Result<Table> {
     let c = ctx(lua);
     let t = lua.create_table()?;
     t.set("id", std::process::id())?;
-    t.set("args", lua.create_sequence_from(c.node.args.iter().cloned())?)?;
+    // As STAGE, from index 0: [0] is the program, then the arguments after `--`.
+    let args = lua.create_sequence_from(c.node.args.iter().cloned())?;
+    args.raw_set(0, std::env::args().next().unwrap_or_else(|| "stage".into()))?;
+    t.set("args", args)?;
     t.set("stage", c.number)?;
     t.set(
         "exit",
@@ -31,6 +34,10 @@ pub fn open(lua: &Lua) -> mlua::Result<Table> {
                 set_title(&title);
                 *ctx(lua).node.title.lock().expect("title") = title;
                 Ok(())
+            } else if let Some(name) = key.strip_prefix('%') {
+                set_env(name, &value)
+            } else if let Some(name) = key.strip_prefix('$') {
+                set_config(lua, name, &value)
             } else {
                 t.raw_set(key, value)
             }
@@ -43,26 +50,100 @@ pub fn open(lua: &Lua) -> mlua::Result<Table> {
 fn index(lua: &Lua, key: &str) -> mlua::Result<Value> {
     let c = ctx(lua);
     match key {
-        "tick" => Ok(Value::Number(c.node.started.elapsed().as_secs_f64())),
+        // As STAGE: wall-clock seconds, with the milliseconds as the fraction.
+        "tick" => Ok(Value::Number(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as f64 / 1000.0)
+                .unwrap_or(0.0),
+        )),
         "node" => lua.create_string(&c.node.node_name).map(Value::String),
         "title" => lua
             .create_string(c.node.title.lock().expect("title").as_str())
             .map(Value::String),
-        k if k.starts_with('$') => match c.node.config.lookup(&k[1..]) {
-            Some(json) => lua.to_value_with(
-                json,
-                mlua::SerializeOptions::new()
-                    .serialize_none_to_null(true)
-                    .serialize_unit_to_null(true),
-            ),
-            None => Ok(Value::Nil),
-        },
+        k if k.starts_with('$') => {
+            let name = &k[1..];
+            let json = {
+                let section = c.node.section.lock().expect("section");
+                if name.is_empty() {
+                    Some(section.clone())
+                } else {
+                    section
+                        .get(name)
+                        .or_else(|| crate::config::lookup_path(&c.node.config.raw, name))
+                        .cloned()
+                }
+            };
+            match json {
+                Some(json) => lua.to_value_with(
+                    &json,
+                    mlua::SerializeOptions::new()
+                        .serialize_none_to_null(true)
+                        .serialize_unit_to_null(true),
+                ),
+                None => Ok(Value::Nil),
+            }
+        }
         k if k.starts_with('%') => match std::env::var_os(&k[1..]) {
             Some(v) => lua.create_string(v.as_encoded_bytes()).map(Value::String),
             None => Ok(Value::Nil),
         },
         _ => Ok(Value::Nil),
     }
+}
+
+/// `process["%NAME"] = v` sets the environment variable (nil removes it), as STAGE.
+fn set_env(name: &str, value: &Value) -> mlua::Result<()> {
+    if name.is_empty() || name.contains(['=', '\0']) {
+        return Err(mlua::Error::runtime(format!(
+            "process[\"%{name}\"]: invalid environment variable name"
+        )));
+    }
+    match value {
+        Value::Nil => std::env::remove_var(name),
+        Value::String(_) | Value::Integer(_) | Value::Number(_) => {
+            let v = value.to_string()?;
+            if v.contains('\0') {
+                return Err(mlua::Error::runtime(format!(
+                    "process[\"%{name}\"]: the value contains a NUL byte"
+                )));
+            }
+            std::env::set_var(name, v)
+        }
+        other => {
+            return Err(mlua::Error::runtime(format!(
+                "process[\"%{name}\"]: expected a string, a number or nil, got a {}",
+                other.type_name()
+            )))
+        }
+    }
+    Ok(())
+}
+
+/// `process["$key"] = json` sets a key of the running configuration (every instance sees
+/// it); `process["$"] = json` replaces the whole engine section, as STAGE.
+fn set_config(lua: &Lua, name: &str, value: &Value) -> mlua::Result<()> {
+    let Value::String(text) = value else {
+        return Err(mlua::Error::runtime(format!(
+            "process[\"${name}\"]: expected JSON text, got a {}",
+            value.type_name()
+        )));
+    };
+    let json: serde_json::Value = serde_json::from_slice(&text.as_bytes())
+        .map_err(|e| mlua::Error::runtime(format!("process[\"${name}\"]: invalid JSON: {e}")))?;
+    let c = ctx(lua);
+    let mut section = c.node.section.lock().expect("section");
+    if name.is_empty() {
+        if !json.is_object() {
+            return Err(mlua::Error::runtime(
+                "process[\"$\"]: expected a JSON object (the whole engine section)",
+            ));
+        }
+        *section = json;
+    } else if let serde_json::Value::Object(m) = &mut *section {
+        m.insert(name.to_string(), json);
+    }
+    Ok(())
 }
 
 /// Sets the name `ps` shows (the kernel keeps 15 bytes of it).

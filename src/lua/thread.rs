@@ -8,7 +8,7 @@ use crate::host::workers::Pool;
 use crate::host::{call_callback, ctx};
 use crate::lua::value;
 use crate::value::Value as Sent;
-use mlua::{Function, Lua, LuaOptions, MultiValue, StdLib, Table, Value};
+use mlua::{Function, Lua, MultiValue, Table, Value};
 use std::cell::RefCell;
 use std::collections::{HashSet, VecDeque};
 use std::rc::Rc;
@@ -24,11 +24,24 @@ struct Job {
     code: Vec<u8>,
     args: Vec<Sent>,
     events: mpsc::Sender<Event>,
+    node: std::sync::Arc<crate::host::NodeShared>,
+    /// The instance that started the job: the worker's state acts for it.
+    stage_id: String,
+    number: usize,
+    /// The caller's `*NAME` globals, declared in the worker's state too.
+    shared: Vec<String>,
+}
+
+/// A worker thread's runtime and its full stage states, one per calling instance, created
+/// on first use and reused for the next jobs.
+struct Worker {
+    rt: tokio::runtime::Runtime,
+    local: tokio::task::LocalSet,
+    states: std::collections::HashMap<usize, Lua>,
 }
 
 thread_local! {
-    /// A worker thread's Lua state, created on its first job and reused for the next ones.
-    static WORKER_STATE: std::cell::OnceCell<Option<Lua>> = const { std::cell::OnceCell::new() };
+    static WORKER: RefCell<Option<Worker>> = const { RefCell::new(None) };
 }
 
 /// The job whose function runs on this worker's state now (for `thread.signal`).
@@ -37,22 +50,34 @@ struct CurrentJob(RefCell<Option<mpsc::Sender<Event>>>);
 /// Runs one `thread.new` job on the calling worker thread.
 fn run_on_worker(job: Job) {
     let events = job.events.clone();
-    let result = WORKER_STATE.with(|state| {
-        let lua = state.get_or_init(|| match worker_state() {
-            Ok(l) => Some(l),
-            Err(e) => {
-                log::error!("thread.new: cannot create a worker's Lua state: {e}");
-                None
+    let result = WORKER.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.is_none() {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| format!("thread.new: cannot start a worker runtime: {e}"))?;
+            *slot = Some(Worker {
+                rt,
+                local: tokio::task::LocalSet::new(),
+                states: Default::default(),
+            });
+        }
+        let w = slot.as_mut().expect("worker");
+        let lua = match w.states.get(&job.number) {
+            Some(l) => l.clone(),
+            None => {
+                let lua = worker_state(&job).map_err(|e| crate::host::script_error::format(&e))?;
+                w.local.block_on(&w.rt, crate::host::instance::run_preloads(&lua));
+                w.states.insert(job.number, lua.clone());
+                lua
             }
-        });
-        let Some(lua) = lua else {
-            return Err("thread.new: the worker has no Lua state".to_string());
         };
         *lua.app_data_ref::<CurrentJob>()
             .expect("worker job")
             .0
             .borrow_mut() = Some(events.clone());
-        let result = run_job(lua, &job);
+        let result = w.local.block_on(&w.rt, run_job(&lua, &job));
         *lua.app_data_ref::<CurrentJob>()
             .expect("worker job")
             .0
@@ -65,44 +90,46 @@ fn run_on_worker(job: Job) {
     let _ = events.blocking_send(Event::Done(result));
 }
 
-fn run_job(lua: &Lua, job: &Job) -> Result<Vec<Sent>, String> {
+async fn run_job(lua: &Lua, job: &Job) -> Result<Vec<Sent>, String> {
+    let fmt = |e: mlua::Error| crate::host::script_error::format(&e);
+    if !job.shared.is_empty() {
+        let sandbox: Table = lua.globals().get("_SANDBOX").map_err(fmt)?;
+        let names: Vec<String> = job.shared.iter().map(|n| format!("*{n}")).collect();
+        sandbox.set("", names).map_err(fmt)?;
+    }
     let f = match value::to_lua(lua, &Sent::Function(job.code.clone())) {
         Ok(Value::Function(f)) => f,
         Ok(_) => return Err("thread.new: not a function".into()),
-        Err(e) => return Err(crate::host::script_error::format(&e)),
+        Err(e) => return Err(fmt(e)),
     };
-    let args = value::to_lua_multi(lua, &job.args).map_err(|e| crate::host::script_error::format(&e))?;
-    let rets: MultiValue = f.call(args).map_err(|e| crate::host::script_error::format(&e))?;
+    let args = value::to_lua_multi(lua, &job.args).map_err(fmt)?;
+    let rets: MultiValue = f.call_async(args).await.map_err(fmt)?;
     value::from_lua_multi(lua, rets, "return", 1).map_err(|e| e.to_string())
 }
 
-/// A worker's Lua state: the standard libraries, `thread.signal` and `print` (to the log).
-fn worker_state() -> mlua::Result<Lua> {
-    let lua = unsafe { Lua::unsafe_new_with(StdLib::ALL, LuaOptions::new()) };
-    lua.gc_gen(0, 0);
+/// A worker's Lua state: a full stage state acting for the calling instance (every module,
+/// the preloads), whose `thread.signal` sends to the job that runs.
+fn worker_state(job: &Job) -> mlua::Result<Lua> {
+    let lua = crate::host::instance::new_worker_state(
+        &job.node,
+        &job.stage_id,
+        job.number,
+        &crate::lua::bindings(),
+    )?;
     lua.set_app_data(CurrentJob(RefCell::new(None)));
-    let t = lua.create_table()?;
+    let t: Table = lua.globals().get("thread")?;
     t.set(
         "signal",
-        lua.create_function(|lua, args: MultiValue| {
-            let values = value::from_lua_multi(lua, args, "arg", 1).lua_err_in("thread.signal")?;
+        lua.create_async_function(|lua, args: MultiValue| async move {
+            let values = value::from_lua_multi(&lua, args, "arg", 1).lua_err_in("thread.signal")?;
             let tx = lua
                 .app_data_ref::<CurrentJob>()
                 .and_then(|j| j.0.borrow().clone());
             match tx {
-                // A worker thread may block: this is the pool for blocking work.
-                Some(tx) => Ok(tx.blocking_send(Event::Signal(values)).is_ok()),
+                // Waits while the caller's queue of early values is full.
+                Some(tx) => Ok(tx.send(Event::Signal(values)).await.is_ok()),
                 None => Ok(false),
             }
-        })?,
-    )?;
-    lua.globals().set("thread", t)?;
-    lua.globals().set(
-        "print",
-        lua.create_function(|_, args: MultiValue| {
-            let parts: Vec<String> = args.iter().map(|v| v.to_string().unwrap_or_default()).collect();
-            log::info!(target: "thread", "{}", parts.join("\t"));
-            Ok(())
         })?,
     )?;
     Ok(lua)
@@ -113,6 +140,8 @@ struct Handle {
     cb: RefCell<Option<Function>>,
     pending: RefCell<VecDeque<Event>>,
     pumping: std::cell::Cell<bool>,
+    /// Set by `waitfor(nil)`: the job's values are dropped.
+    dropped: std::cell::Cell<bool>,
 }
 
 /// Delivers pending events to the callback, one at a time and in order.
@@ -148,6 +177,25 @@ fn pump(lua: &Lua, h: &Rc<Handle>) {
 pub fn open(lua: &Lua) -> mlua::Result<Table> {
     let t = lua.create_table()?;
     t.set("new", lua.create_function(new)?)?;
+    // STAGE's thread.id: the OS id of the thread running this state.
+    t.set("id", unsafe { libc::gettid() } as i64)?;
+    let meta = lua.create_table()?;
+    meta.set(
+        "__index",
+        lua.create_function(|_, (_, k): (Table, String)| {
+            Ok(match k.as_str() {
+                // STAGE's thread.tick: wall-clock seconds, milliseconds as the fraction.
+                "tick" => Some(
+                    std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_millis() as f64 / 1000.0)
+                        .unwrap_or(0.0),
+                ),
+                _ => None,
+            })
+        })?,
+    )?;
+    t.set_metatable(Some(meta))?;
     t.set(
         "signal",
         lua.create_function(|_, _: MultiValue| -> mlua::Result<()> {
@@ -172,10 +220,15 @@ fn new(lua: &Lua, (f, args): (Function, MultiValue)) -> mlua::Result<Table> {
         .threads
         .get_or_init(|| Pool::start("thread", c.node.config.workers, c.node.config.queue));
     let (tx, mut rx) = mpsc::channel(64);
+    let shared = shared_names(lua)?;
     let job = Job {
         code,
         args,
         events: tx,
+        node: c.node.clone(),
+        stage_id: c.stage_id.clone(),
+        number: c.number,
+        shared,
     };
     pool.try_submit(Box::new(move || run_on_worker(job)))
         .lua_err_in("thread.new")?;
@@ -183,11 +236,15 @@ fn new(lua: &Lua, (f, args): (Function, MultiValue)) -> mlua::Result<Table> {
         cb: RefCell::new(None),
         pending: RefCell::new(VecDeque::new()),
         pumping: std::cell::Cell::new(false),
+        dropped: std::cell::Cell::new(false),
     });
     {
         let (lua, h) = (lua.clone(), h.clone());
         tokio::task::spawn_local(async move {
             while let Some(ev) = rx.recv().await {
+                if h.dropped.get() {
+                    continue;
+                }
                 h.pending.borrow_mut().push_back(ev);
                 pump(&lua, &h);
             }
@@ -205,8 +262,18 @@ fn new(lua: &Lua, (f, args): (Function, MultiValue)) -> mlua::Result<Table> {
                 _ => None,
             });
             let Some(cb) = cb else {
-                return Err(mlua::Error::runtime("waitfor: expected a callback function"));
+                // `to.waitfor(nil)` (STAGE): no more callbacks; what the job sends is dropped.
+                if args.iter().any(|v| !v.is_nil() && !matches!(v, Value::Table(_))) {
+                    return Err(mlua::Error::runtime(
+                        "waitfor: expected a callback function or nil",
+                    ));
+                }
+                *h2.cb.borrow_mut() = None;
+                h2.dropped.set(true);
+                h2.pending.borrow_mut().clear();
+                return Ok(this.clone());
             };
+            h2.dropped.set(false);
             *h2.cb.borrow_mut() = Some(cb);
             pump(lua, &h2);
             Ok(this.clone())
@@ -215,23 +282,64 @@ fn new(lua: &Lua, (f, args): (Function, MultiValue)) -> mlua::Result<Table> {
     Ok(obj)
 }
 
+/// The `*NAME` globals declared in this state (without the `*`).
+fn shared_names(lua: &Lua) -> mlua::Result<Vec<String>> {
+    let Ok(sandbox) = lua.globals().get::<Table>("_SANDBOX") else {
+        return Ok(vec![]);
+    };
+    let list: Vec<String> = sandbox.get::<Option<Vec<String>>>("")?.unwrap_or_default();
+    Ok(list
+        .into_iter()
+        .filter_map(|n| n.strip_prefix('*').map(str::to_string))
+        .collect())
+}
+
 /// Installs `_SANDBOX`: `_SANDBOX[""] = {"*NAME", ...}` makes global `NAME` shared by all
 /// instances of the process. The names live in `NodeShared::sandbox`; each read of such a
-/// global gets a fresh copy of the latest value, each assignment replaces it.
+/// global gets a fresh copy of the latest value, each assignment replaces it. A name without
+/// `*` is STAGE's per-coroutine sandbox global: accepted and listed, and otherwise a plain
+/// global (an instance's coroutines share its globals, as in plain Lua). Also installs `__`.
 pub fn install_sandbox(lua: &Lua) -> mlua::Result<()> {
     let shared: Rc<RefCell<HashSet<String>>> = Rc::new(RefCell::new(HashSet::new()));
+    // Every declared name as written (`NAME`, `*NAME`), in declaration order.
+    let declared: Rc<RefCell<Vec<String>>> = Rc::new(RefCell::new(vec![]));
     let sandbox = lua.create_table()?;
     let meta = lua.create_table()?;
-    let names = shared.clone();
+    let list = declared.clone();
     meta.set(
         "__index",
         lua.create_function(move |lua, (_, k): (Table, Value)| {
             if matches!(&k, Value::String(s) if s.as_bytes().is_empty()) {
-                let mut list: Vec<String> = names.borrow().iter().map(|n| format!("*{n}")).collect();
-                list.sort();
-                return Ok(Value::Table(lua.create_sequence_from(list)?));
+                return Ok(Value::Table(lua.create_sequence_from(list.borrow().clone())?));
             }
             Ok(Value::Nil)
+        })?,
+    )?;
+    let list = declared.clone();
+    // `pairs(_SANDBOX)`: each declared name (`NAME` or `*NAME`) with the global's value.
+    meta.set(
+        "__pairs",
+        lua.create_function(move |lua, _: Table| {
+            let names = list.clone();
+            let next = lua.create_function(move |lua, (_, k): (Value, Value)| {
+                let names = names.borrow();
+                let at = match &k {
+                    Value::Nil => 0,
+                    Value::String(s) => {
+                        let s = s.to_str()?.to_string();
+                        names.iter().position(|n| *n == s).map_or(names.len(), |i| i + 1)
+                    }
+                    _ => names.len(),
+                };
+                match names.get(at) {
+                    Some(n) => {
+                        let v: Value = lua.globals().get(n.trim_start_matches('*'))?;
+                        Ok((Value::String(lua.create_string(n)?), v))
+                    }
+                    None => Ok((Value::Nil, Value::Nil)),
+                }
+            })?;
+            Ok((next, Value::Nil, Value::Nil))
         })?,
     )?;
     let names = shared.clone();
@@ -242,23 +350,145 @@ pub fn install_sandbox(lua: &Lua) -> mlua::Result<()> {
                 return t.raw_set(k, v);
             }
             let Value::Table(list) = v else {
-                return Err(mlua::Error::runtime("_SANDBOX[\"\"]: expected a list of \"*NAME\" strings"));
+                return Err(mlua::Error::runtime(
+                    "_SANDBOX[\"\"]: expected a list of names (\"*NAME\" shared by all instances, \"NAME\" per coroutine)",
+                ));
             };
             for entry in list.sequence_values::<String>() {
                 let entry = entry?;
-                let Some(name) = entry.strip_prefix('*').filter(|n| !n.is_empty()) else {
+                let name = entry.strip_prefix('*').unwrap_or(&entry);
+                let valid = !name.is_empty()
+                    && !name.starts_with(|c: char| c.is_ascii_digit())
+                    && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+                if !valid {
                     return Err(mlua::Error::runtime(format!(
-                        "_SANDBOX[\"\"]: expected \"*NAME\" (a global shared by all instances), got \"{entry}\""
+                        "_SANDBOX[\"\"]: \"{entry}\" is not a global name (expected \"NAME\" or \"*NAME\")"
                     )));
-                };
-                share_global(lua, &names, name)?;
+                }
+                if entry.starts_with('*') {
+                    share_global(lua, &names, name)?;
+                }
+                let mut d = declared.borrow_mut();
+                if !d.contains(&entry) {
+                    d.push(entry.clone());
+                }
             }
             Ok(())
         })?,
     )?;
     sandbox.set_metatable(Some(meta))?;
     lua.globals().set("_SANDBOX", sandbox)?;
+    lua.globals().set("__", store_view(lua, String::new())?)?;
     Ok(())
+}
+
+thread_local! {
+    /// Whether this thread holds the node's `__(name, f)` update lock (re-entry runs inline).
+    static UPDATING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// `__` (STAGE's sandbox helper) over the node-wide store of `*NAME` globals: `__.NAME`
+/// reads, `__.NAME = v` writes, `__[n]` is namespace `n` of the store (`__[n] = nil` clears
+/// it), and `__("NAME", function (v) return new end)` updates atomically across instances.
+fn store_view(lua: &Lua, prefix: String) -> mlua::Result<Table> {
+    let t = lua.create_table()?;
+    let meta = lua.create_table()?;
+    let key_of = {
+        let prefix = prefix.clone();
+        move |k: &Value| -> mlua::Result<String> {
+            match k {
+                Value::String(s) => Ok(format!("{prefix}{}", s.to_str()?)),
+                Value::Integer(i) => Ok(format!("{prefix}{i}")),
+                other => Err(mlua::Error::runtime(format!(
+                    "__: a key must be a name, got a {}",
+                    other.type_name()
+                ))),
+            }
+        }
+    };
+    let (k1, p1) = (key_of.clone(), prefix.clone());
+    meta.set(
+        "__index",
+        lua.create_function(move |lua, (_, k): (Table, Value)| {
+            if let (Value::Integer(n), true) = (&k, p1.is_empty()) {
+                if *n <= 0 {
+                    return Err(mlua::Error::runtime("__[n]: n must be a positive integer"));
+                }
+                return store_view(lua, format!("#{n}.")).map(Value::Table);
+            }
+            let key = k1(&k)?;
+            let v = ctx(lua).node.sandbox.lock().expect("sandbox").get(&key).cloned();
+            match v {
+                Some(v) => value::to_lua(lua, &v),
+                None => Ok(Value::Nil),
+            }
+        })?,
+    )?;
+    let (k2, p2) = (key_of.clone(), prefix.clone());
+    meta.set(
+        "__newindex",
+        lua.create_function(move |lua, (_, k, v): (Table, Value, Value)| {
+            let node = ctx(lua).node.clone();
+            if let (Value::Integer(n), true) = (&k, p2.is_empty()) {
+                if !v.is_nil() || *n <= 0 {
+                    return Err(mlua::Error::runtime(
+                        "__[n] = nil clears namespace n (n > 0); other values cannot be assigned to it",
+                    ));
+                }
+                let ns = format!("#{n}.");
+                node.sandbox
+                    .lock()
+                    .expect("sandbox")
+                    .retain(|k, _| !k.starts_with(&ns));
+                return Ok(());
+            }
+            let key = k2(&k)?;
+            if v.is_nil() {
+                node.sandbox.lock().expect("sandbox").remove(&key);
+            } else {
+                let sent = value::from_lua(lua, &v, &format!("__.{key}")).lua_err()?;
+                node.sandbox.lock().expect("sandbox").insert(key, sent);
+            }
+            Ok(())
+        })?,
+    )?;
+    let k3 = key_of;
+    meta.set(
+        "__call",
+        lua.create_function(move |lua, (_, k, f): (Table, Value, Function)| {
+            let key = k3(&k)?;
+            let node = ctx(lua).node.clone();
+            let reentered = UPDATING.with(|u| u.get());
+            let _guard = if reentered {
+                None
+            } else {
+                let g = node.sandbox_update.lock().unwrap_or_else(|e| e.into_inner());
+                UPDATING.with(|u| u.set(true));
+                Some(g)
+            };
+            let result = (|| {
+                let cur = node.sandbox.lock().expect("sandbox").get(&key).cloned();
+                let cur = match cur {
+                    Some(v) => value::to_lua(lua, &v)?,
+                    None => Value::Nil,
+                };
+                // Called directly: a yield inside would hold the lock, so it is an error.
+                let new: Value = f.call(cur.clone())?;
+                if new.is_nil() {
+                    return Ok(cur);
+                }
+                let sent = value::from_lua(lua, &new, &format!("__.{key}")).lua_err()?;
+                node.sandbox.lock().expect("sandbox").insert(key.clone(), sent);
+                Ok(new)
+            })();
+            if !reentered {
+                UPDATING.with(|u| u.set(false));
+            }
+            result
+        })?,
+    )?;
+    t.set_metatable(Some(meta))?;
+    Ok(t)
 }
 
 /// Makes global `name` shared: a value already set here is committed unless another

@@ -1,12 +1,12 @@
 --! {"#threads": [2, 24]}
--- thread.new runs a function on the blocking pool in its own Lua state; .waitfor gets
+-- thread.new runs a function on the blocking pool in its own (full stage) Lua state; .waitfor gets
 -- early thread.signal values, then the return values.
 local got = {}
 local obj = thread.new(function(a, n)
     thread.signal("early", a)
     local s = 0
     for i = 1, n do s = s + i end
-    return s, math.type(s), type(stage) -- the worker's state has no stage module
+    return s, math.type(s), type(stage) -- the worker's state is a full stage state (issue 11)
 end, "x", 100)
 obj.waitfor(function(...) got[#got + 1] = { ... } end)
 for _ = 1, 200 do
@@ -18,7 +18,7 @@ eq(got[1][1], "early")
 eq(got[1][2], "x")
 eq(got[2][1], 5050)
 eq(got[2][2], "integer")
-eq(got[2][3], "nil")
+eq(got[2][3], "table")
 
 -- a blocking call does not block the instance: a timer keeps running meanwhile
 local ticks = 0
