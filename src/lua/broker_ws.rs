@@ -11,8 +11,8 @@
 //!
 //! Closing is graceful so that the last replies and the close frame reach the peer: the
 //! close frame (with the code `net::ws` chose: 1007 for invalid UTF-8, 1009 too big, ...),
-//! then up to `LINGER` for the peer's close, then a TLS close_notify / FIN, then reading
-//! what the peer still sends until it closes too (closing a socket with unread input makes
+//! then a TLS close_notify and FIN, then reading (and dropping) what the peer still sends,
+//! its close answer included, until it closes too or `LINGER` passes (closing a socket with unread input makes
 //! the kernel send a reset, which can destroy replies the peer has not read yet).
 
 use super::*;
@@ -665,6 +665,11 @@ async fn run_ws<S: AsyncRead + AsyncWrite + Unpin>(lua: Lua, conn: Rc<Conn>, ws:
         } else {
             let frame = match &refusal {
                 Some(r) => r.frame(),
+                // 1001 "going away" when the node stops, else 1000.
+                None if reason == "node stopping" => CloseFrame {
+                    code: CloseCode::Away,
+                    reason: "node stopping".into(),
+                },
                 None => CloseFrame {
                     code: CloseCode::Normal,
                     reason: "".into(),
@@ -673,10 +678,9 @@ async fn run_ws<S: AsyncRead + AsyncWrite + Unpin>(lua: Lua, conn: Rc<Conn>, ws:
             if sink.send(Message::Close(Some(frame))).await.is_err() {
                 return;
             }
-            // The peer's close answer ends the stream.
-            while let Some(Ok(_)) = stream.next().await {}
         }
-        // FIN (after close_notify on wss), then read until the peer closes too.
+        // FIN (after close_notify on wss), then read until the peer closes too: its close
+        // answer, if it sends one, is read and dropped here.
         if let Ok(ws) = sink.reunite(stream) {
             let mut s = ws.into_inner();
             let _ = s.shutdown().await;
