@@ -631,6 +631,20 @@ async fn run_ws<S: AsyncRead + AsyncWrite + Unpin>(lua: Lua, conn: Rc<Conn>, ws:
                         refusal = Some(wsnet::Refusal { code: CloseCode::Invalid.into(), reason: e.clone() });
                         break (format!("websocket closed with {e} (1007)"), true);
                     }
+                    // The replies go out now when the socket takes them (as `tcp://` writes
+                    // after each batch), without another round through the select; what
+                    // does not fit is left to the write branch.
+                    writing |= due(&conn, &mut flush_at);
+                    if writing {
+                        match std::future::poll_fn(|cx| poll_ws_write(&conn, &mut sink, cx)).now_or_never() {
+                            Some(Ok(())) => writing = false,
+                            Some(Err(e)) => {
+                                peer_closed = true;
+                                break (e, false);
+                            }
+                            None => {}
+                        }
+                    }
                     tokio::task::yield_now().await;
                 }
                 if let Some(end) = end {
