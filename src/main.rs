@@ -61,8 +61,9 @@ enum Command {
     Lb(stage::lb_cli::LbArgs),
     /// Send JSON requests as BSON frames to a broker port and print the replies as JSON.
     Send {
-        /// `host:port`, a broker URI such as `udp://127.0.0.1:9000?bson`, or an `http://`
-        /// URL (GET, or POST of the JSON; `-` posts each line of stdin).
+        /// `host:port`, a broker URI such as `udp://127.0.0.1:9000?bson`,
+        /// `ws://127.0.0.1:8081/game?bson` (also `tls://`, `wss://`), or an `http://` URL
+        /// (GET, or POST of the JSON; `-` posts each line of stdin).
         addr: String,
         /// One request as a JSON object; without it, each line of stdin is a request.
         json: Option<String>,
@@ -72,6 +73,9 @@ enum Command {
         /// Milliseconds to wait for each reply.
         #[arg(long, default_value_t = 5000)]
         timeout: u64,
+        /// A PEM file of extra trusted roots (a private CA) for tls:// and wss://.
+        #[arg(long)]
+        ca: Option<std::path::PathBuf>,
     },
 }
 
@@ -121,12 +125,14 @@ fn main() -> ExitCode {
             json,
             framing,
             timeout,
+            ca,
         } => {
             let opts = stage::send::SendOptions {
                 addr,
                 json,
                 framing,
                 timeout_ms: timeout,
+                ca,
             };
             match stage::send::run(&opts) {
                 Ok(0) => ExitCode::SUCCESS,

@@ -1,5 +1,6 @@
-//! `stage send ADDR [JSON]`: a BSON client for people and scripts (and an HTTP one for
-//! `http://` and `https://` addresses). Each request (the JSON
+//! `stage send ADDR [JSON]`: a BSON client for people and scripts over `tcp://`, `udp://`,
+//! `tls://`, `ws://` and `wss://` (each request one WebSocket message), and an HTTP one for
+//! `http://` and `https://` addresses. Each request (the JSON
 //! argument, or each line of stdin) is sent as one frame; each reply is printed as one JSON
 //! line. Also the JSON <-> BSON conversion it needs (extended JSON `$date`, `$oid`).
 
@@ -10,6 +11,7 @@ use serde_json::{Map, Number, Value as Json};
 use std::io::{BufRead, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs, UdpSocket};
 use std::time::{Duration, Instant};
+use tokio_tungstenite::tungstenite::{self, Message};
 
 /// `stage send http://host:port/path [JSON]`: a GET, or a POST of each JSON request (the
 /// argument, or each line of stdin when the argument is `-`); prints each body. Counts the
@@ -72,6 +74,8 @@ pub struct SendOptions {
     pub json: Option<String>,
     pub framing: Option<String>,
     pub timeout_ms: u64,
+    /// A PEM file of extra trusted roots for `tls://` and `wss://` (a private CA).
+    pub ca: Option<std::path::PathBuf>,
 }
 
 /// Runs the client; returns the number of requests that got no reply.
@@ -102,8 +106,25 @@ pub fn run(opts: &SendOptions) -> anyhow::Result<usize> {
     };
     let mut conn = match ep.proto {
         Proto::Http => unreachable!("http is sent by `http`"),
-        Proto::Ws => bail!("{}: ws:// is not supported by stage send yet", ep.authority()),
-        Proto::Tcp if ep.tls => bail!("{}: tls:// is not supported by stage send yet", ep.authority()),
+        Proto::Ws => {
+            let s = connect(&ep, addr, timeout, opts)?;
+            let url = format!(
+                "{}://{}{}",
+                if ep.tls { "wss" } else { "ws" },
+                ep.authority(),
+                if ep.path.is_empty() { "/" } else { &ep.path }
+            );
+            let cfg = crate::net::ws::config(ep.max_in.max(16 << 20));
+            let (ws, _) =
+                tungstenite::client::client_with_config(url.as_str(), s, Some(cfg)).map_err(|e| match e {
+                    tungstenite::HandshakeError::Failure(tungstenite::Error::Http(r)) => {
+                        anyhow!("{url}: websocket upgrade refused with {}", r.status())
+                    }
+                    e => anyhow!("{url}: websocket upgrade failed: {e}"),
+                })?;
+            Conn::Ws(Box::new(ws))
+        }
+        Proto::Tcp if ep.tls => Conn::Stream(connect(&ep, addr, timeout, opts)?, Vec::new()),
         Proto::Tcp => {
             let s = TcpStream::connect_timeout(&addr, timeout)
                 .with_context(|| format!("cannot connect to {addr}"))?;
@@ -132,8 +153,16 @@ pub fn run(opts: &SendOptions) -> anyhow::Result<usize> {
                 json_to_bson(&v)?
             }
         };
-        put_frame(ep.framing, &payload, &mut frame);
-        conn.send(&frame)?;
+        match &mut conn {
+            Conn::Ws(ws) => {
+                let msg = crate::net::ws::outbound(ep.framing, payload).map_err(|e| anyhow!(e))?;
+                ws.send(msg)?;
+            }
+            _ => {
+                put_frame(ep.framing, &payload, &mut frame);
+                conn.send(&frame)?;
+            }
+        }
         match conn.recv(ep.framing, ep.max_in.max(16 << 20), timeout)? {
             Some(reply) => {
                 let text = match ep.framing {
@@ -156,8 +185,83 @@ pub fn run(opts: &SendOptions) -> anyhow::Result<usize> {
     Ok(missing)
 }
 
+/// A TCP connection, plain or TLS (`tls://`, `wss://`).
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
+}
+
+impl Stream {
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            Stream::Plain(s) => s,
+            Stream::Tls(s) => &s.sock,
+        }
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.read(b),
+            Stream::Tls(s) => s.read(b),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.write(b),
+            Stream::Tls(s) => s.write(b),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Stream::Plain(s) => s.flush(),
+            Stream::Tls(s) => s.flush(),
+        }
+    }
+}
+
+/// Connects to `addr`, with TLS when the URI asks (the certificate checked against the
+/// URI's host, trusting the public roots and `--ca`).
+fn connect(
+    ep: &uri::Endpoint,
+    addr: std::net::SocketAddr,
+    timeout: Duration,
+    opts: &SendOptions,
+) -> anyhow::Result<Stream> {
+    let s =
+        TcpStream::connect_timeout(&addr, timeout).with_context(|| format!("cannot connect to {addr}"))?;
+    let _ = s.set_nodelay(true);
+    if !ep.tls {
+        return Ok(Stream::Plain(s));
+    }
+    let alpn: &[&[u8]] = if ep.proto == Proto::Ws {
+        &[b"http/1.1"]
+    } else {
+        &[]
+    };
+    let cfg = crate::net::tls::client_config(opts.ca.as_deref(), alpn).map_err(|e| anyhow!(e))?;
+    let name = rustls::pki_types::ServerName::try_from(ep.host.clone())
+        .map_err(|e| anyhow!("tls server name '{}': {e}", ep.host))?;
+    let mut c = rustls::ClientConnection::new(std::sync::Arc::new(cfg), name)?;
+    let mut s = s;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    while c.is_handshaking() {
+        c.complete_io(&mut s)
+            .map_err(|e| anyhow!("{}: tls handshake failed: {e}", ep.authority()))?;
+    }
+    Ok(Stream::Tls(Box::new(rustls::StreamOwned::new(c, s))))
+}
+
 enum Conn {
     Tcp(TcpStream, Vec<u8>),
+    Stream(Stream, Vec<u8>),
+    Ws(Box<tungstenite::WebSocket<Stream>>),
     Udp(UdpSocket),
 }
 
@@ -165,6 +269,11 @@ impl Conn {
     fn send(&mut self, frame: &[u8]) -> anyhow::Result<()> {
         match self {
             Conn::Tcp(s, _) => s.write_all(frame)?,
+            Conn::Stream(s, _) => {
+                s.write_all(frame)?;
+                s.flush()?;
+            }
+            Conn::Ws(_) => unreachable!("websocket messages are sent by `run`"),
             Conn::Udp(s) => {
                 s.send(frame)?;
             }
@@ -197,6 +306,61 @@ impl Conn {
                     Err(e) => Err(e.into()),
                 }
             }
+            Conn::Ws(ws) => loop {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Ok(None);
+                }
+                ws.get_ref().tcp().set_read_timeout(Some(left))?;
+                match ws.read() {
+                    Ok(Message::Binary(b)) => return Ok(Some(b.to_vec())),
+                    Ok(Message::Text(t)) => return Ok(Some(t.as_bytes().to_vec())),
+                    Ok(Message::Close(c)) => match c {
+                        Some(c) => bail!(
+                            "the server closed the websocket: {} ({})",
+                            c.reason,
+                            u16::from(c.code)
+                        ),
+                        None => bail!("the server closed the websocket"),
+                    },
+                    Ok(_) => {}
+                    Err(tungstenite::Error::Io(e))
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        ) =>
+                    {
+                        return Ok(None)
+                    }
+                    Err(e) => bail!("websocket: {e}"),
+                }
+            },
+            Conn::Stream(s, buf) => loop {
+                if let Some(f) = next_frame(framing, buf, limit)? {
+                    let payload = buf[f.start..f.end].to_vec();
+                    buf.drain(..f.consumed);
+                    return Ok(Some(payload));
+                }
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Ok(None);
+                }
+                s.tcp().set_read_timeout(Some(left))?;
+                let mut chunk = [0u8; 16384];
+                match s.read(&mut chunk) {
+                    Ok(0) => bail!("connection closed by the server"),
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        ) =>
+                    {
+                        return Ok(None)
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            },
             Conn::Tcp(s, buf) => loop {
                 if let Some(f) = next_frame(framing, buf, limit)? {
                     let payload = buf[f.start..f.end].to_vec();

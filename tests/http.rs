@@ -363,6 +363,7 @@ fn bad_input_is_refused_with_a_status_and_a_log_line() {
         "413, POST /b: content-length 2000 over IN limit 1024",
         "413, POST /c: body over IN limit 1024",
         "400, bad request",
+        "POST /front: content-length and transfer-encoding together",
         "GET /fail from 127.0.0.1",
         "500, error in handler: package/start.lua",
         "boom in the handler",

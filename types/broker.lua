@@ -10,6 +10,7 @@
 ---@field [0] integer
 ---@field [1] broker.addr|nil the peer address
 ---@field [-1] broker.addr|nil the local address
+---@field path? string ws:// and wss:// accepted sockets: the upgrade request's path and query ("/game?room=3")
 ---@field receive? fun(socket: broker.socket, data: any, addr?: broker.addr): any frames of a joined socket go here unless on_connect returned a function
 ---@field onclose? fun(socket: broker.socket) a joined socket's close callback
 local socket = {}
@@ -66,22 +67,48 @@ broker = {}
 ---@field cert? string PEM certificate chain (https), relative to the home; default #tls.cert
 ---@field key? string PEM private key (https); default #tls.key
 
----Listens on `tcp://host:port?FRAMING=IN,OUT` or `udp://host:port?FRAMING`.
+---Options of a tls://, ws:// or wss:// listener.
+---@class broker.tls_options
+---@field cert? string PEM certificate chain, relative to the home; default #tls.cert
+---@field key? string PEM private key; default #tls.key
+
+---Options of broker.join over tls:// or wss://.
+---@class broker.join_options
+---@field ca? string PEM file of extra trusted roots (a private CA), relative to the home; default #tls.ca
+---@field name? string the name the server's certificate must carry; default the URI's host
+
+---Listens on `tcp://host:port?FRAMING=IN,OUT`, `udp://host:port?FRAMING`, `tls://host:port?FRAMING`,
+---`ws://host:port/path?FRAMING` or `wss://...` (each WebSocket message one frame; docs/broker.md).
 ---`accept` returns a function (its receive function), true (use port.receive) or false (refuse).
+---
+---```lua
+---broker.ready("ws://0.0.0.0:8081/game?bson", function (socket, addr)
+---    return function (socket, msg) return { echo = msg } end
+---end)
+---```
 ---With `http://` or `https://`, the second argument is the request handler (docs/http.md).
 ---@param uri string
 ---@param accept fun(socket: broker.socket, addr: broker.addr|nil): (fun(socket: broker.socket, data: any, addr?: broker.addr): any)|boolean|nil
 ---@return broker.port|broker.socket|integer port (UDP: the socket), or an errno
 ---@return string? message on failure
 ---@overload fun(uri: string, handler: fun(req: broker.request): (broker.response|string|integer|nil), options?: broker.http_options): broker.port|integer, string?
+---@overload fun(uri: string, accept: fun(socket: broker.socket, addr: broker.addr|nil): any, options?: broker.tls_options): broker.port|integer, string?
 function broker.ready(uri, accept) end
 
----Connects; yields until connected.
+---Connects (tcp, udp, tls, ws, wss); yields until connected (and the TLS handshake and
+---WebSocket upgrade are done).
+---
+---```lua
+---local s = broker.join("wss://127.0.0.1:8443/game?bson", function (socket, addr)
+---    return function (socket, msg) logger.info(bundle.json(msg)) end
+---end, { ca = "conf/ca.pem" })
+---```
 ---@param uri string
 ---@param on_connect? fun(socket: broker.socket, addr: broker.addr): (fun(socket: broker.socket, data: any): any)|boolean|nil
+---@param options? broker.join_options
 ---@return broker.socket|integer socket, or an errno
 ---@return string? message on failure
-function broker.join(uri, on_connect) end
+function broker.join(uri, on_connect, options) end
 
 ---Closes sockets or ports of this instance.
 ---@param id integer|broker.socket|integer[]

@@ -9,7 +9,9 @@
 //!
 //! `stage-bench http`: a Lua handler answering `{"hello":"world"}` vs a plain hyper server
 //! with the same response and the same thread-per-core shape, 64 keep-alive connections
-//! with one request in flight each; requests/s, latency and server CPU per request.
+//! with one request in flight each; requests/s, latency and server CPU per request. Then
+//! the BSON echo over `ws://` vs the same echo over `tcp://` (stage both, same documents,
+//! 64 connections x 16 and x 1 in flight): msgs/s, CPU per message and their ratios.
 
 use stage::net::framing::{next_frame, Framing};
 use std::io::Write;
@@ -518,6 +520,19 @@ fn start_stage(port: u16) -> Server {
 
 /// `extra` is added to the top level of conf/stage.json (`"#limits": {...}`).
 fn start_stage_with(port: u16, extra: &str) -> Server {
+    start_stage_lua(
+        port,
+        extra,
+        &format!(
+            "local p = broker.ready('tcp://127.0.0.1:{port}?bson=64k,1m', function(socket, addr)\n\
+             \x20   return function(socket, data) return data end\nend)\n\
+             assert(type(p) == 'table', 'listen failed')\n"
+        ),
+    )
+}
+
+/// A stage home on `port` running `script` on each of its instances.
+fn start_stage_lua(port: u16, extra: &str, script: &str) -> Server {
     let exe = std::env::current_exe().unwrap().with_file_name("stage");
     let dir = std::env::temp_dir().join(format!("stage-bench-{}-{port}", std::process::id()));
     for d in ["conf", "package", "logs"] {
@@ -532,15 +547,7 @@ fn start_stage_with(port: u16, extra: &str) -> Server {
         ),
     )
     .unwrap();
-    std::fs::write(
-        dir.join("package/start.lua"),
-        format!(
-            "local p = broker.ready('tcp://127.0.0.1:{port}?bson=64k,1m', function(socket, addr)\n\
-             \x20   return function(socket, data) return data end\nend)\n\
-             assert(type(p) == 'table', 'listen failed')\n"
-        ),
-    )
-    .unwrap();
+    std::fs::write(dir.join("package/start.lua"), script).unwrap();
     let mut child = Command::new(exe)
         .arg("run")
         .arg(&dir)
@@ -796,8 +803,151 @@ fn http() {
         "ratio stage/hyper req/s = {:.2} (target >= 0.5)",
         stage.rate / hyper.rate.max(1.0)
     );
-    if hyper.errors + stage.errors > 0 {
+    let ws_failed = ws_vs_tcp();
+    if hyper.errors + stage.errors > 0 || ws_failed {
         eprintln!("stage-bench: errors occurred");
         std::process::exit(1);
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// WebSocket: the BSON echo over ws:// vs the same echo over tcp://, same documents.
+
+/// One WebSocket connection keeping `depth` BSON messages in flight (as `load_conn`).
+async fn ws_conn(addr: SocketAddr, doc: Rc<Vec<u8>>, depth: usize, start: Instant, stop: Instant) -> Stats {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let mut st = Stats::default();
+    let Ok(tcp) = TcpStream::connect(addr).await else {
+        st.errors += 1;
+        return st;
+    };
+    let _ = tcp.set_nodelay(true);
+    let Ok((ws, _)) = tokio_tungstenite::client_async(format!("ws://{addr}/echo"), tcp).await else {
+        st.errors += 1;
+        return st;
+    };
+    let (mut tx, mut rx) = ws.split();
+    let msg = Message::Binary(bytes::Bytes::from(doc.to_vec()));
+    let mut sent: std::collections::VecDeque<Instant> = Default::default();
+    for _ in 0..depth {
+        sent.push_back(Instant::now());
+        if tx.feed(msg.clone()).await.is_err() {
+            st.errors += 1;
+            return st;
+        }
+    }
+    if tx.flush().await.is_err() {
+        st.errors += 1;
+        return st;
+    }
+    let warm = start + WARMUP;
+    let mut budget = MAX_FRAMES / CONNS as u64;
+    'outer: loop {
+        let first = match tokio::time::timeout_at(stop.into(), rx.next()).await {
+            Ok(m) => m,
+            Err(_) => break, // time is up
+        };
+        // This message and those already arrived: answered with one write, as `load_conn`
+        // answers what one read brought.
+        let mut next = Some(first);
+        let mut again = 0;
+        while let Some(m) = next.take() {
+            let b = match m {
+                Some(Ok(Message::Binary(b))) => b,
+                Some(Ok(_)) => continue,
+                _ => {
+                    st.errors += 1;
+                    break 'outer;
+                }
+            };
+            if b.len() != doc.len() {
+                st.errors += 1;
+            }
+            let t0 = sent.pop_front().unwrap_or(start);
+            let now = Instant::now();
+            if t0 >= warm {
+                st.frames += 1;
+                st.lat.push((now - t0).as_micros().min(u32::MAX as u128) as u32);
+            }
+            if now < stop && budget > 0 {
+                budget -= 1;
+                again += 1;
+            }
+            next = futures_util::FutureExt::now_or_never(rx.next());
+        }
+        if again == 0 {
+            if sent.is_empty() {
+                break;
+            }
+            continue;
+        }
+        let now = Instant::now();
+        for _ in 0..again {
+            sent.push_back(now);
+            if tx.feed(msg.clone()).await.is_err() {
+                st.errors += 1;
+                break 'outer;
+            }
+        }
+        if tx.flush().await.is_err() {
+            st.errors += 1;
+            break;
+        }
+    }
+    st
+}
+
+/// Prints the WebSocket rows; true when errors occurred.
+fn ws_vs_tcp() -> bool {
+    let small = small_doc();
+    println!();
+    println!(
+        "websocket echo vs tcp echo: stage both, BSON document of {} bytes, {CONNS} connections",
+        small.len()
+    );
+    println!(
+        "{:<14} {:<6} {:>11} {:>8} {:>8} {:>9} {:>7}  busy server threads",
+        "case", "proto", "msgs/s", "p50 us", "p99 us", "cpu us/m", "errors"
+    );
+    let mut failed = false;
+    for depth in [16usize, 1] {
+        let case = format!("{CONNS}x{depth} small");
+        let tcp = {
+            let port = free_port();
+            let srv = start_stage(port);
+            run_case(srv.child.id(), ([127, 0, 0, 1], port).into(), &small, depth)
+        };
+        let ws = {
+            let port = free_port();
+            let srv = start_stage_lua(
+                port,
+                "",
+                &format!(
+                    "local p = broker.ready('ws://127.0.0.1:{port}/echo?bson=64k,1m', function(socket, addr)\n\
+                     \x20   return function(socket, data) return data end\nend)\n\
+                     assert(type(p) == 'table', 'listen failed')\n"
+                ),
+            );
+            let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+            let doc = Rc::new(small.clone());
+            measure(srv.child.id(), move |start, stop| {
+                Box::pin(ws_conn(addr, doc.clone(), depth, start, stop))
+            })
+        };
+        for (who, r) in [("tcp", &tcp), ("ws", &ws)] {
+            println!(
+                "{case:<14} {who:<6} {:>11.0} {:>8} {:>8} {:>9.2} {:>7}  {}",
+                r.rate, r.p50, r.p99, r.cpu_us, r.errors, r.threads
+            );
+        }
+        println!(
+            "{case:<14} ratio ws/tcp msgs/s = {:.2} (target >= 0.5), cpu us/msg ws/tcp = {:.2}",
+            ws.rate / tcp.rate.max(1.0),
+            ws.cpu_us / tcp.cpu_us.max(1e-9)
+        );
+        failed |= tcp.errors + ws.errors > 0;
+        let _ = std::io::stdout().flush();
+    }
+    failed
 }

@@ -24,6 +24,11 @@ use tokio::sync::Notify;
 use tokio::task::{spawn_local, AbortHandle};
 use tokio::time::Instant;
 
+/// `tls://`, `ws://`, `wss://`: connections whose task owns a TLS or WebSocket stream (a
+/// child module, so it drives `Conn` without widening what this file exposes).
+#[path = "broker_ws.rs"]
+mod ws;
+
 /// Socket ids are unique in the process (not only per instance), so that an id handed to
 /// another instance can never name a different socket there.
 static NEXT_ID: AtomicI64 = AtomicI64::new(1);
@@ -133,6 +138,8 @@ enum Kind {
         /// Where a reply without an address goes: the connected peer or the last sender.
         peer: Cell<Option<SocketAddr>>,
     },
+    /// TLS or WebSocket (`ws`): the connection's task owns the stream and writes `out`.
+    Task { ws: bool },
 }
 
 /// One connection (TCP) or bound/connected UDP socket.
@@ -283,6 +290,7 @@ impl Conn {
                 }
                 Ok(n)
             }
+            Kind::Task { ws } => ws::commit(self, lua, v, *ws),
             Kind::Udp { sock, peer } => {
                 let Some(to) = addr.or(peer.get()) else {
                     return Err(mlua::Error::runtime(
@@ -440,12 +448,8 @@ async fn ready(lua: Lua, (uri, accept, opts): (String, Function, Option<Table>))
             broker(&lua).ports.borrow_mut().insert(id, (port.clone(), task));
             Ok(MultiValue::from_vec(vec![Value::Table(port)]))
         }
-        Proto::Ws => fail(
-            &lua,
-            None,
-            format!("broker.ready {uri}: ws:// and wss:// are not wired yet"),
-        ),
-        Proto::Tcp if ep.tls => fail(&lua, None, format!("broker.ready {uri}: tls:// is not wired yet")),
+        Proto::Ws => ws::ready(&lua, &uri, ep, addr, accept, opts.as_ref()),
+        Proto::Tcp if ep.tls => ws::ready(&lua, &uri, ep, addr, accept, opts.as_ref()),
         Proto::Tcp => {
             let shared = sock::is_shared(&c.node.config.services_tcp, ep.port);
             let listener = match sock::tcp_listener(addr, shared).and_then(TcpListener::from_std) {
@@ -977,8 +981,12 @@ async fn run_udp(lua: Lua, conn: Rc<Conn>, s: Rc<UdpSocket>) {
     finish(&lua, &conn, "closed", false).await;
 }
 
-/// `broker.join(uri [, on_connect])`: connects; returns the socket, or errno and a message.
-async fn join(lua: Lua, (uri, on_connect): (String, Option<Function>)) -> mlua::Result<MultiValue> {
+/// `broker.join(uri [, on_connect [, options]])`: connects; returns the socket, or errno and a
+/// message. `options` (tls://, wss://): `ca` (PEM file of extra trusted roots), `name`.
+async fn join(
+    lua: Lua,
+    (uri, on_connect, opts): (String, Option<Function>, Option<Table>),
+) -> mlua::Result<MultiValue> {
     let ep = match uri::parse(&uri) {
         Ok(ep) => ep,
         Err(e) => return fail(&lua, None, e.to_string()),
@@ -1001,16 +1009,21 @@ async fn join(lua: Lua, (uri, on_connect): (String, Option<Function>)) -> mlua::
         },
     };
     let conn = match ep.proto {
-        Proto::Http | Proto::Ws => {
+        Proto::Http => {
             return fail(
                 &lua,
                 None,
-                format!("broker.join {uri}: http and ws are served, not joined (use a HTTP client)"),
+                format!("broker.join {uri}: http is served, not joined (use a HTTP client)"),
             )
         }
-        Proto::Tcp if ep.tls => {
-            return fail(&lua, None, format!("broker.join {uri}: tls:// is not wired yet"))
-        }
+        Proto::Ws => match ws::join(&lua, &uri, &ep, addr, opts.as_ref()).await {
+            Ok(conn) => conn,
+            Err((errno, msg)) => return fail(&lua, errno, msg),
+        },
+        Proto::Tcp if ep.tls => match ws::join(&lua, &uri, &ep, addr, opts.as_ref()).await {
+            Ok(conn) => conn,
+            Err((errno, msg)) => return fail(&lua, errno, msg),
+        },
         Proto::Tcp => {
             let stream = match TcpStream::connect(addr).await {
                 Ok(s) => s,

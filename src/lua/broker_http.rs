@@ -59,23 +59,32 @@ fn options(lua: &Lua, ep: &Endpoint, opts: Option<&Table>) -> Result<Options, St
     if !ep.tls {
         return Ok(Options { limits, tls: None });
     }
+    Ok(Options {
+        limits,
+        tls: Some(cert_paths(lua, cert, key)?),
+    })
+}
+
+/// A `#tls` entry of stage.json (`cert`, `key`, `ca`), as a path under the home.
+pub(crate) fn tls_conf(lua: &Lua, k: &str) -> Option<PathBuf> {
     let c = ctx(lua);
-    let conf = c.node.config.lookup("#tls");
-    let from_conf = |k: &str| {
-        conf.and_then(|j| j.get(k))
-            .and_then(|v| v.as_str())
-            .map(String::from)
-    };
-    let cert = cert.or_else(|| from_conf("cert"));
-    let key = key.or_else(|| from_conf("key"));
+    let v = c.node.config.lookup("#tls")?.get(k)?.as_str()?.to_string();
+    Some(c.node.home.root.join(v))
+}
+
+/// The certificate and key of a TLS listener: the options' `cert` and `key`, else `#tls`.
+pub(crate) fn cert_paths(
+    lua: &Lua,
+    cert: Option<String>,
+    key: Option<String>,
+) -> Result<(PathBuf, PathBuf), String> {
+    let root = ctx(lua).node.home.root.clone();
+    let cert = cert.map(|p| root.join(p)).or_else(|| tls_conf(lua, "cert"));
+    let key = key.map(|p| root.join(p)).or_else(|| tls_conf(lua, "key"));
     let (Some(cert), Some(key)) = (cert, key) else {
         return Err("TLS needs a certificate and a key: options { cert = ..., key = ... } or \"#tls\": {\"cert\": ..., \"key\": ...} in stage.json".into());
     };
-    let root = &c.node.home.root;
-    Ok(Options {
-        limits,
-        tls: Some((root.join(cert), root.join(key))),
-    })
+    Ok((cert, key))
 }
 
 /// Starts an HTTP(S) listener for `ep` at `addr`. Returns the local address and the accept

@@ -3,7 +3,8 @@
 //! and the limits answered here: a head over `max_head` → 431 (hyper), a body over `max_body`
 //! → 413, a head not complete within `head_timeout` → 408 (slowloris; an idle keep-alive
 //! connection is closed silently), a handler failure → 500 without details. Every refusal
-//! is logged with the peer and the reason. Nothing here needs `Send`: a handler's future may
+//! is logged with the peer and the reason, and so is a head with both `content-length` and
+//! `transfer-encoding` (hyper serves it safely but silently; see `ConnState::window`). Nothing here needs `Send`: a handler's future may
 //! hold the instance's Lua state.
 
 use bytes::Bytes;
@@ -145,6 +146,53 @@ pub struct Server {
 struct ConnState {
     read: Cell<u64>,
     mark: Cell<u64>,
+    /// HTTP/1: the bytes read since the head of the last request (at most `WINDOW`), where
+    /// `conflicting_lengths` looks for the head of the next one. hyper drops a
+    /// `content-length` sent with `transfer-encoding` before the service sees the request,
+    /// so the raw head is the only place the smuggling attempt is visible.
+    window: Option<RefCell<Vec<u8>>>,
+}
+
+/// The most bytes kept for the head check: beyond hyper's read buffer, so the head of the
+/// request being served is always still there.
+const WINDOW: usize = 256 * 1024;
+
+impl ConnState {
+    fn saw(&self, bytes: &[u8]) {
+        let Some(w) = &self.window else { return };
+        let mut w = w.borrow_mut();
+        let keep = bytes.len().min(WINDOW);
+        let over = (w.len() + keep).saturating_sub(WINDOW);
+        w.drain(..over);
+        w.extend_from_slice(&bytes[bytes.len() - keep..]);
+    }
+
+    /// Finds the head of the request `method target` (the first one not looked at yet, so
+    /// pipelined requests are matched in order), forgets the bytes up to its end, and says
+    /// whether it carried both `content-length` and `transfer-encoding`.
+    fn conflicting_lengths(&self, method: &str, target: &str) -> bool {
+        let Some(w) = &self.window else { return false };
+        let mut w = w.borrow_mut();
+        let line = format!("{method} {target} HTTP/1.");
+        let Some(start) = find(&w, line.as_bytes()) else {
+            return false;
+        };
+        let Some(end) = find(&w[start..], b"\r\n\r\n").map(|e| start + e + 4) else {
+            return false;
+        };
+        let (mut cl, mut te) = (false, false);
+        for l in w[start..end].split(|&b| b == b'\n').skip(1) {
+            let name = |n: &[u8]| l.len() > n.len() && l[..n.len()].eq_ignore_ascii_case(n);
+            cl |= name(b"content-length:");
+            te |= name(b"transfer-encoding:");
+        }
+        w.drain(..end);
+        cl && te
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
 }
 
 /// The connection's stream behind a shared handle, so that the 408 can still be written
@@ -164,6 +212,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Shared<S> {
         let r = Pin::new(&mut *self.io.borrow_mut()).poll_read(cx, buf);
         let n = buf.filled().len() - before;
         self.state.read.set(self.state.read.get() + n as u64);
+        self.state.saw(&buf.filled()[before..]);
         r
     }
 }
@@ -210,7 +259,10 @@ pub async fn serve<S>(server: Rc<Server>, io: S, remote: SocketAddr, h2: bool)
 where
     S: AsyncRead + AsyncWrite + Unpin + 'static,
 {
-    let state = Rc::new(ConnState::default());
+    let state = Rc::new(ConnState {
+        window: (!h2).then(RefCell::default),
+        ..ConnState::default()
+    });
     let io = Rc::new(RefCell::new(io));
     let shared = TokioIo::new(Shared {
         io: io.clone(),
@@ -223,6 +275,12 @@ where
             let server = server.clone();
             let state = state.clone();
             async move {
+                let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
+                if state.conflicting_lengths(req.method().as_str(), target) {
+                    log::warn!(target: &*server.log, "http {remote}: {} {}: content-length and transfer-encoding together \
+                        (a request smuggling attempt?): the chunked body is used and the connection closed after the answer",
+                        req.method(), req.uri().path());
+                }
                 let reply = handle(&server, req, remote).await;
                 state.mark.set(state.read.get());
                 Ok::<_, Infallible>(reply)
@@ -542,6 +600,30 @@ mod tests {
         assert!(r.contains("POST /a 0"), "{r}");
         assert!(r.contains("connection: close"), "{r}");
         assert!(!r.contains("smuggled"), "{r}");
+    }
+
+    #[test]
+    fn conflicting_lengths_are_seen_in_the_raw_head() {
+        let st = ConnState {
+            window: Some(RefCell::default()),
+            ..ConnState::default()
+        };
+        // Pipelined: the first head is honest, the second has both (any case, any order).
+        st.saw(b"POST /a HTTP/1.1\r\nContent-Length: 3\r\n\r\nabcPOST /a HTTP/1.1\r\ncontent-length: 3\r\n");
+        st.saw(b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n");
+        assert!(!st.conflicting_lengths("POST", "/a"));
+        assert!(st.conflicting_lengths("POST", "/a"));
+        assert!(!st.conflicting_lengths("POST", "/a"));
+        st.saw(b"PUT /b?x=1 HTTP/1.1\r\ntransfer-encoding: chunked\r\nCONTENT-LENGTH: 9\r\n\r\n");
+        assert!(st.conflicting_lengths("PUT", "/b?x=1"));
+        // A body that looks like headers is not a head.
+        st.saw(b"POST /c HTTP/1.1\r\ncontent-length: 40\r\n\r\ntransfer-encoding: chunked\r\n\r\n");
+        assert!(!st.conflicting_lengths("POST", "/c"));
+        // The window is bounded.
+        st.saw(&vec![b'x'; 2 * WINDOW]);
+        assert_eq!(st.window.as_ref().unwrap().borrow().len(), WINDOW);
+        // HTTP/2 keeps no window.
+        assert!(!ConnState::default().conflicting_lengths("POST", "/a"));
     }
 
     #[test]

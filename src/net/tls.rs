@@ -1,11 +1,12 @@
 //! TLS for listeners with rustls (ring, no OpenSSL): a certificate chain and key read from
 //! PEM files, reloaded when either file changes (checked at most once a second, on accept),
 //! the handshake with a deadline, ALPN (`h2`, `http/1.1`) for HTTPS, and `Stream`, a
-//! connection that is plain TCP or TLS.
+//! connection that is plain TCP or TLS. The client side (`client_config`, `connect`) serves
+//! `broker.join("tls://...")` and `wss://`.
 
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::ServerConfig;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::{ClientConfig, ServerConfig};
 use std::cell::RefCell;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -15,7 +16,10 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
-use tokio_rustls::TlsAcceptor;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+/// A client's TLS connection.
+pub type ClientStream = tokio_rustls::client::TlsStream<TcpStream>;
 
 /// How long a client has to finish the TLS handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -106,6 +110,50 @@ impl TlsFiles {
             }
         }
         l.acceptor.clone()
+    }
+}
+
+/// A client configuration trusting the public roots (webpki-roots) and, when given, the
+/// certificates of the PEM file `ca` (a private CA).
+pub fn client_config(ca: Option<&Path>, alpn: &[&[u8]]) -> Result<ClientConfig, String> {
+    let mut roots = rustls::RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    };
+    if let Some(ca) = ca {
+        let pem = std::fs::read(ca).map_err(|e| format!("cannot read CA file {}: {e}", ca.display()))?;
+        let mut n = 0;
+        for c in CertificateDer::pem_slice_iter(&pem) {
+            let c = c.map_err(|e| format!("CA file {}: {e}", ca.display()))?;
+            roots
+                .add(c)
+                .map_err(|e| format!("CA file {}: {e}", ca.display()))?;
+            n += 1;
+        }
+        if n == 0 {
+            return Err(format!("CA file {}: no CERTIFICATE block", ca.display()));
+        }
+    }
+    let mut cfg = ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(cfg)
+}
+
+/// Runs the client side of the handshake within `HANDSHAKE_TIMEOUT`, checking the server's
+/// certificate against `name` (a DNS name or an IP address).
+pub async fn connect(cfg: Arc<ClientConfig>, name: &str, tcp: TcpStream) -> Result<ClientStream, String> {
+    let server =
+        ServerName::try_from(name.to_string()).map_err(|e| format!("tls server name '{name}': {e}"))?;
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, TlsConnector::from(cfg).connect(server, tcp)).await {
+        Err(_) => Err(format!(
+            "tls handshake not finished within {} s",
+            HANDSHAKE_TIMEOUT.as_secs()
+        )),
+        Ok(Err(e)) => Err(format!("tls handshake failed: {e}")),
+        Ok(Ok(s)) => Ok(s),
     }
 }
 
@@ -273,7 +321,6 @@ pub fn make_test_ca(dir: &Path) -> Result<(PathBuf, PathBuf, PathBuf), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rustls::pki_types::ServerName;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     fn client(ca: &Path, alpn: &[&[u8]]) -> tokio_rustls::TlsConnector {

@@ -129,6 +129,8 @@ pub fn read_error(e: &tungstenite::Error) -> Option<Refusal> {
             CloseCode::Invalid,
             format!("text message is not valid UTF-8: {m}"),
         )),
+        // The peer dropped the connection without a close frame: gone, not an offence.
+        E::Protocol(tungstenite::error::ProtocolError::ResetWithoutClosingHandshake) => None,
         E::Protocol(p) => Some(Refusal::new(CloseCode::Protocol, format!("protocol error: {p}"))),
         _ => None,
     }

@@ -39,6 +39,16 @@ local api = broker.ready("http://0.0.0.0:8080", function (req)
 end, { max_body = "64k" })
 if type(api) ~= "table" then logger.error("cannot listen on 8080: " .. tostring(select(2, api))) end
 
+-- The same login over WebSocket on 8081 (one BSON document per binary message), for
+-- browsers. Try it: stage send ws://127.0.0.1:8081/game?bson '{"cmd":"login","user":"kim"}'
+local ws = broker.ready("ws://0.0.0.0:8081/game?bson=2k,4k", function (socket, addr)
+    return function (socket, data)
+        if data.cmd == "login" then return { ok = true, user = data.user, via = "ws" } end
+        return { error = "unknown cmd" }
+    end
+end)
+if type(ws) ~= "table" then logger.error("cannot listen on 8081: " .. tostring(select(2, ws))) end
+
 -- A heartbeat every 30 s: returning the delay runs the task again.
 stage.addtask(30000, function ()
     logger.info("alive for " .. math.floor(process.tick) .. " s")
