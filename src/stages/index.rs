@@ -1403,6 +1403,7 @@ mod tests {
             values: vec![],
             kind: Kind::Request {
                 cb: "~request.1".into(),
+                direct: crate::router::Direct::none(),
             },
         };
         x.handle(req, &out, now);
