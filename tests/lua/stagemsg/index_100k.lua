@@ -11,10 +11,15 @@ for i = N, 2, -1 do
     score[i], score[j] = score[j], score[i]
 end
 local t0 = process.tick
+-- set in messages of 1000 ids, unanswered ("s?big" without "=cb"); a full queue of the
+-- stage (signal returns 0) is waited out
+local function set(batch)
+    while stage.signal("rank:s?big", batch) ~= 1 do stage.sleep(5) end
+end
 for b = 0, N // 1000 - 1 do
     local batch = {}
     for i = b * 1000 + 1, b * 1000 + 1000 do batch["u" .. i] = { i = score[i], v = i } end
-    stage.signal("rank:s?big", batch)
+    set(batch)
 end
 -- a tenth of the ids move (to scores nobody has)
 for b = 0, 9 do
@@ -24,18 +29,22 @@ for b = 0, 9 do
         score[id] = score[id] * 2 + 1
         batch["u" .. id] = { i = score[id] }
     end
-    stage.signal("rank:s?big", batch)
+    set(batch)
 end
 -- messages to the stage stay in order: this answer comes after every set
 eq(stage.request("rank:t?big", 10000), N, "every id ranked once")
 local set_time = process.tick - t0
 stage.sleep(0)
 
-local order = {}
-for i = 1, N do order[i] = i end
-table.sort(order, function(a, b) return score[a] > score[b] end)
-local rank_of = {}
-for r, i in ipairs(order) do rank_of[i] = r end
+-- the expected ranking: the scores sorted (unique, so a plain numeric sort), largest first
+local sorted, who = {}, {}
+for i = 1, N do sorted[i] = score[i]; who[score[i]] = i end
+table.sort(sorted)
+local order, rank_of = {}, {}
+for r = 1, N do
+    local i = who[sorted[N + 1 - r]]
+    order[r], rank_of[i] = i, r
+end
 stage.sleep(0)
 
 local all = stage.request("rank:f?big", 10000, { 1, N })
