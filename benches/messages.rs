@@ -6,7 +6,7 @@
 //!
 //! Every loop is bounded by a count and by time; everything stays inside the process.
 
-use stage::router::{Kind, Message, NoRemote, Router, Scope, SenderInfo};
+use stage::router::{Direct, Kind, Message, NoRemote, Router, Scope, SenderInfo};
 use stage::value::Value;
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -136,7 +136,7 @@ fn stop(r: &Router, server: std::thread::JoinHandle<()>) {
 struct Client {
     r: Arc<Router>,
     from: Arc<SenderInfo>,
-    pending: RefCell<HashMap<String, tokio::sync::oneshot::Sender<Vec<Value>>>>,
+    pending: RefCell<HashMap<String, Direct>>,
     next: std::cell::Cell<u64>,
 }
 
@@ -153,29 +153,36 @@ impl Client {
         let c2 = c.clone();
         tokio::task::spawn_local(async move {
             while let Some(msg) = inbox.recv().await {
-                if let Some(tx) = c2.pending.borrow_mut().remove(&msg.id) {
-                    let _ = tx.send(msg.values);
+                let waiting = c2.pending.borrow_mut().remove(&msg.id);
+                if let Some(direct) = waiting {
+                    direct.send(Ok(msg.values));
                 }
             }
         });
         c
     }
 
-    /// A request: a message answered to a pending reply id, as `stage.request` does.
+    /// A request as `stage.request` does it: answered through its direct channel (or, as
+    /// from another node, as a message to its pending reply id).
     async fn request(&self, id: &str, values: Vec<Value>) -> Vec<Value> {
         let n = self.next.get() + 1;
         self.next.set(n);
         let cb = format!("~request.{n}");
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        self.pending.borrow_mut().insert(cb.clone(), tx);
+        let (direct, rx) = Direct::channel();
+        self.pending.borrow_mut().insert(cb.clone(), direct.clone());
         let msg = Message {
             id: id.into(),
             from: self.from.clone(),
             values,
-            kind: Kind::Request { cb },
+            kind: Kind::Request {
+                cb: cb.clone(),
+                direct,
+            },
         };
         self.r.deliver(Scope::One, "server", msg).expect("deliver");
-        rx.await.expect("reply")
+        let answer = rx.await.expect("reply").expect("answered");
+        self.pending.borrow_mut().remove(&cb);
+        answer
     }
 }
 

@@ -33,12 +33,20 @@ const LUA_ENGINES: &[&str] = &["lua", "lua.so", "luajit.so"];
 
 /// Built-in stages served in Rust (`["=ticket+ticket"]`); the engine name is written with
 /// or without STAGE's `=`/`+` prefix and `.so` suffix.
-pub const BUILTIN_ENGINES: &[&str] = &["ticket", "route", "curl"];
+pub const BUILTIN_ENGINES: &[&str] = &["ticket", "route", "curl", "index"];
 
 /// `=ticket`, `ticket.so`, `+ticket` → `ticket`.
 pub fn engine_name(engine: &str) -> &str {
     let e = engine.trim_start_matches(['=', '+']);
     e.strip_suffix(".so").unwrap_or(e)
+}
+
+/// `"engine+stage_id"` → (engine, stage id); the engine may start with STAGE's `+`
+/// (`"+index+top"`).
+fn split_entry(s: &str) -> Option<(&str, &str)> {
+    let skip = usize::from(s.starts_with('+'));
+    let at = skip + s[skip..].find('+')?;
+    Some((&s[..at], &s[at + 1..]))
 }
 
 /// A built-in stage of `#startup`: served by a Rust task, not a Lua state.
@@ -354,9 +362,7 @@ impl Config {
                     ))
                 }
                 // The settings of a built-in stage, read with its #startup entry.
-                k if k
-                    .split_once('+')
-                    .is_some_and(|(e, _)| BUILTIN_ENGINES.contains(&engine_name(e))) => {}
+                k if split_entry(k).is_some_and(|(e, _)| BUILTIN_ENGINES.contains(&engine_name(e))) => {}
                 k => cfg.warnings.push(format!(
                     "engine section \"{k}\" is not supported by this build and is ignored"
                 )),
@@ -645,7 +651,7 @@ fn parse_startup(cfg: &mut Config, v: &Json, raw: &Json) -> Result<Vec<String>, 
         for (j, item) in items.iter().enumerate() {
             let key = format!("{key}[{j}]");
             let s = expect_str(item, &key)?;
-            let Some((engine, id)) = s.split_once('+') else {
+            let Some((engine, id)) = split_entry(s) else {
                 return Err(invalid(
                     &key,
                     format!("expected \"engine+stage_id\" such as \"lua+stage\", found \"{s}\""),
@@ -812,19 +818,42 @@ mod tests {
         assert_eq!(c.workers, 8);
         assert_eq!(c.queue, 100);
         assert_eq!(c.services_tcp.len(), 2);
-        // the built-in ticket stage with its section
-        assert_eq!(c.builtins.len(), 3);
+        // the built-in stages, the ticket stage with its section
+        assert_eq!(c.builtins.len(), 4);
+        let engines: Vec<&str> = c.builtins.iter().map(|b| b.engine.as_str()).collect();
+        assert_eq!(engines, ["route", "curl", "index", "ticket"]);
         assert_eq!(
-            (c.builtins[0].engine.as_str(), c.builtins[1].engine.as_str()),
-            ("route", "curl")
-        );
-        assert_eq!(
-            (c.builtins[2].engine.as_str(), c.builtins[2].stage_id.as_str()),
+            (c.builtins[3].engine.as_str(), c.builtins[3].stage_id.as_str()),
             ("ticket", "ticket")
         );
-        assert_eq!(c.builtins[2].settings[1]["odbc"], 10);
-        // one warning per unsupported engine in #startup and per unsupported section
-        assert_eq!(c.warnings.len(), 3, "{:?}", c.warnings);
+        assert_eq!(c.builtins[3].settings[1]["odbc"], 10);
+        // one warning per unsupported section
+        assert_eq!(c.warnings.len(), 2, "{:?}", c.warnings);
+    }
+
+    #[test]
+    fn builtin_spellings() {
+        let c = Config::parse(
+            r##"{"#startup": [["index.so+rank"], ["=index+board"], ["+index+top"], ["index+x"]],
+                 "+index+top": {"memory": "1m"}}"##,
+        )
+        .unwrap();
+        let got: Vec<(&str, &str)> = c
+            .builtins
+            .iter()
+            .map(|b| (b.engine.as_str(), b.stage_id.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("index", "rank"),
+                ("index", "board"),
+                ("index", "top"),
+                ("index", "x")
+            ]
+        );
+        assert_eq!(c.builtins[2].settings["memory"], "1m");
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 /// Who sent a message: the sending instance's address (`_WAITFOR[1]`) and stage (`_WAITFOR[2]`).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -43,12 +43,66 @@ pub enum Kind {
     /// a message to the own stage without `=cb`, which would call the same handler again).
     Signal { cb: Option<String>, implicit: bool },
     /// `stage.request`: always answered, as message `cb` (the requester's pending id), with
-    /// the return values or, when it cannot be handled, as `Failed`.
-    Request { cb: String },
+    /// the return values or, when it cannot be handled, as `Failed`. `direct`: the way
+    /// straight back to the waiting requester of this node (answers skip its mailbox).
+    Request { cb: String, direct: Direct },
     /// An answer: never answered again.
     Reply,
     /// The answer to a request that could not be handled, with the reason.
     Failed(String),
+}
+
+/// The answer a waiting `stage.request` gets: values, or why there are none.
+pub type Answer = Result<Vec<Value>, String>;
+
+/// The direct way back to a `stage.request` waiting on this node: its answer goes straight
+/// to the waiting coroutine instead of through the requester's mailbox and serve loop (one
+/// task wake-up instead of two, no handler permit). Copies of the message share it and the
+/// first answer takes it. It does not travel to other nodes: their answers come back as
+/// messages to the request's `cb`.
+#[derive(Clone, Default)]
+pub struct Direct(Option<Arc<Mutex<Option<oneshot::Sender<Answer>>>>>);
+
+impl Direct {
+    /// A direct channel and the receiver the requester waits on.
+    pub fn channel() -> (Direct, oneshot::Receiver<Answer>) {
+        let (tx, rx) = oneshot::channel();
+        (Direct(Some(Arc::new(Mutex::new(Some(tx))))), rx)
+    }
+
+    /// No direct channel (a request from another node, tests).
+    pub fn none() -> Direct {
+        Direct(None)
+    }
+
+    pub fn is_some(&self) -> bool {
+        self.0.is_some()
+    }
+
+    /// Hands `answer` to the waiting requester: false when there is no channel, it was
+    /// answered already, or the requester stopped waiting (timeout).
+    pub fn send(&self, answer: Answer) -> bool {
+        let Some(slot) = &self.0 else { return false };
+        let tx = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
+        tx.is_some_and(|tx| tx.send(answer).is_ok())
+    }
+}
+
+impl std::fmt::Debug for Direct {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "Direct"
+        } else {
+            "Direct(none)"
+        })
+    }
+}
+
+/// Messages compare by what travels: the channel is not part of a message's content.
+impl PartialEq for Direct {
+    fn eq(&self, _: &Direct) -> bool {
+        true
+    }
 }
 
 /// One message in flight.
@@ -66,7 +120,7 @@ impl Message {
     pub fn answer_id(&self) -> Option<&str> {
         match &self.kind {
             Kind::Signal { cb, .. } => Some(cb.as_deref().unwrap_or(&self.id)),
-            Kind::Request { cb } => Some(cb),
+            Kind::Request { cb, .. } => Some(cb),
             Kind::Reply | Kind::Failed(_) => None,
         }
     }
@@ -694,6 +748,11 @@ impl Router {
         let Some(id) = to.answer_id() else {
             return false;
         };
+        if let Kind::Request { direct, .. } = &to.kind {
+            if direct.is_some() {
+                return direct.send(body);
+            }
+        }
         let (values, kind) = match body {
             Ok(values) => (values, Kind::Reply),
             Err(why) if matches!(to.kind, Kind::Request { .. }) => (vec![], Kind::Failed(why)),
@@ -1013,7 +1072,10 @@ mod tests {
         // A failure reaches a request, never a =cb handler; a reply is never answered.
         assert!(!r.answer(&m, &me, Err("boom".into())));
         assert!(!r.answer(&a, &me, Ok(vec![])));
-        m.kind = Kind::Request { cb: "#r1".into() };
+        m.kind = Kind::Request {
+            cb: "#r1".into(),
+            direct: Direct::none(),
+        };
         assert!(r.answer(&m, &me, Err("no handler".into())));
         let f = inboxes[0].try_recv().unwrap();
         assert_eq!(
@@ -1031,6 +1093,51 @@ mod tests {
             r.send_to_address(&far, msg("x", 1)).unwrap_err().reason(),
             "no route"
         );
+    }
+
+    #[test]
+    fn requests_are_answered_through_their_direct_channel() {
+        // A requester whose mailbox is full still gets its answer: it skips the mailbox.
+        let r = router(1);
+        let mut inbox = r.take_inbox(0).unwrap();
+        assert!(r.send_to(0, msg("filler", 1)).is_ok());
+        let me = from(1);
+        let (direct, mut rx) = Direct::channel();
+        let mut m = msg("echo", 1);
+        m.kind = Kind::Request {
+            cb: "~request.1".into(),
+            direct: direct.clone(),
+        };
+        let copy = m.clone();
+        assert!(r.answer(&m, &me, Ok(vec![Value::Int(7)])));
+        assert_eq!(rx.try_recv().unwrap(), Ok(vec![Value::Int(7)]));
+        assert_eq!(
+            inbox.try_recv().unwrap().id,
+            "filler",
+            "nothing else in the mailbox"
+        );
+        assert!(inbox.try_recv().is_err());
+        // Copies share the channel: one answer only, later ones are not sent anywhere.
+        assert!(!r.answer(&copy, &me, Ok(vec![])));
+        assert!(!direct.send(Ok(vec![])));
+        assert!(inbox.try_recv().is_err());
+        // A failure reaches the requester the same way.
+        let (direct, mut rx) = Direct::channel();
+        m.kind = Kind::Request {
+            cb: "~request.2".into(),
+            direct,
+        };
+        assert!(r.answer(&m, &me, Err("no handler for 'echo'".into())));
+        assert_eq!(rx.try_recv().unwrap(), Err("no handler for 'echo'".into()));
+        // A requester that stopped waiting (timeout) is not answered.
+        let (direct, rx) = Direct::channel();
+        drop(rx);
+        m.kind = Kind::Request {
+            cb: "~request.3".into(),
+            direct,
+        };
+        assert!(!r.answer(&m, &me, Ok(vec![])));
+        assert!(inbox.try_recv().is_err());
     }
 
     #[test]
@@ -1080,7 +1187,10 @@ mod tests {
         let mut inbox = r.take_inbox(1).unwrap();
         let mut requester = r.take_inbox(0).unwrap();
         let mut m = msg("x", 1);
-        m.kind = Kind::Request { cb: "#r7".into() };
+        m.kind = Kind::Request {
+            cb: "#r7".into(),
+            direct: Direct::none(),
+        };
         r.deliver(Scope::Local, "b", m).unwrap();
         let _ = r.take_inbox(2);
         let _ = r.take_inbox(3);

@@ -117,11 +117,13 @@ fn stage_sample_config_runs_with_one_warning_per_engine() {
     home.write("package/start.lua", "stage.sleep(100) done()");
     let (code, out) = wait_with_output(home.spawn(), Duration::from_secs(10));
     assert_eq!(code, Some(0), "{out}");
-    assert_eq!(out.matches("engine \"index.so\"").count(), 1, "{out}");
-    assert!(out.contains("engine section \"index.so\""), "{out}");
+    // the section named "index.so" is not read (settings go under "index.so+rank")
+    assert_eq!(out.matches("engine section \"index.so\"").count(), 1, "{out}");
     // the built-in stages start, numbered after the Lua instances
     assert!(out.contains("started curl#1 (built-in curl)"), "{out}");
     assert!(out.contains("started route#2 (built-in route)"), "{out}");
+    assert!(out.contains("started rank#3 (built-in index)"), "{out}");
+    assert!(out.contains("started rank2#4 (built-in index)"), "{out}");
 }
 
 #[test]

@@ -34,6 +34,8 @@ scenarios! {
     ticket_docs => "stagemsg/ticket_docs.lua",
     ticket_bound => "stagemsg/ticket_bound.lua",
     route_docs => "stagemsg/route_docs.lua",
+    index_docs => "stagemsg/index_docs.lua",
+    index_100k => "stagemsg/index_100k.lua",
 }
 
 fn run(config: &str, script: &str, limit: u64) -> (Option<i32>, String) {

@@ -719,7 +719,7 @@ impl Engine {
 
     /// A request that reached this node but no instance: its requester hears why at once.
     fn fail_request(&self, msg: Message, why: &str) {
-        if let Kind::Request { cb } = &msg.kind {
+        if let Kind::Request { cb, .. } = &msg.kind {
             let answer = Message {
                 id: cb.clone(),
                 from: Arc::new(SenderInfo {

@@ -466,7 +466,14 @@ fn the_failover_chain_passes_a_message_on_until_a_node_has_the_stage() {
         .0
         .deliver_one(
             "nope",
-            msg("lost", vec![], Kind::Request { cb: "r1".into() }),
+            msg(
+                "lost",
+                vec![],
+                Kind::Request {
+                    cb: "r1".into(),
+                    direct: crate::router::Direct::none(),
+                },
+            ),
             false,
         )
         .unwrap();

@@ -182,7 +182,7 @@ pub fn put_message(w: &mut Writer, m: &Message, functions: bool) -> Result<(), &
                 None => w.u8(0),
             }
         }
-        Kind::Request { cb } => {
+        Kind::Request { cb, .. } => {
             w.u8(2);
             w.str(cb);
         }
@@ -206,7 +206,10 @@ pub fn get_message(r: &mut Reader, functions: bool) -> Result<Message, WireError
             };
             Kind::Signal { cb, implicit: k == 1 }
         }
-        2 => Kind::Request { cb: r.str()? },
+        2 => Kind::Request {
+            cb: r.str()?,
+            direct: crate::router::Direct::none(),
+        },
         3 => Kind::Reply,
         4 => Kind::Failed(r.str()?),
         _ => return Err(WireError("unknown message kind")),
@@ -371,7 +374,10 @@ mod tests {
                 cb: None,
                 implicit: false,
             },
-            Kind::Request { cb: "r#7".into() },
+            Kind::Request {
+                cb: "r#7".into(),
+                direct: crate::router::Direct::none(),
+            },
             Kind::Reply,
             Kind::Failed("timeout".into()),
         ] {

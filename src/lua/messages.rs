@@ -5,13 +5,12 @@
 
 use crate::host::{call_callback, ctx, run_callback, InstanceCtx};
 use crate::lua::value;
-use crate::router::{self, Kind, LockOp, Message, Scope, SenderInfo, Target};
+use crate::router::{self, Direct, Kind, LockOp, Message, Scope, SenderInfo, Target};
 use mlua::{Function, Lua, MultiValue, Table, Value};
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
 use std::sync::Arc;
-use tokio::sync::oneshot;
 use tokio::task::spawn_local;
 
 /// A registered handler and the values bound to it by `stage.waitfor(id, f, ...)`.
@@ -182,9 +181,6 @@ impl TargetCache {
     }
 }
 
-/// The answer a waiting `stage.request` gets: values, or why there are none.
-type Answer = Result<Vec<crate::value::Value>, String>;
-
 /// Prefix of the reply ids of `stage.request` (never a handler id).
 const REQUEST_PREFIX: &str = "~request.";
 
@@ -194,8 +190,9 @@ struct Out {
     node: Arc<crate::host::node::NodeShared>,
     me: Arc<SenderInfo>,
     targets: TargetCache,
-    /// The requests of this instance waiting for an answer, by reply id.
-    pending: RefCell<HashMap<String, oneshot::Sender<Answer>>>,
+    /// The requests of this instance waiting for an answer, by reply id: the answers that
+    /// come as messages (from other nodes, or to a saved `_WAITFOR`) reach them here.
+    pending: RefCell<HashMap<String, Direct>>,
     next_request: Cell<u64>,
     /// Targets whose failed delivery was logged (once each; bounded).
     failed: RefCell<HashSet<String>>,
@@ -646,7 +643,8 @@ impl Drop for Pending<'_> {
 }
 
 /// `stage.request(target, timeout_ms, ...)`: a message whose answer comes back to this
-/// coroutine (an answer message like any other, addressed to a pending reply id).
+/// coroutine: straight through the message's `Direct` channel on this node, or as an answer
+/// message addressed to the pending reply id (from other nodes).
 async fn request(
     lua: Lua,
     out: Rc<Out>,
@@ -691,8 +689,8 @@ async fn request(
     let n = out.next_request.get() + 1;
     out.next_request.set(n);
     let cb = format!("{REQUEST_PREFIX}{n}");
-    let (tx, rx) = oneshot::channel();
-    out.pending.borrow_mut().insert(cb.clone(), tx);
+    let (direct, rx) = Direct::channel();
+    out.pending.borrow_mut().insert(cb.clone(), direct.clone());
     let _pending = Pending {
         out: &out,
         id: cb.clone(),
@@ -709,7 +707,7 @@ async fn request(
         id: t.id.clone(),
         from: out.me.clone(),
         values,
-        kind: Kind::Request { cb },
+        kind: Kind::Request { cb, direct },
     };
     if let Err(u) = out.node.router.deliver(t.scope, &t.stages[0], msg) {
         return fail(&lua, u.reason());
@@ -791,12 +789,13 @@ fn dispatch(
     match &msg.kind {
         Kind::Reply | Kind::Failed(_) if msg.id.starts_with(REQUEST_PREFIX) => {
             // The answer to a `stage.request` of this instance (gone if it timed out).
-            if let Some(tx) = m.out.pending.borrow_mut().remove(&msg.id) {
+            let waiting = m.out.pending.borrow_mut().remove(&msg.id);
+            if let Some(direct) = waiting {
                 let answer = match msg.kind {
                     Kind::Failed(why) => Err(why),
                     _ => Ok(msg.values),
                 };
-                let _ = tx.send(answer);
+                direct.send(answer);
             }
             return Ok(None);
         }

@@ -2,9 +2,10 @@
 //! state: each has a mailbox in the router like a Lua instance and speaks STAGE's message
 //! protocol for its engine. `ticket.rs`: a bounded number of concurrent holders per
 //! category with a FIFO wait queue; `route.rs`: subscriptions by id; `curl.rs`: HTTP
-//! requests answered as messages.
+//! requests answered as messages; `index.rs`: ranked score tables.
 
 pub mod curl;
+pub mod index;
 pub mod route;
 pub mod ticket;
 
@@ -53,6 +54,10 @@ pub fn new(spec: &BuiltinSpec) -> Result<Box<dyn Builtin>, String> {
         )?)),
         "route" => Ok(Box::new(route::Route::new())),
         "curl" => Ok(Box::new(curl::Curl::from_settings(
+            &spec.stage_id,
+            &spec.settings,
+        )?)),
+        "index" => Ok(Box::new(index::Index::from_settings(
             &spec.stage_id,
             &spec.settings,
         )?)),
