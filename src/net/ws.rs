@@ -115,8 +115,8 @@ pub fn inbound(framing: Framing, msg: Message) -> Result<Option<Bytes>, Refusal>
             CloseCode::Unsupported,
             "binary message on a text socket",
         )),
-        (Framing::Packet, Message::Binary(b)) => Ok(Some(b)),
-        (Framing::Packet, Message::Text(t)) => Ok(Some(Bytes::from(t))),
+        (Framing::Packet | Framing::Raw, Message::Binary(b)) => Ok(Some(b)),
+        (Framing::Packet | Framing::Raw, Message::Text(t)) => Ok(Some(Bytes::from(t))),
     }
 }
 
