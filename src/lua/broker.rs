@@ -1316,6 +1316,7 @@ fn close_one(lua: &Lua, id: i64) -> bool {
     }
     let b = broker(lua);
     let port = b.ports.borrow_mut().remove(&id);
+    b.port_crypto.borrow_mut().remove(&id);
     match port {
         Some((_, task)) => {
             task.abort();
