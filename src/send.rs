@@ -89,9 +89,13 @@ pub fn run(opts: &SendOptions) -> anyhow::Result<usize> {
         format!("tcp://{}", opts.addr)
     };
     let mut ep = uri::parse(&target)?;
+    if !target.contains('?') {
+        // The broker's default is a raw stream (as STAGE); this client speaks BSON unless told.
+        ep.framing = Framing::Bson;
+    }
     if let Some(f) = &opts.framing {
         ep.framing = Framing::parse(f)
-            .ok_or_else(|| anyhow!("--framing: expected bson, packet or text, got '{f}'"))?;
+            .ok_or_else(|| anyhow!("--framing: expected bson, packet, text or raw, got '{f}'"))?;
     }
     let addr = ep
         .authority()
@@ -147,7 +151,7 @@ pub fn run(opts: &SendOptions) -> anyhow::Result<usize> {
         }
         let mut frame = Vec::new();
         let payload = match ep.framing {
-            Framing::Text => line.clone().into_bytes(),
+            Framing::Text | Framing::Raw => line.clone().into_bytes(),
             _ => {
                 let v: Json = serde_json::from_str(&line).with_context(|| format!("invalid JSON: {line}"))?;
                 json_to_bson(&v)?
@@ -166,7 +170,7 @@ pub fn run(opts: &SendOptions) -> anyhow::Result<usize> {
         match conn.recv(ep.framing, ep.max_in.max(16 << 20), timeout)? {
             Some(reply) => {
                 let text = match ep.framing {
-                    Framing::Text => {
+                    Framing::Text | Framing::Raw => {
                         String::from_utf8_lossy(reply.strip_suffix(b"\n").unwrap_or(&reply)).into_owned()
                     }
                     _ => match bson_to_json(&reply) {

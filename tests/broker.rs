@@ -279,6 +279,147 @@ write(PORTFILE, tostring(sp.port))
     );
 }
 
+/// STAGE's wire format spoken by a Python client: `packet` frames are BSON documents
+/// decoded into tables (null → nil, dates ↔ integer seconds, `name@X` key hints on the way
+/// out); an encrypted `packet` exchange with `cryptography` under STAGE's key and IV rules;
+/// no framing = a raw byte stream; `text` hands the line with its newline.
+#[test]
+fn python_speaks_stage_packet_crypto_raw_and_text() {
+    let mut node = Node::start(
+        "",
+        r#"
+local pp = broker.ready("tcp://127.0.0.1:0?packet", function() return function(s, d)
+    local types = {}
+    for k, v in pairs(d) do types[k] = math.type(v) or type(v) end
+    return { echo = d, types = types, ["at@D"] = d.when, ["small@i"] = 5, ["big@l"] = 7,
+             ["ratio@d"] = 2, null = bundle.null, crypto = s.crypto }
+end end)
+local ep = broker.ready("tcp://127.0.0.1:0?packet", function() return function(s, d)
+    return { got = d.secret, crypto = s.crypto }
+end end)
+-- Set on the port: every accepted socket inherits it (STAGE).
+ep.crypto = { ["AES/CBC/PKCS5Padding"] = "0123456789abcdef-stage-key" }
+local rp = broker.ready("tcp://127.0.0.1:0", function() return function(s, d)
+    return "[" .. #d .. ":" .. d:gsub("%z", "0") .. "]"
+end end)
+local tp = broker.ready("tcp://127.0.0.1:0?text", function() return function(s, line)
+    return "len=" .. #line .. (line:sub(-1) == "\n" and " nl" or "")
+end end)
+write(PORTFILE .. "e", tostring(ep.port))
+write(PORTFILE .. "r", tostring(rp.port))
+write(PORTFILE .. "t", tostring(tp.port))
+write(PORTFILE, tostring(pp.port))
+"#,
+    );
+    let ports: Vec<String> = ["", "e", "r", "t"]
+        .iter()
+        .map(|s| node.port(s).to_string())
+        .collect();
+    let py = r#"
+import bson, socket, struct, sys, datetime, calendar
+from bson.int64 import Int64
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives import padding
+pp, ep, rp, tp = map(int, sys.argv[1:5])
+
+def conn(p):
+    s = socket.create_connection(("127.0.0.1", p)); s.settimeout(10); return s
+def recv_exact(s, n):
+    b = b""
+    while len(b) < n:
+        c = s.recv(n - len(b))
+        assert c, "connection closed after %d of %d bytes" % (len(b), n)
+        b += c
+    return b
+def recv_frame(s):
+    hdr = recv_exact(s, 4)
+    n = struct.unpack("<I", hdr)[0] & 0x7FFFFFFF
+    return hdr + recv_exact(s, n - 4)
+
+# 1. packet: a BSON document per frame.
+s = conn(pp)
+when = datetime.datetime(2024, 5, 6, 7, 8, 9)
+s.sendall(bson.encode({"msg": "hello", "n": None, "when": when, "list": [1, 2]}))
+r = bson.decode(recv_frame(s))
+secs = calendar.timegm(when.timetuple())
+assert r["echo"] == {"msg": "hello", "when": secs, "list": [1, 2]}, r["echo"]
+assert r["types"] == {"msg": "string", "when": "integer", "list": "table"}, r["types"]
+assert r["at"] == when, ("@D is a date", r["at"])
+assert type(r["small"]) is int and type(r["big"]) is Int64, ("@i int32, @l int64", r)
+assert type(r["ratio"]) is float and r["ratio"] == 2.0, ("@d double", r)
+assert "null" in r and r["null"] is None, "bundle.null is null"
+assert r["crypto"] is False
+s.close()
+
+# 2. encrypted packet frames: AES-256-CBC, the key zero-padded to 32 bytes, IV of 16 spaces;
+# the length's high bit marks the frame, doc[4:] is what is encrypted.
+def aes(key):
+    return Cipher(algorithms.AES(key[:32].ljust(32, b"\0")), modes.CBC(b" " * 16))
+def seal(key, doc):
+    p = padding.PKCS7(128).padder()
+    e = aes(key).encryptor()
+    ct = e.update(p.update(doc[4:]) + p.finalize()) + e.finalize()
+    return struct.pack("<I", (len(ct) + 4) | 0x80000000) + ct
+def unseal(key, frame):
+    n = struct.unpack("<I", frame[:4])[0]
+    assert n & 0x80000000, "the reply is not flagged encrypted"
+    assert n & 0x7FFFFFFF == len(frame)
+    d = aes(key).decryptor()
+    u = padding.PKCS7(128).unpadder()
+    body = u.update(d.update(frame[4:]) + d.finalize()) + u.finalize()
+    return bson.decode(struct.pack("<i", len(body) + 4) + body)
+KEY = b"0123456789abcdef-stage-key"
+s = conn(ep)
+s.sendall(seal(KEY, bson.encode({"secret": "s3cr3t"})))
+assert unseal(KEY, recv_frame(s)) == {"got": "s3cr3t", "crypto": True}
+# A plain frame on an encrypted socket is read as it is; the reply is still encrypted.
+s.sendall(bson.encode({"secret": "plain"}))
+assert unseal(KEY, recv_frame(s))["got"] == "plain"
+s.close()
+# A wrong key: the frame cannot be opened, the connection is closed.
+s = conn(ep)
+s.sendall(seal(b"not the key", bson.encode({"secret": "x"})))
+assert s.recv(100) == b"", "closed on a frame it cannot decrypt"
+s.close()
+
+# 3. no framing: the bytes as they come, strings back as they are.
+s = conn(rp)
+s.sendall(b"ab\x00cd")
+got = b""
+while not got.endswith(b"]"):
+    c = s.recv(100); assert c; got += c
+assert got == b"[5:ab0cd]", got
+s.close()
+
+# 4. text: each line with its newline.
+s = conn(tp)
+s.sendall(b"one\ntwo\r\n")
+got = b""
+while got.count(b"\n") < 2:
+    c = s.recv(100); assert c; got += c
+assert got == b"len=4 nl\nlen=5 nl\n", got
+s.close()
+print("OK")
+"#;
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(py)
+        .args(&ports)
+        .output()
+        .expect("python3 (scripts/setup installs pymongo and cryptography)");
+    let log = node.stop();
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("OK"),
+        "python client failed: {}\n{}\nnode log:\n{log}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        log.contains("cannot decrypt"),
+        "the undecryptable frame is logged:\n{log}"
+    );
+}
+
 /// Connects `n` clients and returns the `(pid, instance)` each was served by.
 fn who_serves(port: u16, n: usize) -> Vec<(i32, i32)> {
     (0..n)
@@ -309,7 +450,7 @@ fn free_port() -> u16 {
 fn shared_script(port: u16) -> String {
     format!(
         r#"
-local sp = broker.ready("tcp://127.0.0.1:{port}", function() return function(s, d)
+local sp = broker.ready("tcp://127.0.0.1:{port}?bson", function() return function(s, d)
     return {{ pid = process.id, inst = process.stage }}
 end end)
 check(type(sp) == "table", "listen: " .. tostring(sp))
@@ -402,7 +543,12 @@ fn bad_input_closes_only_the_offender() {
     let cases: Vec<(&str, Vec<u8>)> = vec![
         ("over IN", [&2000i32.to_le_bytes()[..], &[0u8; 100]].concat()),
         ("length below 5", 3i32.to_le_bytes().to_vec()),
+        // The high bit is STAGE's encrypted flag: -1 is an encrypted frame of 2^31-1 bytes.
         ("negative length", (-1i32).to_le_bytes().to_vec()),
+        (
+            "encrypted frame on a socket without crypto",
+            [&(20u32 | 0x8000_0000).to_le_bytes()[..], &[7u8; 16]].concat(),
+        ),
         ("absurd length", i32::MAX.to_le_bytes().to_vec()),
         ("bad bson", vec![12, 0, 0, 0, 0x42, b'a', 0, 1, 0, 0, 0, 0]),
         ("half a frame", vec![20, 0, 0, 0, 0x10, b'a']),
@@ -431,7 +577,7 @@ fn bad_input_closes_only_the_offender() {
     for needle in [
         "exceeds bson IN limit 1024",
         "length field 3 is below the minimum 5",
-        "length field -1 is below the minimum 5",
+        "an encrypted frame arrived but socket.crypto is not set",
         "frame of 2147483647 bytes exceeds bson IN limit 1024",
         "invalid bson at byte 4: unknown element type",
         "idle for 1000 ms",

@@ -173,11 +173,13 @@ fn good_client(
 }
 
 /// Lua: a text port whose receiver answers `ping N` with `pong N` and gives everything else
-/// to `handle(line)`, sending back what it returns.
+/// to `handle(line)` (without its newline, which text framing hands over as STAGE does),
+/// sending back what it returns.
 const TEXT_PORT: &str = r#"
 local function serve(handle)
     local sp = assert(broker.ready("tcp://127.0.0.1:0?text", function(sock, addr)
         return function(so, line)
+            line = line:gsub("\r?\n$", "")
             local n = line:match("^ping (%d+)$")
             if n then return "pong " .. n end
             return handle(line, so)

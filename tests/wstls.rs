@@ -386,7 +386,8 @@ write(PORTFILE, "1")
         ),
     );
     node.ports(1);
-    assert_eq!(node.file("j-tls"), "tls:over tls");
+    // A text line arrives with its newline (STAGE), and the reply keeps it.
+    assert_eq!(node.file("j-tls"), "tls:over tls\n");
     assert_eq!(node.file("j-ws"), "7 /game");
     assert_eq!(node.file("j-wss"), "8 /sec");
     assert_eq!(node.file("j-wtext"), "re:hey");

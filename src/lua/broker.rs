@@ -9,11 +9,12 @@
 use crate::host::{call_callback, ctx};
 use crate::lua::bson as bson_lua;
 use crate::net::conn::{FrameReader, OutBuf, OutError};
-use crate::net::framing::{datagram_frame, Framing};
+use crate::net::crypto::Cipher;
+use crate::net::framing::{datagram_frame, is_encrypted, Framing};
 use crate::net::uri::{self, Endpoint, Proto};
 use crate::net::{addr, sock};
 use mlua::{Function, Lua, MultiValue, Table, Value, Variadic};
-use std::cell::{Cell, RefCell};
+use std::cell::{Cell, OnceCell, RefCell};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::rc::{Rc, Weak};
@@ -28,6 +29,12 @@ use tokio::time::Instant;
 /// child module, so it drives `Conn` without widening what this file exposes).
 #[path = "broker_ws.rs"]
 mod ws;
+
+/// `errno` values STAGE hands to `close` callbacks.
+const ETIMEDOUT: i32 = libc::ETIMEDOUT;
+
+/// How long `broker.join` waits for the connection by default (STAGE's `EXPIRE_TIME`).
+const JOIN_TIMEOUT_MS: u64 = 3000;
 
 /// Socket ids are unique in the process (not only per instance), so that an id handed to
 /// another instance can never name a different socket there.
@@ -82,6 +89,8 @@ struct Keys {
     /// one-call runner (`instance::xpcall_runner`), kept here to skip a registry lookup.
     batch_runner: Option<Function>,
     runner: Option<Function>,
+    /// The metatable of socket and port tables: `crypto`, `errno`, `close` (see `socket_meta`).
+    meta: Option<Table>,
 }
 
 /// The broker state of one instance (Lua app data).
@@ -92,6 +101,8 @@ struct Broker {
     ports: RefCell<HashMap<i64, (Table, AbortHandle)>>,
     /// The socket `broker.signal(addr, v)` sends from, bound on first use.
     udp_out: RefCell<Option<Rc<UdpSocket>>>,
+    /// `port.crypto` of listening ports, handed to the connections they accept (as STAGE).
+    port_crypto: RefCell<HashMap<i64, Cipher>>,
 }
 
 fn broker(lua: &Lua) -> Rc<Broker> {
@@ -113,6 +124,13 @@ fn broker(lua: &Lua) -> Rc<Broker> {
             None
         }
     };
+    let meta = match socket_meta(lua) {
+        Ok(m) => Some(m),
+        Err(e) => {
+            log::error!("broker: cannot make the socket metatable: {e}");
+            None
+        }
+    };
     let b = Rc::new(Broker {
         keys: Rc::new(Keys {
             receive: key("receive"),
@@ -120,19 +138,113 @@ fn broker(lua: &Lua) -> Rc<Broker> {
             expire: key("expire"),
             batch_runner: runners.as_ref().map(|r| r.0.clone()),
             runner: runners.map(|r| r.1),
+            meta,
         }),
         conns: RefCell::default(),
         ports: RefCell::default(),
         udp_out: RefCell::default(),
+        port_crypto: RefCell::default(),
     });
     lua.set_app_data(b.clone());
     b
 }
 
+/// The metatable of socket and port tables, for the fields STAGE computes rather than
+/// stores (a plain table keeps user fields and `commit` raw, so the hot path pays nothing):
+/// * `socket.crypto = key | {["AES/CBC/PKCS5Padding"] = key} | nil` sets the socket's (or a
+///   port's, for the connections it accepts) cipher; reading `crypto` gives whether one is set;
+/// * `socket.errno` is the socket's last error (0 when none);
+/// * `socket.close = function (socket, errno) ... end` sets the close callback, while
+///   `socket.close()` still closes, as in STAGE.
+fn socket_meta(lua: &Lua) -> mlua::Result<Table> {
+    let meta = lua.create_table()?;
+    let noop = lua.create_function(|_, ()| Ok(()))?;
+    meta.raw_set(
+        "__index",
+        lua.create_function(move |lua, (t, k): (Table, Value)| {
+            let Value::String(k) = k else {
+                return Ok(Value::Nil);
+            };
+            let id: Option<i64> = t.raw_get("id")?;
+            let b = broker(lua);
+            let conn = id.and_then(|id| b.conns.borrow().get(&id).cloned());
+            Ok(match &*k.as_bytes() {
+                b"crypto" => Value::Boolean(match &conn {
+                    Some(c) => c.crypto.borrow().is_some(),
+                    None => id.is_some_and(|id| b.port_crypto.borrow().contains_key(&id)),
+                }),
+                b"errno" => Value::Integer(conn.map(|c| c.errno.get() as i64).unwrap_or(0)),
+                b"close" => match conn {
+                    Some(c) => c
+                        .close_fn
+                        .borrow()
+                        .clone()
+                        .map(Value::Function)
+                        .unwrap_or(Value::Nil),
+                    // A port's `close` is its callback (a raw field once set).
+                    None if id.is_some_and(|id| b.ports.borrow().contains_key(&id)) => Value::Nil,
+                    // A closed socket: closing it again does nothing.
+                    None => Value::Function(noop.clone()),
+                },
+                _ => Value::Nil,
+            })
+        })?,
+    )?;
+    meta.raw_set(
+        "__newindex",
+        lua.create_function(|lua, (t, k, v): (Table, Value, Value)| {
+            let name = match &k {
+                Value::String(s) => s.to_str()?.to_string(),
+                _ => return t.raw_set(k, v),
+            };
+            let id: Option<i64> = t.raw_get("id")?;
+            let b = broker(lua);
+            let conn = id.and_then(|id| b.conns.borrow().get(&id).cloned());
+            match name.as_str() {
+                "crypto" => {
+                    let cipher = match &v {
+                        Value::Nil => None,
+                        v => Some(cipher_of("socket.crypto", v)?),
+                    };
+                    match (conn, id) {
+                        (Some(c), _) => *c.crypto.borrow_mut() = cipher,
+                        (None, Some(id)) if b.ports.borrow().contains_key(&id) => {
+                            let mut pc = b.port_crypto.borrow_mut();
+                            match cipher {
+                                Some(c) => pc.insert(id, c),
+                                None => pc.remove(&id),
+                            };
+                        }
+                        _ => {}
+                    }
+                    Ok(())
+                }
+                "errno" => Err(mlua::Error::runtime("socket.errno is read-only")),
+                "close" if conn.is_some() => match v {
+                    Value::Function(f) => {
+                        *conn.unwrap().on_close.borrow_mut() = Some(f);
+                        Ok(())
+                    }
+                    Value::Nil => {
+                        *conn.unwrap().on_close.borrow_mut() = None;
+                        Ok(())
+                    }
+                    other => Err(mlua::Error::runtime(format!(
+                        "socket.close: expected a function (the close callback), got a {}",
+                        other.type_name()
+                    ))),
+                },
+                _ => t.raw_set(k, v),
+            }
+        })?,
+    )?;
+    Ok(meta)
+}
+
 enum Kind {
     /// The stream is shared with the connection's task so that `commit` can write early
-    /// when output piles up (a non-blocking `try_write`).
-    Tcp(Rc<TcpStream>),
+    /// when output piles up (a non-blocking `try_write`). Empty while `broker.join` connects.
+    Tcp(OnceCell<Rc<TcpStream>>),
     Udp {
         sock: Rc<UdpSocket>,
         /// Where a reply without an address goes: the connected peer or the last sender.
@@ -149,7 +261,15 @@ struct Conn {
     /// The BSON array mapping of the port (`&stage`: STAGE's).
     mode: bson_lua::Mode,
     max_in: usize,
-    peer: Option<SocketAddr>,
+    peer: Cell<Option<SocketAddr>>,
+    /// `socket.crypto`: frames of tables are sent encrypted, encrypted frames are opened.
+    crypto: RefCell<Option<Cipher>>,
+    /// `socket.errno`: the last error (connect, read, write; ETIMEDOUT on expire).
+    errno: Cell<i32>,
+    /// `socket.close = f`: called with `(socket, errno)` when the socket closes.
+    on_close: RefCell<Option<Function>>,
+    /// The `socket.close()` method.
+    close_fn: RefCell<Option<Function>>,
     /// The script's socket object.
     table: Table,
     /// The listening port's table (for `receive`, `close`, `expire`, `commit`), if accepted.
@@ -235,10 +355,21 @@ impl Conn {
         (ms > 0.0).then_some(ms as u64)
     }
 
-    /// Frames `v` into `out` per the framing. Returns the bytes queued.
+    /// Frames `v` into `out` per the framing. Returns the bytes queued. As STAGE: a table is
+    /// a BSON document (encrypted with `socket.crypto` on `bson`/`packet` sockets), a string
+    /// goes as its bytes.
     fn frame_value(&self, lua: &Lua, v: &Value, out: &mut OutBuf) -> mlua::Result<usize> {
         match (self.framing, v) {
-            (Framing::Bson | Framing::Packet, Value::Table(_)) => out
+            (Framing::Bson | Framing::Packet, Value::Table(_)) if self.crypto.borrow().is_some() => {
+                let doc = bson_lua::encode_vec_with(lua, v, self.mode).map_err(mlua::Error::runtime)?;
+                let crypto = self.crypto.borrow();
+                let cipher = crypto.as_ref().expect("checked above");
+                out.put_with(|b| {
+                    cipher.seal_frame(&doc, b);
+                    Ok::<(), mlua::Error>(())
+                })
+            }
+            (Framing::Bson | Framing::Packet | Framing::Raw, Value::Table(_)) => out
                 .put_with(|b| bson_lua::encode_with(lua, v, b, self.mode))
                 .map_err(mlua::Error::runtime),
             (Framing::Text, Value::Table(_)) => {
@@ -248,7 +379,7 @@ impl Conn {
                     .map_err(|e| mlua::Error::runtime(format!("socket.commit: {e}")))
             }
             (_, Value::String(s)) => Ok(out.put_frame(&s.as_bytes())),
-            (f, Value::Integer(_) | Value::Number(_)) if f != Framing::Bson => {
+            (f, Value::Integer(_) | Value::Number(_)) if !f.is_bson() => {
                 Ok(out.put_frame(v.to_string()?.as_bytes()))
             }
             (f, other) => Err(mlua::Error::runtime(format!(
@@ -268,7 +399,8 @@ impl Conn {
             Kind::Tcp(stream) => {
                 let mut out = self.out.borrow_mut();
                 let n = self.frame_value(lua, v, &mut out)?;
-                if out.wants_flush() {
+                // Before `broker.join` has connected, output waits (within OUT).
+                if let Some(stream) = stream.get().filter(|_| out.wants_flush()) {
                     // Replies are normally written once per read batch (fewer syscalls);
                     // when they pile up towards OUT, write what the socket takes now.
                     drop(out);
@@ -350,7 +482,8 @@ fn addr_string(lua: &Lua, a: Option<SocketAddr>) -> mlua::Result<Value> {
     }
 }
 
-/// Builds the script's socket object: `id`, `[0]`, `[1]` peer, `[-1]` local, `commit`, `close`.
+/// Builds the script's socket (or port) object: `id`, `[0]`, `[1]` peer, `[-1]` local, and
+/// the metatable of `socket_meta` (`crypto`, `errno`, `close`).
 fn socket_table(
     lua: &Lua,
     id: i64,
@@ -362,6 +495,7 @@ fn socket_table(
     t.raw_set(0, id)?;
     t.raw_set(1, addr_string(lua, peer)?)?;
     t.raw_set(-1, addr_string(lua, local)?)?;
+    t.set_metatable(broker(lua).keys.meta.clone())?;
     Ok(t)
 }
 
@@ -387,16 +521,14 @@ fn add_methods(lua: &Lua, conn: &Rc<Conn>) -> mlua::Result<()> {
             .err()
             .map(|e| crate::host::script_error::message(&e)))
     })?);
+    // `close` is served by the metatable, so that `socket.close = f` can set the callback.
     let w: Weak<Conn> = Rc::downgrade(conn);
-    conn.table.raw_set(
-        "close",
-        lua.create_function(move |_, ()| {
-            if let Some(c) = w.upgrade() {
-                c.close("closed by the script");
-            }
-            Ok(())
-        })?,
-    )?;
+    *conn.close_fn.borrow_mut() = Some(lua.create_function(move |_, ()| {
+        if let Some(c) = w.upgrade() {
+            c.close("closed by the script");
+        }
+        Ok(())
+    })?);
     Ok(())
 }
 
@@ -558,7 +690,7 @@ async fn accept_loop(lua: Lua, listener: TcpListener, ep: Endpoint, port: Table,
         let accept = accept.clone();
         let ep = ep.clone();
         spawn_local(async move {
-            let conn = match new_tcp(&lua, &ep, stream, Some(port)) {
+            let conn = match new_tcp(&lua, &ep, Some(stream), Some(port)) {
                 Ok(c) => c,
                 Err(e) => {
                     log::error!(target: &ctx(&lua).name, "accept {peer}: {e}");
@@ -580,13 +712,33 @@ async fn accept_loop(lua: Lua, listener: TcpListener, ep: Endpoint, port: Table,
     }
 }
 
-fn new_tcp(lua: &Lua, ep: &Endpoint, stream: TcpStream, port: Option<Table>) -> mlua::Result<Rc<Conn>> {
+/// A TCP socket: accepted (`stream` given, `port` its listener, whose `crypto` it inherits)
+/// or being joined (`stream` set by `connect` once connected).
+fn new_tcp(
+    lua: &Lua,
+    ep: &Endpoint,
+    stream: Option<TcpStream>,
+    port: Option<Table>,
+) -> mlua::Result<Rc<Conn>> {
     let id = next_id();
-    let peer = stream.peer_addr().ok();
-    let table = socket_table(lua, id, peer, stream.local_addr().ok())?;
-    let conn = new_conn(lua, ep, id, peer, table, port, Kind::Tcp(Rc::new(stream)))?;
+    let peer = stream.as_ref().and_then(|s| s.peer_addr().ok());
+    let local = stream.as_ref().and_then(|s| s.local_addr().ok());
+    let table = socket_table(lua, id, peer, local)?;
+    let cell = OnceCell::new();
+    if let Some(s) = stream {
+        let _ = cell.set(Rc::new(s));
+    }
+    let b = broker(lua);
+    let inherited = match &port {
+        Some(p) => p
+            .raw_get::<Option<i64>>("id")?
+            .and_then(|pid| b.port_crypto.borrow().get(&pid).cloned()),
+        None => None,
+    };
+    let conn = new_conn(lua, ep, id, peer, table, port, Kind::Tcp(cell))?;
+    *conn.crypto.borrow_mut() = inherited;
     add_methods(lua, &conn)?;
-    broker(lua).conns.borrow_mut().insert(id, conn.clone());
+    b.conns.borrow_mut().insert(id, conn.clone());
     Ok(conn)
 }
 
@@ -607,7 +759,11 @@ fn new_conn(
             stage_arrays: ep.stage_arrays,
         },
         max_in: ep.max_in,
-        peer,
+        peer: Cell::new(peer),
+        crypto: RefCell::new(None),
+        errno: Cell::new(0),
+        on_close: RefCell::new(None),
+        close_fn: RefCell::new(None),
         table,
         port,
         handler: RefCell::new(None),
@@ -624,22 +780,26 @@ fn new_conn(
     }))
 }
 
-/// Turns a frame's bytes into the value a script receives.
-fn frame_value(lua: &Lua, framing: Framing, mode: bson_lua::Mode, bytes: &[u8]) -> Result<Value, String> {
-    match framing {
-        Framing::Bson => bson_lua::decode_with(lua, bytes, mode).map_err(|e| e.to_string()),
-        Framing::Packet => lua
+/// Turns a frame's bytes into the value a script receives, as STAGE: `bson` and `packet`
+/// frames are documents decoded into tables (an encrypted one opened with `socket.crypto`
+/// first); `text` lines (with their `\n`) and `raw` chunks are strings.
+fn decode_frame(lua: &Lua, conn: &Conn, bytes: &[u8]) -> Result<Value, String> {
+    if !conn.framing.is_bson() {
+        return lua
             .create_string(bytes)
             .map(Value::String)
-            .map_err(|e| e.to_string()),
-        Framing::Text => {
-            let line = bytes.strip_suffix(b"\n").unwrap_or(bytes);
-            let line = line.strip_suffix(b"\r").unwrap_or(line);
-            lua.create_string(line)
-                .map(Value::String)
-                .map_err(|e| e.to_string())
-        }
+            .map_err(|e| e.to_string());
     }
+    if is_encrypted(bytes) {
+        let crypto = conn.crypto.borrow();
+        let Some(cipher) = crypto.as_ref() else {
+            return Err("an encrypted frame arrived but socket.crypto is not set".into());
+        };
+        let doc = cipher.open_frame(bytes).map_err(|e| e.to_string())?;
+        drop(crypto);
+        return bson_lua::decode_with(lua, &doc, conn.mode).map_err(|e| e.to_string());
+    }
+    bson_lua::decode_with(lua, bytes, conn.mode).map_err(|e| e.to_string())
 }
 
 /// Calls the receiver with `(socket, data [, addr])` and commits a non-nil return value.
@@ -732,7 +892,9 @@ type End = (String, bool);
 /// The life of one TCP connection: read → cut → deliver → flush, until it closes.
 async fn run_tcp(lua: Lua, conn: Rc<Conn>) {
     let Kind::Tcp(stream) = &conn.kind else { return };
-    let stream = stream.clone();
+    let Some(stream) = stream.get().cloned() else {
+        return;
+    };
     let mut reader = FrameReader::new(conn.framing, conn.max_in);
     let mut last_read = Instant::now();
     let mut flush_at: Option<Instant> = None;
@@ -798,24 +960,31 @@ async fn serve(lua: &Lua, conn: &Rc<Conn>, reader: &mut FrameReader) -> Result<(
 async fn serve_frames(lua: &Lua, conn: &Rc<Conn>, reader: &mut FrameReader) -> Result<(), String> {
     while !conn.is_closing() {
         let bad_frame = reader.cut(MAX_BATCH);
-        match reader.frames().len() {
+        let n = reader.frames().len();
+        // Encrypted frames are opened one by one.
+        let encrypted = conn.framing.is_bson()
+            && n > 1
+            && reader
+                .frames()
+                .iter()
+                .any(|&(a, _)| is_encrypted(&reader.bytes()[a..]));
+        match n {
             0 => return bad_frame.map_or(Ok(()), |e| Err(e.to_string())),
             // A single frame (the request/response case) goes the direct way: fewer steps
             // than the batch runner's Lua loop.
             1 => {
-                let frame = reader.frame(0);
-                let data = match conn.framing {
-                    Framing::Bson => bson_lua::decode_with(lua, frame, conn.mode).map_err(|e| e.to_string()),
-                    _ => lua
-                        .create_string(frame)
-                        .map(Value::String)
-                        .map_err(|e| e.to_string()),
-                };
+                let data = decode_frame(lua, conn, reader.frame(0));
                 deliver(lua, conn, data?, None).await;
+            }
+            _ if encrypted => {
+                for i in 0..n {
+                    let data = decode_frame(lua, conn, reader.frame(i));
+                    deliver(lua, conn, data?, None).await;
+                }
             }
             // Decoded in one protected call and handed to the script in one coroutine.
             _ => {
-                let bson = conn.framing == Framing::Bson;
+                let bson = conn.framing.is_bson();
                 let (n, bad_doc) = match bson_lua::decode_batch_with(
                     lua,
                     &conn.batch,
@@ -881,6 +1050,7 @@ async fn wait(
     tokio::select! {
         r = stream.readable() => {
             if let Err(e) = r {
+                conn.errno.set(e.raw_os_error().unwrap_or(0));
                 return Some((format!("read failed: {e}"), false));
             }
             match reader.fill(|b| stream.try_read_buf(b)) {
@@ -890,11 +1060,15 @@ async fn wait(
                 Ok(0) => return Some(("peer closed".into(), false)),
                 Ok(_) => *last_read = Instant::now(),
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(e) => return Some((format!("read failed: {e}"), false)),
+                Err(e) => {
+                    conn.errno.set(e.raw_os_error().unwrap_or(0));
+                    return Some((format!("read failed: {e}"), false));
+                }
             }
         }
         r = stream.writable(), if pending => {
             if let Err(e) = r {
+                conn.errno.set(e.raw_os_error().unwrap_or(0));
                 return Some((format!("write failed: {e}"), false));
             }
         }
@@ -903,6 +1077,7 @@ async fn wait(
         _ = sleep_until_opt(idle_at) => {
             // Idle with half a frame read is the peer's fault (a stalled client): warn.
             let tail = if partial > 0 { format!(" with {partial} bytes of a partial frame") } else { String::new() };
+            conn.errno.set(ETIMEDOUT);
             return Some((format!("idle for {} ms (port.expire){tail}", expire.unwrap_or(0)), partial > 0));
         }
     }
@@ -916,24 +1091,37 @@ async fn sleep_until_opt(t: Option<Instant>) {
     }
 }
 
-/// Unregisters a connection, logs why it closed, and calls `port.close(socket)`.
+/// Unregisters a connection, logs why it closed, and calls its close callback with
+/// `(socket, errno)` as STAGE: `socket.close = f`, else the port's `close`, else
+/// `socket.onclose`.
 async fn finish(lua: &Lua, conn: &Rc<Conn>, reason: &str, bad: bool) {
     conn.close(reason);
     broker(lua).conns.borrow_mut().remove(&conn.id);
     let name = ctx(lua).name.clone();
-    let peer = conn.peer.map(|p| p.to_string()).unwrap_or_else(|| "-".into());
+    let peer = conn
+        .peer
+        .get()
+        .map(|p| p.to_string())
+        .unwrap_or_else(|| "-".into());
     if bad {
         log::warn!(target: &name, "closed {peer} (socket {}): {reason}", conn.id);
     } else {
         log::debug!(target: &name, "closed {peer} (socket {}): {reason}", conn.id);
     }
     let on_close = conn
-        .port
-        .as_ref()
-        .and_then(|p| p.raw_get::<Option<Function>>("close").ok().flatten())
+        .on_close
+        .borrow()
+        .clone()
+        .or_else(|| {
+            conn.port
+                .as_ref()
+                .and_then(|p| p.raw_get::<Option<Function>>("close").ok().flatten())
+        })
         .or_else(|| conn.table.raw_get::<Option<Function>>("onclose").ok().flatten());
+    // The socket is gone from the broker: its errno stays readable on the table.
+    let _ = conn.table.raw_set("errno", conn.errno.get());
     if let Some(f) = on_close.filter(|_| conn.accepted.get()) {
-        call_callback(lua, "close", &f, conn.table.clone()).await;
+        call_callback(lua, "close", &f, (conn.table.clone(), conn.errno.get())).await;
     }
 }
 
@@ -965,7 +1153,7 @@ async fn run_udp(lua: Lua, conn: Rc<Conn>, s: Rc<UdpSocket>) {
                 continue;
             }
         };
-        match frame_value(&lua, conn.framing, conn.mode, &frame[f.start..f.end]) {
+        match decode_frame(&lua, &conn, &frame[f.start..f.end]) {
             Ok(v) => {
                 if let Kind::Udp { peer, .. } = &conn.kind {
                     peer.set(Some(from));
@@ -981,16 +1169,48 @@ async fn run_udp(lua: Lua, conn: Rc<Conn>, s: Rc<UdpSocket>) {
     finish(&lua, &conn, "closed", false).await;
 }
 
-/// `broker.join(uri [, on_connect [, options]])`: connects; returns the socket, or errno and a
-/// message. `options` (tls://, wss://): `ca` (PEM file of extra trusted roots), `name`.
-async fn join(
-    lua: Lua,
-    (uri, on_connect, opts): (String, Option<Function>, Option<Table>),
-) -> mlua::Result<MultiValue> {
+/// `broker.join(uri [, on_connect] [, timeout_ms | options])`, as STAGE: for tcp:// and
+/// udp://, returns the socket at once and connects in the background (frames committed
+/// meanwhile wait in its output). Once connected, `on_connect(socket, addr)` runs (a function
+/// it returns receives the frames, as `accept`'s; `false` closes). A failed or timed-out
+/// connect (3 s unless `timeout_ms`) is reported through the close callback with
+/// `(socket, errno)` and `socket.errno`. A bad URI or a name that does not resolve still
+/// returns errno and a message. tls://, ws://, wss:// connect (and handshake) before they
+/// return, or return errno and a message; `options`: `ca` (PEM file of extra trusted roots),
+/// `name` (the name the certificate must carry), `timeout` (ms).
+async fn join(lua: Lua, (uri, a2, a3): (String, Value, Value)) -> mlua::Result<MultiValue> {
     let ep = match uri::parse(&uri) {
         Ok(ep) => ep,
         Err(e) => return fail(&lua, None, e.to_string()),
     };
+    let ms = |v: &Value| match v {
+        Value::Integer(i) => Some(*i),
+        Value::Number(n) => Some(*n as i64),
+        _ => None,
+    };
+    let opts = match &a3 {
+        Value::Table(t) => Some(t.clone()),
+        _ => None,
+    };
+    let (on_connect, timeout) = match (&a2, &a3) {
+        (Value::Function(f), t) => (Some(f.clone()), ms(t)),
+        // STAGE also takes a table holding `connect`.
+        (Value::Table(t), t3) => (t.raw_get::<Option<Function>>("connect")?, ms(t3)),
+        (Value::Nil, t) => (None, ms(t)),
+        (t, Value::Nil) if ms(t).is_some() => (None, ms(t)),
+        (other, _) => {
+            return Err(mlua::Error::runtime(format!(
+                "broker.join: expected an on_connect function, got a {}",
+                other.type_name()
+            )))
+        }
+    };
+    let timeout = match (timeout, &opts) {
+        (Some(t), _) => Some(t),
+        (None, Some(o)) => o.raw_get::<Option<i64>>("timeout")?,
+        (None, None) => None,
+    };
+    let timeout = Duration::from_millis(timeout.filter(|t| *t > 0).map_or(JOIN_TIMEOUT_MS, |t| t as u64));
     let addr = match sock::literal_addr(&ep.host, ep.port) {
         Some(a) => a,
         None => match tokio::net::lookup_host(ep.authority())
@@ -1025,14 +1245,9 @@ async fn join(
             Err((errno, msg)) => return fail(&lua, errno, msg),
         },
         Proto::Tcp => {
-            let stream = match TcpStream::connect(addr).await {
-                Ok(s) => s,
-                Err(e) => return io_fail(&lua, &format!("broker.join {uri}"), e),
-            };
-            let _ = stream.set_nodelay(true);
-            let conn = new_tcp(&lua, &ep, stream, None)?;
-            spawn_local(run_tcp(lua.clone(), conn.clone()));
-            conn
+            let conn = new_tcp(&lua, &ep, None, None)?;
+            spawn_local(connect(lua.clone(), conn.clone(), uri, addr, timeout, on_connect));
+            return Ok(MultiValue::from_vec(vec![Value::Table(conn.table.clone())]));
         }
         Proto::Udp => {
             let bind: SocketAddr = if addr.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }
@@ -1046,14 +1261,63 @@ async fn join(
         }
     };
     if let Some(f) = on_connect {
-        let rets = call_callback(&lua, "join", &f, (conn.table.clone(), sock::ntoa(&addr))).await;
-        match rets.as_ref().and_then(|r| r.front()) {
-            Some(Value::Function(f)) => *conn.handler.borrow_mut() = Some(f.clone()),
-            Some(Value::Boolean(false)) => conn.close("refused by on_connect"),
-            _ => {}
-        }
+        on_connected(&lua, &conn, &f, addr).await;
     }
     Ok(MultiValue::from_vec(vec![Value::Table(conn.table.clone())]))
+}
+
+/// Calls `on_connect(socket, addr)`: a function it returns receives the frames; `false`
+/// closes the socket.
+async fn on_connected(lua: &Lua, conn: &Rc<Conn>, f: &Function, addr: SocketAddr) {
+    let rets = call_callback(lua, "join", f, (conn.table.clone(), sock::ntoa(&addr))).await;
+    match rets.as_ref().and_then(|r| r.front()) {
+        Some(Value::Function(f)) => *conn.handler.borrow_mut() = Some(f.clone()),
+        Some(Value::Boolean(false)) => conn.close("refused by on_connect"),
+        _ => {}
+    }
+}
+
+/// The background half of `broker.join` for TCP: connect within `timeout`, then serve the
+/// socket; a failure closes it with its errno.
+async fn connect(
+    lua: Lua,
+    conn: Rc<Conn>,
+    uri: String,
+    addr: SocketAddr,
+    timeout: Duration,
+    on_connect: Option<Function>,
+) {
+    let res = tokio::time::timeout(timeout, TcpStream::connect(addr)).await;
+    let stream = match res {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            conn.errno.set(e.raw_os_error().unwrap_or(libc::ECONNREFUSED));
+            log::warn!(target: &ctx(&lua).name, "broker.join {uri}: {e}");
+            return finish(&lua, &conn, &format!("connect failed: {e}"), false).await;
+        }
+        Err(_) => {
+            conn.errno.set(ETIMEDOUT);
+            log::warn!(target: &ctx(&lua).name, "broker.join {uri}: no connection within {} ms", timeout.as_millis());
+            return finish(&lua, &conn, "connect timed out", false).await;
+        }
+    };
+    let _ = stream.set_nodelay(true);
+    conn.peer.set(stream.peer_addr().ok());
+    let _ = conn.table.raw_set(
+        1,
+        addr_string(&lua, stream.peer_addr().ok()).unwrap_or(Value::Nil),
+    );
+    let _ = conn.table.raw_set(
+        -1,
+        addr_string(&lua, stream.local_addr().ok()).unwrap_or(Value::Nil),
+    );
+    if let Kind::Tcp(cell) = &conn.kind {
+        let _ = cell.set(Rc::new(stream));
+    }
+    if let Some(f) = on_connect.filter(|_| !conn.is_closing()) {
+        on_connected(&lua, &conn, &f, addr).await;
+    }
+    run_tcp(lua, conn).await;
 }
 
 /// An id from a number or a socket table.
@@ -1073,6 +1337,7 @@ fn close_one(lua: &Lua, id: i64) -> bool {
     }
     let b = broker(lua);
     let port = b.ports.borrow_mut().remove(&id);
+    b.port_crypto.borrow_mut().remove(&id);
     match port {
         Some((_, task)) => {
             task.abort();

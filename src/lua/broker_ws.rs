@@ -6,7 +6,7 @@
 //! * `tls://`: TLS (rustls, `net::tls`) under the URI's framing; frames are cut from the
 //!   decrypted bytes exactly as on `tcp://`.
 //! * `ws://`, `wss://`: each WebSocket message is one frame (`net::ws`): `?bson` takes binary
-//!   messages holding one document, `?text` text messages, `?packet` either as bytes. Replies
+//!   messages holding one document (`?packet` too), `?text` text messages, `?raw` either as bytes. Replies
 //!   are queued length-prefixed in `out` (whatever the framing) so that each stays one message.
 //!
 //! Closing is graceful so that the last replies and the close frame reach the peer: the
@@ -17,7 +17,7 @@
 
 use super::*;
 use crate::lua::broker_http::{cert_paths, tls_conf};
-use crate::net::framing::next_frame;
+use crate::net::conn::next_message;
 use crate::net::tls::{self, TlsFiles};
 use crate::net::ws as wsnet;
 use futures_util::{FutureExt, Sink, SinkExt, StreamExt};
@@ -42,7 +42,7 @@ pub(super) fn commit(conn: &Conn, lua: &Lua, v: &Value, ws: bool) -> mlua::Resul
         if let Value::String(s) = v {
             if std::str::from_utf8(&s.as_bytes()).is_err() {
                 return Err(mlua::Error::runtime(
-                    "socket.commit: a ?text websocket sends UTF-8 text only (use ?packet for bytes)",
+                    "socket.commit: a ?text websocket sends UTF-8 text only (use ?raw for bytes)",
                 ));
             }
         }
@@ -232,7 +232,7 @@ fn task_conn(
     let table = socket_table(lua, id, Some(peer), local)?;
     let conn = new_conn(lua, ep, id, Some(peer), table, port, Kind::Task { ws })?;
     if ws {
-        *conn.out.borrow_mut() = OutBuf::new(Framing::Packet, ep.max_out);
+        *conn.out.borrow_mut() = OutBuf::messages(ep.max_out);
     }
     add_methods(lua, &conn)?;
     broker(lua).conns.borrow_mut().insert(id, conn.clone());
@@ -488,15 +488,15 @@ where
             Poll::Ready(Err(e)) => return Err(std::io::Error::other(e)),
             Poll::Ready(Ok(())) => {}
         }
-        let Ok(Some(f)) = next_frame(Framing::Packet, b, usize::MAX) else {
+        let Some((start, end, consumed)) = next_message(b) else {
             return Err(std::io::Error::other("broken output queue"));
         };
         // `commit` let only UTF-8 through on a text socket.
-        let msg = wsnet::outbound(framing, b[f.start..f.end].to_vec()).map_err(std::io::Error::other)?;
+        let msg = wsnet::outbound(framing, b[start..end].to_vec()).map_err(std::io::Error::other)?;
         Pin::new(&mut *sink)
             .start_send(msg)
             .map_err(std::io::Error::other)?;
-        Ok(f.consumed)
+        Ok(consumed)
     });
     if let Err(e) = r {
         return Poll::Ready(Err(e.to_string()));
@@ -522,7 +522,7 @@ async fn serve_messages(
         if let [(a, b)] = ranges {
             let frame = &buf[*a..*b];
             let data = match conn.framing {
-                Framing::Bson => bson_lua::decode_with(lua, frame, conn.mode)
+                Framing::Bson | Framing::Packet => bson_lua::decode_with(lua, frame, conn.mode)
                     .map_err(|e| format!("message is not a valid BSON document: {e}"))?,
                 _ => lua
                     .create_string(frame)
@@ -532,7 +532,7 @@ async fn serve_messages(
             deliver(lua, conn, data, None).await;
             return Ok(());
         }
-        let bson = conn.framing == Framing::Bson;
+        let bson = conn.framing.is_bson();
         let (n, bad) = match bson_lua::decode_batch_with(lua, &conn.batch, buf, ranges, bson, conn.mode) {
             Ok(n) => (n, None),
             Err((n, e)) => (n, Some(format!("message is not a valid BSON document: {e}"))),

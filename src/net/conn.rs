@@ -26,7 +26,8 @@ pub const OUT_KEEP: usize = 16 * 1024;
 ///
 /// `buf[..pos]` is handled, `buf[pos..]` waits to be cut; `buf.len()` is what was read.
 /// `cut` fills `frames` with the payload ranges of up to `max` complete frames (for `text`,
-/// the line without its `\n` or `\r\n`), which stay valid until the next `compact` or `fill`.
+/// the line with its `\n`, as STAGE hands it; for `raw`, what was read, at most IN bytes),
+/// which stay valid until the next `compact` or `fill`.
 #[derive(Debug)]
 pub struct FrameReader {
     framing: Framing,
@@ -84,15 +85,7 @@ impl FrameReader {
         while self.frames.len() < max {
             match next_frame(self.framing, &self.buf[self.pos..], self.limit) {
                 Ok(Some(f)) => {
-                    let (start, mut end) = (self.pos + f.start, self.pos + f.end);
-                    if self.framing == Framing::Text {
-                        // The script gets the line without its `\n` (or `\r\n`).
-                        end -= 1;
-                        if end > start && self.buf[end - 1] == b'\r' {
-                            end -= 1;
-                        }
-                    }
-                    self.frames.push((start, end));
+                    self.frames.push((self.pos + f.start, self.pos + f.end));
                     self.pos += f.consumed;
                 }
                 Ok(None) => return None,
@@ -166,6 +159,15 @@ pub struct OutBuf {
     framing: Framing,
     limit: usize,
     buf: Vec<u8>,
+    /// A queue of whole messages (WebSocket): each is stored behind its 4-byte length, so
+    /// that the writer can send each as one message, whatever the framing.
+    messages: bool,
+}
+
+/// The first message of a queue made by [`OutBuf::messages`]: `(start, end, consumed)`.
+pub fn next_message(buf: &[u8]) -> Option<(usize, usize, usize)> {
+    let len = u32::from_le_bytes(buf.get(..4)?.try_into().ok()?) as usize;
+    (buf.len() >= 4 + len).then_some((4, 4 + len, 4 + len))
 }
 
 impl OutBuf {
@@ -175,34 +177,49 @@ impl OutBuf {
             framing,
             limit,
             buf: Vec::new(),
+            messages: false,
+        }
+    }
+
+    /// A queue of whole messages (see [`next_message`]), at most `limit` unsent bytes.
+    pub fn messages(limit: usize) -> OutBuf {
+        OutBuf {
+            messages: true,
+            ..OutBuf::new(Framing::Raw, limit)
         }
     }
 
     /// Appends `payload` framed for the wire (`framing::put_frame`); returns the bytes queued.
     pub fn put_frame(&mut self, payload: &[u8]) -> usize {
         let start = self.buf.len();
+        if self.messages {
+            self.buf.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+            self.buf.extend_from_slice(payload);
+            return self.buf.len() - start;
+        }
         put_frame(self.framing, payload, &mut self.buf);
         self.buf.len() - start
     }
 
     /// Appends one frame whose payload `write` encodes straight into the buffer (no copy):
-    /// `packet` gets its length prefix and `text` its `\n` around it. On error nothing of
-    /// the frame stays. Returns the bytes queued.
+    /// `text` gets its `\n` after it; the other framings take it as it is. On error nothing
+    /// of the frame stays. Returns the bytes queued.
     pub fn put_with<E>(&mut self, write: impl FnOnce(&mut Vec<u8>) -> Result<(), E>) -> Result<usize, E> {
         let start = self.buf.len();
-        if self.framing == Framing::Packet {
+        if self.messages {
             self.buf.extend_from_slice(&[0; 4]);
         }
         if let Err(e) = write(&mut self.buf) {
             self.buf.truncate(start);
             return Err(e);
         }
+        if self.messages {
+            let len = (self.buf.len() - start - 4) as u32;
+            self.buf[start..start + 4].copy_from_slice(&len.to_le_bytes());
+            return Ok(self.buf.len() - start);
+        }
         match self.framing {
-            Framing::Bson => {}
-            Framing::Packet => {
-                let len = (self.buf.len() - start) as i32;
-                self.buf[start..start + 4].copy_from_slice(&len.to_le_bytes());
-            }
+            Framing::Bson | Framing::Packet | Framing::Raw => {}
             Framing::Text => {
                 if self.buf.len() == start || self.buf.last() != Some(&b'\n') {
                     self.buf.push(b'\n');
@@ -345,17 +362,17 @@ mod tests {
     fn frames_are_cut_in_batches_of_at_most_max() {
         let mut wire = vec![];
         for i in 0..5u8 {
-            put_frame(Framing::Packet, &[i; 3], &mut wire);
+            put_frame(Framing::Text, &[b'a' + i; 3], &mut wire);
         }
-        let mut r = FrameReader::new(Framing::Packet, 100);
+        let mut r = FrameReader::new(Framing::Text, 100);
         feed(&mut r, &wire);
         assert!(r.cut(2).is_none());
-        assert_eq!((r.frame(0), r.frame(1)), (&[0u8; 3][..], &[1u8; 3][..]));
+        assert_eq!((r.frame(0), r.frame(1)), (&b"aaa\n"[..], &b"bbb\n"[..]));
         assert!(r.cut(2).is_none());
-        assert_eq!(r.frame(1), &[3u8; 3]);
+        assert_eq!(r.frame(1), b"ddd\n");
         assert!(r.cut(2).is_none());
         assert_eq!(r.frames().len(), 1);
-        assert_eq!(r.frame(0), &[4u8; 3]);
+        assert_eq!(r.frame(0), b"eee\n");
         assert!(r.cut(2).is_none());
         assert!(r.frames().is_empty());
     }
@@ -390,19 +407,24 @@ mod tests {
     }
 
     #[test]
-    fn text_lines_lose_their_crlf_or_lf() {
+    fn text_lines_keep_their_newline() {
         let mut r = FrameReader::new(Framing::Text, 16);
         feed(&mut r, b"one\r\ntwo\n\r\n\nthr");
         assert_eq!(
             cut_all(&mut r),
-            vec![b"one".to_vec(), b"two".to_vec(), b"".to_vec(), b"".to_vec()]
+            vec![
+                b"one\r\n".to_vec(),
+                b"two\n".to_vec(),
+                b"\r\n".to_vec(),
+                b"\n".to_vec()
+            ]
         );
         assert_eq!(r.pending(), 3);
         r.compact();
         feed(&mut r, b"ee\r");
         assert!(cut_all(&mut r).is_empty());
         feed(&mut r, b"\n");
-        assert_eq!(cut_all(&mut r), vec![b"three".to_vec()]);
+        assert_eq!(cut_all(&mut r), vec![b"three\r\n".to_vec()]);
         // A line of IN bytes without a newline is refused.
         r.compact();
         feed(&mut r, &[b'x'; 16]);
@@ -474,15 +496,26 @@ mod tests {
     }
 
     #[test]
+    fn raw_chunks_are_what_was_read() {
+        let mut r = FrameReader::new(Framing::Raw, 8);
+        feed(&mut r, b"hello");
+        assert_eq!(cut_all(&mut r), vec![b"hello".to_vec()]);
+        r.compact();
+        feed(&mut r, b"0123456789ab");
+        assert_eq!(cut_all(&mut r), vec![b"01234567".to_vec(), b"89ab".to_vec()]);
+        assert_eq!(r.pending(), 0);
+    }
+
+    #[test]
     fn out_frames_by_framing() {
         let mut o = OutBuf::new(Framing::Packet, 100);
-        assert_eq!(o.put_frame(b"ab"), 6);
+        assert_eq!(o.put_frame(b"ab"), 2, "a string goes as its bytes");
         assert_eq!(
             o.put_with(|b| -> Result<(), ()> {
                 b.extend_from_slice(b"xyz");
                 Ok(())
             }),
-            Ok(7)
+            Ok(3)
         );
         assert_eq!(
             o.put_with(|b| {
@@ -497,7 +530,7 @@ mod tests {
             Ok(b.len())
         })
         .unwrap();
-        assert_eq!(wire, b"\x06\0\0\0ab\x07\0\0\0xyz");
+        assert_eq!(wire, b"abxyz");
         assert!(o.is_empty());
 
         let mut t = OutBuf::new(Framing::Text, 100);
@@ -535,8 +568,8 @@ mod tests {
 
     #[test]
     fn a_slow_peer_keeps_the_rest_and_overflow_closes() {
-        let mut o = OutBuf::new(Framing::Packet, 20);
-        o.put_frame(&[1; 8]); // 12 bytes
+        let mut o = OutBuf::new(Framing::Raw, 20);
+        o.put_frame(&[1; 12]);
         assert!(o.wants_flush());
         // The socket takes 5 bytes, then would block.
         let mut wire = vec![];
@@ -553,17 +586,17 @@ mod tests {
         .unwrap();
         assert_eq!(o.len(), 7);
         assert!(o.overflow().is_none());
-        o.put_frame(&[2; 8]); // 19 bytes waiting
+        o.put_frame(&[2; 12]); // 19 bytes waiting
         assert!(o.overflow().is_none());
-        o.put_frame(&[]);
+        o.put_frame(&[0; 4]);
         let e = o.overflow().expect("over OUT");
         assert_eq!(
             e.to_string(),
-            "unsent output of 23 bytes exceeds packet OUT limit 20"
+            "unsent output of 23 bytes exceeds raw OUT limit 20"
         );
         assert!(o.is_empty(), "the output of a closing connection is dropped");
         // Over OUT after a flush that could not write: the same error from flush.
-        o.put_frame(&[3; 30]);
+        o.put_frame(&[3; 34]);
         let e = o.flush(|_| Err(io::ErrorKind::WouldBlock.into())).unwrap_err();
         assert!(matches!(
             e,

@@ -1,6 +1,8 @@
-//! Frame boundaries on a byte stream: `bson` (the document's own int32 length), `packet`
-//! (int32 length counting itself, then payload) and `text` (bytes up to and including `\n`),
-//! with the `IN` limit enforced while reading and the framing applied while writing.
+//! Frame boundaries on a byte stream, as STAGE's broker cuts them: `bson` and `packet` (the
+//! same thing in STAGE: a BSON document, cut by its own int32 length, whose high bit marks an
+//! encrypted frame), `text` (bytes up to and including `\n`) and `raw` (no framing: the bytes
+//! as they arrive, in chunks of at most `IN`), with the `IN` limit enforced while reading and
+//! the framing applied while writing.
 
 use thiserror::Error;
 
@@ -8,8 +10,11 @@ use thiserror::Error;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Framing {
     Bson,
+    /// STAGE's `packet`: the same frames as `bson` (a BSON document, or an encrypted one).
     Packet,
     Text,
+    /// No framing: a byte stream handed over in chunks as read.
+    Raw,
 }
 
 impl Framing {
@@ -18,6 +23,7 @@ impl Framing {
             Framing::Bson => "bson",
             Framing::Packet => "packet",
             Framing::Text => "text",
+            Framing::Raw => "raw",
         }
     }
 
@@ -26,9 +32,23 @@ impl Framing {
             "bson" => Some(Framing::Bson),
             "packet" => Some(Framing::Packet),
             "text" => Some(Framing::Text),
+            "raw" => Some(Framing::Raw),
             _ => None,
         }
     }
+
+    /// Frames are BSON documents (`bson` and `packet`, as in STAGE).
+    pub fn is_bson(self) -> bool {
+        matches!(self, Framing::Bson | Framing::Packet)
+    }
+}
+
+/// The flag in a BSON frame's length that marks it encrypted (`net::crypto`).
+pub const ENCRYPTED: u32 = 0x8000_0000;
+
+/// True when the BSON frame starting with `frame` has the encrypted flag in its length.
+pub fn is_encrypted(frame: &[u8]) -> bool {
+    frame.len() >= 4 && frame[3] & 0x80 != 0
 }
 
 /// A frame that cannot be accepted; the connection it came from is closed.
@@ -53,8 +73,8 @@ pub enum FrameError {
 /// A complete frame found at the start of a buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Frame {
-    /// The payload's byte range in the buffer (the whole document for `bson`, the bytes after
-    /// the length for `packet`, the line including `\n` for `text`).
+    /// The payload's byte range in the buffer (the whole document, length included, for
+    /// `bson` and `packet`; the line including `\n` for `text`; the chunk for `raw`).
     pub start: usize,
     pub end: usize,
     /// Bytes to drop from the buffer once the frame is handled.
@@ -70,36 +90,34 @@ pub fn next_frame(framing: Framing, buf: &[u8], limit: usize) -> Result<Option<F
             if buf.len() < 4 {
                 return Ok(None);
             }
-            let len = i32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]) as i64;
-            let min = if framing == Framing::Bson { 5 } else { 4 };
-            if len < min as i64 {
+            // The high bit marks an encrypted frame; the rest is the frame's length.
+            let len = (u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]) & !ENCRYPTED) as usize;
+            if len < 5 {
                 return Err(FrameError::TooSmall {
                     framing: framing.name(),
-                    len,
-                    min,
+                    len: len as i64,
+                    min: 5,
                 });
             }
-            if len as u64 > limit as u64 {
+            if len > limit {
                 return Err(FrameError::TooLarge {
                     framing: framing.name(),
                     len: len as u64,
                     limit,
                 });
             }
-            let len = len as usize;
             if buf.len() < len {
                 return Ok(None);
             }
-            let start = if framing == Framing::Bson { 0 } else { 4 };
             Ok(Some(Frame {
-                start,
+                start: 0,
                 end: len,
                 consumed: len,
             }))
         }
         Framing::Text => {
             let window = &buf[..buf.len().min(limit)];
-            match window.iter().position(|&b| b == b'\n') {
+            match memchr_nl(window) {
                 Some(i) => Ok(Some(Frame {
                     start: 0,
                     end: i + 1,
@@ -113,23 +131,36 @@ pub fn next_frame(framing: Framing, buf: &[u8], limit: usize) -> Result<Option<F
                 None => Ok(None),
             }
         }
+        Framing::Raw if buf.is_empty() => Ok(None),
+        Framing::Raw => {
+            let n = buf.len().min(limit.max(1));
+            Ok(Some(Frame {
+                start: 0,
+                end: n,
+                consumed: n,
+            }))
+        }
     }
 }
 
-/// Checks that a datagram is exactly one frame: for `text` the whole datagram is the line
-/// (a trailing newline is optional, and stays in the range); for `bson` and `packet` the
-/// length field must match the datagram's size.
+fn memchr_nl(b: &[u8]) -> Option<usize> {
+    b.iter().position(|&c| c == b'\n')
+}
+
+/// Checks that a datagram is exactly one frame: for `text` and `raw` the whole datagram is
+/// the frame (for `text` a trailing newline is optional, and stays in the range); for `bson`
+/// and `packet` the length field (without its encrypted flag) must match the datagram's size.
 pub fn datagram_frame(framing: Framing, buf: &[u8], limit: usize) -> Result<Frame, FrameError> {
     let n = buf.len();
     let frame = match framing {
-        Framing::Text if n > limit => {
+        Framing::Text | Framing::Raw if n > limit => {
             return Err(FrameError::TooLarge {
-                framing: "text",
+                framing: framing.name(),
                 len: n as u64,
                 limit,
             })
         }
-        Framing::Text => Some(Frame {
+        Framing::Text | Framing::Raw => Some(Frame {
             start: 0,
             end: n,
             consumed: n,
@@ -145,15 +176,12 @@ pub fn datagram_frame(framing: Framing, buf: &[u8], limit: usize) -> Result<Fram
     }
 }
 
-/// Appends `payload` to `out` framed for the wire. A `bson` payload must already be a
-/// document; `packet` gets its length prefix; `text` gets a `\n` unless it ends with one.
+/// Appends `payload` to `out` framed for the wire: as it is for `bson`, `packet` (a
+/// document carries its own length; a string is sent as its bytes, as STAGE) and `raw`;
+/// `text` gets a `\n` unless it ends with one.
 pub fn put_frame(framing: Framing, payload: &[u8], out: &mut Vec<u8>) {
     match framing {
-        Framing::Bson => out.extend_from_slice(payload),
-        Framing::Packet => {
-            out.extend_from_slice(&((payload.len() + 4) as i32).to_le_bytes());
-            out.extend_from_slice(payload);
-        }
+        Framing::Bson | Framing::Packet | Framing::Raw => out.extend_from_slice(payload),
         Framing::Text => {
             out.extend_from_slice(payload);
             if payload.last() != Some(&b'\n') {
@@ -191,9 +219,10 @@ mod tests {
             next_frame(Framing::Bson, &[4, 0, 0, 0], 100),
             Err(FrameError::TooSmall { len: 4, .. })
         ));
+        // The high bit is the encrypted flag, not a sign: 0x7fffffff bytes are over IN.
         assert!(matches!(
             next_frame(Framing::Bson, &[0xff, 0xff, 0xff, 0xff], 100),
-            Err(FrameError::TooSmall { len: -1, .. })
+            Err(FrameError::TooLarge { len: 0x7fff_ffff, .. })
         ));
         assert_eq!(next_frame(Framing::Bson, &[0, 0, 1, 0], 65536), Ok(None));
         let e = next_frame(Framing::Bson, &[1, 0, 1, 0], 65536).unwrap_err();
@@ -201,16 +230,42 @@ mod tests {
     }
 
     #[test]
-    fn packet_round_trip() {
-        let mut out = vec![];
-        put_frame(Framing::Packet, b"\0\x01binary\xff", &mut out);
-        put_frame(Framing::Packet, b"", &mut out);
-        let f = next_frame(Framing::Packet, &out, 100).unwrap().unwrap();
-        assert_eq!(&out[f.start..f.end], b"\0\x01binary\xff");
-        let rest = &out[f.consumed..];
-        let f = next_frame(Framing::Packet, rest, 100).unwrap().unwrap();
-        assert_eq!((f.start, f.end), (4, 4));
+    fn packet_frames_are_bson_documents_with_an_encrypted_flag() {
+        let doc = [5u8, 0, 0, 0, 0];
+        let f = next_frame(Framing::Packet, &doc, 100).unwrap().unwrap();
+        assert_eq!(
+            (f.start, f.end, f.consumed),
+            (0, 5, 5),
+            "the length counts itself"
+        );
+        // An encrypted frame: 20 bytes, flagged.
+        let mut enc = (20u32 | ENCRYPTED).to_le_bytes().to_vec();
+        enc.resize(20, 0xAA);
+        assert!(is_encrypted(&enc) && !is_encrypted(&doc));
+        assert_eq!(next_frame(Framing::Packet, &enc[..19], 100), Ok(None));
+        let f = next_frame(Framing::Packet, &[&enc[..], &doc[..]].concat(), 100)
+            .unwrap()
+            .unwrap();
+        assert_eq!((f.start, f.end), (0, 20));
         assert!(next_frame(Framing::Packet, &[3, 0, 0, 0], 100).is_err());
+        // Strings go out as their bytes (no length prefix), as STAGE.
+        let mut out = vec![];
+        put_frame(Framing::Packet, b"GET / HTTP/1.0\r\n\r\n", &mut out);
+        assert_eq!(out, b"GET / HTTP/1.0\r\n\r\n");
+    }
+
+    #[test]
+    fn raw_chunks() {
+        assert_eq!(next_frame(Framing::Raw, b"", 10), Ok(None));
+        let f = next_frame(Framing::Raw, b"abc", 10).unwrap().unwrap();
+        assert_eq!((f.start, f.end, f.consumed), (0, 3, 3));
+        let f = next_frame(Framing::Raw, &[1; 25], 10).unwrap().unwrap();
+        assert_eq!(f.end, 10, "a chunk is at most IN bytes");
+        let mut out = vec![];
+        put_frame(Framing::Raw, b"no newline", &mut out);
+        assert_eq!(out, b"no newline");
+        assert_eq!(datagram_frame(Framing::Raw, b"\0\x01", 10).unwrap().end, 2);
+        assert!(datagram_frame(Framing::Raw, &[0; 11], 10).is_err());
     }
 
     #[test]
@@ -240,8 +295,8 @@ mod tests {
             datagram_frame(Framing::Packet, &[9, 0, 0, 0, 1], 100),
             Err(FrameError::NotOneFrame { len: 5, .. })
         ));
-        let f = datagram_frame(Framing::Packet, &[5, 0, 0, 0, 1], 100).unwrap();
-        assert_eq!((f.start, f.end), (4, 5));
+        let f = datagram_frame(Framing::Packet, &[5, 0, 0, 0, 0], 100).unwrap();
+        assert_eq!((f.start, f.end), (0, 5));
         let f = datagram_frame(Framing::Text, b"no newline", 100).unwrap();
         assert_eq!(f.end, 10);
         assert_eq!(datagram_frame(Framing::Text, b"a\nb\n", 100).unwrap().end, 4);

@@ -1,15 +1,16 @@
 //! Broker endpoint URIs: `tcp://host:port?FRAMING=IN,OUT`, `udp://host:port?FRAMING`,
 //! `tls://` (TLS under a framing), `ws://host:port/path?FRAMING=IN,OUT` and `wss://`
 //! (WebSocket messages as frames), `http://host:port` and `https://`. As in STAGE, a URI
-//! without a scheme is TCP (`0.0.0.0:8080?bson`), and the limits may also be written
-//! `IN:OUT` (the spelling of STAGE's broker.md table).
+//! without a scheme is TCP (`0.0.0.0:8080?bson`), the limits may also be written `IN:OUT`
+//! (the spelling of STAGE's broker.md table), a URI without `?FRAMING` is a raw byte stream
+//! (also spelled `?raw`), and IN/OUT not given are 8 KiB (STAGE's `BUFSIZ`).
 
 use super::framing::{parse_size, Framing};
 use thiserror::Error;
 
-/// Default largest frame accepted (IN) and largest unsent output (OUT).
-pub const DEFAULT_IN: usize = 64 * 1024;
-pub const DEFAULT_OUT: usize = 1024 * 1024;
+/// Default largest frame accepted (IN) and largest unsent output (OUT): STAGE's `BUFSIZ`.
+pub const DEFAULT_IN: usize = 8 * 1024;
+pub const DEFAULT_OUT: usize = 8 * 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Proto {
@@ -102,7 +103,7 @@ pub fn parse(uri: &str) -> Result<Endpoint, UriError> {
         proto,
         host: host.to_string(),
         port,
-        framing: Framing::Bson,
+        framing: Framing::Raw,
         max_in: DEFAULT_IN,
         max_out: DEFAULT_OUT,
         stage_arrays: false,
@@ -122,7 +123,7 @@ pub fn parse(uri: &str) -> Result<Endpoint, UriError> {
         let (name, limits) = query.split_once('=').unwrap_or((query, ""));
         ep.framing = Framing::parse(name).ok_or_else(|| {
             err(&format!(
-                "unknown framing '{name}' (expected bson, packet or text)"
+                "unknown framing '{name}' (expected bson, packet, text or raw)"
             ))
         })?;
         if !limits.is_empty() {
@@ -164,6 +165,16 @@ mod tests {
         let e = parse("tcp://127.0.0.1:0?packet=1m").unwrap();
         assert_eq!((e.max_in, e.max_out), (1 << 20, DEFAULT_OUT));
         assert_eq!(parse("tcp://:5").unwrap().host, "0.0.0.0");
+        // No framing: a raw byte stream, as STAGE; `?raw` says so explicitly.
+        let e = parse("tcp://127.0.0.1:1").unwrap();
+        assert_eq!((e.framing, e.max_in, e.max_out), (Framing::Raw, 8192, 8192));
+        let e = parse("tcp://127.0.0.1:1?raw=1k").unwrap();
+        assert_eq!((e.framing, e.max_in), (Framing::Raw, 1024));
+        assert_eq!(
+            parse("tcp://127.0.0.1:1?bson").unwrap().max_in,
+            8192,
+            "STAGE's BUFSIZ"
+        );
     }
 
     #[test]
@@ -175,7 +186,10 @@ mod tests {
             (Proto::Tcp, "127.0.0.1", 8081, Framing::Text)
         );
         let e = parse("[::1]:9").unwrap();
-        assert_eq!((e.proto, e.host.as_str()), (Proto::Tcp, "::1"));
+        assert_eq!(
+            (e.proto, e.host.as_str(), e.framing),
+            (Proto::Tcp, "::1", Framing::Raw)
+        );
         // IN:OUT as well as IN,OUT.
         let e = parse("tcp://127.0.0.1:1?packet=4k:10k").unwrap();
         assert_eq!((e.max_in, e.max_out), (4096, 10240));

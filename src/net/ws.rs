@@ -96,7 +96,7 @@ where
 pub fn inbound(framing: Framing, msg: Message) -> Result<Option<Bytes>, Refusal> {
     match (framing, msg) {
         (_, Message::Ping(_) | Message::Pong(_) | Message::Close(_) | Message::Frame(_)) => Ok(None),
-        (Framing::Bson, Message::Binary(b)) => {
+        (Framing::Bson | Framing::Packet, Message::Binary(b)) => {
             let len = (b.len() >= 4).then(|| i32::from_le_bytes([b[0], b[1], b[2], b[3]]));
             if b.len() < 5 || len != Some(b.len() as i32) || b[b.len() - 1] != 0 {
                 return Err(Refusal::new(
@@ -106,7 +106,7 @@ pub fn inbound(framing: Framing, msg: Message) -> Result<Option<Bytes>, Refusal>
             }
             Ok(Some(b))
         }
-        (Framing::Bson, Message::Text(_)) => Err(Refusal::new(
+        (Framing::Bson | Framing::Packet, Message::Text(_)) => Err(Refusal::new(
             CloseCode::Unsupported,
             "text message on a bson socket (send binary BSON)",
         )),
@@ -115,8 +115,8 @@ pub fn inbound(framing: Framing, msg: Message) -> Result<Option<Bytes>, Refusal>
             CloseCode::Unsupported,
             "binary message on a text socket",
         )),
-        (Framing::Packet, Message::Binary(b)) => Ok(Some(b)),
-        (Framing::Packet, Message::Text(t)) => Ok(Some(Bytes::from(t))),
+        (Framing::Raw, Message::Binary(b)) => Ok(Some(b)),
+        (Framing::Raw, Message::Text(t)) => Ok(Some(Bytes::from(t))),
     }
 }
 

@@ -119,9 +119,24 @@ eq(#closed, 2)
 -- closing the listener
 eq(broker.close(sp.id), 1)
 stage.sleep(20)
-local n, msg = broker.join("tcp://127.0.0.1:" .. sp.port)
-eq(n, 111, "connection refused after closing the port: " .. tostring(msg))
-check(msg:find("refused"), msg)
+-- As STAGE, join returns the socket at once and reports the failure through its close
+-- callback, with the errno (ECONNREFUSED: the port is closed); socket.errno keeps it.
+local refused = {}
+local j = broker.join("tcp://127.0.0.1:" .. sp.port .. "?bson")
+check(type(j) == "table", "join returns a socket at once: " .. tostring(j))
+eq(j.errno, 0, "no error yet")
+j.close = function(s, errno) refused[#refused + 1] = { s, errno, s.errno } end
+for _ = 1, 200 do if #refused > 0 then break end stage.sleep(5) end
+eq(#refused, 1, "the close callback ran once")
+check(refused[1][1] == j, "with the socket")
+eq(refused[1][2], 111, "and ECONNREFUSED")
+eq(refused[1][3], 111, "socket.errno")
+eq(j.errno, 111, "socket.errno after the close")
+j.close() -- closing a closed socket does nothing
+eq(broker.f(j.id), nil)
+-- A bad URI still fails at once with a message.
+local n, msg = broker.join("tcp://127.0.0.1?bson")
+eq(n, -1) check(msg:find("host:port"), msg)
 
 -- address helpers, in STAGE's shapes
 eq(broker.ntoa("127.0.0.1:80"), "127.0.0.1:80")

@@ -10,7 +10,7 @@ sp.receive = function(socket, d)
     return { n = d.n }
 end
 local got = {}
-local c = broker.join("tcp://127.0.0.1:" .. sp.port, function()
+local c = broker.join("tcp://127.0.0.1:" .. sp.port .. "?bson", function()
     return function(_, d) got[#got + 1] = d.n .. (d.pre and "a" or "b") end
 end)
 -- queued together, so the server reads them as one batch
@@ -26,7 +26,7 @@ eq(table.concat(got, ","), "1a,1b,4a,4b,5a,6a,6b", "order kept, failing frames f
 local closed = false
 sp.close = function() closed = true end
 got = {}
-local c2 = broker.join("tcp://127.0.0.1:" .. sp.port, function()
+local c2 = broker.join("tcp://127.0.0.1:" .. sp.port .. "?bson", function()
     return function(_, d) if not d.pre then got[#got + 1] = d.n end end
 end)
 local bad = "\12\0\0\0\x42a\0\1\0\0\0\0"

@@ -22,19 +22,19 @@ local tc = broker.join("udp://127.0.0.1:" .. tu[-1]:match(":(%d+)$") .. "?text",
 end)
 tc.commit("no newline")
 for _ = 1, 100 do if #lines > 0 then break end stage.sleep(5) end
-eq(lines[1], "re:no newline", "udp text round trip")
+eq(lines[1], "re:no newline\n", "udp text round trip (the reply gets its newline)")
 
 -- broker.signal(addr, v): one datagram from the broker's own socket (reply goes nowhere)
 eq(broker.signal("127.0.0.1:" .. port, { ping = 8 }), 1)
 
 -- IPv6: a listener on [::1], and one on [::] reached over IPv4 too
-local v6 = broker.ready("tcp://[::1]:0", function() return function(s, d) return { peer = s[1] } end end)
+local v6 = broker.ready("tcp://[::1]:0?bson", function() return function(s, d) return { peer = s[1] } end end)
 check(type(v6) == "table", "listen on ::1: " .. tostring(v6))
 local r = {}
-local c6 = broker.join("tcp://[::1]:" .. v6.port, function() return function(_, d) r[#r + 1] = d end end)
+local c6 = broker.join("tcp://[::1]:" .. v6.port .. "?bson", function() return function(_, d) r[#r + 1] = d end end)
 c6.commit({ x = 1 })
-local any = broker.ready("tcp://[::]:0", function() return function(s, d) return { peer = s[1] } end end)
-local c4 = broker.join("tcp://127.0.0.1:" .. any.port, function() return function(_, d) r[#r + 1] = d end end)
+local any = broker.ready("tcp://[::]:0?bson", function() return function(s, d) return { peer = s[1] } end end)
+local c4 = broker.join("tcp://127.0.0.1:" .. any.port .. "?bson", function() return function(_, d) r[#r + 1] = d end end)
 c4.commit({ x = 2 })
 for _ = 1, 100 do if #r > 1 then break end stage.sleep(5) end
 local peers = {}
