@@ -22,7 +22,7 @@
 //!   the generation and sends `SIGURG` to the owning thread (`pthread_kill`), again at every
 //!   look while the overrun lasts;
 //! * the signal handler runs on the owning thread, in the middle of whatever it was doing, and
-//!   calls `lua_sethook(L, hook, LUA_MASKCOUNT, 1)` on the coroutine running the slice (a
+//!   calls `lua_sethook(L, hook, LUA_MASKCOUNT, ARM_AFTER)` on the coroutine running the slice (a
 //!   thread-local pointer). This is what Lua's own `lua.c` does on Ctrl-C: `lua_sethook`
 //!   is written to be called from a signal handler (ldebug.c: "This function can be called
 //!   during a signal, under 'reasonable' assumptions": it only stores the hook fields and sets
@@ -31,7 +31,7 @@
 //!   used: it must run on the owning thread at a point where mlua holds no state, and it
 //!   allocates; calling `lua_sethook` from the watchdog thread itself would race with the
 //!   owner walking and freeing its call frames. Signals reach the owner, so nothing races;
-//! * the hook then runs on the owning thread at the next instruction and raises the
+//! * the hook then runs on the owning thread `ARM_AFTER` instructions later and raises the
 //!   interruption error with the current line (again every `HOOK_AGAIN` instructions while
 //!   the slice lasts). A hook that fires when no overrun is recorded (the slice ended
 //!   meanwhile) removes itself. The host's `pcall`/`xpcall` call [`pause`] when they catch an
@@ -57,6 +57,12 @@ use std::time::{Duration, Instant};
 /// The signal the watchdog sends; ignored by default, so a stray one harms nothing (Go's
 /// runtime preempts goroutines with it for the same reason).
 const SIGNAL: c_int = libc::SIGURG;
+
+/// VM instructions a slice found past its budget may still run before the hook interrupts it:
+/// a runaway loop runs them in microseconds, while a callback that overran inside a slow C
+/// call (a panic's backtrace, a blocking library call) and is about to return is left alone,
+/// as the old every-20,000-instructions hook did.
+const ARM_AFTER: c_int = 1_000;
 
 /// VM instructions between two interruptions of the same slice (a script that caught the
 /// first and cannot be paused where it is, a message handler building its traceback).
@@ -168,7 +174,7 @@ extern "C" fn on_signal(_: c_int) {
     if !l.is_null() {
         // SAFETY: `l` is the coroutine of the slice running on this thread (alive for the
         // whole slice); lua_sethook is safe to call from a signal handler (module docs).
-        unsafe { ffi::lua_sethook(l, Some(hook), ffi::LUA_MASKCOUNT, 1) };
+        unsafe { ffi::lua_sethook(l, Some(hook), ffi::LUA_MASKCOUNT, ARM_AFTER) };
     }
 }
 
