@@ -578,3 +578,133 @@ fn iaas_example_on_the_vultr_emulator() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// A local HTTP server recording webhook posts: `/hook` answers 200, `/fail` 500, and
+/// `/slow/...` reads the request and never answers (until the test ends).
+struct HookServer {
+    port: u16,
+    posts: std::sync::Arc<Mutex<Vec<(String, String, String)>>>,
+}
+
+impl HookServer {
+    fn start() -> HookServer {
+        use std::io::{BufRead, BufReader, Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let posts = std::sync::Arc::new(Mutex::new(Vec::new()));
+        let recorded = posts.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().take(64) {
+                let Ok(mut stream) = stream else { continue };
+                let recorded = recorded.clone();
+                std::thread::spawn(move || {
+                    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                    let mut r = BufReader::new(stream.try_clone().unwrap());
+                    let mut head = String::new();
+                    let (mut len, mut ctype) = (0usize, String::new());
+                    r.read_line(&mut head).unwrap();
+                    loop {
+                        let mut line = String::new();
+                        if r.read_line(&mut line).unwrap() == 0 || line.trim().is_empty() {
+                            break;
+                        }
+                        let (k, v) = line.split_once(':').unwrap_or((&line, ""));
+                        match k.to_ascii_lowercase().as_str() {
+                            "content-length" => len = v.trim().parse().unwrap(),
+                            "content-type" => ctype = v.trim().to_string(),
+                            _ => {}
+                        }
+                    }
+                    let mut body = vec![0; len.min(1 << 20)];
+                    r.read_exact(&mut body).unwrap();
+                    let path = head.split(' ').nth(1).unwrap_or("").to_string();
+                    recorded.lock().unwrap().push((
+                        path.clone(),
+                        ctype,
+                        String::from_utf8_lossy(&body).into_owned(),
+                    ));
+                    if path.starts_with("/slow") {
+                        std::thread::sleep(Duration::from_secs(8));
+                        return;
+                    }
+                    let status = if path == "/fail" {
+                        "500 Internal Server Error"
+                    } else {
+                        "200 OK"
+                    };
+                    let _ = write!(
+                        stream,
+                        "HTTP/1.1 {status}\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+                    );
+                });
+            }
+        });
+        HookServer { port, posts }
+    }
+}
+
+/// The worker's webhook: a failed job is posted as `{"text": ..., "job": {...}}`; a webhook
+/// that never answers holds neither the worker nor the node, and is logged (host only: the
+/// path of a Slack webhook is its secret); a 500 is logged, not retried.
+#[test]
+fn worker_webhook_posts_failed_jobs_without_blocking() {
+    let hooks = HookServer::start();
+    let port = hooks.port;
+    let log = harness::run_scenario_output("densefog/webhook.lua", |home| {
+        let file = home.path().join("data/test.db");
+        std::fs::create_dir_all(home.path().join("data")).unwrap();
+        home.write("conf/stage.json", &config(Db::Sqlite, &file, 1));
+        home.write("preload/10-db.lua", Db::Sqlite.preload());
+        home.write(
+            "preload/20-hook.lua",
+            &format!("HOOK = 'http://127.0.0.1:{port}'"),
+        );
+    });
+    let posts = hooks.posts.lock().unwrap().clone();
+    let paths: Vec<&str> = posts.iter().map(|p| p.0.as_str()).collect();
+    assert_eq!(paths, ["/hook", "/slow/T0KEN-not-for-logs", "/fail"], "{log}");
+    // The body: Slack's `text`, and the job.
+    let burn = log
+        .lines()
+        .find_map(|l| l.split("BURN_ID=").nth(1))
+        .expect("BURN_ID in the log")
+        .trim()
+        .to_string();
+    let (_, ctype, body) = &posts[0];
+    assert_eq!(ctype, "application/json");
+    let v: serde_json::Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"));
+    let text = v["text"].as_str().unwrap_or_else(|| panic!("no text: {body}"));
+    assert!(
+        text.starts_with(&format!("densefog: job {burn} Burn failed on ")) && text.contains("disk on fire"),
+        "{text}"
+    );
+    assert_eq!(v["job"]["id"], serde_json::json!(burn), "{body}");
+    assert_eq!(v["job"]["action"], "Burn", "{body}");
+    assert_eq!(v["job"]["trys"], 1, "{body}");
+    assert_eq!(v["job"]["try_max"], 1, "{body}");
+    assert!(
+        v["job"]["error"].as_str().unwrap().contains("disk on fire"),
+        "{body}"
+    );
+    // The slow webhook did not hold the worker: five jobs ran while it hung (4 s timeout).
+    let after: f64 = log
+        .lines()
+        .find_map(|l| l.split("QUICK_AFTER_FAIL=").nth(1))
+        .expect("QUICK_AFTER_FAIL in the log")
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(after < 4.0, "the quick jobs waited for the webhook: {after} s");
+    assert_eq!(
+        log.matches("densefog webhook to 127.0.0.1: no answer within 4 s; the notification is not retried")
+            .count(),
+        1,
+        "{log}"
+    );
+    assert_eq!(
+        log.matches("densefog webhook to 127.0.0.1: answered 500 Internal Server Error; the notification is not retried").count(),
+        1,
+        "{log}"
+    );
+    assert!(!log.contains("T0KEN"), "the webhook's path is logged:\n{log}");
+}

@@ -140,6 +140,8 @@ function densefog_worker.wake() end
 ---@field interval? number seconds between picks, default 2
 ---@field lease_margin? number seconds, default 30
 ---@field notify? fun(job: table, err: string)
+---@field webhook? string http(s) URL POSTed `{"text": ..., "job": {...}}` (Slack-style) for each failed job, e.g. "https://hooks.slack.com/services/T000/B000/XXXX"
+---@field webhook_timeout? number seconds per webhook post, default 10
 ---@field table? string default "job"
 ---@field dialect? "sqlite"|"postgres"|"mysql"
 ---@field migrate? boolean default true

@@ -40,6 +40,8 @@ pub(crate) fn install_runner(lua: &Lua) -> mlua::Result<()> {
         errmsg,
         lua.globals().get::<Function>("pcall")?,
         raw_xpcall_fn.clone(),
+        crate::host::budget::enter(lua)?,
+        crate::host::budget::pause(lua)?,
     ))?;
     lua.set_named_registry_value(XPCALL_RUNNER, runner)?;
     lua.set_named_registry_value(ERROR_HANDLER, handler)?;
@@ -55,7 +57,7 @@ pub(crate) fn install_runner(lua: &Lua) -> mlua::Result<()> {
 /// `pcall`, keeping the text when it fails. Nothing in `handler` can raise: an error in a
 /// message handler would make Lua call the handler again, down to "C stack overflow".
 const HANDLER: &str = r#"
-local errmsg, raw_pcall, raw_xpcall = ...
+local errmsg, raw_pcall, raw_xpcall, enter, pause = ...
 local traceback, tostring, type, gsub = debug.traceback, tostring, type, string.gsub
 -- Rust errors (mlua's error userdata) as their message, other values as they are.
 -- Never raises.
@@ -76,9 +78,16 @@ local function message(e)
     if ok and type(text) == "string" then return text end
     return "(error object is a " .. type(e) .. " value)"
 end
+-- `pause()` after a caught error: when it was the time budget's interruption, the callback
+-- is preempted here (host/budget.rs); otherwise it returns at once.
 local function fix(ok, ...)
     if ok then return ok, ... end
+    pause()
     return false, value((...))
+end
+local function paused(ok, ...)
+    if not ok then pause() end
+    return ok, ...
 end
 pcall = function(f, ...) return fix(raw_pcall(f, ...)) end
 -- When `h` itself raises, Lua calls the message handler again with the new error: that one
@@ -86,11 +95,11 @@ pcall = function(f, ...) return fix(raw_pcall(f, ...)) end
 -- overflow").
 xpcall = function(f, h, ...)
     local busy = false
-    return raw_xpcall(f, function(e)
+    return paused(raw_xpcall(f, function(e)
         if busy then return value(e) end
         busy = true
         return h(value(e))
-    end, ...)
+    end, ...))
 end
 -- Called by `handler` under pcall: level 4 of the traceback is the function that raised.
 local function describe(e)
@@ -104,7 +113,8 @@ local function handler(e)
     if ok then return msg end
     return message(e)
 end
-return function(f, ...) return raw_xpcall(f, handler, ...) end, handler
+-- `enter` tells the time budget which coroutine runs the callback (host/budget.rs).
+return function(f, ...) enter() return raw_xpcall(f, handler, ...) end, handler
 "#;
 
 /// Runs `f_args` (a function, then its arguments) under `runner` (`xpcall_runner(lua)`)

@@ -51,10 +51,12 @@ const MAX_BATCH: usize = 64;
 /// asked for; a handler that yields (waits) still works, it just holds the rest of its batch.
 const BATCH_RUNNER: &str = r#"
 -- Receives Lua's raw xpcall and the instance's error handler (see instance.rs): the
--- scripts' global xpcall is a wrapper that costs a closure per call.
-local xpcall, handler = ...
+-- scripts' global xpcall is a wrapper that costs a closure per call; and the time
+-- budget's `enter` (host/budget.rs).
+local xpcall, handler, enter = ...
 local tostring = tostring
 return function(f, socket, batch, n, reply)
+    enter()
     local errs
     for i = 1, n do
         local data = batch[i]
@@ -114,6 +116,7 @@ fn broker(lua: &Lua) -> Rc<Broker> {
         let batch = lua.load(BATCH_RUNNER).set_name("=broker").call((
             crate::host::callback::raw_xpcall(lua)?,
             crate::host::callback::error_handler(lua)?,
+            crate::host::budget::enter(lua)?,
         ))?;
         Ok((batch, crate::host::callback::xpcall_runner(lua)?))
     })();

@@ -2,6 +2,7 @@
 -- after the Python framework of the same name. Built into the binary: `require("densefog")`.
 -- Documentation: docs/densefog.md. Everything here is plain Lua over `odbc`, `stage`,
 -- `bundle`, `broker` and `logger`; nothing blocks the instance (database calls yield).
+local native = ... -- host helpers (src/lua/densefog.rs): native.webhook
 local M = { version = "1" }
 
 local json, null = bundle.json, bundle.null
@@ -335,7 +336,8 @@ local function message_of(e)
 end
 
 --- `densefog.worker{ db, actions, pick_size = 10, exec_size = 10, exec_timeout = 600,
---- interval = 2, lease_margin = 30, notify = fn(job, err), table = "job", start = true }`
+--- interval = 2, lease_margin = 30, notify = fn(job, err), webhook = "https://...",
+--- webhook_timeout = 10, table = "job", start = true }`
 function M.worker(o)
     if type(o) ~= "table" then error("densefog.worker: expected an options table", 2) end
     if o.db == nil then error("densefog.worker: db is required (a %odbc name, connection string or table)", 2) end
@@ -344,6 +346,9 @@ function M.worker(o)
         if type(f) ~= "function" then error("densefog.worker: actions." .. tostring(name) .. " must be a function", 2) end
     end
     if o.notify ~= nil and type(o.notify) ~= "function" then error("densefog.worker: notify must be a function", 2) end
+    if o.webhook ~= nil and (type(o.webhook) ~= "string" or not o.webhook:match("^https?://[^/%s]+[^%s]*$")) then
+        error("densefog.worker: webhook must be an http:// or https:// URL (a Slack-style incoming webhook), got " .. tostring(o.webhook), 2)
+    end
     local W = {
         jobs = M.jobs({ db = o.db, table = o.table, dialect = o.dialect }),
         actions = o.actions,
@@ -353,6 +358,8 @@ function M.worker(o)
         interval = positive(o.interval, 2, "densefog.worker: interval (seconds)"),
         lease_margin = positive(o.lease_margin, 30, "densefog.worker: lease_margin (seconds)"),
         notify = o.notify,
+        webhook = o.webhook,
+        webhook_timeout = positive(o.webhook_timeout, 10, "densefog.worker: webhook_timeout (seconds)"),
         name = o.name or (process.node .. "/" .. process.id .. "#" .. process.stage),
     }
     local db, tbl = o.db, W.jobs.table
@@ -444,7 +451,25 @@ function M.worker(o)
         end)
     end
 
+    -- Posts `{"text": ..., "job": {...}}` (Slack's incoming-webhook shape, plus the job for
+    -- other receivers) without waiting: the post runs on the instance's runtime, bounded by
+    -- webhook_timeout and by the posts in flight; a failure is logged, never retried.
+    local function post_webhook(job, err)
+        local body = json({
+            text = fmt("densefog: job %s %s failed on %s: %s", job.id, job.action, W.name, err),
+            job = { id = job.id, action = job.action, project_id = job.project_id,
+                trys = math.tointeger(job.trys) or job.trys, try_max = math.tointeger(job.try_max) or job.try_max,
+                error = err, worker = W.name },
+        })
+        local ok, why = native.webhook(W.webhook, body, W.webhook_timeout)
+        if not ok then log.error("webhook for job " .. tostring(job.id) .. " not sent: " .. why) end
+    end
+
     local function notify(job, err)
+        if W.webhook then
+            local ok, e = pcall(post_webhook, job, err)
+            if not ok then log.error("webhook for job " .. tostring(job.id) .. ": " .. message_of(e)) end
+        end
         if not W.notify then return end
         stage.submit(0, function ()
             local ok, e = pcall(W.notify, job, err)
