@@ -3,6 +3,8 @@
 //! emulator gives VPC instances loopback private addresses (127.0.96.x), so the controller's
 //! runtime API probe really crosses a "private network" to a real HAProxy.
 
+mod harness;
+
 use serde_json::json;
 use stage::cloud::lb::haproxy;
 use stage::cloud::lb::remote::{self, Placement, RemoteEvent, RemoteLb, VM_DIR};
@@ -307,4 +309,18 @@ async fn remote_lb_bad_placement_is_refused_before_any_vm() {
         .to_string();
     assert!(e.contains("Invalid plan: vc2-9c-9gb"), "{e}");
     assert_eq!(emu.instance_count(), 0);
+}
+
+#[test]
+fn lua_remote_lb_create_failover_delete() {
+    if !have_haproxy() {
+        return;
+    }
+    let (emu, _c) = setup();
+    let conf = json!({"%vultr": {"endpoint": emu.endpoint(), "api_key": KEY, "retries": 2}});
+    harness::run_scenario_with("lb/remote.lua", |home| {
+        home.write("conf/stage.json", &conf.to_string())
+    });
+    assert_eq!(emu.instance_count(), 0, "the scenario's VMs are destroyed");
+    assert!(emu.reserved_ips().is_empty());
 }

@@ -189,7 +189,10 @@ fn hook(lua: &Lua, name: &str, key: &str) -> Option<Value> {
 }
 
 async fn create(lua: Lua, t: Table) -> mlua::Result<Table> {
-    let (json, hooks) = split_spec(&lua, "lb.create", &t)?;
+    let (mut json, hooks) = split_spec(&lua, "lb.create", &t)?;
+    if let Some(p) = json.as_object_mut().and_then(|m| m.remove("placement")) {
+        return create_remote(lua, json, p, hooks).await;
+    }
     let spec = Spec::from_json("lb.create", &json).map_err(err)?;
     let name = spec.name.clone();
     let c = controller(&lua)?;
@@ -491,4 +494,93 @@ async fn autoscale_loop(lua: &Lua, c: &Controller, name: &str) {
             }
         }
     }
+}
+
+/// Remote LBs of this instance: name → true (their state lives in their supervision task).
+const REMOTE: &str = "stage.lb.remote";
+
+/// `lb.create{ ..., placement = {provider = "vultr", ...} }`: the LB on a VM (docs/lb.md,
+/// "Remote mode"). Returns a handle with `name`, `info()` and `delete()`; a task of this
+/// instance supervises the VM and calls `on_failover` with each fail-over event.
+async fn create_remote(lua: Lua, json: Json, placement: Json, hooks: Table) -> mlua::Result<Table> {
+    use crate::cloud::lb::remote::{Placement, RemoteLb};
+    let spec = Spec::from_json("lb.create", &json).map_err(err)?;
+    let placement = Placement::from_json("lb.create: placement", &placement).map_err(err)?;
+    let name = spec.name.clone();
+    let remote: Table = match lua.named_registry_value::<Option<Table>>(REMOTE)? {
+        Some(t) => t,
+        None => {
+            let t = lua.create_table()?;
+            lua.set_named_registry_value(REMOTE, t.clone())?;
+            t
+        }
+    };
+    if remote.get::<bool>(name.as_str()).unwrap_or(false) || controller(&lua)?.exists(&name) {
+        return Err(mlua::Error::runtime(format!(
+            "lb.create: lb {name:?} exists (delete it first)"
+        )));
+    }
+    let c = super::vultr::client(&lua)?;
+    let interval = Duration::from_secs_f64(placement.interval);
+    let lb = RemoteLb::provision(&c, spec, placement).await.map_err(err)?;
+    log::info!(target: "lb", "lb {name}: created on vm {} (remote mode)", lb.instance.id);
+    remote.set(name.as_str(), true)?;
+    set_hooks(&lua, &name, &hooks)?;
+    let shared = std::rc::Rc::new(tokio::sync::Mutex::new(lb));
+    let lua2 = lua.clone();
+    let (task_lb, n) = (shared.clone(), name.clone());
+    tokio::task::spawn_local(async move {
+        loop {
+            tokio::time::sleep(interval).await;
+            if lua2
+                .named_registry_value::<Table>(REMOTE)
+                .and_then(|t| t.get::<bool>(n.as_str()))
+                .map(|alive| !alive)
+                .unwrap_or(true)
+            {
+                return;
+            }
+            let ev = task_lb.lock().await.check(&c).await;
+            match ev {
+                Ok(Some(ev)) => {
+                    log::warn!(target: "lb", "lb {n}: fail-over {}: {}", ev.state, ev.reason);
+                    if let Some(Value::Function(f)) = hook(&lua2, &n, "on_failover") {
+                        if let Ok(v) = to_lua(&lua2, &ev) {
+                            call_callback(&lua2, &format!("lb {n} on_failover"), &f, v).await;
+                        }
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => log::warn!(target: "lb", "lb {n}: supervision: {e}"),
+            }
+        }
+    });
+    let t = lua.create_table()?;
+    t.set("name", name.as_str())?;
+    let s = shared.clone();
+    t.set(
+        "info",
+        lua.create_async_function(move |lua, _a: MultiValue| {
+            let s = s.clone();
+            async move { to_lua(&lua, &*s.lock().await) }
+        })?,
+    )?;
+    let s = shared;
+    let n = name;
+    t.set(
+        "delete",
+        lua.create_async_function(move |lua, _a: MultiValue| {
+            let (s, n) = (s.clone(), n.clone());
+            async move {
+                let c = super::vultr::client(&lua)?;
+                s.lock().await.delete(&c).await.map_err(err)?;
+                let remote: Table = lua.named_registry_value(REMOTE)?;
+                remote.set(n.as_str(), Value::Nil)?;
+                let all: Table = lua.named_registry_value(HOOKS)?;
+                all.set(n.as_str(), Value::Nil)?;
+                Ok(true)
+            }
+        })?,
+    )?;
+    Ok(t)
 }

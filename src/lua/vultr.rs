@@ -146,7 +146,7 @@ const CLIENT_KEY: &str = "stage.vultr.client";
 
 /// The instance's client, created on first use from `%vultr` and the environment, and kept
 /// in the Lua registry (not in app data, whose container must not be borrowed on insert).
-fn client(lua: &Lua) -> mlua::Result<Client> {
+pub(crate) fn client(lua: &Lua) -> mlua::Result<Client> {
     if let Ok(ud) = lua.named_registry_value::<AnyUserData>(CLIENT_KEY) {
         return Ok(ud.borrow::<Client>()?.clone());
     }

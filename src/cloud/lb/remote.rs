@@ -274,6 +274,8 @@ pub struct RemoteLb {
     pub failovers: u64,
     /// Whether the current VM was ever seen healthy (before that, it is booting).
     pub up_once: bool,
+    /// Set by [`RemoteLb::delete`]; a deleted LB is never checked (nor replaced) again.
+    pub deleted: bool,
     #[serde(skip)]
     created_at: Option<Instant>,
     #[serde(skip)]
@@ -333,6 +335,7 @@ impl RemoteLb {
             replacing: None,
             failovers: 0,
             up_once: false,
+            deleted: false,
             created_at: Some(Instant::now()),
             down_since: None,
             replace_started: None,
@@ -402,6 +405,9 @@ impl RemoteLb {
     /// One supervision step (call it every [`Placement::interval`] seconds). Returns what
     /// happened, if anything. API errors end the step (it is tried again next time).
     pub async fn check(&mut self, c: &Client) -> Result<Option<RemoteEvent>> {
+        if self.deleted {
+            return Ok(None);
+        }
         let now = Instant::now();
         if let Some(new) = self.replacing.clone() {
             let (old_up, _, _) = Self::health(c, &self.instance.id).await;
@@ -515,6 +521,7 @@ impl RemoteLb {
             }
         }
         self.replacing = None;
+        self.deleted = true;
         Ok(())
     }
 }
