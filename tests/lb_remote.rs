@@ -324,3 +324,67 @@ fn lua_remote_lb_create_failover_delete() {
     assert_eq!(emu.instance_count(), 0, "the scenario's VMs are destroyed");
     assert!(emu.reserved_ips().is_empty());
 }
+
+#[test]
+fn remote_lb_survives_a_node_restart() {
+    if !have_haproxy() {
+        return;
+    }
+    let (emu, _c) = setup();
+    let home = harness::TestHome::new();
+    let out = tempfile::tempdir().unwrap();
+    home.write(
+        "conf/stage.json",
+        &json!({"%vultr": {"endpoint": emu.endpoint(), "api_key": KEY, "retries": 2}}).to_string(),
+    );
+    home.write(
+        "preload/01-lb-env.lua",
+        &format!("LB_ENV = {{ out = {:?} }}\n", out.path().display().to_string()),
+    );
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/lua/lb/remote_restart.lua"),
+    )
+    .unwrap();
+    home.write("package/start.lua", &text);
+    let stop = |child: std::process::Child| {
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        harness::wait_with_output(child, Duration::from_secs(10))
+    };
+    let wait = |p: &Path| {
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(20) {
+            if p.exists() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    };
+    let node = home.spawn();
+    let first = out.path().join("first");
+    let created = wait(&first);
+    let (code, log1) = stop(node);
+    assert!(created, "the first run did not create the lb:\n{log1}");
+    assert_eq!(code, Some(0), "{log1}");
+    assert_eq!(emu.instance_count(), 1, "the VM outlives the node");
+    assert!(home.path().join("var/lb/remote/edge.json").exists());
+    let node = home.spawn();
+    let second = out.path().join("second");
+    let restored = wait(&out.path().join("deleted"));
+    let (_, log2) = stop(node);
+    assert!(
+        restored,
+        "the second run did not restore and delete the lb:\n{log2}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&first).unwrap(),
+        std::fs::read_to_string(&second).unwrap(),
+        "the same VM and reserved IP after the restart"
+    );
+    assert!(log2.contains("lb edge: restored on vm"), "{log2}");
+    assert_eq!(emu.instance_count(), 0, "deleted");
+    assert!(
+        !home.path().join("var/lb/remote/edge.json").exists(),
+        "record forgotten"
+    );
+}

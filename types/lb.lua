@@ -147,9 +147,10 @@ lb = {}
 function lb.create(spec) end
 
 ---The handle of an existing LB, attaching this instance's hooks; nil when there is none.
+---A remote LB recorded before a restart is restored (and supervised from this instance).
 ---@param name string
----@param hooks? {on_change?: fun(ev: lb.Event), on_failover?: fun(ev: lb.Event), autoscale?: table}
----@return lb.Handle?
+---@param hooks? {on_change?: fun(ev: lb.Event), on_failover?: fun(ev: lb.Event|lb.RemoteEvent), autoscale?: table}
+---@return lb.Handle|lb.RemoteHandle|nil
 function lb.get(name, hooks) end
 
 ---@return lb.Info[]
