@@ -417,6 +417,7 @@ pub fn run_emulator(args: EmulatorArgs) -> ExitCode {
         lifecycle: Lifecycle::scaled(Duration::from_millis(args.step_ms)),
         rate_limit: (args.rate_limit > 0).then_some(args.rate_limit),
         locked_delete_fails: args.locked_delete_fails,
+        ..Default::default()
     };
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,

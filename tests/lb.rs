@@ -931,3 +931,59 @@ fn store_on_postgresql_and_mariadb() {
             .any(|x| x.name == name));
     }
 }
+
+#[test]
+fn autoscaled_backends_warm_up_with_slowstart() {
+    if !have_haproxy() {
+        return;
+    }
+    let ctl = Ctl::new();
+    let bs = backends("http", 3);
+    let listen = format!("127.0.0.1:{}", free_port());
+    ctl.c
+        .create(spec(
+            json!({"name": "warm", "listen": listen, "backends": [bs[0].addr()],
+            "health": {"path": "/healthz", "interval": 0.2, "timeout": 0.2, "healthy": 1},
+            "autoscale": {"min": 1, "max": 3, "target": {"queue": 5}, "warmup": 60}}),
+        ))
+        .unwrap();
+    // One backend the autoscaler added (slowstart), one added by hand (full weight at once).
+    ctl.c.add("warm", &bs[1].addr(), true).unwrap();
+    ctl.c.add("warm", &bs[2].addr(), false).unwrap();
+    let cfg = std::fs::read_to_string(ctl.lbdir().join("warm/haproxy.cfg")).unwrap();
+    assert!(
+        cfg.contains(&format!(
+            "{} check inter 200ms fall 2 rise 1 slowstart 60000ms\n",
+            bs[1].addr()
+        )),
+        "{cfg}"
+    );
+    assert!(
+        cfg.contains(&format!("{} check inter 200ms fall 2 rise 1\n", bs[2].addr())),
+        "{cfg}"
+    );
+    wait_until(Duration::from_secs(5), || {
+        ctl.c.refresh("warm").unwrap();
+        ctl.c
+            .info("warm")
+            .unwrap()
+            .backends
+            .iter()
+            .all(|b| b.state == "UP")
+    })
+    .expect("every backend UP");
+    let r = load("http", &listen, 600, 2);
+    assert_eq!(r.fail, 0, "{:?}", r.errors);
+    let got = |b: &Backend| r.bodies.get(&format!("b{}", b.port)).copied().unwrap_or(0);
+    let (warming, full) = (got(&bs[1]), got(&bs[2]));
+    eprintln!(
+        "600 requests: listed {}, autoscaled (warming) {warming}, hand-added {full}",
+        got(&bs[0])
+    );
+    // Without warm-up each would take a third (200); warming up it starts near zero.
+    assert!(full >= 150, "a hand-added backend takes its share at once: {r:?}");
+    assert!(
+        warming < full / 3,
+        "the autoscaled backend is still warming up ({warming} vs {full}): {r:?}"
+    );
+}

@@ -764,3 +764,166 @@ fn the_key_never_reaches_the_log() {
     assert!(out.contains("http 404: instance not found"), "{out}");
     assert!(!out.contains(KEY), "the api key appears in the log:\n{out}");
 }
+
+// ---- reserved IPs --------------------------------------------------------------------
+
+#[tokio::test]
+async fn reserved_ips_create_attach_move_detach_delete() {
+    let emu = emulator(10);
+    let c = client(&emu);
+    assert!(c.reserved_ips().await.unwrap().is_empty());
+    let r = c.reserved_ip_create("icn", "v4", Some("lb-web")).await.unwrap();
+    assert_eq!(r.id.len(), 36);
+    assert_eq!(
+        (
+            r.region.as_str(),
+            r.ip_type.as_str(),
+            r.label.as_str(),
+            r.subnet_size
+        ),
+        ("icn", "v4", "lb-web", 32)
+    );
+    assert!(r.subnet.parse::<std::net::Ipv4Addr>().is_ok(), "{}", r.subnet);
+    assert_eq!(r.instance_id, "", "created detached");
+    let v6 = c.reserved_ip_create("icn", "v6", None).await.unwrap();
+    assert!(v6.subnet.parse::<std::net::Ipv6Addr>().is_ok(), "{}", v6.subnet);
+    assert_eq!(v6.subnet_size, 64);
+    assert_eq!(c.reserved_ips().await.unwrap().len(), 2);
+
+    // The raw shapes: 201 on create, `reserved_ip` / `reserved_ips` + meta, 204 on attach.
+    let http = reqwest::Client::new();
+    let raw = http
+        .post(format!("{}/reserved-ips", emu.endpoint()))
+        .bearer_auth(KEY)
+        .json(&serde_json::json!({"region": "ewr", "ip_type": "v4"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(raw.status().as_u16(), 201);
+    let body: Json = raw.json().await.unwrap();
+    let raw_id = body["reserved_ip"]["id"].as_str().unwrap().to_string();
+    for k in [
+        "id",
+        "region",
+        "ip_type",
+        "subnet",
+        "subnet_size",
+        "label",
+        "instance_id",
+    ] {
+        assert!(body["reserved_ip"].get(k).is_some(), "{k} in {body}");
+    }
+    let listed: Json = http
+        .get(format!("{}/reserved-ips?per_page=2", emu.endpoint()))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listed["reserved_ips"].as_array().unwrap().len(), 2);
+    assert_eq!(listed["meta"]["total"], 3);
+    assert_ne!(listed["meta"]["links"]["next"], "", "a second page");
+    let mut small = settings(&emu);
+    small.per_page = 1;
+    assert_eq!(
+        Client::new(small).unwrap().reserved_ips().await.unwrap().len(),
+        3,
+        "pages followed"
+    );
+    c.reserved_ip_delete(&raw_id).await.unwrap();
+
+    let a = c.create(&req("icn", "vc2-1c-1gb", 1743)).await.unwrap();
+    let b = c.create(&req("icn", "vc2-1c-1gb", 1743)).await.unwrap();
+    let far = c.create(&req("ewr", "vc2-1c-1gb", 1743)).await.unwrap();
+    c.reserved_ip_attach(&r.id, &a.id).await.unwrap();
+    assert_eq!(c.reserved_ip(&r.id).await.unwrap().instance_id, a.id);
+    // One instance at a time, same region only, an existing instance only.
+    let e = c.reserved_ip_attach(&r.id, &b.id).await.unwrap_err();
+    assert_eq!(api_status(&e), 400);
+    assert!(e.to_string().contains("already attached"), "{e}");
+    let e = c.reserved_ip_attach(&v6.id, &far.id).await.unwrap_err();
+    assert!(e.to_string().contains("another region"), "{e}");
+    let e = c
+        .reserved_ip_attach(&v6.id, "00000000-0000-4000-8000-000000000000")
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("invalid instance_id"), "{e}");
+    // Move = detach from a, attach to b.
+    let moved = c.reserved_ip_move(&r.id, &b.id).await.unwrap();
+    assert_eq!(moved.instance_id, b.id);
+    assert_eq!(
+        c.reserved_ip_move(&r.id, &b.id).await.unwrap().instance_id,
+        b.id,
+        "idempotent"
+    );
+    let relabelled = c.reserved_ip_label(&r.id, "lb-web-2").await.unwrap();
+    assert_eq!(relabelled.label, "lb-web-2");
+    c.reserved_ip_detach(&r.id).await.unwrap();
+    assert_eq!(c.reserved_ip(&r.id).await.unwrap().instance_id, "");
+    let e = c.reserved_ip_detach(&r.id).await.unwrap_err();
+    assert!(e.to_string().contains("not attached"), "{e}");
+    // Deleting an instance detaches its reserved IP; the IP itself stays reserved.
+    c.reserved_ip_attach(&r.id, &a.id).await.unwrap();
+    c.delete(&a.id).await.unwrap();
+    assert_eq!(c.reserved_ip(&r.id).await.unwrap().instance_id, "");
+    // Bad input, caught by the client before any request or answered by the API.
+    assert!(matches!(
+        c.reserved_ip_create("icn", "v5", None).await.unwrap_err(),
+        VultrError::Invalid(_)
+    ));
+    let e = c.reserved_ip_create("xxx", "v4", None).await.unwrap_err();
+    assert!(e.to_string().contains("Invalid region: xxx"), "{e}");
+    assert!(matches!(
+        c.reserved_ip("../x").await.unwrap_err(),
+        VultrError::Invalid(_)
+    ));
+    c.reserved_ip_delete(&r.id).await.unwrap();
+    c.reserved_ip_delete(&v6.id).await.unwrap();
+    let e = c.reserved_ip(&r.id).await.unwrap_err();
+    assert_eq!(api_status(&e), 404);
+    assert!(e.to_string().contains("reserved IP not found"), "{e}");
+    // Without the key, 401 like the instance endpoints.
+    let mut nokey = settings(&emu);
+    nokey.api_key = Some(ApiKey::new("WRONG"));
+    let e = Client::new(nokey).unwrap().reserved_ips().await.unwrap_err();
+    assert_eq!(api_status(&e), 401);
+}
+
+#[tokio::test]
+async fn vpc_addresses_user_data_and_crash() {
+    let emu = emulator(10);
+    let c = client(&emu);
+    let mut r = req("icn", "vc2-1c-1gb", 2136);
+    r.extra.insert("enable_vpc".into(), true.into());
+    r.set_user_data(b"#cloud-config\npackages: [haproxy]\n");
+    let inst = c.create(&r).await.unwrap();
+    assert!(inst.internal_ip.starts_with("10.1.96."), "{}", inst.internal_ip);
+    let plain = c.create(&req("icn", "vc2-1c-1gb", 2136)).await.unwrap();
+    assert_eq!(plain.internal_ip, "", "no VPC asked, no private address");
+    assert_eq!(
+        c.user_data(&inst.id).await.unwrap(),
+        b"#cloud-config\npackages: [haproxy]\n"
+    );
+    assert_eq!(c.user_data(&plain.id).await.unwrap(), b"");
+    let wo = WaitOptions {
+        timeout: Duration::from_secs(5),
+        interval: Duration::from_millis(10),
+    };
+    c.wait(&inst.id, &wo, |_| async {}).await.unwrap();
+    assert!(emu.crash(&inst.id));
+    let after = c.get(&inst.id).await.unwrap();
+    assert_eq!(after.state_line().split(' ').next(), Some("active/stopped/ok"));
+    assert_eq!(after.word(), "stopped");
+}
+
+#[test]
+fn lua_reserved_ips() {
+    let emu = emulator(20);
+    scenario("vultr/reserved_ips.lua", &emu, KEY);
+    assert!(
+        emu.reserved_ips().is_empty(),
+        "the scenario released what it reserved"
+    );
+}

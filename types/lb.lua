@@ -27,6 +27,7 @@
 ---@field cooldown? number seconds between scale-outs (30)
 ---@field stabilization? number seconds of lower recommendations before a scale-in (300)
 ---@field period? number seconds between evaluations (1)
+---@field warmup? number seconds of HAProxy slowstart for backends the autoscaler adds (0 = none)
 ---@field provider lb.Provider|{create: lb.Provider, release?: fun(info: lb.Info, address: string)}|string
 ---@field release? fun(info: lb.Info, address: string)
 
@@ -42,6 +43,35 @@
 ---@field new_pid? integer
 ---@field seconds? number
 
+---Remote mode: the LB on a VM. `placement = {provider = "vultr", region = "icn", plan = "vc2-1c-1gb", reserved_ip = ip.id}`
+---@class lb.Placement
+---@field provider "vultr"
+---@field region string
+---@field plan string
+---@field os_id? integer 2136 (Debian 12)
+---@field reserved_ip? string id of a reserved IP of the same region, moved on fail-over
+---@field vpc? string VPC id (default: enable_vpc)
+---@field boot_timeout? number seconds (600)
+---@field confirm? number seconds a VM stays down before it is replaced (10)
+---@field interval? number seconds between checks (5)
+
+---A remote-mode fail-over event: state is down, replaced, recovered or failed.
+---@class lb.RemoteEvent
+---@field lb string
+---@field kind "failover"
+---@field state "down"|"replaced"|"recovered"|"failed"
+---@field reason string
+---@field old_instance string
+---@field new_instance? string
+---@field reserved_ip? string
+---@field seconds? number detection to the reserved IP on the new VM
+
+---The handle of a remote LB: `edge.info()`, `edge.delete()`.
+---@class lb.RemoteHandle
+---@field name string
+---@field info fun(): table {spec, placement, instance, replacing?, failovers, up_once, deleted}
+---@field delete fun(): boolean destroys the VM(s); the reserved IP stays, detached
+
 ---@class lb.Spec
 ---@field name string
 ---@field listen string "ip:port"
@@ -55,7 +85,8 @@
 ---@field options? string[] extra HAProxy backend lines
 ---@field project? string
 ---@field on_change? fun(ev: lb.Event)
----@field on_failover? fun(ev: lb.Event)
+---@field on_failover? fun(ev: lb.Event|lb.RemoteEvent)
+---@field placement? lb.Placement remote mode: lb.create returns an lb.RemoteHandle
 
 ---@class lb.Backend
 ---@field address string
@@ -110,15 +141,16 @@ function Handle.delete() end
 
 lb = {}
 
----Creates an LB and starts its HAProxy.
+---Creates an LB and starts its HAProxy; with `spec.placement`, on a VM (remote mode), returning an lb.RemoteHandle.
 ---@param spec lb.Spec
----@return lb.Handle
+---@return lb.Handle|lb.RemoteHandle
 function lb.create(spec) end
 
 ---The handle of an existing LB, attaching this instance's hooks; nil when there is none.
+---A remote LB recorded before a restart is restored (and supervised from this instance).
 ---@param name string
----@param hooks? {on_change?: fun(ev: lb.Event), on_failover?: fun(ev: lb.Event), autoscale?: table}
----@return lb.Handle?
+---@param hooks? {on_change?: fun(ev: lb.Event), on_failover?: fun(ev: lb.Event|lb.RemoteEvent), autoscale?: table}
+---@return lb.Handle|lb.RemoteHandle|nil
 function lb.get(name, hooks) end
 
 ---@return lb.Info[]

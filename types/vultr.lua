@@ -145,4 +145,57 @@ function vultr.halt(id) end
 ---@return true
 function vultr.reboot(id) end
 
+---The user data the instance was created with, decoded ("" when none).
+---@param id string
+---@return string
+function vultr.user_data(id) end
+
+---@class vultr.ReservedIp
+---@field id string UUID
+---@field region string
+---@field ip_type "v4"|"v6"
+---@field subnet string the address
+---@field subnet_size integer 32 for v4, 64 for v6
+---@field label string
+---@field instance_id string "" when detached
+
+---Reserves an address: `vultr.reserved_ip_create{region = "icn", ip_type = "v4", label = "edge"}`.
+---@param spec {region: string, ip_type?: "v4"|"v6", label?: string}
+---@return vultr.ReservedIp
+function vultr.reserved_ip_create(spec) end
+
+---Every reserved IP of the account.
+---@return vultr.ReservedIp[]
+function vultr.reserved_ips() end
+
+---@param id string
+---@return vultr.ReservedIp
+function vultr.reserved_ip(id) end
+
+---@param id string
+---@param label string
+---@return vultr.ReservedIp
+function vultr.reserved_ip_label(id, label) end
+
+---Attaches to an instance of the same region; raises when attached already.
+---@param id string
+---@param instance_id string
+---@return true
+function vultr.reserved_ip_attach(id, instance_id) end
+
+---@param id string
+---@return true
+function vultr.reserved_ip_detach(id) end
+
+---Detaches from wherever it is (if elsewhere) and attaches to `instance_id`: `vultr.reserved_ip_move(ip.id, new.id)`.
+---@param id string
+---@param instance_id string
+---@return vultr.ReservedIp
+function vultr.reserved_ip_move(id, instance_id) end
+
+---Releases the address for good.
+---@param id string
+---@return true
+function vultr.reserved_ip_delete(id) end
+
 return vultr

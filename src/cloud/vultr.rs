@@ -280,6 +280,20 @@ pub struct Os {
     pub family: String,
 }
 
+/// A reserved (floating) IP: `subnet` is the address, `instance_id` is empty when detached.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ReservedIp {
+    pub id: String,
+    pub region: String,
+    /// `v4` or `v6`.
+    pub ip_type: String,
+    pub subnet: String,
+    pub subnet_size: i64,
+    pub label: String,
+    pub instance_id: String,
+}
+
 /// Regions, plans and operating systems: what `create` chooses from (VultrMaker's listall).
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Catalog {
@@ -619,6 +633,117 @@ impl Client {
         self.request(reqwest::Method::POST, &path, &[], None, true)
             .await?;
         Ok(())
+    }
+
+    /// `GET /instances/{id}/user-data`: the user data the instance was created with, decoded
+    /// from base64 (empty when there was none).
+    pub async fn user_data(&self, id: &str) -> Result<Vec<u8>, VultrError> {
+        let path = format!("{}/user-data", Self::instance_path(id)?);
+        let body = self.get_json(&path, &[], true).await?;
+        let data = body
+            .pointer("/user_data/data")
+            .and_then(Json::as_str)
+            .unwrap_or("");
+        super::base64_decode(data).ok_or_else(|| VultrError::Decode {
+            method: "GET".into(),
+            path,
+            reason: "user_data.data is not base64".into(),
+        })
+    }
+
+    fn reserved_ip_path(id: &str) -> Result<String, VultrError> {
+        if id.is_empty() || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+            return Err(VultrError::Invalid(format!(
+                "invalid reserved IP id {id:?} (expected letters, digits and dashes)"
+            )));
+        }
+        Ok(format!("/reserved-ips/{id}"))
+    }
+
+    /// Every reserved IP of the account (all pages).
+    pub async fn reserved_ips(&self) -> Result<Vec<ReservedIp>, VultrError> {
+        self.list_all("/reserved-ips", "reserved_ips", &[], true).await
+    }
+
+    pub async fn reserved_ip(&self, id: &str) -> Result<ReservedIp, VultrError> {
+        let path = Self::reserved_ip_path(id)?;
+        let body = self.get_json(&path, &[], true).await?;
+        Self::one("GET", &path, body, "reserved_ip")
+    }
+
+    /// `POST /reserved-ips` (201): reserves an address of `ip_type` (`v4` or `v6`) in `region`.
+    pub async fn reserved_ip_create(
+        &self,
+        region: &str,
+        ip_type: &str,
+        label: Option<&str>,
+    ) -> Result<ReservedIp, VultrError> {
+        if region.is_empty() {
+            return Err(VultrError::Invalid("reserved_ip_create needs a region".into()));
+        }
+        if ip_type != "v4" && ip_type != "v6" {
+            return Err(VultrError::Invalid(format!(
+                "reserved_ip_create: ip_type must be \"v4\" or \"v6\", got {ip_type:?}"
+            )));
+        }
+        let mut body = serde_json::json!({"region": region, "ip_type": ip_type});
+        if let Some(l) = label {
+            body["label"] = l.into();
+        }
+        let resp = self
+            .request(reqwest::Method::POST, "/reserved-ips", &[], Some(&body), true)
+            .await?;
+        Self::one("POST", "/reserved-ips", resp, "reserved_ip")
+    }
+
+    /// `PATCH /reserved-ips/{id}` (202): changes the label.
+    pub async fn reserved_ip_label(&self, id: &str, label: &str) -> Result<ReservedIp, VultrError> {
+        let path = Self::reserved_ip_path(id)?;
+        let body = serde_json::json!({ "label": label });
+        let resp = self
+            .request(reqwest::Method::PATCH, &path, &[], Some(&body), true)
+            .await?;
+        Self::one("PATCH", &path, resp, "reserved_ip")
+    }
+
+    /// `POST /reserved-ips/{id}/attach` (204) to `instance_id` (same region, one at a time).
+    pub async fn reserved_ip_attach(&self, id: &str, instance_id: &str) -> Result<(), VultrError> {
+        let path = format!("{}/attach", Self::reserved_ip_path(id)?);
+        Self::instance_path(instance_id)?;
+        let body = serde_json::json!({ "instance_id": instance_id });
+        self.request(reqwest::Method::POST, &path, &[], Some(&body), true)
+            .await?;
+        Ok(())
+    }
+
+    /// `POST /reserved-ips/{id}/detach` (204).
+    pub async fn reserved_ip_detach(&self, id: &str) -> Result<(), VultrError> {
+        let path = format!("{}/detach", Self::reserved_ip_path(id)?);
+        self.request(reqwest::Method::POST, &path, &[], None, true)
+            .await?;
+        Ok(())
+    }
+
+    /// `DELETE /reserved-ips/{id}` (204): releases the address for good.
+    pub async fn reserved_ip_delete(&self, id: &str) -> Result<(), VultrError> {
+        let path = Self::reserved_ip_path(id)?;
+        self.request(reqwest::Method::DELETE, &path, &[], None, true)
+            .await?;
+        Ok(())
+    }
+
+    /// Moves reserved IP `id` to `instance_id`: detaches it from wherever it is (if anywhere
+    /// else), then attaches it. Idempotent: an IP already on `instance_id` is left alone.
+    pub async fn reserved_ip_move(&self, id: &str, instance_id: &str) -> Result<ReservedIp, VultrError> {
+        let r = self.reserved_ip(id).await?;
+        if r.instance_id == instance_id {
+            return Ok(r);
+        }
+        if !r.instance_id.is_empty() {
+            self.reserved_ip_detach(id).await?;
+        }
+        self.reserved_ip_attach(id, instance_id).await?;
+        self.reserved_ip(id).await
     }
 
     /// Polls `get(id)` every `interval` until [`Instance::is_ready`], calling `on_change`

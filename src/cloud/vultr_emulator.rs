@@ -11,6 +11,14 @@
 //! (or `{"delay_ms", "count"}`) answers them late (client timeouts), an optional per-IP rate
 //! limit answers 429 as the real API does above 30 requests per second, and
 //! `locked_delete_fails` makes DELETE of a locked instance answer the real 500.
+//!
+//! Reserved IPs (`/v2/reserved-ips`: create 201, list, get, PATCH label 202, attach and
+//! detach 204, delete 204) keep the API's object shape (`id`, `region`, `ip_type`, `subnet`,
+//! `subnet_size`, `label`, `instance_id`) and its rules: an IP attaches to an instance of its
+//! own region, to one instance at a time; deleting the instance detaches it.
+//! Instances created with `enable_vpc` / `attach_vpc` get an `internal_ip` from
+//! [`EmulatorConfig::vpc_prefix`]; `GET /v2/instances/{id}/user-data` returns what was sent.
+//! [`Emulator::crash`] makes an instance report itself stopped, as a crashed VM does.
 
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Bytes, Incoming};
@@ -59,6 +67,10 @@ pub struct EmulatorConfig {
     pub rate_limit: Option<u32>,
     /// DELETE of a locked instance answers 500 "Server is currently locked", as the real API can.
     pub locked_delete_fails: bool,
+    /// The first three octets (with the trailing dot) of VPC addresses given to instances
+    /// created with `enable_vpc` or `attach_vpc`; tests use a loopback prefix such as
+    /// `127.0.96.` so that something local can listen on an instance's private address.
+    pub vpc_prefix: String,
 }
 
 impl Default for EmulatorConfig {
@@ -68,6 +80,7 @@ impl Default for EmulatorConfig {
             lifecycle: Lifecycle::scaled(Duration::from_millis(100)),
             rate_limit: None,
             locked_delete_fails: false,
+            vpc_prefix: "10.1.96.".into(),
         }
     }
 }
@@ -88,6 +101,8 @@ struct Emu {
     ip: String,
     /// Future phase changes, in time order.
     schedule: VecDeque<(Instant, Phase)>,
+    /// The `user_data` of the create request (base64, as sent), for `GET …/user-data`.
+    user_data: String,
 }
 
 impl Emu {
@@ -133,6 +148,7 @@ struct State {
     plans: Vec<Json>,
     os: Vec<Json>,
     instances: Vec<Emu>,
+    reserved_ips: Vec<Map<String, Json>>,
     /// Injected faults for the next requests, in order.
     fail_next: VecDeque<Fault>,
     window: HashMap<IpAddr, (Instant, u32)>,
@@ -209,6 +225,34 @@ impl Emulator {
     pub fn instance_count(&self) -> usize {
         self.state.lock().expect("emulator state").instances.len()
     }
+
+    /// Simulates a crash of instance `id`: from now on the API reports it
+    /// `active` / `stopped` / `ok` (powered off, not locked), as after a kernel panic or a
+    /// host failure. Returns false when there is no such instance.
+    pub fn crash(&self, id: &str) -> bool {
+        let mut s = self.state.lock().expect("emulator state");
+        let now = Instant::now();
+        match s.instances.iter_mut().find(|e| e.field("id") == id) {
+            Some(e) => {
+                e.settle(now);
+                e.schedule.clear();
+                e.apply(Phase {
+                    status: "active",
+                    power: "stopped",
+                    server: "ok",
+                    ip: true,
+                });
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The reserved IPs as the API shows them.
+    pub fn reserved_ips(&self) -> Vec<Json> {
+        let s = self.state.lock().expect("emulator state");
+        s.reserved_ips.iter().cloned().map(Json::Object).collect()
+    }
 }
 
 impl Drop for Emulator {
@@ -229,6 +273,7 @@ fn new_state(cfg: EmulatorConfig) -> Arc<Mutex<State>> {
         plans: plans(),
         os: os_list(),
         instances: Vec::new(),
+        reserved_ips: Vec::new(),
         fail_next: VecDeque::new(),
         window: HashMap::new(),
         created: 0,
@@ -445,6 +490,14 @@ async fn handle(state: &Arc<Mutex<State>>, peer: IpAddr, req: Request<Incoming>)
             list(&items, "instances", &query)
         }
         (&Method::POST, ["instances"]) => create(&mut s, &body, now),
+        (&Method::GET, ["instances", id, "user-data"]) => {
+            match s.instances.iter().find(|e| e.field("id") == *id) {
+                Some(e) => reply(200, Some(json!({ "user_data": { "data": e.user_data } }))),
+                None => error(404, "instance not found"),
+            }
+        }
+        (_, ["reserved-ips", ..]) if !authed => error(401, "Invalid API token."),
+        (_, ["reserved-ips", rest @ ..]) => reserved_ips(&mut s, &method, rest, &body, &query),
         (&Method::GET, ["instances", id]) => match s.instances.iter().find(|e| e.field("id") == *id) {
             Some(e) => reply(200, Some(json!({ "instance": e.inst }))),
             None => error(404, "instance not found"),
@@ -460,6 +513,11 @@ async fn handle(state: &Arc<Mutex<State>>, peer: IpAddr, req: Request<Incoming>)
                 );
             }
             s.instances.remove(i);
+            for r in s.reserved_ips.iter_mut() {
+                if r.get("instance_id").and_then(Json::as_str) == Some(*id) {
+                    r.insert("instance_id".into(), json!(""));
+                }
+            }
             reply(204, None)
         }
         (&Method::POST, ["instances", id, action @ ("start" | "halt" | "reboot")]) => {
@@ -586,9 +644,29 @@ fn create(s: &mut State, body: &[u8], now: Instant) -> Response<Full<Bytes>> {
             None | Some(Json::Null) => None,
             Some(v) => Some(v.as_i64().ok_or("os_id must be an integer.")?),
         };
-        Ok((region.to_string(), plan.to_string(), label, hostname, tags, os_id))
+        let user_data = opt_str(&req, "user_data")?.unwrap_or("").to_string();
+        let vpc = match (req.get("enable_vpc"), req.get("attach_vpc")) {
+            (Some(Json::Bool(true)), _) => true,
+            (_, Some(Json::Array(a))) if !a.is_empty() => {
+                if !a.iter().all(Json::is_string) {
+                    return Err("attach_vpc must be an array of VPC ids.".into());
+                }
+                true
+            }
+            _ => false,
+        };
+        Ok((
+            region.to_string(),
+            plan.to_string(),
+            label,
+            hostname,
+            tags,
+            os_id,
+            user_data,
+            vpc,
+        ))
     })();
-    let (region, plan_id, label, hostname, tags, os_id) = match fields {
+    let (region, plan_id, label, hostname, tags, os_id, user_data, vpc) = match fields {
         Ok(f) => f,
         Err(m) => return error(400, &m),
     };
@@ -649,7 +727,14 @@ fn create(s: &mut State, body: &[u8], now: Instant) -> Response<Full<Bytes>> {
         ("v6_main_ip", json!("")),
         ("v6_network_size", json!(0)),
         ("label", json!(label)),
-        ("internal_ip", json!("")),
+        (
+            "internal_ip",
+            json!(if vpc {
+                format!("{}{}", s.cfg.vpc_prefix, n % 250 + 3)
+            } else {
+                String::new()
+            }),
+        ),
         ("kvm", json!("")),
         (
             "hostname",
@@ -693,8 +778,148 @@ fn create(s: &mut State, body: &[u8], now: Instant) -> Response<Full<Bytes>> {
         ),
         (now + lc.ok_after, phase("active", "running", "ok", true)),
     ]);
-    s.instances.push(Emu { inst, ip, schedule });
+    s.instances.push(Emu {
+        inst,
+        ip,
+        schedule,
+        user_data,
+    });
     reply(202, Some(json!({ "instance": shown })))
+}
+
+/// `/v2/reserved-ips[/{id}[/attach|/detach]]` (authenticated already).
+fn reserved_ips(
+    s: &mut State,
+    method: &Method,
+    rest: &[&str],
+    body: &[u8],
+    query: &HashMap<String, String>,
+) -> Response<Full<Bytes>> {
+    let parse_body = || -> Result<Map<String, Json>, &'static str> {
+        if body.iter().all(u8::is_ascii_whitespace) {
+            return Ok(Map::new());
+        }
+        match serde_json::from_slice::<Json>(body) {
+            Ok(Json::Object(m)) => Ok(m),
+            _ => Err("Invalid JSON body."),
+        }
+    };
+    let find = |s: &State, id: &str| {
+        s.reserved_ips
+            .iter()
+            .position(|r| r.get("id").and_then(Json::as_str) == Some(id))
+    };
+    match (method, rest) {
+        (&Method::GET, []) => {
+            let items: Vec<Json> = s.reserved_ips.iter().cloned().map(Json::Object).collect();
+            list(&items, "reserved_ips", query)
+        }
+        (&Method::POST, []) => {
+            let req = match parse_body() {
+                Ok(m) => m,
+                Err(m) => return error(400, m),
+            };
+            let fields = (|| -> Result<_, String> {
+                let region = opt_str(&req, "region")?.ok_or("region is required.")?;
+                let ip_type = opt_str(&req, "ip_type")?.ok_or("ip_type is required.")?;
+                if ip_type != "v4" && ip_type != "v6" {
+                    return Err("ip_type must be v4 or v6.".into());
+                }
+                let label = opt_str(&req, "label")?.unwrap_or("").to_string();
+                Ok((region.to_string(), ip_type.to_string(), label))
+            })();
+            let (region, ip_type, label) = match fields {
+                Ok(f) => f,
+                Err(m) => return error(400, &m),
+            };
+            if !s.regions.iter().any(|r| r["id"] == region.as_str()) {
+                return error(400, &format!("Invalid region: {region}."));
+            }
+            s.created += 1;
+            let n = s.created;
+            // Documentation ranges (RFC 5737 / RFC 3849): never a real address.
+            let (subnet, size) = if ip_type == "v4" {
+                (format!("203.0.113.{}", n % 250 + 2), 32)
+            } else {
+                (format!("2001:db8:{:x}::", n), 64)
+            };
+            let r = json!({"id": uuid4(), "region": region, "ip_type": ip_type, "subnet": subnet,
+                           "subnet_size": size, "label": label, "instance_id": ""});
+            let Json::Object(m) = r.clone() else {
+                unreachable!()
+            };
+            s.reserved_ips.push(m);
+            reply(201, Some(json!({ "reserved_ip": r })))
+        }
+        (&Method::GET, [id]) => match find(s, id) {
+            Some(i) => reply(200, Some(json!({ "reserved_ip": s.reserved_ips[i] }))),
+            None => error(404, "reserved IP not found"),
+        },
+        (&Method::PATCH, [id]) => {
+            let req = match parse_body() {
+                Ok(m) => m,
+                Err(m) => return error(400, m),
+            };
+            let Some(i) = find(s, id) else {
+                return error(404, "reserved IP not found");
+            };
+            match opt_str(&req, "label") {
+                Ok(Some(l)) => {
+                    s.reserved_ips[i].insert("label".into(), json!(l));
+                    reply(202, Some(json!({ "reserved_ip": s.reserved_ips[i] })))
+                }
+                Ok(None) => error(400, "label is required."),
+                Err(m) => error(400, &m),
+            }
+        }
+        (&Method::DELETE, [id]) => match find(s, id) {
+            Some(i) => {
+                s.reserved_ips.remove(i);
+                reply(204, None)
+            }
+            None => error(404, "reserved IP not found"),
+        },
+        (&Method::POST, [id, "attach"]) => {
+            let req = match parse_body() {
+                Ok(m) => m,
+                Err(m) => return error(400, m),
+            };
+            let Some(i) = find(s, id) else {
+                return error(404, "reserved IP not found");
+            };
+            let instance = match opt_str(&req, "instance_id") {
+                Ok(Some(x)) if !x.is_empty() => x.to_string(),
+                Ok(_) => return error(400, "instance_id is required."),
+                Err(m) => return error(400, &m),
+            };
+            let Some(inst) = s.instances.iter().find(|e| e.field("id") == instance) else {
+                return error(400, "Unable to attach reserved IP: invalid instance_id.");
+            };
+            let r = &s.reserved_ips[i];
+            if inst.field("region") != r["region"].as_str().unwrap_or("") {
+                return error(
+                    400,
+                    "Unable to attach reserved IP: the instance is in another region.",
+                );
+            }
+            if r["instance_id"].as_str().is_some_and(|x| !x.is_empty()) {
+                return error(400, "Floating IPv4 address is already attached to another server");
+            }
+            s.reserved_ips[i].insert("instance_id".into(), json!(instance));
+            reply(204, None)
+        }
+        (&Method::POST, [id, "detach"]) => {
+            let Some(i) = find(s, id) else {
+                return error(404, "reserved IP not found");
+            };
+            if s.reserved_ips[i]["instance_id"].as_str().unwrap_or("").is_empty() {
+                return error(400, "Unable to detach reserved IP: it is not attached.");
+            }
+            s.reserved_ips[i].insert("instance_id".into(), json!(""));
+            reply(204, None)
+        }
+        _ => error(405, "Method not allowed."),
+    }
 }
 
 fn random_u64() -> u64 {

@@ -34,7 +34,14 @@ pub fn open(lua: &Lua) -> mlua::Result<Table> {
         lua.create_async_function(|lua, (name, hooks): (String, Option<Table>)| async move {
             let c = controller(&lua)?;
             if !c.exists(&name) {
-                return Ok(Value::Nil);
+                if let Some(h) = &hooks {
+                    let (_, hooks) = split_spec(&lua, "lb.get", h)?;
+                    set_hooks(&lua, &name, &hooks)?;
+                }
+                return Ok(match get_remote(&lua, &name).await? {
+                    Some(t) => Value::Table(t),
+                    None => Value::Nil,
+                });
             }
             if let Some(h) = hooks {
                 let (_, hooks) = split_spec(&lua, "lb.get", &h)?;
@@ -189,7 +196,10 @@ fn hook(lua: &Lua, name: &str, key: &str) -> Option<Value> {
 }
 
 async fn create(lua: Lua, t: Table) -> mlua::Result<Table> {
-    let (json, hooks) = split_spec(&lua, "lb.create", &t)?;
+    let (mut json, hooks) = split_spec(&lua, "lb.create", &t)?;
+    if let Some(p) = json.as_object_mut().and_then(|m| m.remove("placement")) {
+        return create_remote(lua, json, p, hooks).await;
+    }
     let spec = Spec::from_json("lb.create", &json).map_err(err)?;
     let name = spec.name.clone();
     let c = controller(&lua)?;
@@ -491,4 +501,143 @@ async fn autoscale_loop(lua: &Lua, c: &Controller, name: &str) {
             }
         }
     }
+}
+
+/// Remote LBs of this process, by record path: the state shared by every handle. The
+/// instance that created (or restored) one runs its supervision task with its own hooks.
+type Shared = std::sync::Arc<tokio::sync::Mutex<crate::cloud::lb::remote::RemoteLb>>;
+
+fn remote_registry() -> &'static std::sync::Mutex<std::collections::HashMap<std::path::PathBuf, Shared>> {
+    static R: std::sync::OnceLock<std::sync::Mutex<std::collections::HashMap<std::path::PathBuf, Shared>>> =
+        std::sync::OnceLock::new();
+    R.get_or_init(Default::default)
+}
+
+fn lb_dir(lua: &Lua) -> std::path::PathBuf {
+    ctx(lua).node.home.root.join("var").join("lb")
+}
+
+fn remote_key(lua: &Lua, name: &str) -> std::path::PathBuf {
+    lb_dir(lua).join("remote").join(name)
+}
+
+/// `lb.create{ ..., placement = {provider = "vultr", ...} }`: the LB on a VM (docs/lb.md,
+/// "Remote mode"). Returns a handle with `name`, `info()` and `delete()`; a task of this
+/// instance supervises the VM and calls `on_failover` with each fail-over event.
+async fn create_remote(lua: Lua, json: Json, placement: Json, hooks: Table) -> mlua::Result<Table> {
+    use crate::cloud::lb::remote::{self, Placement, RemoteLb};
+    let spec = Spec::from_json("lb.create", &json).map_err(err)?;
+    let placement = Placement::from_json("lb.create: placement", &placement).map_err(err)?;
+    let name = spec.name.clone();
+    let exists = lock_registry().contains_key(&remote_key(&lua, &name))
+        || remote::load(&lb_dir(&lua), &name).map_err(err)?.is_some()
+        || controller(&lua)?.exists(&name);
+    if exists {
+        return Err(mlua::Error::runtime(format!(
+            "lb.create: lb {name:?} exists (use lb.get to reach it, or delete it first)"
+        )));
+    }
+    let c = super::vultr::client(&lua)?;
+    let lb = RemoteLb::provision(&c, spec, placement).await.map_err(err)?;
+    remote::save(&lb_dir(&lua), &lb).map_err(err)?;
+    log::info!(target: "lb", "lb {name}: created on vm {} (remote mode)", lb.instance.id);
+    set_hooks(&lua, &name, &hooks)?;
+    supervise(&lua, lb)
+}
+
+fn lock_registry() -> std::sync::MutexGuard<'static, std::collections::HashMap<std::path::PathBuf, Shared>> {
+    remote_registry().lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// `lb.get(name)` of a remote LB: the shared state when this process has it, else the record
+/// restored (and supervised from this instance). `None` when there is no such remote LB.
+async fn get_remote(lua: &Lua, name: &str) -> mlua::Result<Option<Table>> {
+    use crate::cloud::lb::remote::{self, RemoteLb};
+    if let Some(shared) = lock_registry().get(&remote_key(lua, name)).cloned() {
+        return Ok(Some(remote_handle(lua, name, shared)?));
+    }
+    let Some(rec) = remote::load(&lb_dir(lua), name).map_err(err)? else {
+        return Ok(None);
+    };
+    let c = super::vultr::client(lua)?;
+    let lb = RemoteLb::restore(&c, rec).await.map_err(err)?;
+    log::info!(target: "lb", "lb {name}: restored on vm {} (remote mode)", lb.instance.id);
+    if let Some(shared) = lock_registry().get(&remote_key(lua, name)).cloned() {
+        // Restored meanwhile by another instance.
+        return Ok(Some(remote_handle(lua, name, shared)?));
+    }
+    Ok(Some(supervise(lua, lb)?))
+}
+
+/// Registers `lb` for this process and starts its supervision task in this instance.
+fn supervise(lua: &Lua, lb: crate::cloud::lb::remote::RemoteLb) -> mlua::Result<Table> {
+    use crate::cloud::lb::remote;
+    let name = lb.spec.name.clone();
+    let interval = Duration::from_secs_f64(lb.placement.interval);
+    let shared: Shared = std::sync::Arc::new(tokio::sync::Mutex::new(lb));
+    lock_registry().insert(remote_key(lua, &name), shared.clone());
+    let c = super::vultr::client(lua)?;
+    let (lua2, task_lb, n, dir) = (lua.clone(), shared.clone(), name.clone(), lb_dir(lua));
+    tokio::task::spawn_local(async move {
+        loop {
+            tokio::time::sleep(interval).await;
+            let ev = {
+                let mut lb = task_lb.lock().await;
+                if lb.deleted {
+                    return;
+                }
+                let ev = lb.check(&c).await;
+                if let Ok(Some(_)) = &ev {
+                    if let Err(e) = remote::save(&dir, &lb) {
+                        log::error!(target: "lb", "lb {n}: {e}");
+                    }
+                }
+                ev
+            };
+            match ev {
+                Ok(Some(ev)) => {
+                    log::warn!(target: "lb", "lb {n}: fail-over {}: {}", ev.state, ev.reason);
+                    if let Some(Value::Function(f)) = hook(&lua2, &n, "on_failover") {
+                        if let Ok(v) = to_lua(&lua2, &ev) {
+                            call_callback(&lua2, &format!("lb {n} on_failover"), &f, v).await;
+                        }
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => log::warn!(target: "lb", "lb {n}: supervision: {e}"),
+            }
+        }
+    });
+    remote_handle(lua, &name, shared)
+}
+
+/// The table a script holds for a remote LB: `name`, `info()`, `delete()`.
+fn remote_handle(lua: &Lua, name: &str, shared: Shared) -> mlua::Result<Table> {
+    let t = lua.create_table()?;
+    t.set("name", name)?;
+    let s = shared.clone();
+    t.set(
+        "info",
+        lua.create_async_function(move |lua, _a: MultiValue| {
+            let s = s.clone();
+            async move { to_lua(&lua, &*s.lock().await) }
+        })?,
+    )?;
+    let n = name.to_string();
+    t.set(
+        "delete",
+        lua.create_async_function(move |lua, _a: MultiValue| {
+            let (s, n) = (shared.clone(), n.clone());
+            async move {
+                let c = super::vultr::client(&lua)?;
+                s.lock().await.delete(&c).await.map_err(err)?;
+                crate::cloud::lb::remote::forget(&lb_dir(&lua), &n);
+                lock_registry().remove(&remote_key(&lua, &n));
+                let all: Table = lua.named_registry_value(HOOKS)?;
+                all.set(n.as_str(), Value::Nil)?;
+                Ok(true)
+            }
+        })?,
+    )?;
+    Ok(t)
 }

@@ -74,6 +74,71 @@ pub fn open(lua: &Lua) -> mlua::Result<Table> {
         )?;
     }
     t.set("wait", lua.create_async_function(wait)?)?;
+    t.set(
+        "user_data",
+        lua.create_async_function(|lua, id: String| async move {
+            let data = client(&lua)?.user_data(&id).await?;
+            lua.create_string(&data)
+        })?,
+    )?;
+    // Reserved (floating) IPs: `/v2/reserved-ips`.
+    t.set(
+        "reserved_ips",
+        lua.create_async_function(
+            |lua, ()| async move { to_lua(&lua, &client(&lua)?.reserved_ips().await?) },
+        )?,
+    )?;
+    t.set(
+        "reserved_ip",
+        lua.create_async_function(|lua, id: String| async move {
+            to_lua(&lua, &client(&lua)?.reserved_ip(&id).await?)
+        })?,
+    )?;
+    t.set(
+        "reserved_ip_create",
+        lua.create_async_function(|lua, spec: Table| async move {
+            let (region, ip_type, label) = reserved_ip_spec(spec)?;
+            to_lua(
+                &lua,
+                &client(&lua)?
+                    .reserved_ip_create(&region, &ip_type, label.as_deref())
+                    .await?,
+            )
+        })?,
+    )?;
+    t.set(
+        "reserved_ip_label",
+        lua.create_async_function(|lua, (id, label): (String, String)| async move {
+            to_lua(&lua, &client(&lua)?.reserved_ip_label(&id, &label).await?)
+        })?,
+    )?;
+    t.set(
+        "reserved_ip_attach",
+        lua.create_async_function(|lua, (id, instance): (String, String)| async move {
+            client(&lua)?.reserved_ip_attach(&id, &instance).await?;
+            Ok(true)
+        })?,
+    )?;
+    t.set(
+        "reserved_ip_detach",
+        lua.create_async_function(|lua, id: String| async move {
+            client(&lua)?.reserved_ip_detach(&id).await?;
+            Ok(true)
+        })?,
+    )?;
+    t.set(
+        "reserved_ip_move",
+        lua.create_async_function(|lua, (id, instance): (String, String)| async move {
+            to_lua(&lua, &client(&lua)?.reserved_ip_move(&id, &instance).await?)
+        })?,
+    )?;
+    t.set(
+        "reserved_ip_delete",
+        lua.create_async_function(|lua, id: String| async move {
+            client(&lua)?.reserved_ip_delete(&id).await?;
+            Ok(true)
+        })?,
+    )?;
     Ok(t)
 }
 
@@ -81,7 +146,7 @@ const CLIENT_KEY: &str = "stage.vultr.client";
 
 /// The instance's client, created on first use from `%vultr` and the environment, and kept
 /// in the Lua registry (not in app data, whose container must not be borrowed on insert).
-fn client(lua: &Lua) -> mlua::Result<Client> {
+pub(crate) fn client(lua: &Lua) -> mlua::Result<Client> {
     if let Ok(ud) = lua.named_registry_value::<AnyUserData>(CLIENT_KEY) {
         return Ok(ud.borrow::<Client>()?.clone());
     }
@@ -182,6 +247,40 @@ fn create_request(lua: &Lua, t: Table) -> mlua::Result<CreateRequest> {
         ));
     }
     Ok(req)
+}
+
+/// `vultr.reserved_ip_create{region, ip_type = "v4", label}` → (region, ip_type, label).
+fn reserved_ip_spec(t: Table) -> mlua::Result<(String, String, Option<String>)> {
+    let what = "vultr.reserved_ip_create";
+    let (mut region, mut ip_type, mut label) = (String::new(), "v4".to_string(), None);
+    for pair in t.pairs::<String, Value>() {
+        let (k, v) = pair?;
+        let Value::String(text) = &v else {
+            return Err(mlua::Error::runtime(format!("{what}: {k} must be a string")));
+        };
+        let text = text.to_str()?.to_string();
+        match k.as_str() {
+            "region" => region = text,
+            "ip_type" => ip_type = text,
+            "label" => label = Some(text),
+            other => {
+                return Err(mlua::Error::runtime(format!(
+                    "{what}: unknown field {other} (expected region, ip_type or label)"
+                )))
+            }
+        }
+    }
+    if region.is_empty() {
+        return Err(mlua::Error::runtime(format!(
+            "{what}: region is required (e.g. \"icn\")"
+        )));
+    }
+    if ip_type != "v4" && ip_type != "v6" {
+        return Err(mlua::Error::runtime(format!(
+            "{what}: ip_type must be \"v4\" or \"v6\", got {ip_type:?}"
+        )));
+    }
+    Ok((region, ip_type, label))
 }
 
 /// A millisecond option of `vultr.wait` (clamped to a year; negative and NaN are errors).

@@ -146,6 +146,7 @@ mod tests {
             stabilization: 10.0,
             period: 1.0,
             provider: None,
+            warmup: 0.0,
         }
     }
 

@@ -407,7 +407,7 @@ impl Controller {
         let added = rt
             .expect_ok(&format!(
                 "add server {be}/{srv} {addr} {}",
-                render::server_args(&spec)
+                render::server_args(&spec, autoscaled)
             ))
             .and_then(|_| rt.expect_ok(&format!("enable health {be}/{srv}")))
             .and_then(|_| rt.expect_ok(&format!("enable server {be}/{srv}")));
@@ -782,7 +782,7 @@ fn sync_runtime(spec: &Spec, paths: &Paths) -> Result<()> {
             rt.expect_ok(&format!(
                 "add server {be}/{srv} {} {}",
                 b.address,
-                render::server_args(spec)
+                render::server_args(spec, b.autoscaled)
             ))?;
             rt.expect_ok(&format!("enable health {be}/{srv}"))?;
             rt.expect_ok(&format!("enable server {be}/{srv}"))?;

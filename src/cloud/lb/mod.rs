@@ -156,6 +156,10 @@ pub struct Autoscale {
     /// A script name whose module provides `create(lb)` / `release(lb, address)`; absent when
     /// the provider is a Lua function (then it is attached again by `lb.get`).
     pub provider: Option<String>,
+    /// Seconds of warm-up for backends the autoscaler adds: HAProxy's `slowstart`, which
+    /// ramps a new server's weight from 0 to full over this time (0 = none).
+    #[serde(default)]
+    pub warmup: f64,
 }
 
 /// One backend server.
@@ -426,8 +430,8 @@ impl Spec {
                 other => {
                     return Err(invalid(format!(
                         "{what}: unknown field {other:?} (expected name, protocol, listen, algorithm, \
-                         backends, health, autoscale, drain, maxconn, options, project, on_change, \
-                         on_failover)"
+                         backends, health, autoscale, drain, maxconn, options, project, placement, \
+                         on_change, on_failover)"
                     )))
                 }
             }
@@ -502,6 +506,7 @@ fn parse_autoscale(field: &str, v: &Json) -> Result<Autoscale> {
         target: 50.0,
         cooldown: 30.0,
         stabilization: 300.0,
+        warmup: 0.0,
         period: 1.0,
         provider: None,
     };
@@ -514,6 +519,7 @@ fn parse_autoscale(field: &str, v: &Json) -> Result<Autoscale> {
             "cooldown" => a.cooldown = number(&f, v).and_then(|n| nonneg(&f, n))?,
             "stabilization" => a.stabilization = number(&f, v).and_then(|n| nonneg(&f, n))?,
             "period" => a.period = positive(&f, v, 3600.0)?,
+            "warmup" => a.warmup = number(&f, v).and_then(|n| nonneg(&f, n))?,
             "provider" => match v {
                 Json::String(s) => a.provider = Some(s.clone()),
                 // A function provider is kept by the Lua binding; it arrives here as `true`.
@@ -549,7 +555,7 @@ fn parse_autoscale(field: &str, v: &Json) -> Result<Autoscale> {
             other => {
                 return Err(invalid(format!(
                     "{field}: unknown field {other:?} (expected min, max, target, cooldown, \
-                     stabilization, period, provider, release)"
+                     stabilization, period, warmup, provider, release)"
                 )))
             }
         }

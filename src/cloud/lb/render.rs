@@ -50,8 +50,9 @@ fn ms(seconds: f64) -> u64 {
 }
 
 /// The check keywords of a server line (also used by runtime `add server`, which does not
-/// inherit `default-server`).
-pub fn server_args(spec: &Spec) -> String {
+/// inherit `default-server`). An `autoscaled` server gets `slowstart` when the policy has a
+/// warm-up: its weight ramps up from 0 once it is UP (also after `enable server`).
+pub fn server_args(spec: &Spec, autoscaled: bool) -> String {
     let h = &spec.health;
     let mut s = format!(
         "check inter {}ms fall {} rise {}",
@@ -61,6 +62,9 @@ pub fn server_args(spec: &Spec) -> String {
     );
     if let Some(p) = h.port {
         let _ = write!(s, " port {p}");
+    }
+    if let Some(a) = spec.autoscale.as_ref().filter(|a| autoscaled && a.warmup > 0.0) {
+        let _ = write!(s, " slowstart {}ms", ms(a.warmup));
     }
     s
 }
@@ -114,8 +118,8 @@ pub fn render(spec: &Spec, paths: &Paths, draining: &[String]) -> String {
     for line in &spec.options {
         let _ = writeln!(c, "    {line}");
     }
-    let args = server_args(spec);
     for b in &spec.backends {
+        let args = server_args(spec, b.autoscaled);
         let disabled = if draining.contains(&b.address) {
             " disabled"
         } else {
@@ -154,6 +158,32 @@ mod tests {
         assert!(cfg.contains("server s127_0_0_1_9001 127.0.0.1:9001 check inter 2000ms fall 4 rise 3\n"));
         assert!(cfg.contains("server s___1__9002 [::1]:9002 check inter 2000ms fall 4 rise 3 disabled\n"));
         assert!(cfg.contains("load-server-state-from-file global"));
+    }
+
+    #[test]
+    fn autoscaled_servers_warm_up() {
+        let mut spec = Spec::from_json(
+            "t",
+            &json!({"name": "web", "listen": "127.0.0.1:8080", "backends": ["127.0.0.1:9001"],
+                    "autoscale": {"min": 1, "max": 3, "target": {"queue": 5}, "warmup": 20}}),
+        )
+        .unwrap();
+        spec.backends.push(crate::cloud::lb::Backend {
+            address: "127.0.0.1:9002".into(),
+            autoscaled: true,
+        });
+        let cfg = render(&spec, &Paths::new(Path::new("/x")), &[]);
+        assert!(
+            cfg.contains("server s127_0_0_1_9001 127.0.0.1:9001 check inter 2000ms fall 2 rise 2\n"),
+            "{cfg}"
+        );
+        assert!(
+            cfg.contains(
+                "server s127_0_0_1_9002 127.0.0.1:9002 check inter 2000ms fall 2 rise 2 slowstart 20000ms\n"
+            ),
+            "{cfg}"
+        );
+        assert!(!server_args(&spec, false).contains("slowstart"));
     }
 
     #[test]
