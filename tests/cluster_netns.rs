@@ -250,16 +250,13 @@ fn loss_and_a_partition_on_a_real_network_path() {
         s1.max_ms <= 300 + 250,
         "a request outlived its 300 ms deadline: {s1:?}"
     );
-    // The member keeps its stage ids through the loss (a renewed foca identity once made its
-    // state pushes be ignored for good: every request then failed with "no route").
-    assert!(
-        s1.stages >= 1,
-        "the other node's stage ids were lost under 10% loss: {s1:?}"
-    );
-    assert!(
-        s1.other - s0.other <= ok / 20,
-        "requests failed without reaching the other node under 10% loss: {s1:?}"
-    );
+    // Under loss the member may be suspected, or withdrawn for a moment, but it keeps (or gets
+    // back) its stage ids and answers go on under the same loss. (A renewed foca identity once
+    // made its state pushes be ignored for good: every request then failed with "no route".)
+    let (going, s1b) = wait_for(&st, Duration::from_secs(8), |s| {
+        s.ok >= s1.ok + 20 && s.stages >= 1
+    });
+    assert!(going, "answers stopped under 10% loss: {s1:?} then {s1b:?}");
 
     // Partition: nothing passes. The other node is detected down; requests keep resolving.
     net.fault(Some("drop"));

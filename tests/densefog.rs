@@ -307,7 +307,21 @@ fn postgres_outage_during_picks() {
     );
     let child = w.spawn();
     let _restart = harness::RestartPg;
-    std::thread::sleep(Duration::from_millis(1500));
+    // The outage starts once the worker runs jobs (a fixed delay missed it on a loaded
+    // machine, where the node took longer than the outage to start).
+    let started = std::time::Instant::now();
+    let busy = || {
+        std::fs::read_dir(w.path())
+            .map(|d| {
+                d.flatten()
+                    .any(|e| e.file_name().to_string_lossy().starts_with("busy."))
+            })
+            .unwrap_or(false)
+    };
+    while !busy() && started.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(busy(), "the worker ran no job within 60 s");
     harness::pg_ctl("stop");
     std::thread::sleep(Duration::from_secs(3));
     harness::pg_ctl("start");
