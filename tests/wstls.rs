@@ -381,6 +381,20 @@ try("j-wtext", "ws://127.0.0.1:" .. textp.port .. "/chat?text", "hey")
 try("j-404", "ws://127.0.0.1:" .. bsonp.port .. "/nowhere?bson", {{}})
 try("j-name", "tls://127.0.0.1:" .. tlsp.port .. "?text", "x", {{ name = "other.example" }})
 try("j-refused", "tls://127.0.0.1:1?text", "x")
+-- socket.crypto over ws://: the port's key reaches the connection it accepts; both ways
+-- the documents travel encrypted (high bit of the length) and are opened.
+local encp = assert(broker.ready("ws://127.0.0.1:0/enc?packet", function ()
+    return function (s, msg) return {{ echo = msg, path = s.path }} end
+end))
+encp.crypto = "ws crypto key"
+local es = assert(broker.join("ws://127.0.0.1:" .. encp.port .. "/enc?packet", function ()
+    return function (s, reply)
+        write(DIR .. "/j-wenc", reply.echo.n .. " " .. reply.path)
+        s.close()
+    end
+end))
+es.crypto = "ws crypto key"
+es.commit({{ n = 11 }})
 write(PORTFILE, "1")
 "#
         ),
@@ -391,6 +405,7 @@ write(PORTFILE, "1")
     assert_eq!(node.file("j-ws"), "7 /game");
     assert_eq!(node.file("j-wss"), "8 /sec");
     assert_eq!(node.file("j-wtext"), "re:hey");
+    assert_eq!(node.file("j-wenc"), "11 /enc");
     let e = node.file("j-404");
     assert!(
         e.starts_with("error: broker.join ws://") && e.contains("404"),

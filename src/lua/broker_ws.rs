@@ -230,7 +230,15 @@ fn task_conn(
 ) -> mlua::Result<Rc<Conn>> {
     let id = next_id();
     let table = socket_table(lua, id, Some(peer), local)?;
+    // An accepted connection inherits its port's `crypto`, as on tcp://.
+    let inherited = match &port {
+        Some(p) => p
+            .raw_get::<Option<i64>>("id")?
+            .and_then(|pid| broker(lua).port_crypto.borrow().get(&pid).cloned()),
+        None => None,
+    };
     let conn = new_conn(lua, ep, id, Some(peer), table, port, Kind::Task { ws })?;
+    *conn.crypto.borrow_mut() = inherited;
     if ws {
         *conn.out.borrow_mut() = OutBuf::messages(ep.max_out);
     }
@@ -519,20 +527,19 @@ async fn serve_messages(
 ) -> Result<(), String> {
     conn.in_task.set(true);
     let r = async {
-        if let [(a, b)] = ranges {
-            let frame = &buf[*a..*b];
-            let data = match conn.framing {
-                Framing::Bson | Framing::Packet => bson_lua::decode_with(lua, frame, conn.mode)
-                    .map_err(|e| format!("message is not a valid BSON document: {e}"))?,
-                _ => lua
-                    .create_string(frame)
-                    .map(Value::String)
-                    .map_err(|e| e.to_string())?,
-            };
-            deliver(lua, conn, data, None).await;
+        let bson = conn.framing.is_bson();
+        // One message, or encrypted ones among them (opened with socket.crypto): one at a time.
+        if ranges.len() == 1 || (bson && ranges.iter().any(|&(a, _)| is_encrypted(&buf[a..]))) {
+            for &(a, b) in ranges {
+                let data = decode_frame(lua, conn, &buf[a..b])
+                    .map_err(|e| format!("message is not a valid BSON document: {e}"))?;
+                deliver(lua, conn, data, None).await;
+                if conn.is_closing() {
+                    break;
+                }
+            }
             return Ok(());
         }
-        let bson = conn.framing.is_bson();
         let (n, bad) = match bson_lua::decode_batch_with(lua, &conn.batch, buf, ranges, bson, conn.mode) {
             Ok(n) => (n, None),
             Err((n, e)) => (n, Some(format!("message is not a valid BSON document: {e}"))),

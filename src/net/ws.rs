@@ -97,8 +97,11 @@ pub fn inbound(framing: Framing, msg: Message) -> Result<Option<Bytes>, Refusal>
     match (framing, msg) {
         (_, Message::Ping(_) | Message::Pong(_) | Message::Close(_) | Message::Frame(_)) => Ok(None),
         (Framing::Bson | Framing::Packet, Message::Binary(b)) => {
-            let len = (b.len() >= 4).then(|| i32::from_le_bytes([b[0], b[1], b[2], b[3]]));
-            if b.len() < 5 || len != Some(b.len() as i32) || b[b.len() - 1] != 0 {
+            // The length's high bit marks an encrypted document (opened with socket.crypto).
+            let head = (b.len() >= 4).then(|| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+            let encrypted = head.is_some_and(|h| h & crate::net::crypto::ENCRYPTED != 0);
+            let len = head.map(|h| (h & !crate::net::crypto::ENCRYPTED) as usize);
+            if b.len() < 5 || len != Some(b.len()) || (!encrypted && b[b.len() - 1] != 0) {
                 return Err(Refusal::new(
                     CloseCode::Invalid,
                     format!("binary message of {} bytes is not one BSON document", b.len()),
