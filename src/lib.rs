@@ -13,6 +13,7 @@ pub mod lb_cli;
 pub mod locks;
 pub mod logging;
 pub mod lua;
+pub mod metrics;
 pub mod net;
 pub mod random;
 pub mod router;

@@ -213,6 +213,7 @@ fn uses_crate_module(toks: &[String], module: &str) -> bool {
 const CORE: &[&str] = &[
     "src/net",
     "src/router.rs",
+    "src/metrics",
     "src/db",
     "src/cloud",
     "src/config.rs",

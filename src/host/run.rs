@@ -23,6 +23,8 @@ pub struct NodeHandle {
     node: Arc<NodeShared>,
     threads: Vec<JoinHandle<()>>,
     _watcher: Option<notify::RecommendedWatcher>,
+    /// The `#metrics` endpoint, stopped with the node.
+    metrics: Option<crate::net::http::ServerThread>,
 }
 
 /// Opens the home at `root`, makes it the working directory, and starts every instance of
@@ -36,6 +38,11 @@ pub fn start(root: &Path, args: Vec<String>, bindings: Bindings) -> anyhow::Resu
         log::warn!("{w}");
     }
     let node = NodeShared::new(config, home, args)?;
+    // Bound before the instances start: a taken `#metrics` port stops the node at once.
+    let metrics = match &node.config.metrics {
+        Some(addr) => Some(crate::metrics::serve::spawn(addr, node.metrics.clone())?),
+        None => None,
+    };
     let watcher = match watch(&root, node.generation.clone()) {
         Ok(w) => Some(w),
         Err(e) => {
@@ -67,6 +74,7 @@ pub fn start(root: &Path, args: Vec<String>, bindings: Bindings) -> anyhow::Resu
         node,
         threads,
         _watcher: watcher,
+        metrics,
     })
 }
 
@@ -185,7 +193,7 @@ impl NodeHandle {
     /// instances, waits for them (at most `STOP_GRACE`), and returns the exit status:
     /// the script's code, or `EXIT_NOT_DRAINED` when requests were still in flight or an
     /// instance did not stop.
-    pub fn join(self) -> i32 {
+    pub fn join(mut self) -> i32 {
         let mut clean = true;
         if !*self.node.shutdown.borrow() {
             self.node.draining.send_replace(true);
@@ -204,6 +212,9 @@ impl NodeHandle {
             }
         }
         self.node.shutdown.send_replace(true);
+        if let Some(mut m) = self.metrics.take() {
+            m.stop();
+        }
         // Others see this node leave at once instead of after failure detection.
         if let Some(c) = &self.node.cluster {
             c.engine.leave();

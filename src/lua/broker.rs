@@ -174,6 +174,8 @@ struct Conn {
     accepted: Cell<bool>,
     /// The close is the peer's fault (bad input, back-pressure): logged as a warning.
     bad: RefCell<bool>,
+    /// Counters of an accepted TCP connection (`#metrics`), per port and instance.
+    metrics: Option<crate::metrics::ConnMetrics>,
 }
 
 impl Conn {
@@ -237,6 +239,9 @@ impl Conn {
 
     /// Frames `v` into `out` per the framing. Returns the bytes queued.
     fn frame_value(&self, lua: &Lua, v: &Value, out: &mut OutBuf) -> mlua::Result<usize> {
+        if let Some(m) = &self.metrics {
+            m.frames_out.inc();
+        }
         match (self.framing, v) {
             (Framing::Bson | Framing::Packet, Value::Table(_)) => out
                 .put_with(|b| bson_lua::encode_with(lua, v, b, self.mode))
@@ -584,7 +589,17 @@ fn new_tcp(lua: &Lua, ep: &Endpoint, stream: TcpStream, port: Option<Table>) -> 
     let id = next_id();
     let peer = stream.peer_addr().ok();
     let table = socket_table(lua, id, peer, stream.local_addr().ok())?;
-    let conn = new_conn(lua, ep, id, peer, table, port, Kind::Tcp(Rc::new(stream)))?;
+    let metrics = match (&port, stream.local_addr()) {
+        (Some(_), Ok(local)) => {
+            let c = ctx(lua);
+            Some(c.node.metrics.connection(local.port(), &c.name))
+        }
+        _ => None,
+    };
+    let mut conn = new_conn(lua, ep, id, peer, table, port, Kind::Tcp(Rc::new(stream)))?;
+    if let Some(c) = Rc::get_mut(&mut conn) {
+        c.metrics = metrics;
+    }
     add_methods(lua, &conn)?;
     broker(lua).conns.borrow_mut().insert(id, conn.clone());
     Ok(conn)
@@ -621,6 +636,7 @@ fn new_conn(
         batch: lua.create_table()?,
         reply: RefCell::new(None),
         in_task: Cell::new(false),
+        metrics: None,
     }))
 }
 
@@ -723,7 +739,17 @@ async fn call_receive(lua: &Lua, conn: &Conn, f: &Function, args: impl mlua::Int
 /// Writes what the socket takes of the output without waiting; an error or unsent output
 /// over `OUT` is a reason to close.
 fn flush(conn: &Conn, stream: &TcpStream) -> Result<(), OutError> {
-    conn.out.borrow_mut().flush(|b| stream.try_write(b))
+    let Some(m) = &conn.metrics else {
+        return conn.out.borrow_mut().flush(|b| stream.try_write(b));
+    };
+    let mut sent = 0;
+    let r = conn.out.borrow_mut().flush(|b| {
+        let n = stream.try_write(b)?;
+        sent += n;
+        Ok(n)
+    });
+    m.bytes_out.inc_by(sent as u64);
+    r
 }
 
 /// Why a connection's loop ended: the reason logged, and whether it is the peer's fault.
@@ -798,6 +824,9 @@ async fn serve(lua: &Lua, conn: &Rc<Conn>, reader: &mut FrameReader) -> Result<(
 async fn serve_frames(lua: &Lua, conn: &Rc<Conn>, reader: &mut FrameReader) -> Result<(), String> {
     while !conn.is_closing() {
         let bad_frame = reader.cut(MAX_BATCH);
+        if let Some(m) = &conn.metrics {
+            m.frames_in.inc_by(reader.frames().len() as u64);
+        }
         match reader.frames().len() {
             0 => return bad_frame.map_or(Ok(()), |e| Err(e.to_string())),
             // A single frame (the request/response case) goes the direct way: fewer steps
@@ -888,7 +917,12 @@ async fn wait(
                     return Some((format!("peer closed with {partial} bytes of a partial frame"), true));
                 }
                 Ok(0) => return Some(("peer closed".into(), false)),
-                Ok(_) => *last_read = Instant::now(),
+                Ok(n) => {
+                    *last_read = Instant::now();
+                    if let Some(m) = &conn.metrics {
+                        m.bytes_in.inc_by(n as u64);
+                    }
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                 Err(e) => return Some((format!("read failed: {e}"), false)),
             }

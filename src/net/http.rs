@@ -450,6 +450,92 @@ fn decode(s: &str, plus_is_space: bool) -> String {
     String::from_utf8(out).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
 }
 
+/// A server on a thread of its own (the metrics and admin endpoints): a current-thread
+/// runtime and `LocalSet` serving every connection of `listener` with the handler `make`
+/// builds there. Stops when the handle is dropped or `stop` is called.
+pub struct ServerThread {
+    pub addr: SocketAddr,
+    stop: tokio::sync::watch::Sender<bool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ServerThread {
+    /// Stops accepting and waits for the thread (open connections are dropped).
+    pub fn stop(&mut self) {
+        self.stop.send_replace(true);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for ServerThread {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Starts a `ServerThread` named `name` on `listener` (plain HTTP/1.1).
+pub fn spawn_thread<F>(
+    name: &str,
+    listener: std::net::TcpListener,
+    limits: Limits,
+    make: F,
+) -> std::io::Result<ServerThread>
+where
+    F: FnOnce() -> Handler + Send + 'static,
+{
+    let addr = listener.local_addr()?;
+    listener.set_nonblocking(true)?;
+    let (stop, mut stopped) = tokio::sync::watch::channel(false);
+    let name = name.to_string();
+    let thread = std::thread::Builder::new().name(name.clone()).spawn(move || {
+        let log: Rc<str> = name.into();
+        let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(rt) => rt,
+            Err(e) => {
+                log::error!("{log}: cannot start its runtime: {e}");
+                return;
+            }
+        };
+        let local = tokio::task::LocalSet::new();
+        local.block_on(&rt, async move {
+            let listener = match tokio::net::TcpListener::from_std(listener) {
+                Ok(l) => l,
+                Err(e) => {
+                    log::error!("{log}: {e}");
+                    return;
+                }
+            };
+            let server = Rc::new(Server {
+                limits,
+                handler: make(),
+                log: log.clone(),
+            });
+            loop {
+                tokio::select! {
+                    r = listener.accept() => match r {
+                        Ok((tcp, peer)) => {
+                            let _ = tcp.set_nodelay(true);
+                            tokio::task::spawn_local(serve(server.clone(), tcp, peer, false));
+                        }
+                        Err(e) => {
+                            log::warn!(target: &log, "accept: {e}");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    },
+                    _ = stopped.wait_for(|s| *s) => break,
+                }
+            }
+        });
+    })?;
+    Ok(ServerThread {
+        addr,
+        stop,
+        thread: Some(thread),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
