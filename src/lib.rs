@@ -2,6 +2,7 @@
 //!
 //! The map of the code is ARCHITECTURE.md; the Lua API is documented under docs/.
 
+pub mod admin;
 pub mod check;
 pub mod cloud;
 pub mod cluster;

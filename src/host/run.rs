@@ -25,6 +25,8 @@ pub struct NodeHandle {
     _watcher: Option<notify::RecommendedWatcher>,
     /// The `#metrics` endpoint, stopped with the node.
     metrics: Option<crate::net::http::ServerThread>,
+    /// The `#admin` API, stopped with the node.
+    admin: Option<crate::net::http::ServerThread>,
 }
 
 /// Opens the home at `root`, makes it the working directory, and starts every instance of
@@ -43,6 +45,7 @@ pub fn start(root: &Path, args: Vec<String>, bindings: Bindings) -> anyhow::Resu
         Some(addr) => Some(crate::metrics::serve::spawn(addr, node.metrics.clone())?),
         None => None,
     };
+    let admin = crate::admin::spawn(&node)?;
     let watcher = match watch(&root, node.generation.clone()) {
         Ok(w) => Some(w),
         Err(e) => {
@@ -75,6 +78,7 @@ pub fn start(root: &Path, args: Vec<String>, bindings: Bindings) -> anyhow::Resu
         threads,
         _watcher: watcher,
         metrics,
+        admin,
     })
 }
 
@@ -212,8 +216,8 @@ impl NodeHandle {
             }
         }
         self.node.shutdown.send_replace(true);
-        if let Some(mut m) = self.metrics.take() {
-            m.stop();
+        for mut t in [self.metrics.take(), self.admin.take()].into_iter().flatten() {
+            t.stop();
         }
         // Others see this node leave at once instead of after failure detection.
         if let Some(c) = &self.node.cluster {
