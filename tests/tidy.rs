@@ -266,6 +266,15 @@ fn floors_point_down() {
             ));
         }
     }
+    // The admin API sits beside host/: it reads the node's state, never a Lua binding.
+    for f in files_under(root, "src/admin") {
+        if uses_crate_module(&tokens(&std::fs::read_to_string(&f).unwrap()), "lua") {
+            bad.push(format!(
+                "{} (admin) imports crate::lua",
+                f.strip_prefix(root).unwrap().display()
+            ));
+        }
+    }
     assert!(bad.is_empty(), "imports against the floors:\n{}", bad.join("\n"));
 }
 
