@@ -122,12 +122,13 @@ fn three_nodes_listed_authenticated_and_a_dead_one_seen() {
     let all = format!("{base}/nodes/all");
     let three = wait_for(Duration::from_secs(30), || {
         let (code, v) = get(&all);
-        let alive = v["nodes"]
+        // Alive, and each node's stages pushed (membership comes before the first push).
+        let ready = v["nodes"]
             .as_array()?
             .iter()
-            .filter(|n| n["state"] == "alive")
+            .filter(|n| n["state"] == "alive" && n["instances"].as_u64() > Some(0))
             .count();
-        (code == 200 && alive == 3).then_some(v)
+        (code == 200 && ready == 3).then_some(v)
     });
     let Some(three) = three else {
         panic!(
