@@ -107,6 +107,34 @@ fn state_of(nodes: &Json, name: &str) -> Option<String> {
         .map(|n| n["state"].as_str().unwrap_or("").to_string())
 }
 
+/// Follows `/events`: refused without a token, then with one prints ALIVE n for the first
+/// snapshot and GONE once node argv[3] is not alive (at most 15 s).
+const EVENTS: &str = r#"
+import asyncio, json, sys, time
+import websockets
+port, token, victim = sys.argv[1], sys.argv[2], sys.argv[3]
+url = f"ws://127.0.0.1:{port}/events"
+async def main():
+    try:
+        async with websockets.connect(url, open_timeout=5):
+            print("OPENED WITHOUT TOKEN")
+    except websockets.exceptions.InvalidStatus as e:
+        print("REFUSED", e.response.status_code)
+    async with websockets.connect(url, subprotocols=["stage-admin", "bearer." + token], open_timeout=5) as ws:
+        first = True
+        end = time.time() + 15
+        while time.time() < end:
+            s = json.loads(await asyncio.wait_for(ws.recv(), 5))
+            if first:
+                print("ALIVE", sum(1 for n in s["nodes"] if n["state"] == "alive"), flush=True)
+                first = False
+            st = [n["state"] for n in s["nodes"] if n["node"] == victim]
+            if st and st[0] != "alive":
+                print("GONE", st[0], flush=True)
+                return
+asyncio.run(main())
+"#;
+
 #[test]
 fn three_nodes_listed_authenticated_and_a_dead_one_seen() {
     let (pa, pb, pc, admin) = (free_port(), free_port(), free_port(), free_port());
@@ -197,7 +225,22 @@ fn three_nodes_listed_authenticated_and_a_dead_one_seen() {
     assert_eq!(curl(&["-H", &bearer, "-X", "DELETE"], &all).0, 405);
     assert_eq!(curl(&["-H", &bearer], &format!("{base}/nope")).0, 404);
 
-    // Kill C: it leaves the alive state within the detection time (#router 600 ms).
+    // The map page is embedded HTML; its WebSocket wants the token like every endpoint.
+    let (code, page) = curl(&[], &format!("{base}/"));
+    assert_eq!(code, 200);
+    assert!(
+        page.contains("<title>stage: infrastructure map</title>") && !page.contains("http://"),
+        "no external asset"
+    );
+    // A Python websockets client follows /events while C is killed: C turns non-alive
+    // within the detection time (#router 600 ms).
+    let watcher = Command::new("python3")
+        .args(["-c", EVENTS, &admin.to_string(), TOKEN, &node(pc)])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python3 (scripts/setup installs websockets)");
+    std::thread::sleep(Duration::from_millis(1500));
     let killed = Instant::now();
     let out_c = stop(cc);
     let seen = wait_for(Duration::from_secs(10), || {
@@ -205,7 +248,17 @@ fn three_nodes_listed_authenticated_and_a_dead_one_seen() {
         state_of(&v, &node(pc)).filter(|s| s != "alive")
     });
     let took = killed.elapsed();
+    let ev = watcher.wait_with_output().unwrap();
+    let ev_out = String::from_utf8_lossy(&ev.stdout).to_string() + &String::from_utf8_lossy(&ev.stderr);
     let (out_a, out_b) = (stop(ca), stop(cb));
+    assert!(
+        ev_out.contains("REFUSED 401") && ev_out.contains("ALIVE 3"),
+        "events: {ev_out}"
+    );
+    assert!(
+        ev_out.contains("GONE"),
+        "/events never showed C leave alive: {ev_out}\nA:\n{out_a}"
+    );
     assert!(
         seen.is_some(),
         "C still alive after 10 s\nA:\n{out_a}\nB:\n{out_b}\nC:\n{out_c}"

@@ -4,6 +4,7 @@
 //! Uses `host::node`, never `lua/`.
 
 pub mod auth;
+mod events;
 
 use crate::config::AdminConfig;
 use crate::host::node::NodeShared;
@@ -38,12 +39,16 @@ pub fn spawn(node: &Arc<NodeShared>) -> anyhow::Result<Option<ServerThread>> {
         max_body: 1 << 20,
         ..nhttp::Limits::default()
     };
-    let t = nhttp::spawn_thread("admin", listener, limits, move || -> Handler {
+    let t = nhttp::spawn_thread_with("admin", listener, limits, move || {
         let api = Rc::new(Api { node, cfg });
-        Rc::new(move |req: Request| -> HandlerFuture {
-            let api = api.clone();
+        let a = api.clone();
+        let handler: Handler = Rc::new(move |req: Request| -> HandlerFuture {
+            let api = a.clone();
             Box::pin(async move { Ok(api.handle(req)) })
-        })
+        });
+        let events: nhttp::Takeover =
+            Rc::new(move |tcp, peer| Box::pin(events::serve(api.clone(), tcp, peer)));
+        (handler, Some(("/events".to_string(), events)))
     })?;
     log::info!("admin API on http://{}/", t.addr);
     Ok(Some(t))
@@ -53,6 +58,9 @@ struct Api {
     node: Arc<NodeShared>,
     cfg: AdminConfig,
 }
+
+/// The infrastructure map (docs/admin.md), embedded: no external asset.
+const PAGE: &str = include_str!("page.html");
 
 fn json_reply(status: StatusCode, v: &Json) -> nhttp::Reply {
     let mut body = serde_json::to_vec_pretty(v).unwrap_or_default();
@@ -74,6 +82,15 @@ impl Api {
     fn handle(&self, req: Request) -> nhttp::Reply {
         let method = req.parts.method.clone();
         let path = req.parts.uri.path().to_string();
+        // The page holds no data (it reads `/events` with the token), so it is public.
+        if path == "/" && (method == Method::GET || method == Method::HEAD) {
+            let mut r = Response::new(Body::full(PAGE));
+            r.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                HeaderValue::from_static("text/html; charset=utf-8"),
+            );
+            return r;
+        }
         let who = auth::check(
             self.cfg.token.as_deref(),
             req.parts.uri.query(),

@@ -246,6 +246,19 @@ impl Metrics {
             .inc();
     }
 
+    /// Every series summed over its labels, by sample name (`stage_frames_received_total`
+    /// → total): what the admin page shows. Read from the exposition, at most once a second.
+    pub fn totals(&self) -> std::collections::BTreeMap<String, f64> {
+        let mut out = std::collections::BTreeMap::new();
+        for line in self.encode().lines().filter(|l| !l.starts_with('#')) {
+            let name = line.split(['{', ' ']).next().unwrap_or("");
+            if let Some(v) = line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) {
+                *out.entry(name.to_string()).or_insert(0.0) += v;
+            }
+        }
+        out
+    }
+
     /// The text exposition (OpenMetrics text, which Prometheus reads).
     pub fn encode(&self) -> String {
         let mut s = String::with_capacity(8192);
@@ -307,6 +320,7 @@ mod tests {
         ] {
             assert!(t.contains(want), "missing {want} in\n{t}");
         }
+        assert_eq!(m.totals().get("stage_frames_received_total"), Some(&3.0));
         drop(c);
         assert!(m
             .encode()

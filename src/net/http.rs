@@ -485,6 +485,44 @@ pub fn spawn_thread<F>(
 where
     F: FnOnce() -> Handler + Send + 'static,
 {
+    spawn_thread_with(name, listener, limits, move || (make(), None))
+}
+
+/// A connection taken over before HTTP is served (a WebSocket upgrade on one path).
+pub type Takeover = Rc<dyn Fn(tokio::net::TcpStream, SocketAddr) -> Pin<Box<dyn Future<Output = ()>>>>;
+
+/// Whether a connection's first bytes are a `GET` of `path` (exactly, or with a query).
+async fn requests_path(tcp: &tokio::net::TcpStream, path: &str) -> bool {
+    let want = format!("GET {path}");
+    let mut buf = vec![0u8; want.len() + 1];
+    let deadline = tokio::time::Instant::now() + DEFAULT_HEAD_TIMEOUT;
+    loop {
+        let n = match tokio::time::timeout_at(deadline, tcp.peek(&mut buf)).await {
+            Ok(Ok(n)) => n,
+            _ => return false,
+        };
+        if n == 0 || !want.as_bytes().starts_with(&buf[..n.min(want.len())]) {
+            return false;
+        }
+        if n > want.len() {
+            return matches!(buf[want.len()], b' ' | b'?');
+        }
+        // Part of the request line so far: wait for more.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// As `spawn_thread`; `make` may also name a path whose connections go to a `Takeover`
+/// instead of HTTP (the admin API's `/events` WebSocket).
+pub fn spawn_thread_with<F>(
+    name: &str,
+    listener: std::net::TcpListener,
+    limits: Limits,
+    make: F,
+) -> std::io::Result<ServerThread>
+where
+    F: FnOnce() -> (Handler, Option<(String, Takeover)>) + Send + 'static,
+{
     let addr = listener.local_addr()?;
     listener.set_nonblocking(true)?;
     let (stop, mut stopped) = tokio::sync::watch::channel(false);
@@ -507,9 +545,11 @@ where
                     return;
                 }
             };
+            let (handler, takeover) = make();
+            let takeover = takeover.map(|(p, t)| (Rc::<str>::from(p), t));
             let server = Rc::new(Server {
                 limits,
-                handler: make(),
+                handler,
                 log: log.clone(),
             });
             loop {
@@ -517,7 +557,16 @@ where
                     r = listener.accept() => match r {
                         Ok((tcp, peer)) => {
                             let _ = tcp.set_nodelay(true);
-                            tokio::task::spawn_local(serve(server.clone(), tcp, peer, false));
+                            let server = server.clone();
+                            let takeover = takeover.clone();
+                            tokio::task::spawn_local(async move {
+                                if let Some((path, t)) = takeover {
+                                    if requests_path(&tcp, &path).await {
+                                        return t(tcp, peer).await;
+                                    }
+                                }
+                                serve(server, tcp, peer, false).await
+                            });
                         }
                         Err(e) => {
                             log::warn!(target: &log, "accept: {e}");
