@@ -313,6 +313,8 @@ impl Config {
                 }
                 "#startup" => startup_raw = Some(value),
                 "#metrics" => cfg.metrics = Some(expect_str(value, "#metrics")?.to_string()),
+                // The admin API (docs/admin.md); read again by `admin::spawn` from `raw`.
+                "#admin" => drop(parse_admin(value)?),
                 "#usage" => cfg.usage_secs = expect_u64(value, "#usage")?,
                 "#tls" => {
                     // The default certificate of https://, wss:// and tls:// listeners.
@@ -571,6 +573,53 @@ fn human(n: u64) -> String {
         n if n >= 1 << 10 && n % (1 << 10) == 0 => format!("{}k", n >> 10),
         n => n.to_string(),
     }
+}
+
+/// `#admin` (ext): where the admin API listens and the token it wants (docs/admin.md).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdminConfig {
+    /// `listen`: `host:port`.
+    pub listen: String,
+    /// `token`, after `env:` resolution; `None`: no authentication (loopback only).
+    pub token: Option<String>,
+}
+
+/// `{"listen": "127.0.0.1:9900", "token": "env:STAGE_ADMIN_TOKEN"}`, or just the address.
+pub fn parse_admin(v: &Json) -> Result<AdminConfig, ConfigError> {
+    if let Some(listen) = v.as_str() {
+        return Ok(AdminConfig {
+            listen: listen.to_string(),
+            token: None,
+        });
+    }
+    let mut a = AdminConfig {
+        listen: String::new(),
+        token: None,
+    };
+    for (k, val) in expect_object(v, "#admin")? {
+        let key = format!("#admin.{k}");
+        match k.as_str() {
+            "listen" => a.listen = expect_str(val, &key)?.to_string(),
+            "token" => {
+                let t = expect_str(val, &key)?;
+                if t.len() < 16 {
+                    return Err(invalid(
+                        &key,
+                        "a token of at least 16 characters is needed (use env:NAME)",
+                    ));
+                }
+                a.token = Some(t.to_string());
+            }
+            _ => return Err(invalid(&key, "unknown key (expected listen, token)")),
+        }
+    }
+    if a.listen.is_empty() {
+        return Err(invalid(
+            "#admin.listen",
+            "missing: the address to listen on, e.g. \"127.0.0.1:9900\"",
+        ));
+    }
+    Ok(a)
 }
 
 fn parse_limits(v: &Json) -> Result<Limits, ConfigError> {

@@ -2,6 +2,7 @@
 //!
 //! The map of the code is ARCHITECTURE.md; the Lua API is documented under docs/.
 
+pub mod admin;
 pub mod check;
 pub mod cloud;
 pub mod cluster;
@@ -13,6 +14,7 @@ pub mod lb_cli;
 pub mod locks;
 pub mod logging;
 pub mod lua;
+pub mod metrics;
 pub mod net;
 pub mod random;
 pub mod router;

@@ -384,6 +384,18 @@ impl Undelivered {
     }
 }
 
+/// One instance's queue as `Router::queues` reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueStat {
+    pub instance: usize,
+    pub stage: String,
+    pub depth: usize,
+    pub capacity: usize,
+    pub dropped: u64,
+    /// False once the instance stopped (its inbox is closed).
+    pub open: bool,
+}
+
 /// The instances of one stage id and its round-robin cursor.
 struct Group {
     members: Vec<usize>,
@@ -402,6 +414,8 @@ struct Post {
     started: Instant,
     /// Seconds since `started` at which "queue full" was last logged (rate limit).
     full_logged: AtomicU64,
+    /// Messages refused because the queue was full, per instance (metrics).
+    dropped: Vec<AtomicU64>,
 }
 
 impl Post {
@@ -411,6 +425,7 @@ impl Post {
         };
         tx.try_send(msg).map_err(|e| match e {
             mpsc::error::TrySendError::Full(m) => {
+                self.dropped[instance].fetch_add(1, Ordering::Relaxed);
                 self.log_full(&self.stages[instance]);
                 Undelivered::Full(m)
             }
@@ -541,6 +556,7 @@ impl Router {
             remote,
             started: Instant::now(),
             full_logged: AtomicU64::new(u64::MAX),
+            dropped: stages.iter().map(|_| AtomicU64::new(0)).collect(),
         });
         Router {
             locks: Arc::new(Locks {
@@ -715,6 +731,24 @@ impl Router {
         out
     }
 
+    /// Every local instance: (number, stage id, messages queued, queue bound, messages
+    /// dropped because its queue was full). Read at scrape time by the metrics.
+    pub fn queues(&self) -> Vec<QueueStat> {
+        self.post
+            .mailboxes
+            .iter()
+            .enumerate()
+            .map(|(i, tx)| QueueStat {
+                instance: i,
+                stage: self.post.stages[i].clone(),
+                depth: tx.max_capacity() - tx.capacity(),
+                capacity: tx.max_capacity(),
+                dropped: self.post.dropped[i].load(Ordering::Relaxed),
+                open: !tx.is_closed(),
+            })
+            .collect()
+    }
+
     /// Round-robin over the local instances of `stage`, skipping full queues.
     fn deliver_local(&self, stage: &str, mut msg: Message) -> Result<(), Undelivered> {
         let Some(g) = self.groups.get(stage) else {
@@ -735,6 +769,8 @@ impl Router {
             }
         }
         if any_open {
+            // Counted against the instance the round-robin offered it to first.
+            self.post.dropped[g.members[start % n]].fetch_add(1, Ordering::Relaxed);
             self.post.log_full(stage);
             Err(Undelivered::Full(msg))
         } else {
@@ -990,6 +1026,17 @@ mod tests {
         // 6 messages over 3 instances of 2 slots: every queue is full now.
         let u = r.deliver(Scope::One, "b", msg("x", 9)).unwrap_err();
         assert_eq!(u.reason(), "queue full");
+        // The metrics see three full queues of "b" and one drop among them.
+        let q = r.queues();
+        assert_eq!(
+            q.iter()
+                .filter(|s| s.stage == "b")
+                .map(|s| s.depth)
+                .collect::<Vec<_>>(),
+            [2, 2, 2]
+        );
+        assert_eq!(q.iter().map(|s| s.dropped).sum::<u64>(), 1);
+        assert!(q.iter().all(|s| s.capacity == 2 && s.open));
         // Drain instance 2: it alone takes the next two.
         let got: Vec<_> = std::iter::from_fn(|| inboxes[2].try_recv().ok()).collect();
         assert_eq!(got.len(), 2);

@@ -976,6 +976,20 @@ impl Engine {
         out
     }
 
+    /// When each member started, in µs since the Unix epoch (its identity's generation),
+    /// by node name; a member heard of only by address has none. Itself included.
+    pub fn started_us(&self) -> HashMap<String, u64> {
+        let mut out: HashMap<String, u64> = self
+            .table
+            .read()
+            .expect("table")
+            .iter()
+            .filter_map(|(a, p)| Some((a.to_string(), p.ident.as_ref()?.generation)))
+            .collect();
+        out.insert(self.name.clone(), self.me.generation);
+        out
+    }
+
     /// What `stage cluster status` prints.
     pub fn status_json(&self) -> serde_json::Value {
         let members: Vec<_> = self

@@ -182,6 +182,7 @@ thread_local! {
 /// with the next one logged.
 pub fn log_error(lua: &Lua, what: &str, msg: &str) {
     let c = ctx(lua);
+    c.node.metrics.handler_error(&c.name);
     let first = msg.lines().next().unwrap_or("");
     let site = match script_error::location(first) {
         Some((file, line)) => format!("{what}@{file}:{line}"),

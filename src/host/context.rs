@@ -32,7 +32,8 @@ impl InstanceCtx {
             stage_id: stage_id.to_string(),
             number,
             name: format!("{stage_id}#{number}"),
-            loader: Loader::new(node.home.clone(), node.generation.clone()),
+            loader: Loader::new(node.home.clone(), node.generation.clone())
+                .count_reloads(node.metrics.clone(), &format!("{stage_id}#{number}")),
             tasks: RefCell::new(HashMap::new()),
             next_task: Cell::new(0),
             submits: RefCell::new(HashMap::new()),

@@ -78,6 +78,8 @@ pub struct Loader {
     generation: Arc<AtomicU64>,
     cache: RefCell<HashMap<String, Loaded>>,
     failed: RefCell<HashMap<PathBuf, (Stamp, String)>>,
+    /// Where reloads are counted (`stage_script_reloads_total`), under the instance's name.
+    metrics: Option<(Arc<crate::metrics::Metrics>, String)>,
 }
 
 impl Loader {
@@ -87,6 +89,19 @@ impl Loader {
             generation,
             cache: RefCell::new(HashMap::new()),
             failed: RefCell::new(HashMap::new()),
+            metrics: None,
+        }
+    }
+
+    /// Counts every reload of a changed script in `metrics` under `instance`.
+    pub fn count_reloads(mut self, metrics: Arc<crate::metrics::Metrics>, instance: &str) -> Loader {
+        self.metrics = Some((metrics, instance.to_string()));
+        self
+    }
+
+    fn counted(&self, ok: bool) {
+        if let Some((m, name)) = &self.metrics {
+            m.reload(name, ok);
         }
     }
 
@@ -161,6 +176,9 @@ impl Loader {
             };
             match outcome {
                 Ok(value) => {
+                    if cached.is_some() {
+                        self.counted(true);
+                    }
                     if self.failed.borrow_mut().remove(&path).is_some() || cached.is_some() {
                         log::info!(
                             "script {} (re)loaded at position {position}",
@@ -186,6 +204,9 @@ impl Loader {
                 Err(e) => {
                     if self.failed.borrow().get(&path).map(|(s, _)| *s) != Some(st) {
                         log::error!("script {} failed to load: {e}", self.display_path(&path));
+                        if cached.is_some() {
+                            self.counted(false);
+                        }
                         self.failed.borrow_mut().insert(path.clone(), (st, e.clone()));
                     }
                     if let Some(c) = &cached {

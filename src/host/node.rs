@@ -46,6 +46,8 @@ pub struct NodeShared {
     pub section: Mutex<serde_json::Value>,
     /// Held while a `__("NAME", f)` update runs, so updates from all instances are atomic.
     pub sandbox_update: Mutex<()>,
+    /// The node's Prometheus instruments (`#metrics` serves them).
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl NodeShared {
@@ -104,7 +106,12 @@ impl NodeShared {
             sandbox: Mutex::new(std::collections::HashMap::new()),
             section: Mutex::new(section),
             sandbox_update: Mutex::new(()),
+            metrics: Arc::new(crate::metrics::Metrics::new()),
         });
+        let weak = Arc::downgrade(&node);
+        node.metrics.set_sampler(Box::new(move || {
+            weak.upgrade().map_or_else(Vec::new, |n| n.sampled())
+        }));
         if let Some(c) = &node.cluster {
             c.engine.set_sink(Arc::new(RouterSink(Arc::downgrade(&node))));
         }
@@ -126,6 +133,101 @@ impl NodeShared {
     pub fn request_stop(&self, code: i32) {
         self.exit_code.store(code, Ordering::SeqCst);
         self.shutdown.send_replace(true);
+    }
+}
+
+impl NodeShared {
+    /// The values the metrics read at scrape time: queues, drops, requests in flight,
+    /// uptime and the cluster's members (docs/metrics.md).
+    fn sampled(&self) -> Vec<crate::metrics::Sampled> {
+        use crate::metrics::{Sample, Sampled, SampledKind};
+        let queues = self.router.queues();
+        let per_instance = |f: &dyn Fn(&crate::router::QueueStat) -> f64| -> Vec<Sample> {
+            queues
+                .iter()
+                .map(|q| Sample {
+                    labels: vec![("instance", format!("{}#{}", q.stage, q.instance))],
+                    value: f(q),
+                })
+                .collect()
+        };
+        let one = |value: f64| {
+            vec![Sample {
+                labels: vec![],
+                value,
+            }]
+        };
+        let mut out = vec![
+            Sampled {
+                name: "queue_depth",
+                help: "Messages waiting in each instance's queue",
+                kind: SampledKind::Gauge,
+                samples: per_instance(&|q| q.depth as f64),
+            },
+            Sampled {
+                name: "queue_capacity",
+                help: "The bound of each instance's queue (#threads[1])",
+                kind: SampledKind::Gauge,
+                samples: per_instance(&|q| q.capacity as f64),
+            },
+            Sampled {
+                name: "messages_dropped",
+                help: "Messages refused because the instance's queue was full",
+                kind: SampledKind::Counter,
+                samples: per_instance(&|q| q.dropped as f64),
+            },
+            Sampled {
+                name: "requests_in_flight",
+                help: "Client requests and messages being handled now",
+                kind: SampledKind::Gauge,
+                samples: one(self.inflight.load(Ordering::Relaxed) as f64),
+            },
+            Sampled {
+                name: "uptime_seconds",
+                help: "Seconds since the node started",
+                kind: SampledKind::Gauge,
+                samples: one(self.started.elapsed().as_secs_f64()),
+            },
+            Sampled {
+                name: "script_generation",
+                help: "Changes of .lua files seen in the home (the hot-reload generation)",
+                kind: SampledKind::Counter,
+                samples: one(self.generation.load(Ordering::Relaxed) as f64),
+            },
+        ];
+        if let Some(c) = &self.cluster {
+            let members = c.engine.members();
+            let count = |st: crate::cluster::State| members.iter().filter(|m| m.1 == st).count() as f64;
+            out.push(Sampled {
+                name: "cluster_members",
+                help: "Cluster members this node knows, itself included, by state",
+                kind: SampledKind::Gauge,
+                samples: [
+                    crate::cluster::State::Alive,
+                    crate::cluster::State::Suspect,
+                    crate::cluster::State::Down,
+                ]
+                .into_iter()
+                .map(|st| Sample {
+                    labels: vec![("state", st.name().to_string())],
+                    value: count(st),
+                })
+                .collect(),
+            });
+            out.push(Sampled {
+                name: "cluster_datagrams_rejected",
+                help: "Cluster datagrams refused, by reason",
+                kind: SampledKind::Counter,
+                samples: crate::cluster::auth::Reject::ALL
+                    .iter()
+                    .map(|r| Sample {
+                        labels: vec![("reason", r.name().to_string())],
+                        value: c.engine.rejected(*r) as f64,
+                    })
+                    .collect(),
+            });
+        }
+        out
     }
 }
 

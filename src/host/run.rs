@@ -23,6 +23,10 @@ pub struct NodeHandle {
     node: Arc<NodeShared>,
     threads: Vec<JoinHandle<()>>,
     _watcher: Option<notify::RecommendedWatcher>,
+    /// The `#metrics` endpoint, stopped with the node.
+    metrics: Option<crate::net::http::ServerThread>,
+    /// The `#admin` API, stopped with the node.
+    admin: Option<crate::net::http::ServerThread>,
 }
 
 /// Opens the home at `root`, makes it the working directory, and starts every instance of
@@ -36,6 +40,12 @@ pub fn start(root: &Path, args: Vec<String>, bindings: Bindings) -> anyhow::Resu
         log::warn!("{w}");
     }
     let node = NodeShared::new(config, home, args)?;
+    // Bound before the instances start: a taken `#metrics` port stops the node at once.
+    let metrics = match &node.config.metrics {
+        Some(addr) => Some(crate::metrics::serve::spawn(addr, node.metrics.clone())?),
+        None => None,
+    };
+    let admin = crate::admin::spawn(&node)?;
     let watcher = match watch(&root, node.generation.clone()) {
         Ok(w) => Some(w),
         Err(e) => {
@@ -67,6 +77,8 @@ pub fn start(root: &Path, args: Vec<String>, bindings: Bindings) -> anyhow::Resu
         node,
         threads,
         _watcher: watcher,
+        metrics,
+        admin,
     })
 }
 
@@ -185,7 +197,7 @@ impl NodeHandle {
     /// instances, waits for them (at most `STOP_GRACE`), and returns the exit status:
     /// the script's code, or `EXIT_NOT_DRAINED` when requests were still in flight or an
     /// instance did not stop.
-    pub fn join(self) -> i32 {
+    pub fn join(mut self) -> i32 {
         let mut clean = true;
         if !*self.node.shutdown.borrow() {
             self.node.draining.send_replace(true);
@@ -204,6 +216,9 @@ impl NodeHandle {
             }
         }
         self.node.shutdown.send_replace(true);
+        for mut t in [self.metrics.take(), self.admin.take()].into_iter().flatten() {
+            t.stop();
+        }
         // Others see this node leave at once instead of after failure detection.
         if let Some(c) = &self.node.cluster {
             c.engine.leave();

@@ -297,6 +297,8 @@ struct Conn {
     accepted: Cell<bool>,
     /// The close is the peer's fault (bad input, back-pressure): logged as a warning.
     bad: RefCell<bool>,
+    /// Counters of an accepted TCP connection (`#metrics`), per port and instance.
+    metrics: Option<crate::metrics::ConnMetrics>,
 }
 
 impl Conn {
@@ -362,6 +364,9 @@ impl Conn {
     /// a BSON document (encrypted with `socket.crypto` on `bson`/`packet` sockets), a string
     /// goes as its bytes.
     fn frame_value(&self, lua: &Lua, v: &Value, out: &mut OutBuf) -> mlua::Result<usize> {
+        if let Some(m) = &self.metrics {
+            m.frames_out.inc();
+        }
         match (self.framing, v) {
             (Framing::Bson | Framing::Packet, Value::Table(_)) if self.crypto.borrow().is_some() => {
                 let doc = bson_lua::encode_vec_with(lua, v, self.mode).map_err(mlua::Error::runtime)?;
@@ -727,6 +732,14 @@ fn new_tcp(
     let peer = stream.as_ref().and_then(|s| s.peer_addr().ok());
     let local = stream.as_ref().and_then(|s| s.local_addr().ok());
     let table = socket_table(lua, id, peer, local)?;
+    // Accepted connections count in their port's metrics (joined ones do not).
+    let metrics = match (&port, local) {
+        (Some(_), Some(local)) => {
+            let c = ctx(lua);
+            Some(c.node.metrics.connection(local.port(), &c.name))
+        }
+        _ => None,
+    };
     let cell = OnceCell::new();
     if let Some(s) = stream {
         let _ = cell.set(Rc::new(s));
@@ -738,7 +751,10 @@ fn new_tcp(
             .and_then(|pid| b.port_crypto.borrow().get(&pid).cloned()),
         None => None,
     };
-    let conn = new_conn(lua, ep, id, peer, table, port, Kind::Tcp(cell))?;
+    let mut conn = new_conn(lua, ep, id, peer, table, port, Kind::Tcp(cell))?;
+    if let Some(c) = Rc::get_mut(&mut conn) {
+        c.metrics = metrics;
+    }
     *conn.crypto.borrow_mut() = inherited;
     add_methods(lua, &conn)?;
     b.conns.borrow_mut().insert(id, conn.clone());
@@ -780,6 +796,7 @@ fn new_conn(
         batch: lua.create_table()?,
         reply: RefCell::new(None),
         in_task: Cell::new(false),
+        metrics: None,
     }))
 }
 
@@ -886,7 +903,17 @@ async fn call_receive(lua: &Lua, conn: &Conn, f: &Function, args: impl mlua::Int
 /// Writes what the socket takes of the output without waiting; an error or unsent output
 /// over `OUT` is a reason to close.
 fn flush(conn: &Conn, stream: &TcpStream) -> Result<(), OutError> {
-    conn.out.borrow_mut().flush(|b| stream.try_write(b))
+    let Some(m) = &conn.metrics else {
+        return conn.out.borrow_mut().flush(|b| stream.try_write(b));
+    };
+    let mut sent = 0;
+    let r = conn.out.borrow_mut().flush(|b| {
+        let n = stream.try_write(b)?;
+        sent += n;
+        Ok(n)
+    });
+    m.bytes_out.inc_by(sent as u64);
+    r
 }
 
 /// Why a connection's loop ended: the reason logged, and whether it is the peer's fault.
@@ -964,6 +991,9 @@ async fn serve_frames(lua: &Lua, conn: &Rc<Conn>, reader: &mut FrameReader) -> R
     while !conn.is_closing() {
         let bad_frame = reader.cut(MAX_BATCH);
         let n = reader.frames().len();
+        if let Some(m) = &conn.metrics {
+            m.frames_in.inc_by(n as u64);
+        }
         // Encrypted frames are opened one by one.
         let encrypted = conn.framing.is_bson()
             && n > 1
@@ -1061,7 +1091,12 @@ async fn wait(
                     return Some((format!("peer closed with {partial} bytes of a partial frame"), true));
                 }
                 Ok(0) => return Some(("peer closed".into(), false)),
-                Ok(_) => *last_read = Instant::now(),
+                Ok(n) => {
+                    *last_read = Instant::now();
+                    if let Some(m) = &conn.metrics {
+                        m.bytes_in.inc_by(n as u64);
+                    }
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                 Err(e) => {
                     conn.errno.set(e.raw_os_error().unwrap_or(0));

@@ -114,13 +114,21 @@ pub(crate) fn listen(
     let runner = xpcall_runner(lua).map_err(|e| (None, e.to_string()))?;
     let log: Rc<str> = c.name.as_str().into();
     let keys = Rc::new(Keys::new(lua).map_err(|e| (None, e.to_string()))?);
+    // Resolved once per listener: each request costs one observation in this histogram.
+    let latency = c.node.metrics.http(local.map_or(ep.port, |a| a.port()), &c.name);
     let server = Rc::new(Server {
         limits: o.limits,
         handler: {
             let lua = lua.clone();
             Rc::new(move |req: Request| -> HandlerFuture {
                 let (lua, f, runner, keys) = (lua.clone(), handler.clone(), runner.clone(), keys.clone());
-                Box::pin(async move { call(&lua, &keys, &runner, &f, req).await })
+                let latency = latency.clone();
+                Box::pin(async move {
+                    let start = std::time::Instant::now();
+                    let reply = call(&lua, &keys, &runner, &f, req).await;
+                    latency.observe(start.elapsed().as_secs_f64());
+                    reply
+                })
             })
         },
         log: log.clone(),

@@ -450,6 +450,141 @@ fn decode(s: &str, plus_is_space: bool) -> String {
     String::from_utf8(out).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
 }
 
+/// A server on a thread of its own (the metrics and admin endpoints): a current-thread
+/// runtime and `LocalSet` serving every connection of `listener` with the handler `make`
+/// builds there. Stops when the handle is dropped or `stop` is called.
+pub struct ServerThread {
+    pub addr: SocketAddr,
+    stop: tokio::sync::watch::Sender<bool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ServerThread {
+    /// Stops accepting and waits for the thread (open connections are dropped).
+    pub fn stop(&mut self) {
+        self.stop.send_replace(true);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for ServerThread {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Starts a `ServerThread` named `name` on `listener` (plain HTTP/1.1).
+pub fn spawn_thread<F>(
+    name: &str,
+    listener: std::net::TcpListener,
+    limits: Limits,
+    make: F,
+) -> std::io::Result<ServerThread>
+where
+    F: FnOnce() -> Handler + Send + 'static,
+{
+    spawn_thread_with(name, listener, limits, move || (make(), None))
+}
+
+/// A connection taken over before HTTP is served (a WebSocket upgrade on one path).
+pub type Takeover = Rc<dyn Fn(tokio::net::TcpStream, SocketAddr) -> Pin<Box<dyn Future<Output = ()>>>>;
+
+/// Whether a connection's first bytes are a `GET` of `path` (exactly, or with a query).
+async fn requests_path(tcp: &tokio::net::TcpStream, path: &str) -> bool {
+    let want = format!("GET {path}");
+    let mut buf = vec![0u8; want.len() + 1];
+    let deadline = tokio::time::Instant::now() + DEFAULT_HEAD_TIMEOUT;
+    loop {
+        let n = match tokio::time::timeout_at(deadline, tcp.peek(&mut buf)).await {
+            Ok(Ok(n)) => n,
+            _ => return false,
+        };
+        if n == 0 || !want.as_bytes().starts_with(&buf[..n.min(want.len())]) {
+            return false;
+        }
+        if n > want.len() {
+            return matches!(buf[want.len()], b' ' | b'?');
+        }
+        // Part of the request line so far: wait for more.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// As `spawn_thread`; `make` may also name a path whose connections go to a `Takeover`
+/// instead of HTTP (the admin API's `/events` WebSocket).
+pub fn spawn_thread_with<F>(
+    name: &str,
+    listener: std::net::TcpListener,
+    limits: Limits,
+    make: F,
+) -> std::io::Result<ServerThread>
+where
+    F: FnOnce() -> (Handler, Option<(String, Takeover)>) + Send + 'static,
+{
+    let addr = listener.local_addr()?;
+    listener.set_nonblocking(true)?;
+    let (stop, mut stopped) = tokio::sync::watch::channel(false);
+    let name = name.to_string();
+    let thread = std::thread::Builder::new().name(name.clone()).spawn(move || {
+        let log: Rc<str> = name.into();
+        let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(rt) => rt,
+            Err(e) => {
+                log::error!("{log}: cannot start its runtime: {e}");
+                return;
+            }
+        };
+        let local = tokio::task::LocalSet::new();
+        local.block_on(&rt, async move {
+            let listener = match tokio::net::TcpListener::from_std(listener) {
+                Ok(l) => l,
+                Err(e) => {
+                    log::error!("{log}: {e}");
+                    return;
+                }
+            };
+            let (handler, takeover) = make();
+            let takeover = takeover.map(|(p, t)| (Rc::<str>::from(p), t));
+            let server = Rc::new(Server {
+                limits,
+                handler,
+                log: log.clone(),
+            });
+            loop {
+                tokio::select! {
+                    r = listener.accept() => match r {
+                        Ok((tcp, peer)) => {
+                            let _ = tcp.set_nodelay(true);
+                            let server = server.clone();
+                            let takeover = takeover.clone();
+                            tokio::task::spawn_local(async move {
+                                if let Some((path, t)) = takeover {
+                                    if requests_path(&tcp, &path).await {
+                                        return t(tcp, peer).await;
+                                    }
+                                }
+                                serve(server, tcp, peer, false).await
+                            });
+                        }
+                        Err(e) => {
+                            log::warn!(target: &log, "accept: {e}");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    },
+                    _ = stopped.wait_for(|s| *s) => break,
+                }
+            }
+        });
+    })?;
+    Ok(ServerThread {
+        addr,
+        stop,
+        thread: Some(thread),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
