@@ -463,7 +463,7 @@ unsafe impl ParameterCollectionRef for &mut Slots {
 
 /// Runs `sql` with `params` and reads the whole result set into memory. With output
 /// parameters (`=`/`+`), `outputs` holds every parameter's value after the statement.
-/// `driver` decides how character columns are read (see [`read_cursor`]).
+/// `driver` decides how character columns are read (as text on PostgreSQL, see `read_cursor`).
 pub fn execute(
     conn: &Connection<'_>,
     driver: QueryDriver,
