@@ -841,6 +841,18 @@ mod tests {
     use super::*;
 
     #[test]
+    fn admin_packages_limit() {
+        let a = parse_admin(&serde_json::json!({"listen": "127.0.0.1:1"})).unwrap();
+        assert_eq!(a.max_package, DEFAULT_MAX_PACKAGE);
+        let a = parse_admin(&serde_json::json!({"listen": "127.0.0.1:1", "packages": "64m"})).unwrap();
+        assert_eq!(a.max_package, 64 << 20);
+        let e = parse_admin(&serde_json::json!({"listen": "127.0.0.1:1", "packages": 10}))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("#admin.packages"), "{e}");
+    }
+
+    #[test]
     fn empty_config_starts_one_instance() {
         let c = Config::parse("{}").unwrap();
         assert_eq!(
