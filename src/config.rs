@@ -582,7 +582,13 @@ pub struct AdminConfig {
     pub listen: String,
     /// `token`, after `env:` resolution; `None`: no authentication (loopback only).
     pub token: Option<String>,
+    /// `packages`: the largest package bundle `PUT /packages` takes, compressed and
+    /// decompressed (bytes; default 16 MiB).
+    pub max_package: usize,
 }
+
+/// The default of `#admin.packages`.
+pub const DEFAULT_MAX_PACKAGE: usize = 16 << 20;
 
 /// `{"listen": "127.0.0.1:9900", "token": "env:STAGE_ADMIN_TOKEN"}`, or just the address.
 pub fn parse_admin(v: &Json) -> Result<AdminConfig, ConfigError> {
@@ -590,11 +596,13 @@ pub fn parse_admin(v: &Json) -> Result<AdminConfig, ConfigError> {
         return Ok(AdminConfig {
             listen: listen.to_string(),
             token: None,
+            max_package: DEFAULT_MAX_PACKAGE,
         });
     }
     let mut a = AdminConfig {
         listen: String::new(),
         token: None,
+        max_package: DEFAULT_MAX_PACKAGE,
     };
     for (k, val) in expect_object(v, "#admin")? {
         let key = format!("#admin.{k}");
@@ -610,7 +618,8 @@ pub fn parse_admin(v: &Json) -> Result<AdminConfig, ConfigError> {
                 }
                 a.token = Some(t.to_string());
             }
-            _ => return Err(invalid(&key, "unknown key (expected listen, token)")),
+            "packages" => a.max_package = expect_size(val, &key, 1024, 1 << 30)?,
+            _ => return Err(invalid(&key, "unknown key (expected listen, token, packages)")),
         }
     }
     if a.listen.is_empty() {
@@ -830,6 +839,18 @@ fn parse_lua_section(name: &str, v: &Json, warnings: &mut Vec<String>) -> Result
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn admin_packages_limit() {
+        let a = parse_admin(&serde_json::json!({"listen": "127.0.0.1:1"})).unwrap();
+        assert_eq!(a.max_package, DEFAULT_MAX_PACKAGE);
+        let a = parse_admin(&serde_json::json!({"listen": "127.0.0.1:1", "packages": "64m"})).unwrap();
+        assert_eq!(a.max_package, 64 << 20);
+        let e = parse_admin(&serde_json::json!({"listen": "127.0.0.1:1", "packages": 10}))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("#admin.packages"), "{e}");
+    }
 
     #[test]
     fn empty_config_starts_one_instance() {

@@ -4,6 +4,7 @@
 //! Uses `host::node`, never `lua/`.
 
 pub mod auth;
+mod deploy;
 mod events;
 
 use crate::config::AdminConfig;
@@ -36,7 +37,8 @@ pub fn spawn(node: &Arc<NodeShared>) -> anyhow::Result<Option<ServerThread>> {
         .map_err(|e| anyhow::anyhow!("#admin: cannot listen on {addr}: {e}"))?;
     let node = node.clone();
     let limits = nhttp::Limits {
-        max_body: 1 << 20,
+        // A bundle for `PUT /packages` may be as large as `#admin.packages`.
+        max_body: cfg.max_package.max(1 << 20),
         ..nhttp::Limits::default()
     };
     let t = nhttp::spawn_thread_with("admin", listener, limits, move || {
@@ -107,7 +109,7 @@ impl Api {
                 r
             }
             Ok(who) => {
-                let r = self.route(&method, &path);
+                let r = self.route(&method, &path, &req, who);
                 // Reads are logged at debug, anything else (a change) at info with who.
                 if method == Method::GET || method == Method::HEAD {
                     log::debug!(target: "admin", "{} ({who}) {method} {path}: {}", req.remote, r.status().as_u16());
@@ -128,7 +130,7 @@ impl Api {
         reply
     }
 
-    fn route(&self, method: &Method, path: &str) -> nhttp::Reply {
+    fn route(&self, method: &Method, path: &str, req: &Request, who: &str) -> nhttp::Reply {
         let parts: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
         let get = *method == Method::GET || *method == Method::HEAD;
         match (parts.as_slice(), get) {
@@ -148,6 +150,17 @@ impl Api {
                     ),
                 }
             }
+            (["packages"], true) => self.packages(),
+            (["packages"], false) if *method == Method::PUT => self.deploy(req, who),
+            (["packages", "rollback"], false) if *method == Method::POST => self.rollback(req, who),
+            (["packages"], false) => error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                &format!("{method} {path} is not supported (GET or PUT)"),
+            ),
+            (["packages", "rollback"], _) => error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                &format!("{method} {path} is not supported (POST only)"),
+            ),
             (
                 ["nodes", "all"] | ["rainservers", "all"] | ["stages"] | ["instances"] | ["instances", _],
                 false,
@@ -157,9 +170,79 @@ impl Api {
             ),
             _ => error(
                 StatusCode::NOT_FOUND,
-                &format!("no endpoint {method} {path} (see docs/admin.md: /nodes/all, /stages, /instances)"),
+                &format!("no endpoint {method} {path} (see docs/admin.md: /nodes/all, /stages, /instances, /packages)"),
             ),
         }
+    }
+
+    fn dirs(&self) -> deploy::Dirs {
+        deploy::Dirs::new(&self.node.home.root)
+    }
+
+    /// The hash of `dir`'s tree as JSON (`null` when there is none).
+    fn version(dir: &std::path::Path) -> Result<Json, String> {
+        match deploy::hash(dir) {
+            Ok(Some((hash, files))) => Ok(json!({"hash": hash, "files": files})),
+            Ok(None) => Ok(Json::Null),
+            Err(e) => Err(format!("cannot read {}: {e}", dir.display())),
+        }
+    }
+
+    /// `GET /packages`: the running version and the previous one.
+    fn packages(&self) -> nhttp::Reply {
+        let d = self.dirs();
+        match (Self::version(&d.live), Self::version(&d.prev)) {
+            (Ok(running), Ok(previous)) => json_reply(
+                StatusCode::OK,
+                &json!({"node": self.node.node_name, "running": running, "previous": previous}),
+            ),
+            (Err(e), _) | (_, Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, &e),
+        }
+    }
+
+    /// After a swap: the watcher may have seen the files written before the swap (and the
+    /// instances reloaded the old ones), so the generation moves once more.
+    fn swapped(&self, what: &str, req: &Request, who: &str) -> nhttp::Reply {
+        self.node
+            .generation
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        let d = self.dirs();
+        match (Self::version(&d.live), Self::version(&d.prev)) {
+            (Ok(running), Ok(previous)) => {
+                log::info!(target: "admin", "{} ({who}) {what}: package/ is now {} (previous {})",
+                    req.remote, running["hash"].as_str().unwrap_or("-"), previous["hash"].as_str().unwrap_or("-"));
+                json_reply(
+                    StatusCode::OK,
+                    &json!({"node": self.node.node_name, "running": running, "previous": previous}),
+                )
+            }
+            (Err(e), _) | (_, Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, &e),
+        }
+    }
+
+    fn refused(&self, what: &str, req: &Request, who: &str, r: deploy::Refused) -> nhttp::Reply {
+        log::warn!(target: "admin", "{} ({who}) {what} refused: {r}", req.remote);
+        error(r.status(), &r.to_string())
+    }
+
+    /// `PUT /packages`: checks the bundle, then swaps it in.
+    fn deploy(&self, req: &Request, who: &str) -> nhttp::Reply {
+        let entries = match deploy::unpack(&req.body, self.cfg.max_package) {
+            Ok(e) => e,
+            Err(r) => return self.refused("deploy", req, who, r),
+        };
+        if let Err(r) = deploy::install(&self.dirs(), &entries) {
+            return self.refused("deploy", req, who, r);
+        }
+        self.swapped("deploy", req, who)
+    }
+
+    /// `POST /packages/rollback`: swaps the previous version back.
+    fn rollback(&self, req: &Request, who: &str) -> nhttp::Reply {
+        if let Err(r) = deploy::rollback(&self.dirs()) {
+            return self.refused("rollback", req, who, r);
+        }
+        self.swapped("rollback", req, who)
     }
 
     /// Every node of the cluster (this one first), as the membership knows them.
