@@ -553,10 +553,18 @@ impl Engine {
             w.u32(s.instances);
             w.u8(s.load);
         }
-        let to: Vec<SocketAddr> = {
+        // Every member foca lists, and every node this one's table holds as not down: the two
+        // views can differ for a while (one side renewed its identity), and a node must not
+        // lose this one's stage ids meanwhile.
+        let mut to: Vec<SocketAddr> = {
             let s = self.swim.lock().expect("swim");
             s.foca.iter_members().map(|m| m.id().addr).collect()
         };
+        for (a, p) in self.table.read().expect("table").iter() {
+            if p.state != State::Down && *a != self.me.addr && !to.contains(a) {
+                to.push(*a);
+            }
+        }
         for a in to {
             let d = self.env.seal(a, F_STATE, &w.buf);
             self.stats
@@ -584,7 +592,12 @@ impl Engine {
         let mut t = self.table.write().expect("table");
         // Only members count: a state push never makes a node a member by itself.
         if let Some(p) = t.get_mut(&from) {
-            if p.state != State::Down && p.ident.as_ref().is_some_and(|i| i.generation == generation) {
+            // A push of the member's generation or a newer one (it renewed its identity and
+            // this node's membership has not caught up yet); never an older incarnation's.
+            if p.state != State::Down && p.ident.as_ref().is_some_and(|i| i.generation <= generation) {
+                if let Some(i) = p.ident.as_mut() {
+                    i.generation = generation;
+                }
                 p.stages = stages;
                 p.heard = Some(Instant::now());
             }
