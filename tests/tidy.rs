@@ -224,6 +224,7 @@ const CORE: &[&str] = &[
     "src/usage.rs",
     "src/cluster",
     "src/stages",
+    "src/admin",
 ];
 
 fn files_under(root: &Path, rel: &str) -> Vec<std::path::PathBuf> {

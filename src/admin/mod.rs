@@ -17,7 +17,8 @@ use std::sync::Arc;
 
 /// Starts the admin API of `node` as `#admin` says (`None` without `#admin`). No token on a
 /// non-loopback address is an error: the API would be open to the network.
-pub fn spawn(node: &Arc<NodeShared>) -> anyhow::Result<Option<ServerThread>> {
+/// `check` compiles a deployed script (`host` hands in its Lua).
+pub fn spawn(node: &Arc<NodeShared>, check: deploy::SyntaxCheck) -> anyhow::Result<Option<ServerThread>> {
     let Some(raw) = node.config.raw.get("#admin") else {
         return Ok(None);
     };
@@ -42,7 +43,7 @@ pub fn spawn(node: &Arc<NodeShared>) -> anyhow::Result<Option<ServerThread>> {
         ..nhttp::Limits::default()
     };
     let t = nhttp::spawn_thread_with("admin", listener, limits, move || {
-        let api = Rc::new(Api { node, cfg });
+        let api = Rc::new(Api { node, cfg, check });
         let a = api.clone();
         let handler: Handler = Rc::new(move |req: Request| -> HandlerFuture {
             let api = a.clone();
@@ -59,6 +60,7 @@ pub fn spawn(node: &Arc<NodeShared>) -> anyhow::Result<Option<ServerThread>> {
 struct Api {
     node: Arc<NodeShared>,
     cfg: AdminConfig,
+    check: deploy::SyntaxCheck,
 }
 
 /// The infrastructure map (docs/admin.md), embedded: no external asset.
@@ -227,7 +229,7 @@ impl Api {
 
     /// `PUT /packages`: checks the bundle, then swaps it in.
     fn deploy(&self, req: &Request, who: &str) -> nhttp::Reply {
-        let entries = match deploy::unpack(&req.body, self.cfg.max_package) {
+        let entries = match deploy::unpack(&req.body, self.cfg.max_package, self.check) {
             Ok(e) => e,
             Err(r) => return self.refused("deploy", req, who, r),
         };

@@ -267,3 +267,21 @@ impl Loader {
         Ok(rets.pop_front().unwrap_or(Value::Nil))
     }
 }
+
+/// Compiles `src` as the script `name` without running it (`PUT /packages` checks a bundle
+/// with it): `Err` is the syntax error, naming the script and the line.
+pub fn syntax_check(name: &str, src: &[u8]) -> Result<(), String> {
+    thread_local! {
+        static LUA: Lua = Lua::new();
+    }
+    LUA.with(|lua| {
+        lua.load(src)
+            .set_name(format!("@{name}"))
+            .into_function()
+            .map(|_| ())
+            .map_err(|e| match e {
+                mlua::Error::SyntaxError { message, .. } => message,
+                other => other.to_string(),
+            })
+    })
+}

@@ -45,7 +45,7 @@ pub fn start(root: &Path, args: Vec<String>, bindings: Bindings) -> anyhow::Resu
         Some(addr) => Some(crate::metrics::serve::spawn(addr, node.metrics.clone())?),
         None => None,
     };
-    let admin = crate::admin::spawn(&node)?;
+    let admin = crate::admin::spawn(&node, crate::host::loader::syntax_check)?;
     let watcher = match watch(&root, node.generation.clone()) {
         Ok(w) => Some(w),
         Err(e) => {
