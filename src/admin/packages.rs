@@ -426,7 +426,13 @@ async fn call(
         status,
         error,
     };
-    let mut rq = client.request(method, &url);
+    // A read shows what answered within a few seconds; a phase may take longer.
+    let limit = if method == Method::GET {
+        Duration::from_secs(5)
+    } else {
+        PHASE_TIMEOUT
+    };
+    let mut rq = client.request(method, &url).timeout(limit);
     if let Some(t) = token {
         rq = rq.bearer_auth(t);
     }
@@ -558,12 +564,10 @@ async fn coordinate(api: &Rc<Api>, kind: Kind, req: &Request, who: &str) -> nhtt
     let id = format!("{:016x}", crate::cluster::engine::random_u64());
     let refuse = |f: Failed, extra: &str| {
         log::warn!(target: "admin", "{from} {} refused: node {}: {}{extra}", kind.name(), f.node, f.error);
-        let mut r = json_reply(
+        json_reply(
             f.status,
             &json!({"error": format!("node {}: {}{extra}", f.node, f.error), "node": f.node, "deploy": id}),
-        );
-        *r.status_mut() = f.status;
-        r
+        )
     };
     let (targets, skipped) = match targets(api) {
         Ok(t) => t,
