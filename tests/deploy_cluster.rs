@@ -85,6 +85,8 @@ bundle("v2.tgz", base + [("file", "package/answer.lua", b"return 'v2'\n")])
 # Compiles everywhere, but needs lib/extra.lua, which one node's home lacks.
 bundle("needs_extra.tgz", base + [("file", "package/answer.lua",
        b"local extra = stage.require('extra')\nreturn 'v3-' .. extra\n")])
+# Compiles, but raises when loaded, on every node.
+bundle("boom.tgz", base + [("file", "package/answer.lua", b"error('boom')\nreturn 'v4'\n")])
 bundle("traversal.tgz", base + [("file", "package/../../escaped.lua", b"return 1\n")])
 bundle("symlink.tgz", base + [("sym", "package/answer.lua", "/etc/passwd")])
 bundle("oversize.tgz", base + [("file", "package/big.lua", b"-" * 65536)])
@@ -359,6 +361,23 @@ fn deploy_reaches_every_node_and_is_rolled_back_on_all_when_one_fails() {
         );
     }
     dirs_clean("needs_extra");
+
+    // A script that raises at its top level fails on the first node to commit (the
+    // coordinator): no other node commits, all discard what they staged.
+    let (code, body) = put(1, "boom.tgz", Some(TOKEN));
+    assert_eq!(code, 422, "{body}");
+    let e = json(&body);
+    assert_eq!(e["node"], names[1].as_str(), "{e}");
+    let msg = e["error"].as_str().unwrap_or_default();
+    assert!(
+        msg.contains("boom") && msg.contains("none had committed"),
+        "{msg}"
+    );
+    for i in 0..3 {
+        assert_eq!(answer(i), "v2", "node {i} after the boom deploy");
+    }
+    assert!(hashes(0).1.iter().all(|h| *h == v2));
+    dirs_clean("boom");
 
     // Rollback across all, sent to node 2: v1 everywhere.
     let (code, body) = curl(
