@@ -318,6 +318,25 @@ fn deploy_reaches_every_node_and_is_rolled_back_on_all_when_one_fails() {
         dirs_clean(file);
     }
 
+    // A phase of a deploy that was never prepared is refused (and a phase needs an id).
+    let (code, body) = curl(
+        &["-X", "PUT", "-H", &auth],
+        &format!("{}/packages?phase=commit&deploy=nope", admin(0)),
+    );
+    assert_eq!(code, 409, "{body}");
+    assert!(body.contains("not prepared"), "{body}");
+    let (code, body) = curl(
+        &["-X", "PUT", "-H", &auth],
+        &format!("{}/packages?phase=commit", admin(0)),
+    );
+    assert_eq!(code, 400, "{body}");
+    let (code, body) = curl(
+        &["-X", "PUT", "-H", &auth],
+        &format!("{}/packages?phase=cancel&deploy=nope", admin(0)),
+    );
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(json(&body)["cancel"], "nothing to cancel", "{body}");
+
     // A good bundle sent to node 1 reaches all three.
     let (code, body) = put(1, "v2.tgz", Some(TOKEN));
     if code != 200 {

@@ -265,7 +265,8 @@ fn prepare(api: &Api, kind: Kind, id: &str, body: &[u8]) -> Result<Json, Refused
 /// Phase 2 on this node: swaps the new version in, reloads every instance's scripts and
 /// waits for them. A script that fails to load → swapped back here, and `Err` says why.
 async fn commit(api: &Api, kind: Kind, id: &str) -> Result<Json, (StatusCode, String)> {
-    let at = match api.pkg.borrow_mut().staged.take() {
+    let staged = api.pkg.borrow_mut().staged.take();
+    let at = match staged {
         Some((s, k, at)) if s == id && k == kind => at,
         other => {
             api.pkg.borrow_mut().staged = other;
