@@ -338,7 +338,9 @@ fn deploy_reaches_every_node_and_is_rolled_back_on_all_when_one_fails() {
     assert_eq!(json(&body)["cancel"], "nothing to cancel", "{body}");
 
     // A good bundle sent to node 1 reaches all three.
+    let t = Instant::now();
     let (code, body) = put(1, "v2.tgz", Some(TOKEN));
+    println!("a deploy to 3 nodes took {:?} (curl included)", t.elapsed());
     if code != 200 {
         panic!("deploy of v2: {code} {body}\n{}", cluster.logs());
     }
@@ -357,7 +359,12 @@ fn deploy_reaches_every_node_and_is_rolled_back_on_all_when_one_fails() {
     dirs_clean("v2");
 
     // A bundle that fails to load on node 2 only: rolled back on all, node 2 named.
+    let t = Instant::now();
     let (code, body) = put(0, "needs_extra.tgz", Some(TOKEN));
+    println!(
+        "a deploy failing on the third node, rolled back on all, took {:?}",
+        t.elapsed()
+    );
     assert_eq!(code, 422, "{body}");
     let e = json(&body);
     let msg = e["error"].as_str().unwrap_or_default();
