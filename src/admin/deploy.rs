@@ -52,7 +52,10 @@ pub type SyntaxCheck = fn(name: &str, src: &[u8]) -> Result<(), String>;
 pub struct Dirs {
     pub live: PathBuf,
     pub prev: PathBuf,
-    next: PathBuf,
+    /// A deploy's staged tree (phase 1).
+    pub next: PathBuf,
+    /// The version before `prev`, kept while a deploy may still be undone.
+    pub undo: PathBuf,
 }
 
 impl Dirs {
@@ -61,6 +64,7 @@ impl Dirs {
             live: root.join("package"),
             prev: root.join("package.prev"),
             next: root.join("package.next"),
+            undo: root.join("package.undo"),
         }
     }
 }
@@ -174,10 +178,9 @@ fn compile_all(entries: &[Entry], check: SyntaxCheck) -> Result<(), Refused> {
     Ok(())
 }
 
-/// Writes `entries` into a fresh `package.next/`, then exchanges it with `package/` and
-/// keeps the old tree as `package.prev/` (the one before it is removed).
-pub fn install(dirs: &Dirs, entries: &[Entry]) -> Result<(), Refused> {
-    let io = |what: &str, p: &Path, e: std::io::Error| Refused::Io(format!("{what} {}: {e}", p.display()));
+/// Writes `entries` into a fresh `package.next/` beside `package/` (phase 1 of a deploy:
+/// nothing that runs changes). A leftover `package.next/` is replaced.
+pub fn stage(dirs: &Dirs, entries: &[Entry]) -> Result<(), Refused> {
     if dirs.next.exists() {
         std::fs::remove_dir_all(&dirs.next).map_err(|e| io("cannot remove the leftover", &dirs.next, e))?;
     }
@@ -203,15 +206,72 @@ pub fn install(dirs: &Dirs, entries: &[Entry]) -> Result<(), Refused> {
         let _ = std::fs::remove_dir_all(&dirs.next);
         return Err(e);
     }
+    Ok(())
+}
+
+/// The staged tree (`package.next/`), if any: its hash and file count.
+pub fn staged(dirs: &Dirs) -> std::io::Result<Option<(String, usize)>> {
+    hash(&dirs.next)
+}
+
+/// Removes the staged tree (an aborted deploy).
+pub fn discard(dirs: &Dirs) -> Result<(), Refused> {
+    if dirs.next.exists() {
+        std::fs::remove_dir_all(&dirs.next).map_err(|e| io("cannot remove", &dirs.next, e))?;
+    }
+    Ok(())
+}
+
+fn io(what: &str, p: &Path, e: std::io::Error) -> Refused {
+    Refused::Io(format!("{what} {}: {e}", p.display()))
+}
+
+/// Phase 2 of a deploy: exchanges the staged `package.next/` with `package/` in one step;
+/// the old tree becomes `package.prev/`, and the one before it is kept as `package.undo/`
+/// until `finish` (so that `undo_swap` restores all three exactly).
+pub fn swap_in(dirs: &Dirs) -> Result<(), Refused> {
+    if !dirs.next.is_dir() {
+        return Err(Refused::Conflict(format!(
+            "nothing is staged ({} does not exist)",
+            dirs.next.display()
+        )));
+    }
+    if dirs.undo.exists() {
+        std::fs::remove_dir_all(&dirs.undo).map_err(|e| io("cannot remove", &dirs.undo, e))?;
+    }
+    if dirs.prev.exists() {
+        std::fs::rename(&dirs.prev, &dirs.undo).map_err(|e| io("cannot keep", &dirs.prev, e))?;
+    }
     if !dirs.live.exists() {
         return std::fs::rename(&dirs.next, &dirs.live).map_err(|e| io("cannot rename into", &dirs.live, e));
     }
     exchange(&dirs.next, &dirs.live).map_err(|e| io("cannot swap in", &dirs.live, e))?;
     // `next` now holds the old version: it becomes `prev`.
-    if dirs.prev.exists() {
-        std::fs::remove_dir_all(&dirs.prev).map_err(|e| io("cannot remove", &dirs.prev, e))?;
-    }
     std::fs::rename(&dirs.next, &dirs.prev).map_err(|e| io("cannot keep the old version as", &dirs.prev, e))
+}
+
+/// Undoes `swap_in`: the old tree is `package/` again, the one before it `package.prev/`.
+pub fn undo_swap(dirs: &Dirs) -> Result<(), Refused> {
+    if dirs.prev.is_dir() {
+        exchange(&dirs.prev, &dirs.live).map_err(|e| io("cannot swap back", &dirs.live, e))?;
+        std::fs::remove_dir_all(&dirs.prev).map_err(|e| io("cannot remove", &dirs.prev, e))?;
+    } else if dirs.live.exists() {
+        // The deploy created `package/`: it goes again.
+        std::fs::remove_dir_all(&dirs.live).map_err(|e| io("cannot remove", &dirs.live, e))?;
+    }
+    if dirs.undo.exists() {
+        std::fs::rename(&dirs.undo, &dirs.prev).map_err(|e| io("cannot restore", &dirs.prev, e))?;
+    }
+    Ok(())
+}
+
+/// Ends a deploy: the version before the previous one (`package.undo/`) is removed.
+pub fn finish(dirs: &Dirs) {
+    if dirs.undo.exists() {
+        if let Err(e) = std::fs::remove_dir_all(&dirs.undo) {
+            log::warn!(target: "admin", "cannot remove {}: {e}", dirs.undo.display());
+        }
+    }
 }
 
 /// Swaps `package/` and `package.prev/`.
@@ -317,5 +377,44 @@ mod tests {
         assert!(checked_path(b"/etc/passwd").is_err());
         assert!(checked_path(b"other/a.lua").is_err());
         assert!(checked_path(b"package\\..\\a").is_err());
+    }
+
+    fn tree(root: &Path, dir: &str, v: &str) {
+        std::fs::create_dir_all(root.join(dir)).unwrap();
+        std::fs::write(root.join(dir).join("a.lua"), v).unwrap();
+    }
+
+    fn read(root: &Path, dir: &str) -> Option<String> {
+        std::fs::read_to_string(root.join(dir).join("a.lua")).ok()
+    }
+
+    #[test]
+    fn a_swap_is_undone_exactly() {
+        let t = std::env::temp_dir().join(format!("stage-deploy-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&t);
+        let d = Dirs::new(&t);
+        tree(&t, "package", "v2");
+        tree(&t, "package.prev", "v1");
+        let e: Vec<Entry> = vec![(PathBuf::from("a.lua"), Some(b"v3".to_vec()))];
+        stage(&d, &e).unwrap();
+        assert_eq!(read(&t, "package").as_deref(), Some("v2"));
+        swap_in(&d).unwrap();
+        assert_eq!(read(&t, "package").as_deref(), Some("v3"));
+        assert_eq!(read(&t, "package.prev").as_deref(), Some("v2"));
+        assert_eq!(read(&t, "package.undo").as_deref(), Some("v1"));
+        undo_swap(&d).unwrap();
+        assert_eq!(read(&t, "package").as_deref(), Some("v2"));
+        assert_eq!(read(&t, "package.prev").as_deref(), Some("v1"));
+        assert!(!d.undo.exists() && !d.next.exists());
+        stage(&d, &e).unwrap();
+        discard(&d).unwrap();
+        assert!(!d.next.exists());
+        stage(&d, &e).unwrap();
+        swap_in(&d).unwrap();
+        finish(&d);
+        assert_eq!(read(&t, "package").as_deref(), Some("v3"));
+        assert_eq!(read(&t, "package.prev").as_deref(), Some("v2"));
+        assert!(!d.undo.exists());
+        std::fs::remove_dir_all(&t).unwrap();
     }
 }

@@ -6,6 +6,7 @@
 pub mod auth;
 mod deploy;
 mod events;
+mod packages;
 
 use crate::config::AdminConfig;
 use crate::host::node::NodeShared;
@@ -36,6 +37,7 @@ pub fn spawn(node: &Arc<NodeShared>, check: deploy::SyntaxCheck) -> anyhow::Resu
     }
     let listener = std::net::TcpListener::bind(addr)
         .map_err(|e| anyhow::anyhow!("#admin: cannot listen on {addr}: {e}"))?;
+    let node_for_cluster = node.clone();
     let node = node.clone();
     let limits = nhttp::Limits {
         // A bundle for `PUT /packages` may be as large as `#admin.packages`.
@@ -43,17 +45,27 @@ pub fn spawn(node: &Arc<NodeShared>, check: deploy::SyntaxCheck) -> anyhow::Resu
         ..nhttp::Limits::default()
     };
     let t = nhttp::spawn_thread_with("admin", listener, limits, move || {
-        let api = Rc::new(Api { node, cfg, check });
+        let api = Rc::new(Api {
+            node,
+            cfg,
+            check,
+            pkg: Default::default(),
+            client: Default::default(),
+        });
         let a = api.clone();
         let handler: Handler = Rc::new(move |req: Request| -> HandlerFuture {
             let api = a.clone();
-            Box::pin(async move { Ok(api.handle(req)) })
+            Box::pin(async move { Ok(api.handle(req).await) })
         });
         let events: nhttp::Takeover =
             Rc::new(move |tcp, peer| Box::pin(events::serve(api.clone(), tcp, peer)));
         (handler, Some(("/events".to_string(), events)))
     })?;
     log::info!("admin API on http://{}/", t.addr);
+    if let Some(c) = &node_for_cluster.cluster {
+        // The other members reach this API through it (a deploy to every node).
+        c.engine.set_admin(t.addr);
+    }
     Ok(Some(t))
 }
 
@@ -61,6 +73,10 @@ struct Api {
     node: Arc<NodeShared>,
     cfg: AdminConfig,
     check: deploy::SyntaxCheck,
+    /// This node's part in deploys (`packages`).
+    pkg: std::cell::RefCell<packages::NodeState>,
+    /// The client that reaches the other nodes' admin APIs, made on first use.
+    client: std::cell::OnceCell<reqwest::Client>,
 }
 
 /// The infrastructure map (docs/admin.md), embedded: no external asset.
@@ -83,7 +99,7 @@ fn error(status: StatusCode, msg: &str) -> nhttp::Reply {
 }
 
 impl Api {
-    fn handle(&self, req: Request) -> nhttp::Reply {
+    async fn handle(self: &Rc<Self>, req: Request) -> nhttp::Reply {
         let method = req.parts.method.clone();
         let path = req.parts.uri.path().to_string();
         // The page holds no data (it reads `/events` with the token), so it is public.
@@ -111,7 +127,10 @@ impl Api {
                 r
             }
             Ok(who) => {
-                let r = self.route(&method, &path, &req, who);
+                let r = match packages::route(self, &method, &path, &req, who).await {
+                    Some(r) => r,
+                    None => self.route(&method, &path, &req, who),
+                };
                 // Reads are logged at debug, anything else (a change) at info with who.
                 if method == Method::GET || method == Method::HEAD {
                     log::debug!(target: "admin", "{} ({who}) {method} {path}: {}", req.remote, r.status().as_u16());
@@ -133,6 +152,7 @@ impl Api {
     }
 
     fn route(&self, method: &Method, path: &str, req: &Request, who: &str) -> nhttp::Reply {
+        let _ = (req, who);
         let parts: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
         let get = *method == Method::GET || *method == Method::HEAD;
         match (parts.as_slice(), get) {
@@ -152,17 +172,6 @@ impl Api {
                     ),
                 }
             }
-            (["packages"], true) => self.packages(),
-            (["packages"], false) if *method == Method::PUT => self.deploy(req, who),
-            (["packages", "rollback"], false) if *method == Method::POST => self.rollback(req, who),
-            (["packages"], false) => error(
-                StatusCode::METHOD_NOT_ALLOWED,
-                &format!("{method} {path} is not supported (GET or PUT)"),
-            ),
-            (["packages", "rollback"], _) => error(
-                StatusCode::METHOD_NOT_ALLOWED,
-                &format!("{method} {path} is not supported (POST only)"),
-            ),
             (
                 ["nodes", "all"] | ["rainservers", "all"] | ["stages"] | ["instances"] | ["instances", _],
                 false,
@@ -190,72 +199,22 @@ impl Api {
         }
     }
 
-    /// `GET /packages`: the running version and the previous one.
-    fn packages(&self) -> nhttp::Reply {
-        let d = self.dirs();
-        match (Self::version(&d.live), Self::version(&d.prev)) {
-            (Ok(running), Ok(previous)) => json_reply(
-                StatusCode::OK,
-                &json!({"node": self.node.node_name, "running": running, "previous": previous}),
-            ),
-            (Err(e), _) | (_, Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, &e),
-        }
-    }
-
-    /// After a swap: the watcher may have seen the files written before the swap (and the
-    /// instances reloaded the old ones), so the generation moves once more.
-    fn swapped(&self, what: &str, req: &Request, who: &str) -> nhttp::Reply {
-        self.node
-            .generation
-            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        let d = self.dirs();
-        match (Self::version(&d.live), Self::version(&d.prev)) {
-            (Ok(running), Ok(previous)) => {
-                log::info!(target: "admin", "{} ({who}) {what}: package/ is now {} (previous {})",
-                    req.remote, running["hash"].as_str().unwrap_or("-"), previous["hash"].as_str().unwrap_or("-"));
-                json_reply(
-                    StatusCode::OK,
-                    &json!({"node": self.node.node_name, "running": running, "previous": previous}),
-                )
-            }
-            (Err(e), _) | (_, Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, &e),
-        }
-    }
-
-    fn refused(&self, what: &str, req: &Request, who: &str, r: deploy::Refused) -> nhttp::Reply {
-        log::warn!(target: "admin", "{} ({who}) {what} refused: {r}", req.remote);
-        error(r.status(), &r.to_string())
-    }
-
-    /// `PUT /packages`: checks the bundle, then swaps it in.
-    fn deploy(&self, req: &Request, who: &str) -> nhttp::Reply {
-        let entries = match deploy::unpack(&req.body, self.cfg.max_package, self.check) {
-            Ok(e) => e,
-            Err(r) => return self.refused("deploy", req, who, r),
-        };
-        if let Err(r) = deploy::install(&self.dirs(), &entries) {
-            return self.refused("deploy", req, who, r);
-        }
-        self.swapped("deploy", req, who)
-    }
-
-    /// `POST /packages/rollback`: swaps the previous version back.
-    fn rollback(&self, req: &Request, who: &str) -> nhttp::Reply {
-        if let Err(r) = deploy::rollback(&self.dirs()) {
-            return self.refused("rollback", req, who, r);
-        }
-        self.swapped("rollback", req, who)
-    }
-
     /// Every node of the cluster (this one first), as the membership knows them.
     fn nodes(&self) -> Json {
         let n = &self.node;
         let now_us = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_micros() as u64);
+        // Each node's admin API, as it advertises it (`null`: none, or not heard yet).
+        let admins = n
+            .cluster
+            .as_ref()
+            .map(|c| c.engine.admin_addrs())
+            .unwrap_or_default();
         let me = |stages: Vec<(String, usize, u8)>| {
             json!({
                 "node": n.node_name, "self": true, "state": "alive", "address": n.node_name,
+                "admin": admins.get(&n.node_name).unwrap_or(&self.cfg.listen),
                 "uptime": n.started.elapsed().as_secs(),
                 "instances": stages.iter().map(|s| s.1).sum::<usize>(),
                 "load": stages.iter().map(|s| s.2).max().unwrap_or(0),
@@ -278,6 +237,7 @@ impl Api {
                 let uptime = started.get(&node).map(|s| now_us.saturating_sub(*s) / 1_000_000);
                 json!({
                     "node": node, "self": false, "state": state.name(), "address": node,
+                    "admin": admins.get(&node),
                     "uptime": uptime,
                     "instances": stages.iter().map(|s| s.instances).sum::<u32>(),
                     "load": stages.iter().map(|s| s.load).max().unwrap_or(0),

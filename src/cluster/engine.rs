@@ -102,6 +102,8 @@ pub struct Peer {
     pub stages: Vec<StageLoad>,
     /// When its last state push arrived.
     pub heard: Option<Instant>,
+    /// Its admin API (`#admin`) as it advertises it in its state pushes (`host:port`).
+    pub admin: Option<String>,
 }
 
 /// A membership change, as delivered to scripts.
@@ -206,6 +208,8 @@ pub struct Engine {
     last_announce: Mutex<Option<Instant>>,
     /// Payload bytes per fragment.
     chunk: usize,
+    /// This node's admin API address, advertised in every state push (`set_admin`).
+    admin: RwLock<Option<String>>,
 }
 
 impl Engine {
@@ -255,6 +259,7 @@ impl Engine {
             last_push: Mutex::new(None),
             last_announce: Mutex::new(None),
             chunk,
+            admin: RwLock::new(None),
             cfg,
         })
     }
@@ -262,6 +267,32 @@ impl Engine {
     /// This node's name (`process.node`): its advertised `ip:port`.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Advertises this node's admin API at `addr` (`host:port`) to the other members: an
+    /// unspecified host (`0.0.0.0`, `[::]`) is replaced by the cluster's advertised address.
+    pub fn set_admin(&self, addr: SocketAddr) {
+        let shown = if addr.ip().is_unspecified() {
+            SocketAddr::new(self.cfg.advertise, addr.port())
+        } else {
+            addr
+        };
+        *self.admin.write().expect("admin") = Some(shown.to_string());
+    }
+
+    /// Every member's admin API address as advertised (itself included), by node name.
+    pub fn admin_addrs(&self) -> HashMap<String, String> {
+        let mut out: HashMap<String, String> = self
+            .table
+            .read()
+            .expect("table")
+            .iter()
+            .filter_map(|(a, p)| Some((a.to_string(), p.admin.clone()?)))
+            .collect();
+        if let Some(a) = self.admin.read().expect("admin").clone() {
+            out.insert(self.name.clone(), a);
+        }
+        out
     }
 
     pub fn set_sink(&self, sink: Arc<dyn Sink>) {
@@ -372,6 +403,7 @@ impl Engine {
                 state: State::Down,
                 stages: vec![],
                 heard: None,
+                admin: None,
             });
             if state == State::Down && p.ident.as_ref().is_some_and(|cur| cur != id) {
                 // An older generation of a node that has restarted since.
@@ -553,6 +585,8 @@ impl Engine {
             w.u32(s.instances);
             w.u8(s.load);
         }
+        // Last, and optional (an older node's push ends before it): the admin API address.
+        w.str(self.admin.read().expect("admin").as_deref().unwrap_or(""));
         // Every member foca lists, and every node this one's table holds as not down: the two
         // views can differ for a while (one side renewed its identity), and a node must not
         // lose this one's stage ids meanwhile.
@@ -589,6 +623,11 @@ impl Engine {
                 load: r.u8()?,
             });
         }
+        let admin = if r.rest.is_empty() {
+            None
+        } else {
+            Some(r.str()?).filter(|a| !a.is_empty())
+        };
         let mut t = self.table.write().expect("table");
         // Only members count: a state push never makes a node a member by itself.
         if let Some(p) = t.get_mut(&from) {
@@ -599,6 +638,7 @@ impl Engine {
                     i.generation = generation;
                 }
                 p.stages = stages;
+                p.admin = admin;
                 p.heard = Some(Instant::now());
             }
         }

@@ -120,6 +120,25 @@ async fn boot(lua: Lua, entry: String) {
     }
 }
 
+/// Reloads the instance's scripts whenever a deploy asks (`host::reload`) and answers
+/// with the failures; the instance stops taking part when its thread ends.
+async fn reload_when_asked(lua: Lua, entry: String) {
+    struct Leave(Arc<NodeShared>, String);
+    impl Drop for Leave {
+        fn drop(&mut self) {
+            self.0.reloads.leave(&self.1);
+        }
+    }
+    let c = ctx(&lua);
+    let mut asked = c.node.reloads.join(&c.name);
+    let _leave = Leave(c.node.clone(), c.name.clone());
+    while asked.changed().await.is_ok() {
+        let seq = *asked.borrow_and_update();
+        let errors = c.loader.reload_all(&lua, &entry).await;
+        c.node.reloads.report(&c.name, seq, errors);
+    }
+}
+
 /// `stage.waitfor(key, f)` for every string key of `t` whose value is a function.
 fn register_handlers(lua: &Lua, t: &mlua::Table) -> mlua::Result<()> {
     let waitfor: mlua::Function = lua.globals().get::<mlua::Table>("stage")?.get("waitfor")?;
@@ -162,6 +181,7 @@ pub fn spawn(
                 }
             };
             spawn_local(boot(lua.clone(), spec.entry.clone()));
+            spawn_local(reload_when_asked(lua.clone(), spec.entry.clone()));
             // Spawned after boot, messages are served once boot has run up to its first
             // yield: handlers registered at the top of the entry script are in place.
             if let Some(inbox) = inbox.clone() {

@@ -78,6 +78,8 @@ pub struct Loader {
     generation: Arc<AtomicU64>,
     cache: RefCell<HashMap<String, Loaded>>,
     failed: RefCell<HashMap<PathBuf, (Stamp, String)>>,
+    /// Names loaded with `reload = true` (`stage.load`): what `reload_all` loads again.
+    reloadable: RefCell<std::collections::BTreeSet<String>>,
     /// Where reloads are counted (`stage_script_reloads_total`), under the instance's name.
     metrics: Option<(Arc<crate::metrics::Metrics>, String)>,
 }
@@ -89,6 +91,7 @@ impl Loader {
             generation,
             cache: RefCell::new(HashMap::new()),
             failed: RefCell::new(HashMap::new()),
+            reloadable: RefCell::new(Default::default()),
             metrics: None,
         }
     }
@@ -125,6 +128,9 @@ impl Loader {
     /// Loads `name` (a file name, without `+id`). `reload = false` is `stage.require`:
     /// once cached, never checked again.
     pub async fn load(&self, lua: &Lua, name: &str, reload: bool) -> Result<Loaded, LoadError> {
+        if reload && !self.reloadable.borrow().contains(name) {
+            self.reloadable.borrow_mut().insert(name.to_string());
+        }
         let generation = self.generation.load(Ordering::Acquire);
         let cached = self.cache.borrow().get(name).cloned();
         if let Some(c) = &cached {
@@ -250,6 +256,55 @@ impl Loader {
                 errors,
             })
         }
+    }
+
+    /// Loads again, now, every script cached from `stage.load` but `skip` (the entry script,
+    /// which runs once): the hot reload a deploy asks for (`host::reload`). Returns the
+    /// failures it met, one sentence each naming the file; a failing script keeps its
+    /// previous version serving, as on any reload. Files known to fail before are not
+    /// reported again.
+    pub async fn reload_all(&self, lua: &Lua, skip: &str) -> Vec<String> {
+        let before: HashMap<PathBuf, Stamp> = self
+            .failed
+            .borrow()
+            .iter()
+            .map(|(p, (st, _))| (p.clone(), *st))
+            .collect();
+        let names: Vec<String> = {
+            let cache = self.cache.borrow();
+            self.reloadable
+                .borrow()
+                .iter()
+                .filter(|n| n.as_str() != skip && cache.contains_key(n.as_str()))
+                .cloned()
+                .collect()
+        };
+        let mut errors = vec![];
+        for name in names {
+            match self.load(lua, &name, true).await {
+                Err(e) => errors.push(e.to_string()),
+                // The file it serves from is known to fail as it is on disk now (a request
+                // may have met the new version first): the previous version serves.
+                Ok(l) => {
+                    if let Some((st, e)) = self.failed.borrow().get(&l.path) {
+                        if stamp(&l.path) == Some(*st) {
+                            errors.push(format!(
+                                "script {} failed to load: {e}",
+                                self.display_path(&l.path)
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        for (p, (st, e)) in self.failed.borrow().iter() {
+            if before.get(p) != Some(st) {
+                errors.push(format!("script {} failed to load: {e}", self.display_path(p)));
+            }
+        }
+        errors.sort();
+        errors.dedup();
+        errors
     }
 
     fn remember(&self, name: &str, loaded: Loaded) -> Loaded {

@@ -14,6 +14,7 @@ pub mod convert;
 pub mod instance;
 pub mod loader;
 pub mod node;
+pub mod reload;
 pub mod run;
 pub mod script_error;
 pub mod tasks;

@@ -48,6 +48,8 @@ pub struct NodeShared {
     pub sandbox_update: Mutex<()>,
     /// The node's Prometheus instruments (`#metrics` serves them).
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// The reload check of a deploy: every instance reloads its scripts when asked.
+    pub reloads: crate::host::reload::Reloads,
 }
 
 impl NodeShared {
@@ -107,6 +109,7 @@ impl NodeShared {
             section: Mutex::new(section),
             sandbox_update: Mutex::new(()),
             metrics: Arc::new(crate::metrics::Metrics::new()),
+            reloads: Default::default(),
         });
         let weak = Arc::downgrade(&node);
         node.metrics.set_sampler(Box::new(move || {
