@@ -211,6 +211,8 @@ pub struct Engine {
     /// Members whose state pushes carry a newer generation than the identity the
     /// membership knows them by: they renewed and this node's foca has not caught up.
     renewed: Mutex<HashSet<SocketAddr>>,
+    /// Members foca holds as suspect: the identity, incarnation and since when (seen here).
+    suspected: Mutex<HashMap<SocketAddr, (Ident, u16, Instant)>>,
     /// Announce at the next tick rather than at the next sync interval.
     announce_now: std::sync::atomic::AtomicBool,
     /// Payload bytes per fragment.
@@ -267,6 +269,7 @@ impl Engine {
             last_announce: Mutex::new(None),
             rejoined: Mutex::new(None),
             renewed: Mutex::new(HashSet::new()),
+            suspected: Mutex::new(HashMap::new()),
             announce_now: std::sync::atomic::AtomicBool::new(false),
             chunk,
             admin: RwLock::new(None),
@@ -427,6 +430,7 @@ impl Engine {
         if !timers.is_empty() {
             self.swim.lock().expect("swim").timers.extend(timers);
         }
+        let mut reconnect = false;
         while let Some(n) = rt.to_notify() {
             match n {
                 OwnedNotification::MemberUp(id) => self.set_state(&id, State::Alive),
@@ -446,9 +450,27 @@ impl Engine {
                     );
                     *self.rejoined.lock().expect("rejoined") = Some(now);
                     self.announce_now.store(true, Ordering::Relaxed);
+                    reconnect = true;
                 }
                 _ => {}
             }
+        }
+        if reconnect {
+            // A renewed foca is disconnected (no probes, no periodic announces) until a
+            // datagram to its new identity arrives, which may never happen (the other side
+            // died, or a partition began): an empty update reconnects it to the members it
+            // still lists, so it probes them, and suspects and declares them down if need be.
+            let mut rt = AccumulatingRuntime::new();
+            let r = self
+                .swim
+                .lock()
+                .expect("swim")
+                .foca
+                .apply_many(std::iter::empty(), false, &mut rt);
+            if let Err(e) = r {
+                log::debug!("cluster: membership after rejoining: {e}");
+            }
+            self.run(rt, now);
         }
     }
 
@@ -573,15 +595,50 @@ impl Engine {
     /// Suspect members from foca's view, and nodes whose state pushes stopped: they lose
     /// their stage ids after `#router[0]` and a half of it.
     fn check_stale(&self, now: Instant) {
-        let suspects: Vec<Ident> = {
+        let suspects: Vec<(Ident, u16)> = {
             let s = self.swim.lock().expect("swim");
             s.foca
                 .iter_membership_state()
                 .filter(|m| m.state() == foca::State::Suspect)
-                .map(|m| m.id().clone())
+                .map(|m| (m.id().clone(), m.incarnation()))
                 .collect()
         };
-        for id in suspects {
+        // foca ends a suspicion with a timer, and renewing this node's identity cancels every
+        // timer: a member suspected then stays suspect for good (probes of a suspect do not
+        // end it, only its refutation does, and that may have been lost). A suspicion twice
+        // as old as foca's is ended here as foca would have: the member is declared down
+        // (it hears so, rejoins, and comes back).
+        let stuck: Vec<(Ident, u16)> = {
+            let mut sus = self.suspected.lock().expect("suspected");
+            sus.retain(|a, (id, inc, _)| suspects.iter().any(|(i, n)| i.addr == *a && i == id && n == inc));
+            suspects
+                .iter()
+                .filter(|(id, inc)| {
+                    let since = sus.entry(id.addr).or_insert_with(|| (id.clone(), *inc, now)).2;
+                    now.duration_since(since) > self.cfg.sync * 2
+                })
+                .cloned()
+                .collect()
+        };
+        if !stuck.is_empty() {
+            let mut rt = AccumulatingRuntime::new();
+            {
+                let mut s = self.swim.lock().expect("swim");
+                for (id, inc) in &stuck {
+                    log::info!(
+                        "cluster: node {} has been suspected for {} ms without a verdict: declared down",
+                        id.addr,
+                        (self.cfg.sync * 2).as_millis()
+                    );
+                    let down = foca::Member::new(id.clone(), *inc, foca::State::Down);
+                    if let Err(e) = s.foca.apply_many(std::iter::once(down), true, &mut rt) {
+                        log::debug!("cluster: membership: {e}");
+                    }
+                }
+            }
+            self.run(rt, now);
+        }
+        for (id, _) in suspects {
             let alive = self
                 .table
                 .read()

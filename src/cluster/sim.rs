@@ -868,3 +868,48 @@ fn under_loss_and_stalls_membership_heals_and_members_keep_their_stage_ids() {
         "a killed node was not detected within 5 s; seed {seed}"
     );
 }
+
+/// A node that learns it was declared down renews its identity, and foca then stays
+/// disconnected (no probes) until a datagram to its new identity arrives. If none can arrive
+/// (the other node died, or a partition began) it must still detect the other node down.
+/// Node 0 stalls until node 1 declares it down; node 1 dies; node 0 resumes, reads node 1's
+/// "you are down" waiting in its queue and rejoins, alone.
+#[test]
+fn a_node_that_rejoins_while_cut_off_still_detects_the_dead() {
+    let sync = 600;
+    let mut sim = Sim::new();
+    sim.add(cfg(0, vec![addr(1)], vec![], b"k", sync), vec![stage("web", 0)]);
+    sim.add(cfg(1, vec![addr(0)], vec![], b"k", sync), vec![stage("db", 0)]);
+    let state = |s: &Sim, i: usize, j: usize| {
+        s.nodes[i]
+            .0
+            .members()
+            .into_iter()
+            .find(|m| m.0 == addr(j).to_string())
+            .map(|m| m.1)
+    };
+    sim.until(Duration::from_secs(10), |s| {
+        state(s, 0, 1) == Some(State::Alive) && state(s, 1, 0) == Some(State::Alive)
+    })
+    .expect("converge");
+    let g0 = sim.nodes[0].0.generation();
+    sim.net
+        .stalled
+        .lock()
+        .unwrap()
+        .insert(addr(0), Instant::now() + Duration::from_secs(30));
+    sim.until(Duration::from_secs(10), |s| state(s, 1, 0) == Some(State::Down))
+        .expect("node 1 declares the stalled node 0 down");
+    sim.net.dead.lock().unwrap().insert(addr(1));
+    sim.net.stalled.lock().unwrap().clear();
+    sim.until(Duration::from_secs(2), |s| s.nodes[0].0.generation() != g0)
+        .expect("node 0 learns it was declared down and rejoins");
+    let det = sim.until(Duration::from_secs(10), |s| state(s, 0, 1) == Some(State::Down));
+    assert!(
+        det.is_some(),
+        "node 0 rejoined and never detected the dead node 1: it holds it as {:?} (foca {:?})",
+        state(&sim, 0, 1),
+        sim.nodes[0].0.foca_member(addr(1))
+    );
+    eprintln!("after rejoining alone, node 0 detected the dead node in {det:?}");
+}
