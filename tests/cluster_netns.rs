@@ -263,19 +263,19 @@ fn loss_and_a_partition_on_a_real_network_path() {
         s1.max_ms <= 300 + 250,
         "a request outlived its 300 ms deadline: {s1:?}"
     );
-    // Under loss the member may be suspected, or withdrawn for a moment. Whether answers go
-    // on under the same loss is printed, not asserted: in 2 of 4 full-suite runs on a loaded
-    // machine the client kept the other node "alive" with no stage ids for 8 s and more (an
-    // open bug, see docs/cluster.md); the partition and heal below are asserted.
+    // Under the same loss answers go on: the member may be suspected, declared down and
+    // rejoin, or lose its stage ids for a moment, but within a few sync intervals it is back
+    // with its stage ids (issue #14: both nodes renewing their identities at once used to
+    // wedge the membership, leaving the other node "alive" with no stage ids for good).
     let (going, s1b) = wait_for(&st, Duration::from_secs(8), |s| {
         s.ok >= s1.ok + 20 && s.stages >= 1
     });
-    if !going {
-        println!(
-            "OPEN BUG: answers stopped under 10% loss: {s1:?} then {s1b:?}\n{}",
-            cluster_log(&[&server, &client])
-        );
-    }
+    assert!(
+        going,
+        "answers stopped under 10% loss: {s1:?} then {s1b:?}\n{}",
+        cluster_log(&[&server, &client])
+    );
+    println!("still answering under 10% loss: {s1b:?}");
 
     // Partition: nothing passes. The other node is detected down; requests keep resolving.
     net.fault(Some("drop"));
@@ -283,7 +283,11 @@ fn loss_and_a_partition_on_a_real_network_path() {
     let (down, s2) = wait_for(&st, Duration::from_secs(15), |s| {
         s.state == "down" || s.state == "none"
     });
-    assert!(down, "the partition was not detected within 15 s: {s2:?}");
+    assert!(
+        down,
+        "the partition was not detected within 15 s: {s2:?}\n{}",
+        cluster_log(&[&server, &client])
+    );
     println!("partition detected after {} ms: {s2:?}", t.elapsed().as_millis());
     std::thread::sleep(Duration::from_secs(1));
     let s3 = stats(&st);

@@ -275,6 +275,13 @@ fn kill9_mid_job_postgres() {
 
 /// PostgreSQL stopped for 3 s while a worker picks and runs jobs: picks fail and are retried,
 /// results wait for the database, and every job still finishes (none lost, none failed).
+///
+/// The worker has more slots (`exec_size`) than there are jobs, so its picker keeps polling
+/// every `interval` through the whole outage: a pick meets the outage whatever the timing. (With
+/// every slot taken, the picker waits for a slot, and a slot frees only when a result is written,
+/// which cannot happen during the outage: whether a pick met it was a race, lost on a loaded
+/// machine.) The jobs sleep 1.5 s after their start is recorded and the outage begins when the
+/// first one started, so results are still due when the database goes away.
 #[test]
 fn postgres_outage_during_picks() {
     if !available(Db::Postgres) {
@@ -289,7 +296,7 @@ fn postgres_outage_during_picks() {
     }
     let _guard = Db::Postgres.lock();
     let shared = tempfile::tempdir().unwrap();
-    let jobs = 300;
+    let jobs = 20;
     let seed = node(
         Db::Postgres,
         shared.path(),
@@ -302,7 +309,8 @@ fn postgres_outage_during_picks() {
         shared.path(),
         1,
         &format!(
-            "ROLE = 'worker'; JOBS = {jobs}; PICK = 5; EXEC = 5; TIMEOUT = 5; MARGIN = 15; SLOW_MS = 20"
+            "ROLE = 'worker'; JOBS = {jobs}; PICK = 5; EXEC = {}; TIMEOUT = 10; MARGIN = 15; SLOW_MS = 1500",
+            jobs + 5
         ),
     );
     let child = w.spawn();
@@ -325,14 +333,21 @@ fn postgres_outage_during_picks() {
     harness::pg_ctl("stop");
     std::thread::sleep(Duration::from_secs(3));
     harness::pg_ctl("start");
-    finish(child, "the worker across the outage", Duration::from_secs(120));
+    let (code, out) = harness::wait_with_output(child, Duration::from_secs(120));
+    assert_eq!(code, Some(0), "the worker across the outage failed:\n{out}");
     let stats = std::fs::read_to_string(w.path().join("stats.0")).unwrap();
     let stats: serde_json::Value = serde_json::from_str(&stats).unwrap();
     assert!(
         stats["pick_errors"].as_i64().unwrap() >= 1,
-        "no pick met the outage: {stats}"
+        "no pick met the outage: {stats}\n{out}"
+    );
+    assert!(
+        out.lines()
+            .any(|l| l.contains(" result: ") && l.contains("; retrying in ")),
+        "no job's result waited for the database: {stats}\n{out}"
     );
     assert_eq!(stats["failed"].as_i64(), Some(0), "{stats}");
+    assert_eq!(stats["lost"].as_i64(), Some(0), "{stats}");
     let verify = node(
         Db::Postgres,
         shared.path(),

@@ -12,7 +12,7 @@ use super::wire::{self, App, Reader, Writer};
 use crate::router::{Kind, LockOp, Message, SenderInfo};
 use crate::value::Value;
 use foca::{AccumulatingRuntime, Foca, NoCustomBroadcast, OwnedNotification, PostcardCodec, Timer};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
@@ -206,6 +206,15 @@ pub struct Engine {
     pending_locks: Mutex<Vec<PendingLock>>,
     last_push: Mutex<Option<Instant>>,
     last_announce: Mutex<Option<Instant>>,
+    /// When foca last renewed this node's identity (it had been declared down).
+    rejoined: Mutex<Option<Instant>>,
+    /// Members whose state pushes carry a newer generation than the identity the
+    /// membership knows them by: they renewed and this node's foca has not caught up.
+    renewed: Mutex<HashSet<SocketAddr>>,
+    /// Members foca holds as suspect: the identity, incarnation and since when (seen here).
+    suspected: Mutex<HashMap<SocketAddr, (Ident, u16, Instant)>>,
+    /// Announce at the next tick rather than at the next sync interval.
+    announce_now: std::sync::atomic::AtomicBool,
     /// Payload bytes per fragment.
     chunk: usize,
     /// This node's admin API address, advertised in every state push (`set_admin`).
@@ -258,6 +267,10 @@ impl Engine {
             pending_locks: Mutex::new(vec![]),
             last_push: Mutex::new(None),
             last_announce: Mutex::new(None),
+            rejoined: Mutex::new(None),
+            renewed: Mutex::new(HashSet::new()),
+            suspected: Mutex::new(HashMap::new()),
+            announce_now: std::sync::atomic::AtomicBool::new(false),
             chunk,
             admin: RwLock::new(None),
             cfg,
@@ -331,20 +344,52 @@ impl Engine {
             }
             let announce = {
                 let mut last = self.last_announce.lock().expect("announce");
-                let due = last.is_none_or(|t| now.duration_since(t) >= self.cfg.sync);
+                let due = last.is_none_or(|t| now.duration_since(t) >= self.cfg.sync)
+                    || self.announce_now.swap(false, Ordering::Relaxed);
                 if due {
                     *last = Some(now);
                 }
                 due
             };
             if announce {
+                // Named nodes that are not members (yet, or any more); members that renewed
+                // their identity before foca here heard of it; and, for a few intervals after
+                // this node renewed its own, every member. An announce is taken by whatever
+                // identity holds the address and answered with the membership, so both
+                // sides learn each other's current identity. Without it, two nodes that
+                // renewed at once (each had declared the other down: a lossy link, a stalled
+                // process) address each other's old identities, foca drops every such
+                // datagram, and each keeps the other "alive" forever, with no failure
+                // detection and, but for the pushes, no stage ids.
                 let table = self.table.read().expect("table");
-                for addr in self.cfg.peers.iter().chain(&self.cfg.failover) {
-                    if *addr != self.me.addr && table.get(addr).is_none_or(|p| p.state == State::Down) {
-                        let dst = Ident {
-                            addr: *addr,
-                            generation: 0,
-                        };
+                let mut to: Vec<SocketAddr> = self
+                    .cfg
+                    .peers
+                    .iter()
+                    .chain(&self.cfg.failover)
+                    .filter(|a| table.get(a).is_none_or(|p| p.state == State::Down))
+                    .copied()
+                    .collect();
+                to.extend(self.renewed.lock().expect("renewed").drain());
+                let rejoining = self
+                    .rejoined
+                    .lock()
+                    .expect("rejoined")
+                    .is_some_and(|t| now.duration_since(t) < self.cfg.sync * 3);
+                if rejoining {
+                    to.extend(self.cfg.peers.iter().chain(&self.cfg.failover).copied());
+                    to.extend(
+                        table
+                            .iter()
+                            .filter(|(_, p)| p.state != State::Down)
+                            .map(|(a, _)| *a),
+                    );
+                }
+                to.sort();
+                to.dedup();
+                for addr in to {
+                    if addr != self.me.addr {
+                        let dst = Ident { addr, generation: 0 };
                         let _ = s.foca.announce(dst, &mut rt);
                     }
                 }
@@ -385,13 +430,47 @@ impl Engine {
         if !timers.is_empty() {
             self.swim.lock().expect("swim").timers.extend(timers);
         }
+        let mut reconnect = false;
         while let Some(n) = rt.to_notify() {
             match n {
                 OwnedNotification::MemberUp(id) => self.set_state(&id, State::Alive),
                 OwnedNotification::MemberDown(id) => self.set_state(&id, State::Down),
-                OwnedNotification::Rename(_, new) => self.set_state(&new, State::Alive),
+                // The member renewed its identity: only the identity changes here. Whether it
+                // is up or down comes as MemberUp/MemberDown when that changed too (a rename
+                // to a down identity is not a join).
+                OwnedNotification::Rename(_, new) => {
+                    if let Some(p) = self.table.write().expect("table").get_mut(&new.addr) {
+                        p.ident = Some(new);
+                    }
+                }
+                OwnedNotification::Rejoin(new) => {
+                    log::info!(
+                        "cluster: this node was declared down; it rejoins as generation {}",
+                        new.generation
+                    );
+                    *self.rejoined.lock().expect("rejoined") = Some(now);
+                    self.announce_now.store(true, Ordering::Relaxed);
+                    reconnect = true;
+                }
                 _ => {}
             }
+        }
+        if reconnect {
+            // A renewed foca is disconnected (no probes, no periodic announces) until a
+            // datagram to its new identity arrives, which may never happen (the other side
+            // died, or a partition began): an empty update reconnects it to the members it
+            // still lists, so it probes them, and suspects and declares them down if need be.
+            let mut rt = AccumulatingRuntime::new();
+            let r = self
+                .swim
+                .lock()
+                .expect("swim")
+                .foca
+                .apply_many(std::iter::empty(), false, &mut rt);
+            if let Err(e) = r {
+                log::debug!("cluster: membership after rejoining: {e}");
+            }
+            self.run(rt, now);
         }
     }
 
@@ -516,15 +595,50 @@ impl Engine {
     /// Suspect members from foca's view, and nodes whose state pushes stopped: they lose
     /// their stage ids after `#router[0]` and a half of it.
     fn check_stale(&self, now: Instant) {
-        let suspects: Vec<Ident> = {
+        let suspects: Vec<(Ident, u16)> = {
             let s = self.swim.lock().expect("swim");
             s.foca
                 .iter_membership_state()
                 .filter(|m| m.state() == foca::State::Suspect)
-                .map(|m| m.id().clone())
+                .map(|m| (m.id().clone(), m.incarnation()))
                 .collect()
         };
-        for id in suspects {
+        // foca ends a suspicion with a timer, and renewing this node's identity cancels every
+        // timer: a member suspected then stays suspect for good (probes of a suspect do not
+        // end it, only its refutation does, and that may have been lost). A suspicion twice
+        // as old as foca's is ended here as foca would have: the member is declared down
+        // (it hears so, rejoins, and comes back).
+        let stuck: Vec<(Ident, u16)> = {
+            let mut sus = self.suspected.lock().expect("suspected");
+            sus.retain(|a, (id, inc, _)| suspects.iter().any(|(i, n)| i.addr == *a && i == id && n == inc));
+            suspects
+                .iter()
+                .filter(|(id, inc)| {
+                    let since = sus.entry(id.addr).or_insert_with(|| (id.clone(), *inc, now)).2;
+                    now.duration_since(since) > self.cfg.sync * 2
+                })
+                .cloned()
+                .collect()
+        };
+        if !stuck.is_empty() {
+            let mut rt = AccumulatingRuntime::new();
+            {
+                let mut s = self.swim.lock().expect("swim");
+                for (id, inc) in &stuck {
+                    log::info!(
+                        "cluster: node {} has been suspected for {} ms without a verdict: declared down",
+                        id.addr,
+                        (self.cfg.sync * 2).as_millis()
+                    );
+                    let down = foca::Member::new(id.clone(), *inc, foca::State::Down);
+                    if let Err(e) = s.foca.apply_many(std::iter::once(down), true, &mut rt) {
+                        log::debug!("cluster: membership: {e}");
+                    }
+                }
+            }
+            self.run(rt, now);
+        }
+        for (id, _) in suspects {
             let alive = self
                 .table
                 .read()
@@ -630,17 +744,22 @@ impl Engine {
         };
         let mut t = self.table.write().expect("table");
         // Only members count: a state push never makes a node a member by itself.
-        if let Some(p) = t.get_mut(&from) {
-            // A push of the member's generation or a newer one (it renewed its identity and
-            // this node's membership has not caught up yet); never an older incarnation's.
-            if p.state != State::Down && p.ident.as_ref().is_some_and(|i| i.generation <= generation) {
-                if let Some(i) = p.ident.as_mut() {
-                    i.generation = generation;
-                }
-                p.stages = stages;
-                p.admin = admin;
-                p.heard = Some(Instant::now());
-            }
+        let Some(p) = t.get_mut(&from) else { return Ok(()) };
+        let Some(known) = p.ident.as_ref().map(|i| i.generation) else {
+            return Ok(());
+        };
+        if generation > known {
+            // It renewed its identity and this node's membership has not caught up: announce
+            // to it at the next tick (the identity stays foca's, so foca's verdicts on it
+            // still apply here).
+            self.renewed.lock().expect("renewed").insert(from);
+            self.announce_now.store(true, Ordering::Relaxed);
+        }
+        // A push of the member's generation or a newer one; never an older incarnation's.
+        if p.state != State::Down && known <= generation {
+            p.stages = stages;
+            p.admin = admin;
+            p.heard = Some(Instant::now());
         }
         Ok(())
     }
@@ -1064,6 +1183,24 @@ impl Engine {
             "node": self.name, "secure": self.env.secure(), "members": members, "rejected": rejected,
             "failover": self.cfg.failover.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
         })
+    }
+
+    /// This node's generation as the membership knows it now (it grows when the node is
+    /// declared down somewhere and rejoins).
+    pub fn generation(&self) -> u64 {
+        self.swim.lock().expect("swim").foca.identity().generation
+    }
+
+    /// The identity foca holds for `addr` and whether foca counts it active (tests).
+    #[cfg(test)]
+    pub(crate) fn foca_member(&self, addr: SocketAddr) -> Option<(u64, bool)> {
+        let s = self.swim.lock().expect("swim");
+        let found = s
+            .foca
+            .iter_membership_state()
+            .find(|m| m.id().addr == addr)
+            .map(|m| (m.id().generation, m.state() != foca::State::Down));
+        found
     }
 
     /// Leaves the cluster politely (others see `leave` at once instead of after detection).
