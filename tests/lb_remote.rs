@@ -1,6 +1,6 @@
 //! The LB's remote mode against the Vultr emulator (never real Vultr). The "VMs" are real
 //! HAProxy processes started here from each instance's user data, as cloud-init would: the
-//! emulator gives VPC instances loopback private addresses (127.0.96.x), so the controller's
+//! emulator gives VPC instances loopback private addresses (127.0.96.x, a /24 per test), so the controller's
 //! runtime API probe really crosses a "private network" to a real HAProxy.
 
 mod harness;
@@ -34,7 +34,13 @@ fn setup() -> (Emulator, Client) {
         EmulatorConfig {
             api_key: KEY.into(),
             lifecycle: Lifecycle::scaled(Duration::from_millis(30)),
-            vpc_prefix: "127.0.96.".into(),
+            // A /24 of loopback per emulator: tests run in parallel, and two VMs with the same
+            // private address would share its runtime API port (HAProxy binds with SO_REUSEPORT).
+            vpc_prefix: {
+                static NEXT: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(96);
+                let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                format!("127.0.{n}.")
+            },
             ..Default::default()
         },
     )
