@@ -91,6 +91,46 @@ fn load(port: u16) -> (f64, u128, u128) {
     (all.len() as f64 / secs, pct(0.5), pct(0.99))
 }
 
+/// `wrk -t1 -c8 -d3s --latency` against `port` (Debian's wrk, installed by scripts/setup):
+/// requests per second and p99 as wrk prints it; `None` without wrk.
+fn wrk(port: u16) -> Option<(f64, String)> {
+    let out = std::process::Command::new("wrk")
+        .args([
+            "-t1",
+            &format!("-c{CONNECTIONS}"),
+            &format!("-d{SECONDS}s"),
+            "--latency",
+        ])
+        .arg(format!("http://127.0.0.1:{port}/"))
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let rps = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse().ok())?;
+    let p99 = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("99%"))
+        .map(|v| v.trim().to_string())
+        .unwrap_or_default();
+    let errors = text
+        .lines()
+        .find(|l| l.contains("Non-2xx") || l.contains("Socket errors"));
+    if let Some(e) = errors {
+        eprintln!("  wrk on {port}: {}", e.trim());
+    }
+    Some((rps, p99))
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 fn pcts(mut v: Vec<Duration>) -> (f64, f64) {
     v.sort();
     let at = |p: f64| v[((v.len() as f64 * p) as usize).min(v.len() - 1)].as_secs_f64() * 1000.0;
@@ -152,6 +192,57 @@ fn run(c: &Controller, listen_port: u16, ports: &[u16]) {
     let (lb_rps, lb_p50, lb_p99) = load(listen_port);
     println!("  through haproxy (3 be)  : {lb_rps:>9.0} req/s  p50 {lb_p50:>5} µs  p99 {lb_p99:>5} µs");
     println!("  ratio lb/direct         : {:>9.2}x", lb_rps / direct_rps);
+    match (wrk(ports[0]), wrk(listen_port)) {
+        (Some((d, d99)), Some((l, l99))) => {
+            println!("  wrk -t1 -c{CONNECTIONS}, direct      : {d:>9.0} req/s  p99 {d99}");
+            println!("  wrk -t1 -c{CONNECTIONS}, haproxy     : {l:>9.0} req/s  p99 {l99}");
+            println!("  ratio lb/direct (wrk)   : {:>9.2}x", l / d);
+        }
+        _ => println!("  (wrk is not installed: scripts/setup installs it)"),
+    }
+    // Where the time goes: the same load through an LB in TCP mode (no HTTP processing),
+    // and HAProxy answering by itself (`http-request return`: its per-request ceiling here).
+    let tcp_port = free_port();
+    let tcp = Spec::from_json(
+        "bench",
+        &serde_json::json!({"name": "benchtcp", "protocol": "tcp", "listen": format!("127.0.0.1:{tcp_port}"),
+            "backends": ports.iter().map(|p| format!("127.0.0.1:{p}")).collect::<Vec<_>>(),
+            "health": {"protocol": "tcp", "interval": 1, "timeout": 1}}),
+    )
+    .unwrap();
+    c.create(tcp).unwrap();
+    let ret_port = free_port();
+    let ret = Spec::from_json(
+        "bench",
+        &serde_json::json!({"name": "benchret", "listen": format!("127.0.0.1:{ret_port}"),
+            "options": ["http-request return status 200 content-type text/plain string ok"]}),
+    )
+    .unwrap();
+    c.create(ret).unwrap();
+    if let (Some((t, t99)), Some((r, r99)), Some((d, _))) = (wrk(tcp_port), wrk(ret_port), wrk(ports[0])) {
+        println!(
+            "  wrk, haproxy tcp mode    : {t:>9.0} req/s  p99 {t99}  ({:.2}x direct)",
+            t / d
+        );
+        println!(
+            "  wrk, haproxy answering   : {r:>9.0} req/s  p99 {r99}  ({:.2}x direct; no backend)",
+            r / d
+        );
+    }
+    let _ = c.delete("benchtcp");
+    let _ = c.delete("benchret");
+    if let Some(secs) = std::env::var("LB_BENCH_HOLD")
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+    {
+        // For investigating: the backends and the LB stay up for SECS seconds.
+        let info = c.info("bench").unwrap();
+        println!(
+            "  holding {secs} s: backends {ports:?}, lb {listen_port}, config {}/haproxy.cfg",
+            info.dir
+        );
+        std::thread::sleep(Duration::from_secs(secs.min(1800)));
+    }
 
     // Controller operations: add and remove one extra backend, 30 times each.
     let extra = format!("127.0.0.1:{}", backend());

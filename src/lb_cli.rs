@@ -1,11 +1,15 @@
 //! `stage lb status HOME`: every load balancer of a home, its backends and their health, read
 //! from the running HAProxy processes (`show stat` over each LB's runtime API socket) and
-//! their rendered configs; it works whether or not the node is running.
+//! their rendered configs; it works whether or not the node is running. Remote LBs (on VMs)
+//! are read from their records and, where the VM's private network is reachable, from the
+//! VM's runtime API over it.
 
 use crate::cloud::lb::haproxy::{self, Runtime};
+use crate::cloud::lb::remote;
 use std::fmt::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 #[derive(clap::Args)]
 pub struct LbArgs {
@@ -43,14 +47,107 @@ pub fn status(home: &Path) -> String {
         })
         .unwrap_or_default();
     names.sort();
-    if names.is_empty() {
+    let remotes = remote::names(&dir);
+    if names.is_empty() && remotes.is_empty() {
         return format!("no load balancers in {}\n", dir.display());
     }
     let mut out = String::new();
     for name in names {
         report(&mut out, &name, &dir.join(&name));
     }
+    for name in remotes {
+        report_remote(&mut out, &name, &dir);
+    }
     out
+}
+
+/// A remote LB: its record (placement, VM, reserved IP, supervision's last state) and, when
+/// this machine is in the VM's private network, the VM's `show stat` over it.
+fn report_remote(out: &mut String, name: &str, dir: &Path) {
+    let rec = match remote::load(dir, name) {
+        Ok(Some(r)) => r,
+        Ok(None) => return,
+        Err(e) => {
+            let _ = writeln!(out, "{name}  remote  UNREADABLE RECORD: {e}");
+            return;
+        }
+    };
+    let p = &rec.placement;
+    let _ = writeln!(
+        out,
+        "{name}  {} {}  {}  remote ({} {} {})  vm {}{}  reserved ip {}  state {}  failovers {}",
+        rec.spec.protocol.word(),
+        rec.spec.listen,
+        rec.spec.algorithm.word(),
+        p.provider,
+        p.region,
+        p.plan,
+        rec.instance,
+        if rec.internal_ip.is_empty() {
+            String::new()
+        } else {
+            format!(" (private {})", rec.internal_ip)
+        },
+        p.reserved_ip.as_deref().unwrap_or("none"),
+        if rec.state.is_empty() { "?" } else { &rec.state },
+        rec.failovers,
+    );
+    if let Some(r) = &rec.replacing {
+        let _ = writeln!(out, "  replacement vm {r} is being prepared");
+    }
+    let rows = rec
+        .internal_ip
+        .parse::<std::net::IpAddr>()
+        .ok()
+        .and_then(|ip| {
+            let addr = std::net::SocketAddr::new(ip, remote::RUNTIME_PORT);
+            remote::runtime_command_blocking(addr, "show stat", Duration::from_secs(1)).ok()
+        })
+        .map(|t| haproxy::parse_csv(&t))
+        .unwrap_or_default();
+    if rows.is_empty() {
+        let _ = writeln!(
+            out,
+            "  (the vm's runtime API does not answer from here; backends as recorded)"
+        );
+    }
+    header(out);
+    let be = format!("be_{name}");
+    for b in &rec.spec.backends {
+        let sv = crate::cloud::lb::render::server_name(&b.address);
+        match rows
+            .iter()
+            .find(|r| r.get("pxname") == Some(&be) && r.get("svname") == Some(&sv))
+        {
+            Some(r) => row(out, &b.address, r),
+            None => {
+                let _ = writeln!(out, "  {:<24} {:<10}", b.address, "?");
+            }
+        }
+    }
+}
+
+fn header(out: &mut String) {
+    let _ = writeln!(
+        out,
+        "  {:<24} {:<10} {:<8} {:>6} {:>8} {:>6} {:>6}",
+        "BACKEND", "STATE", "CHECK", "SESS", "TOTAL", "RATE", "QUEUE"
+    );
+}
+
+fn row(out: &mut String, addr: &str, r: &std::collections::HashMap<String, String>) {
+    let g = |k: &str| r.get(k).cloned().unwrap_or_default();
+    let _ = writeln!(
+        out,
+        "  {:<24} {:<10} {:<8} {:>6} {:>8} {:>6} {:>6}",
+        addr,
+        haproxy::state_word(&g("status")),
+        g("check_status").trim_start_matches("* "),
+        g("scur"),
+        g("stot"),
+        g("rate"),
+        g("qcur")
+    );
 }
 
 fn report(out: &mut String, name: &str, dir: &Path) {
@@ -101,11 +198,7 @@ fn report(out: &mut String, name: &str, dir: &Path) {
             let _ = writeln!(out, "NOT RUNNING");
         }
     }
-    let _ = writeln!(
-        out,
-        "  {:<24} {:<10} {:<8} {:>6} {:>8} {:>6} {:>6}",
-        "BACKEND", "STATE", "CHECK", "SESS", "TOTAL", "RATE", "QUEUE"
-    );
+    header(out);
     // Servers that HAProxy has (runtime-added included), named by their config address.
     let be = format!("be_{name}");
     let mut shown = 0;
@@ -120,18 +213,7 @@ fn report(out: &mut String, name: &str, dir: &Path) {
             .map(|(_, a)| a.clone())
             .or_else(|| r.get("addr").cloned())
             .unwrap_or(sv.clone());
-        let g = |k: &str| r.get(k).cloned().unwrap_or_default();
-        let _ = writeln!(
-            out,
-            "  {:<24} {:<10} {:<8} {:>6} {:>8} {:>6} {:>6}",
-            addr,
-            haproxy::state_word(&g("status")),
-            g("check_status").trim_start_matches("* "),
-            g("scur"),
-            g("stot"),
-            g("rate"),
-            g("qcur")
-        );
+        row(out, &addr, r);
         shown += 1;
     }
     if shown == 0 {

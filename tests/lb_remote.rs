@@ -1,6 +1,6 @@
 //! The LB's remote mode against the Vultr emulator (never real Vultr). The "VMs" are real
 //! HAProxy processes started here from each instance's user data, as cloud-init would: the
-//! emulator gives VPC instances loopback private addresses (127.0.96.x), so the controller's
+//! emulator gives VPC instances loopback private addresses (127.0.96.x, a /24 per test), so the controller's
 //! runtime API probe really crosses a "private network" to a real HAProxy.
 
 mod harness;
@@ -34,7 +34,13 @@ fn setup() -> (Emulator, Client) {
         EmulatorConfig {
             api_key: KEY.into(),
             lifecycle: Lifecycle::scaled(Duration::from_millis(30)),
-            vpc_prefix: "127.0.96.".into(),
+            // A /24 of loopback per emulator: tests run in parallel, and two VMs with the same
+            // private address would share its runtime API port (HAProxy binds with SO_REUSEPORT).
+            vpc_prefix: {
+                static NEXT: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(96);
+                let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                format!("127.0.{n}.")
+            },
             ..Default::default()
         },
     )
@@ -387,4 +393,313 @@ fn remote_lb_survives_a_node_restart() {
         !home.path().join("var/lb/remote/edge.json").exists(),
         "record forgotten"
     );
+}
+
+/// Stands in for cloud-init and the VMs' machines: every emulator VM that is running with a
+/// private address gets a real HAProxy started from its user data (the private address filled
+/// in as the boot script does; the frontend bound to the VM's own private address, as each VM
+/// has its own network; its files in a directory of its own). A VM that stops or is destroyed
+/// loses its HAProxy. A killed HAProxy ([`Vms::kill`]) is not started again.
+struct Vms {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    pids: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, i32>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    _root: tempfile::TempDir,
+}
+
+impl Vms {
+    fn start(endpoint: String) -> Vms {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let pids = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
+        let root = tempfile::tempdir().unwrap();
+        let (stop2, pids2, dir) = (stop.clone(), pids.clone(), root.path().to_path_buf());
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let c = client(endpoint);
+                let bin = haproxy::binary().unwrap();
+                while !stop2.load(Ordering::SeqCst) {
+                    if let Ok(list) = c.instances(&Default::default()).await {
+                        for inst in &list {
+                            let known = pids2.lock().unwrap().contains_key(&inst.id);
+                            if known || !inst.is_ready() || inst.internal_ip.is_empty() {
+                                continue;
+                            }
+                            let Ok(ud) = c.user_data(&inst.id).await else {
+                                continue;
+                            };
+                            let ud = String::from_utf8(ud).unwrap();
+                            let Some(cfg) = remote::config_from_user_data(&ud, &inst.internal_ip) else {
+                                continue;
+                            };
+                            let vm = dir.join(&inst.id);
+                            std::fs::create_dir_all(&vm).unwrap();
+                            let paths = Paths::new(&vm);
+                            let cfg = cfg
+                                .replace(VM_DIR, vm.to_str().unwrap())
+                                .replace("    bind 0.0.0.0:", &format!("    bind {}:", inst.internal_ip));
+                            std::fs::write(&paths.config, cfg).unwrap();
+                            let pid = haproxy::start(&bin, &paths)
+                                .unwrap_or_else(|e| panic!("vm {}: haproxy: {e}", inst.id));
+                            pids2.lock().unwrap().insert(inst.id.clone(), pid);
+                        }
+                        let mut pids = pids2.lock().unwrap();
+                        for (id, pid) in pids.iter_mut() {
+                            let gone = list
+                                .iter()
+                                .find(|i| &i.id == id)
+                                .map(|i| i.power_status == "stopped")
+                                .unwrap_or(true);
+                            if gone && *pid > 0 {
+                                haproxy::stop(*pid);
+                                *pid = 0;
+                            }
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            });
+        });
+        Vms {
+            stop,
+            pids,
+            thread: Some(thread),
+            _root: root,
+        }
+    }
+
+    /// `kill -9` of a VM's HAProxy (master and workers): the VM stays up, its LB is gone.
+    fn kill(&self, id: &str) {
+        let sock = self._root.path().join(id).join("admin.sock");
+        let worker = haproxy::Runtime::new(&sock)
+            .worker_pid()
+            .expect("the vm's worker");
+        let mut pids = self.pids.lock().unwrap();
+        let pid = pids.get_mut(id).expect("a booted vm");
+        unsafe { libc::kill(*pid, libc::SIGKILL) };
+        unsafe { libc::kill(worker, libc::SIGKILL) };
+        *pid = 0;
+    }
+
+    fn booted(&self, id: &str) -> bool {
+        self.pids.lock().unwrap().get(id).is_some_and(|p| *p > 0)
+    }
+}
+
+impl Drop for Vms {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        for pid in self.pids.lock().unwrap().values() {
+            if *pid > 0 {
+                haproxy::stop(*pid);
+            }
+        }
+    }
+}
+
+fn client(endpoint: String) -> Client {
+    Client::new(Settings {
+        endpoint,
+        api_key: Some(ApiKey::new(KEY)),
+        timeout: Duration::from_secs(5),
+        retries: 2,
+        backoff: Duration::from_millis(20),
+        backoff_max: Duration::from_millis(100),
+        per_page: 100,
+    })
+    .unwrap()
+}
+
+/// A backend process (tests/lb/backend.py, HTTP) on loopback; killed on drop.
+struct PyBackend {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl PyBackend {
+    fn start() -> PyBackend {
+        use std::io::BufRead;
+        let port = free_port();
+        let mut child = std::process::Command::new("python3")
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/lb/backend.py"))
+            .arg("http")
+            .arg(port.to_string())
+            .arg(format!("b{port}"))
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "ready", "backend on {port} did not start");
+        PyBackend { child, port }
+    }
+}
+
+impl Drop for PyBackend {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn lb_env(home: &harness::TestHome, backends: &[PyBackend], port: u16, out: &Path) {
+    let list = |f: &dyn Fn(&PyBackend) -> String| backends.iter().map(f).collect::<Vec<_>>().join(", ");
+    home.write(
+        "preload/01-lb-env.lua",
+        &format!(
+            "LB_ENV = {{ backends = {{ {} }}, names = {{ {} }}, pids = {{ {} }}, port = {port}, home = {:?}, out = {:?} }}\n",
+            list(&|b| format!("\"127.0.0.1:{}\"", b.port)),
+            list(&|b| format!("\"b{}\"", b.port)),
+            list(&|b| b.child.id().to_string()),
+            home.path().display().to_string(),
+            out.display().to_string(),
+        ),
+    );
+}
+
+#[test]
+fn lua_remote_lb_add_remove_update_on_change() {
+    if !have_haproxy() {
+        return;
+    }
+    let (emu, _c) = setup();
+    let vms = Vms::start(emu.endpoint());
+    let backends: Vec<PyBackend> = (0..3).map(|_| PyBackend::start()).collect();
+    let port = free_port();
+    let out = tempfile::tempdir().unwrap();
+    let conf = json!({"%vultr": {"endpoint": emu.endpoint(), "api_key": KEY, "retries": 2}});
+    let log = harness::run_scenario_output("lb/remote_ops.lua", |home| {
+        home.write("conf/stage.json", &conf.to_string());
+        lb_env(home, &backends, port, out.path());
+    });
+    assert!(log.contains("replaced by"), "{log}");
+    assert_eq!(emu.instance_count(), 0, "the scenario's VMs are destroyed");
+    drop(vms);
+}
+
+/// The controller restores and supervises a remote LB at start-up: after a node restart no
+/// script calls lb.get, the VM's HAProxy is killed, and the LB fails over to a new VM that
+/// carries the backend added at runtime before the restart.
+#[test]
+fn remote_lb_is_supervised_after_a_restart_without_any_script() {
+    if !have_haproxy() {
+        return;
+    }
+    let (emu, c) = setup();
+    let vms = Vms::start(emu.endpoint());
+    let backends: Vec<PyBackend> = (0..2).map(|_| PyBackend::start()).collect();
+    let port = free_port();
+    let out = tempfile::tempdir().unwrap();
+    let home = harness::TestHome::new();
+    home.write(
+        "conf/stage.json",
+        &json!({"%vultr": {"endpoint": emu.endpoint(), "api_key": KEY, "retries": 2}}).to_string(),
+    );
+    lb_env(&home, &backends, port, out.path());
+    home.write(
+        "package/start.lua",
+        r#"
+local E = LB_ENV
+stage.addtask(0, function ()
+    local ip = vultr.reserved_ip_create { region = "icn", label = "edge" }
+    local edge = lb.create { name = "edge", listen = "0.0.0.0:" .. E.port, backends = { E.backends[1] },
+        health = { protocol = "tcp", interval = 0.3, timeout = 0.2, healthy = 1, unhealthy = 1 },
+        placement = { provider = "vultr", region = "icn", plan = "vc2-1c-1gb", reserved_ip = ip.id,
+                      boot_timeout = 20, confirm = 0.5, interval = 0.2 } }
+    local limit = process.tick + 15
+    while edge.info().state ~= "up" do
+        if process.tick > limit then fail("the VM never served") end
+        stage.sleep(100)
+    end
+    edge.add(E.backends[2])
+    write(E.out .. "/first", edge.info().vm .. " " .. ip.id)
+end)
+"#,
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let stop = |child: std::process::Child| {
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        harness::wait_with_output(child, Duration::from_secs(10))
+    };
+    let first = out.path().join("first");
+    let node = home.spawn();
+    let t0 = Instant::now();
+    while !first.exists() && t0.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (_, log1) = stop(node);
+    let text = std::fs::read_to_string(&first)
+        .unwrap_or_else(|_| panic!("the first run did not create the lb:\n{log1}"));
+    let (vm, ip) = text.split_once(' ').unwrap();
+    assert!(vms.booted(vm), "the stand-in runs the VM's haproxy");
+
+    // While the node is down: `stage lb status` shows the remote LB from its record, and the
+    // backends from the VM's runtime API over its private address.
+    let status = stage::lb_cli::status(home.path());
+    assert!(
+        status.contains("edge  http 0.0.0.0:")
+            && status.contains(&format!("remote (vultr icn vc2-1c-1gb)  vm {vm}"))
+            && status.contains(&format!("reserved ip {ip}"))
+            && status.contains("state up"),
+        "{status}"
+    );
+    assert!(
+        status.contains(&format!("127.0.0.1:{}", backends[1].port)) && status.contains("UP"),
+        "{status}"
+    );
+
+    // The second run: a start script that never mentions lb.
+    home.write("package/start.lua", "logger.info('no lb calls here')\n");
+    let node = home.spawn();
+    // Supervision resumed (the record is rewritten when the VM is seen up again)...
+    std::thread::sleep(Duration::from_secs(2));
+    vms.kill(vm);
+    let t0 = Instant::now();
+    let new = loop {
+        let now = rt.block_on(c.reserved_ip(ip)).unwrap().instance_id;
+        if !now.is_empty() && now != vm {
+            break now;
+        }
+        if t0.elapsed() > Duration::from_secs(20) {
+            let (_, log2) = stop(node);
+            panic!("no fail-over within 20 s:\n{log2}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let took = t0.elapsed();
+    let (_, log2) = stop(node);
+    assert!(log2.contains("lb edge: restored on vm"), "{log2}");
+    assert!(log2.contains("lb edge: fail-over"), "{log2}");
+    assert_eq!(
+        rt.block_on(c.get(vm)).unwrap_err().status(),
+        Some(404),
+        "the old VM is destroyed"
+    );
+    let ud = String::from_utf8(rt.block_on(c.user_data(&new)).unwrap()).unwrap();
+    assert!(
+        ud.contains(&format!(" 127.0.0.1:{} ", backends[1].port)),
+        "the replacement carries the backend added at runtime: {ud}"
+    );
+    let rec: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(home.path().join("var/lb/remote/edge.json")).unwrap())
+            .unwrap();
+    assert_eq!(rec["instance"], json!(new), "{rec}");
+    eprintln!(
+        "remote fail-over after a restart (emulator, confirm 0.5 s): {:.2} s",
+        took.as_secs_f64()
+    );
+    rt.block_on(c.delete(&new)).unwrap();
+    drop(vms);
 }

@@ -33,6 +33,9 @@
 
 ---@class lb.Event
 ---@field lb string
+---@field old_instance? string remote fail-over: the VM that went down
+---@field new_instance? string remote fail-over: its replacement
+---@field reserved_ip? string remote fail-over: the reserved IP that follows the LB
 ---@field kind "backend"|"failover"
 ---@field backend? string
 ---@field state string UP, DOWN, MAINT, DRAIN, REMOVED; replaced or failed for a fail-over
@@ -66,11 +69,56 @@
 ---@field reserved_ip? string
 ---@field seconds? number detection to the reserved IP on the new VM
 
----The handle of a remote LB: `edge.info()`, `edge.delete()`.
+---A remote LB as info() and lb.list() show it.
+---@class lb.RemoteInfo
+---@field name string
+---@field remote true
+---@field protocol string
+---@field listen string
+---@field algorithm string
+---@field state "booting"|"up"|"down"|"replacing"|"deleted"
+---@field running boolean
+---@field vm string the serving VM's id
+---@field main_ip string
+---@field internal_ip string the private address its runtime API listens on
+---@field reserved_ip? string
+---@field failovers integer
+---@field backends lb.Backend[] from the VM's last show stat
+---@field health lb.Health
+---@field project? string
+---@field spec table the recorded desired state
+---@field placement lb.Placement
+---@field instance table the VM as the Vultr API reports it
+---@field replacing? table a replacement VM being prepared
+
+---The handle of a remote LB: the local handle's functions, over the VM's private runtime API.
+---```lua
+---local edge = lb.get("edge")
+---edge.add("10.1.96.12:8080"); edge.remove("10.1.96.10:8080")
+---edge.update{ algorithm = "leastconn" }   -- blue-green onto a new VM
+---```
 ---@class lb.RemoteHandle
 ---@field name string
----@field info fun(): table {spec, placement, instance, replacing?, failovers, up_once, deleted}
----@field delete fun(): boolean destroys the VM(s); the reserved IP stays, detached
+---@field remote true
+local RemoteHandle = {}
+---Adds a backend: recorded, then live over the VM's runtime API (no new VM).
+---@param address string "ip:port"
+---@return boolean
+function RemoteHandle.add(address) end
+---Drains (maint, wait for sessions, del) and deletes a backend; on_change gets REMOVED.
+---@param address string
+---@return boolean
+function RemoteHandle.remove(address) end
+---@return lb.RemoteInfo
+function RemoteHandle.info() end
+---Changes fields (not name, backends or placement); a config change is rolled out blue-green:
+---a new VM serves, the reserved IP moves, the old VM is destroyed. Rejected configs change nothing.
+---@param changes table
+---@return lb.RemoteInfo
+function RemoteHandle.update(changes) end
+---Destroys the VM(s); the reserved IP stays, detached.
+---@return boolean
+function RemoteHandle.delete() end
 
 ---@class lb.Spec
 ---@field name string
@@ -147,17 +195,21 @@ lb = {}
 function lb.create(spec) end
 
 ---The handle of an existing LB, attaching this instance's hooks; nil when there is none.
----A remote LB recorded before a restart is restored (and supervised from this instance).
+---Remote LBs are restored and supervised by the controller from the node's start.
 ---@param name string
 ---@param hooks? {on_change?: fun(ev: lb.Event), on_failover?: fun(ev: lb.Event|lb.RemoteEvent), autoscale?: table}
 ---@return lb.Handle|lb.RemoteHandle|nil
 function lb.get(name, hooks) end
 
----@return lb.Info[]
+---Every LB: local ones, then remote ones (remote = true).
+---```lua
+---for _, i in ipairs(lb.list()) do print(i.name, i.remote and i.vm or i.listen) end
+---```
+---@return (lb.Info|lb.RemoteInfo)[]
 function lb.list() end
 
 ---@param name string
----@return lb.Info
+---@return lb.Info|lb.RemoteInfo
 function lb.info(name) end
 
 return lb

@@ -21,8 +21,10 @@ const SCALING: &str = "stage.lb.scaling";
 
 pub fn open(lua: &Lua) -> mlua::Result<Table> {
     // A node that has LBs restores them at start, before any script asks.
-    if let Err(e) = controller_opt(lua, true) {
-        log::error!(target: "lb", "cannot restore the load balancers: {e}");
+    match controller_opt(lua, true) {
+        Ok(Some(c)) => enable_remote(lua, &c),
+        Ok(None) => {}
+        Err(e) => log::error!(target: "lb", "cannot restore the load balancers: {e}"),
     }
     lua.set_named_registry_value(HOOKS, lua.create_table()?)?;
     lua.set_named_registry_value(WATCHED, lua.create_table()?)?;
@@ -33,22 +35,26 @@ pub fn open(lua: &Lua) -> mlua::Result<Table> {
         "get",
         lua.create_async_function(|lua, (name, hooks): (String, Option<Table>)| async move {
             let c = controller(&lua)?;
-            if !c.exists(&name) {
-                if let Some(h) = &hooks {
-                    let (_, hooks) = split_spec(&lua, "lb.get", h)?;
-                    set_hooks(&lua, &name, &hooks)?;
+            let remote = if c.exists(&name) {
+                false
+            } else {
+                let (c2, n) = (c.clone(), name.clone());
+                match blocking(move || c2.remote_info(&n)).await? {
+                    Ok(_) => true,
+                    Err(LbError::NotFound(_)) => return Ok(Value::Nil),
+                    Err(e) => return Err(err(e)),
                 }
-                return Ok(match get_remote(&lua, &name).await? {
-                    Some(t) => Value::Table(t),
-                    None => Value::Nil,
-                });
-            }
+            };
             if let Some(h) = hooks {
                 let (_, hooks) = split_spec(&lua, "lb.get", &h)?;
                 set_hooks(&lua, &name, &hooks)?;
             }
             attach(&lua, &c, &name)?;
-            Ok(Value::Table(handle(&lua, &name)?))
+            Ok(Value::Table(if remote {
+                remote_handle(&lua, &name)?
+            } else {
+                handle(&lua, &name)?
+            }))
         })?,
     )?;
     t.set(
@@ -56,10 +62,19 @@ pub fn open(lua: &Lua) -> mlua::Result<Table> {
         lua.create_async_function(|lua, ()| async move {
             let c = controller(&lua)?;
             let infos = blocking(move || {
-                c.names()
+                let mut out: Vec<Json> = c
+                    .names()
                     .iter()
                     .filter_map(|n| c.refresh(n).and_then(|_| c.info(n)).ok())
-                    .collect::<Vec<_>>()
+                    .filter_map(|i| serde_json::to_value(i).ok())
+                    .collect();
+                out.extend(
+                    c.remote_names()
+                        .iter()
+                        .filter_map(|n| c.remote_info(n).ok())
+                        .filter_map(|i| serde_json::to_value(i).ok()),
+                );
+                out
             })
             .await?;
             to_lua(&lua, &infos)
@@ -111,9 +126,29 @@ fn controller_opt(lua: &Lua, only_if_used: bool) -> Result<Option<Controller>, L
 }
 
 fn controller(lua: &Lua) -> mlua::Result<Controller> {
-    controller_opt(lua, false)
+    let c = controller_opt(lua, false)
         .map_err(err)?
-        .ok_or_else(|| mlua::Error::runtime("lb: no controller"))
+        .ok_or_else(|| mlua::Error::runtime("lb: no controller"))?;
+    enable_remote(lua, &c);
+    Ok(c)
+}
+
+/// Gives the controller the Vultr client of `%vultr` (remote mode), once: from then on it
+/// restores and supervises every remote LB of this home.
+fn enable_remote(lua: &Lua, c: &Controller) {
+    if c.remote_enabled() {
+        return;
+    }
+    let node = ctx(lua).node.clone();
+    if node.config.vultr.is_none() && crate::cloud::lb::remote::names(c.dir()).is_empty() {
+        return;
+    }
+    let client = crate::cloud::vultr::Settings::from_config(node.config.vultr.as_ref())
+        .and_then(crate::cloud::vultr::Client::new);
+    match client {
+        Ok(client) => c.enable_remote(client),
+        Err(e) => log::error!(target: "lb", "lb: remote mode (%vultr): {e}"),
+    }
 }
 
 /// Splits the functions (hooks) off a spec table; the rest becomes JSON for the core.
@@ -203,6 +238,11 @@ async fn create(lua: Lua, t: Table) -> mlua::Result<Table> {
     let spec = Spec::from_json("lb.create", &json).map_err(err)?;
     let name = spec.name.clone();
     let c = controller(&lua)?;
+    if c.is_remote(&name) {
+        return Err(mlua::Error::runtime(format!(
+            "lb.create: lb {name:?} exists (use lb.get to reach it, or delete it first)"
+        )));
+    }
     let c2 = c.clone();
     blocking(move || c2.create(spec)).await?.map_err(err)?;
     set_hooks(&lua, &name, &hooks)?;
@@ -212,9 +252,18 @@ async fn create(lua: Lua, t: Table) -> mlua::Result<Table> {
 
 async fn info(lua: &Lua, name: String) -> mlua::Result<Value> {
     let c = controller(lua)?;
-    let i = blocking(move || c.refresh(&name).and_then(|_| c.info(&name)))
-        .await?
-        .map_err(err)?;
+    let i = blocking(move || {
+        if c.exists(&name) {
+            c.refresh(&name)
+                .and_then(|_| c.info(&name))
+                .and_then(|i| serde_json::to_value(i).map_err(|e| LbError::Failed(e.to_string())))
+        } else {
+            c.remote_info(&name)
+                .and_then(|i| serde_json::to_value(i).map_err(|e| LbError::Failed(e.to_string())))
+        }
+    })
+    .await?
+    .map_err(err)?;
     to_lua(lua, &i)
 }
 
@@ -503,136 +552,95 @@ async fn autoscale_loop(lua: &Lua, c: &Controller, name: &str) {
     }
 }
 
-/// Remote LBs of this process, by record path: the state shared by every handle. The
-/// instance that created (or restored) one runs its supervision task with its own hooks.
-type Shared = std::sync::Arc<tokio::sync::Mutex<crate::cloud::lb::remote::RemoteLb>>;
-
-fn remote_registry() -> &'static std::sync::Mutex<std::collections::HashMap<std::path::PathBuf, Shared>> {
-    static R: std::sync::OnceLock<std::sync::Mutex<std::collections::HashMap<std::path::PathBuf, Shared>>> =
-        std::sync::OnceLock::new();
-    R.get_or_init(Default::default)
-}
-
-fn lb_dir(lua: &Lua) -> std::path::PathBuf {
-    ctx(lua).node.home.root.join("var").join("lb")
-}
-
-fn remote_key(lua: &Lua, name: &str) -> std::path::PathBuf {
-    lb_dir(lua).join("remote").join(name)
-}
-
 /// `lb.create{ ..., placement = {provider = "vultr", ...} }`: the LB on a VM (docs/lb.md,
-/// "Remote mode"). Returns a handle with `name`, `info()` and `delete()`; a task of this
-/// instance supervises the VM and calls `on_failover` with each fail-over event.
+/// "Remote mode"). The controller supervises it; the handle has the local handle's functions.
 async fn create_remote(lua: Lua, json: Json, placement: Json, hooks: Table) -> mlua::Result<Table> {
-    use crate::cloud::lb::remote::{self, Placement, RemoteLb};
+    use crate::cloud::lb::remote::Placement;
     let spec = Spec::from_json("lb.create", &json).map_err(err)?;
     let placement = Placement::from_json("lb.create: placement", &placement).map_err(err)?;
     let name = spec.name.clone();
-    let exists = lock_registry().contains_key(&remote_key(&lua, &name))
-        || remote::load(&lb_dir(&lua), &name).map_err(err)?.is_some()
-        || controller(&lua)?.exists(&name);
-    if exists {
-        return Err(mlua::Error::runtime(format!(
-            "lb.create: lb {name:?} exists (use lb.get to reach it, or delete it first)"
-        )));
-    }
-    let c = super::vultr::client(&lua)?;
-    let lb = RemoteLb::provision(&c, spec, placement).await.map_err(err)?;
-    remote::save(&lb_dir(&lua), &lb).map_err(err)?;
-    log::info!(target: "lb", "lb {name}: created on vm {} (remote mode)", lb.instance.id);
+    let c = controller(&lua)?;
+    let c2 = c.clone();
+    blocking(move || c2.remote_create(spec, placement))
+        .await?
+        .map_err(err)?;
     set_hooks(&lua, &name, &hooks)?;
-    supervise(&lua, lb)
+    attach(&lua, &c, &name)?;
+    remote_handle(&lua, &name)
 }
 
-fn lock_registry() -> std::sync::MutexGuard<'static, std::collections::HashMap<std::path::PathBuf, Shared>> {
-    remote_registry().lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// `lb.get(name)` of a remote LB: the shared state when this process has it, else the record
-/// restored (and supervised from this instance). `None` when there is no such remote LB.
-async fn get_remote(lua: &Lua, name: &str) -> mlua::Result<Option<Table>> {
-    use crate::cloud::lb::remote::{self, RemoteLb};
-    if let Some(shared) = lock_registry().get(&remote_key(lua, name)).cloned() {
-        return Ok(Some(remote_handle(lua, name, shared)?));
-    }
-    let Some(rec) = remote::load(&lb_dir(lua), name).map_err(err)? else {
-        return Ok(None);
-    };
-    let c = super::vultr::client(lua)?;
-    let lb = RemoteLb::restore(&c, rec).await.map_err(err)?;
-    log::info!(target: "lb", "lb {name}: restored on vm {} (remote mode)", lb.instance.id);
-    if let Some(shared) = lock_registry().get(&remote_key(lua, name)).cloned() {
-        // Restored meanwhile by another instance.
-        return Ok(Some(remote_handle(lua, name, shared)?));
-    }
-    Ok(Some(supervise(lua, lb)?))
-}
-
-/// Registers `lb` for this process and starts its supervision task in this instance.
-fn supervise(lua: &Lua, lb: crate::cloud::lb::remote::RemoteLb) -> mlua::Result<Table> {
-    use crate::cloud::lb::remote;
-    let name = lb.spec.name.clone();
-    let interval = Duration::from_secs_f64(lb.placement.interval);
-    let shared: Shared = std::sync::Arc::new(tokio::sync::Mutex::new(lb));
-    lock_registry().insert(remote_key(lua, &name), shared.clone());
-    let c = super::vultr::client(lua)?;
-    let (lua2, task_lb, n, dir) = (lua.clone(), shared.clone(), name.clone(), lb_dir(lua));
-    tokio::task::spawn_local(async move {
-        loop {
-            tokio::time::sleep(interval).await;
-            let ev = {
-                let mut lb = task_lb.lock().await;
-                if lb.deleted {
-                    return;
-                }
-                let ev = lb.check(&c).await;
-                if let Ok(Some(_)) = &ev {
-                    if let Err(e) = remote::save(&dir, &lb) {
-                        log::error!(target: "lb", "lb {n}: {e}");
-                    }
-                }
-                ev
-            };
-            match ev {
-                Ok(Some(ev)) => {
-                    log::warn!(target: "lb", "lb {n}: fail-over {}: {}", ev.state, ev.reason);
-                    if let Some(Value::Function(f)) = hook(&lua2, &n, "on_failover") {
-                        if let Ok(v) = to_lua(&lua2, &ev) {
-                            call_callback(&lua2, &format!("lb {n} on_failover"), &f, v).await;
-                        }
-                    }
-                }
-                Ok(None) => {}
-                Err(e) => log::warn!(target: "lb", "lb {n}: supervision: {e}"),
-            }
-        }
-    });
-    remote_handle(lua, &name, shared)
-}
-
-/// The table a script holds for a remote LB: `name`, `info()`, `delete()`.
-fn remote_handle(lua: &Lua, name: &str, shared: Shared) -> mlua::Result<Table> {
+/// The table a script holds for a remote LB: `name`, `add`, `remove`, `info`, `update`,
+/// `delete`, as a local LB's.
+fn remote_handle(lua: &Lua, name: &str) -> mlua::Result<Table> {
     let t = lua.create_table()?;
     t.set("name", name)?;
-    let s = shared.clone();
+    t.set("remote", true)?;
+    let n = name.to_string();
+    t.set(
+        "add",
+        lua.create_async_function(move |lua, a: MultiValue| {
+            let n = n.clone();
+            async move {
+                let addr = arg_string(&format!("{n}.add"), &args(a))?;
+                let c = controller(&lua)?;
+                blocking(move || c.remote_add(&n, &addr)).await?.map_err(err)?;
+                Ok(true)
+            }
+        })?,
+    )?;
+    let n = name.to_string();
+    t.set(
+        "remove",
+        lua.create_async_function(move |lua, a: MultiValue| {
+            let n = n.clone();
+            async move {
+                let addr = arg_string(&format!("{n}.remove"), &args(a))?;
+                let c = controller(&lua)?;
+                blocking(move || c.remote_remove(&n, &addr)).await?.map_err(err)?;
+                Ok(true)
+            }
+        })?,
+    )?;
+    let n = name.to_string();
     t.set(
         "info",
         lua.create_async_function(move |lua, _a: MultiValue| {
-            let s = s.clone();
-            async move { to_lua(&lua, &*s.lock().await) }
+            let n = n.clone();
+            async move { info(&lua, n).await }
+        })?,
+    )?;
+    let n = name.to_string();
+    t.set(
+        "update",
+        lua.create_async_function(move |lua, a: MultiValue| {
+            let n = n.clone();
+            async move {
+                let what = format!("{n}.update");
+                let Some(Value::Table(changes)) = args(a).pop_front() else {
+                    return Err(mlua::Error::runtime(format!(
+                        "{what}: expected a table of changes"
+                    )));
+                };
+                let (json, hooks) = split_spec(&lua, &what, &changes)?;
+                let c = controller(&lua)?;
+                let n2 = n.clone();
+                let i = blocking(move || c.remote_update(&n2, &json))
+                    .await?
+                    .map_err(err)?;
+                set_hooks(&lua, &n, &hooks)?;
+                to_lua(&lua, &i)
+            }
         })?,
     )?;
     let n = name.to_string();
     t.set(
         "delete",
         lua.create_async_function(move |lua, _a: MultiValue| {
-            let (s, n) = (shared.clone(), n.clone());
+            let n = n.clone();
             async move {
-                let c = super::vultr::client(&lua)?;
-                s.lock().await.delete(&c).await.map_err(err)?;
-                crate::cloud::lb::remote::forget(&lb_dir(&lua), &n);
-                lock_registry().remove(&remote_key(&lua, &n));
+                let c = controller(&lua)?;
+                let n2 = n.clone();
+                blocking(move || c.remote_delete(&n2)).await?.map_err(err)?;
                 let all: Table = lua.named_registry_value(HOOKS)?;
                 all.set(n.as_str(), Value::Nil)?;
                 Ok(true)

@@ -54,10 +54,17 @@ pub struct Event {
     pub new_pid: Option<i32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub seconds: Option<f64>,
+    /// Remote mode's fail-over: the VM that went down, its replacement, the reserved IP.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub old_instance: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub new_instance: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reserved_ip: Option<String>,
 }
 
 impl Event {
-    fn new(lb: &str, kind: &str, state: &str) -> Event {
+    pub(super) fn new(lb: &str, kind: &str, state: &str) -> Event {
         Event {
             lb: lb.into(),
             kind: kind.into(),
@@ -69,6 +76,9 @@ impl Event {
             old_pid: None,
             new_pid: None,
             seconds: None,
+            old_instance: None,
+            new_instance: None,
+            reserved_ip: None,
         }
     }
 }
@@ -152,22 +162,24 @@ struct Lb {
     st: Mutex<LbState>,
 }
 
-struct Inner {
-    dir: PathBuf,
+pub(super) struct Inner {
+    pub(super) dir: PathBuf,
     bin: PathBuf,
     store: Store,
     lbs: Mutex<BTreeMap<String, Arc<Lb>>>,
-    subs: Mutex<Vec<(String, UnboundedSender<Event>)>>,
-    stop: AtomicBool,
+    pub(super) subs: Mutex<Vec<(String, UnboundedSender<Event>)>>,
+    pub(super) stop: AtomicBool,
+    /// Remote-mode LBs (on VMs), supervised by the controller too ([`super::remote_ctl`]).
+    pub(super) remote: super::remote_ctl::Remotes,
 }
 
 /// The controller of one state directory. Cheap to clone.
 #[derive(Clone)]
 pub struct Controller {
-    inner: Arc<Inner>,
+    pub(super) inner: Arc<Inner>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -209,6 +221,7 @@ impl Controller {
                 lbs: Mutex::new(BTreeMap::new()),
                 subs: Mutex::new(Vec::new()),
                 stop: AtomicBool::new(false),
+                remote: Default::default(),
             }),
         };
         c.restore();
@@ -721,7 +734,7 @@ fn new_state(spec: Spec, paths: Paths, pid: i32) -> LbState {
     }
 }
 
-fn prefixed(what: &str, e: LbError) -> LbError {
+pub(super) fn prefixed(what: &str, e: LbError) -> LbError {
     let text = e.to_string();
     if text.starts_with(what) {
         return e;
@@ -798,7 +811,7 @@ fn sync_runtime(spec: &Spec, paths: &Paths) -> Result<()> {
     Ok(())
 }
 
-fn emit(inner: &Inner, ev: Event) {
+pub(super) fn emit(inner: &Inner, ev: Event) {
     match ev.kind.as_str() {
         "failover" => {
             log::warn!(target: "lb", "lb {}: fail-over: {}", ev.lb, ev.reason.as_deref().unwrap_or(""))

@@ -14,6 +14,7 @@ pub mod autoscale;
 pub mod controller;
 pub mod haproxy;
 pub mod remote;
+pub mod remote_ctl;
 pub mod render;
 pub mod store;
 

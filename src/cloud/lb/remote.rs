@@ -16,11 +16,13 @@
 //! the old VM is destroyed: it is not coming back. If the old VM recovers first, the
 //! replacement is destroyed instead and nothing moves.
 
-use super::render::{self, Paths};
-use super::{invalid, LbError, Result, Spec};
+use super::haproxy;
+use super::render::{self, backend_name, server_name, Paths};
+use super::{invalid, parse_address, Backend, LbError, Result, Spec, MAX_BACKENDS};
 use crate::cloud::vultr::{Client, CreateRequest, Instance, VultrError};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value as Json};
+use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::path::Path;
@@ -276,6 +278,12 @@ pub struct RemoteLb {
     pub up_once: bool,
     /// Set by [`RemoteLb::delete`]; a deleted LB is never checked (nor replaced) again.
     pub deleted: bool,
+    /// Supervision's view: `booting`, `up`, `down` (not yet confirmed), `replacing`, `deleted`.
+    pub state: String,
+    /// The backends as the VM's HAProxy reports them (`show stat` over the private network),
+    /// by address; refreshed by [`RemoteLb::observe`].
+    #[serde(skip)]
+    pub servers: BTreeMap<String, ServerLive>,
     #[serde(skip)]
     created_at: Option<Instant>,
     #[serde(skip)]
@@ -336,6 +344,8 @@ impl RemoteLb {
             failovers: 0,
             up_once: false,
             deleted: false,
+            state: "booting".into(),
+            servers: BTreeMap::new(),
             created_at: Some(Instant::now()),
             down_since: None,
             replace_started: None,
@@ -423,6 +433,7 @@ impl RemoteLb {
                 self.replacing = None;
                 self.down_since = None;
                 self.replace_started = None;
+                self.state = "up".into();
                 return Ok(Some(ev));
             }
             let (new_up, why, seen) = Self::health(c, &new.id).await;
@@ -459,6 +470,8 @@ impl RemoteLb {
                 self.replace_started = None;
                 self.failovers += 1;
                 self.up_once = true;
+                self.state = "up".into();
+                self.servers.clear();
                 return Ok(Some(ev));
             }
             let started = self.replace_started.unwrap_or(now);
@@ -477,10 +490,14 @@ impl RemoteLb {
             }
             return Ok(None);
         }
-        let (up, why, _) = Self::health(c, &self.instance.id).await;
+        let (up, why, seen) = Self::health(c, &self.instance.id).await;
+        if let Some(seen) = seen.filter(|i| !i.id.is_empty()) {
+            self.instance = seen; // addresses appear once the VM has them
+        }
         if up {
             self.up_once = true;
             self.down_since = None;
+            self.state = "up".into();
             return Ok(None);
         }
         if !self.up_once {
@@ -489,11 +506,13 @@ impl RemoteLb {
                 .map(|t| now.duration_since(t).as_secs_f64())
                 .unwrap_or(f64::MAX);
             if age < self.placement.boot_timeout {
+                self.state = "booting".into();
                 return Ok(None); // still booting (cloud-init installs HAProxy)
             }
         }
         let since = *self.down_since.get_or_insert(now);
         if now.duration_since(since).as_secs_f64() < self.placement.confirm {
+            self.state = "down".into();
             return Ok(None);
         }
         let new = c
@@ -502,6 +521,7 @@ impl RemoteLb {
             .map_err(failed)?;
         self.replacing = Some(new);
         self.replace_started = Some(now);
+        self.state = "replacing".into();
         Ok(Some(self.event("down", why)))
     }
 
@@ -522,8 +542,399 @@ impl RemoteLb {
         }
         self.replacing = None;
         self.deleted = true;
+        self.state = "deleted".into();
         Ok(())
     }
+}
+
+/// One backend of a remote LB as the VM's HAProxy reports it.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct ServerLive {
+    pub state: String,
+    pub check: String,
+    pub scur: u64,
+    pub stot: u64,
+    pub rate: u64,
+    pub qcur: u64,
+}
+
+/// A backend that changed state on the VM (for `on_change`): address, new state, previous
+/// state, HAProxy's check status.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Change {
+    pub backend: String,
+    pub state: String,
+    pub previous: Option<String>,
+    pub check: Option<String>,
+}
+
+/// A client of a VM's runtime API over the private network: one command per connection.
+#[derive(Debug, Clone, Copy)]
+pub struct TcpRuntime {
+    pub addr: SocketAddr,
+    pub timeout: Duration,
+}
+
+impl TcpRuntime {
+    pub async fn command(&self, cmd: &str) -> Result<String> {
+        runtime_command(self.addr, cmd, self.timeout)
+            .await
+            .map_err(|e| LbError::Failed(format!("runtime API {} ({cmd}): {e}", self.addr)))
+    }
+
+    /// A command whose success is a known message or an empty answer.
+    pub async fn expect_ok(&self, cmd: &str) -> Result<()> {
+        let out = self.command(cmd).await?;
+        let t = out.trim();
+        if t.is_empty() || t.starts_with("New server registered") || t.starts_with("Server deleted") {
+            Ok(())
+        } else {
+            Err(LbError::Rejected(format!("haproxy refused `{cmd}`: {t}")))
+        }
+    }
+
+    /// `add server` → `enable health` → `enable server` (HAProxy 2.6 starts a runtime-added
+    /// server in maintenance with its checks off); undone when a step is refused.
+    pub async fn add_server(&self, spec: &Spec, b: &Backend) -> Result<()> {
+        let be = backend_name(&spec.name);
+        let srv = server_name(&b.address);
+        let added = async {
+            self.expect_ok(&format!(
+                "add server {be}/{srv} {} {}",
+                b.address,
+                render::server_args(spec, b.autoscaled)
+            ))
+            .await?;
+            self.expect_ok(&format!("enable health {be}/{srv}")).await?;
+            self.expect_ok(&format!("enable server {be}/{srv}")).await
+        }
+        .await;
+        if added.is_err() {
+            let _ = self.command(&format!("disable server {be}/{srv}")).await;
+            let _ = self.command(&format!("del server {be}/{srv}")).await;
+        }
+        added
+    }
+
+    /// drain → maint → wait until the server's sessions end (`drain` seconds, then they are
+    /// shut) → `del server`.
+    pub async fn remove_server(&self, lb: &str, address: &str, drain: f64) -> Result<()> {
+        let be = backend_name(lb);
+        let srv = server_name(address);
+        self.expect_ok(&format!("set server {be}/{srv} state drain"))
+            .await?;
+        self.expect_ok(&format!("set server {be}/{srv} state maint"))
+            .await?;
+        let deadline = Instant::now() + Duration::from_secs_f64(drain);
+        let mut shut = false;
+        loop {
+            let out = self.command(&format!("del server {be}/{srv}")).await?;
+            let t = out.trim();
+            if t.starts_with("Server deleted") || t.contains("No such server") {
+                return Ok(());
+            }
+            if !t.contains("connections") {
+                return Err(LbError::Rejected(format!(
+                    "haproxy refused `del server {be}/{srv}`: {t}"
+                )));
+            }
+            if Instant::now() > deadline && !shut {
+                log::warn!(target: "lb", "lb {lb}: {address} still has sessions after {drain} s; shutting them");
+                let _ = self
+                    .command(&format!("shutdown sessions server {be}/{srv}"))
+                    .await;
+                shut = true;
+            }
+            if Instant::now() > deadline + Duration::from_secs(5) {
+                return Err(LbError::Failed(format!(
+                    "haproxy still refuses to delete {address}: {t}"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// `show stat` as rows of named fields.
+    pub async fn stat(&self) -> Result<Vec<std::collections::HashMap<String, String>>> {
+        Ok(haproxy::parse_csv(&self.command("show stat").await?))
+    }
+}
+
+/// `haproxy -c` of the config a VM would run for `spec` (files under a scratch directory),
+/// so that a config HAProxy rejects is refused before any VM is created or replaced.
+pub fn validate(spec: &Spec) -> Result<()> {
+    let bin = haproxy::binary()?;
+    let dir = std::env::temp_dir().join(format!("stage-lb-check-{}-{}", std::process::id(), spec.name));
+    std::fs::create_dir_all(&dir).map_err(|e| LbError::Failed(format!("{}: {e}", dir.display())))?;
+    let cfg = vm_config(spec, "127.0.0.1").replace(VM_DIR, &dir.display().to_string());
+    let path = dir.join("haproxy.cfg");
+    let r = std::fs::write(&path, cfg)
+        .map_err(|e| LbError::Failed(format!("{}: {e}", path.display())))
+        .and_then(|_| haproxy::validate(&bin, &path));
+    let _ = std::fs::remove_dir_all(&dir);
+    r
+}
+
+impl RemoteLb {
+    /// The runtime API of the serving VM over the private network.
+    pub fn runtime(&self) -> Result<TcpRuntime> {
+        let addr = runtime_addr(&self.instance).ok_or_else(|| {
+            LbError::Failed(format!(
+                "lb {}: vm {} has no private address yet",
+                self.spec.name, self.instance.id
+            ))
+        })?;
+        Ok(TcpRuntime {
+            addr,
+            timeout: Duration::from_secs(3),
+        })
+    }
+
+    /// The desired state with `address` added; an error names what is wrong.
+    pub fn with_backend(&self, what: &str, address: &str) -> Result<(Spec, Backend)> {
+        let addr = parse_address(what, address)?.to_string();
+        if self.spec.backends.iter().any(|b| b.address == addr) {
+            return Err(LbError::Exists(format!(
+                "{what}: {addr} is already a backend of {}",
+                self.spec.name
+            )));
+        }
+        if self.spec.backends.len() >= MAX_BACKENDS {
+            return Err(invalid(format!(
+                "{what}: {} has {MAX_BACKENDS} backends, the most allowed",
+                self.spec.name
+            )));
+        }
+        let b = Backend {
+            address: addr,
+            autoscaled: false,
+        };
+        let mut spec = self.spec.clone();
+        spec.backends.push(b.clone());
+        Ok((spec, b))
+    }
+
+    /// The desired state without `address`.
+    pub fn without_backend(&self, what: &str, address: &str) -> Result<(Spec, String)> {
+        let addr = parse_address(what, address)?.to_string();
+        let mut spec = self.spec.clone();
+        let Some(pos) = spec.backends.iter().position(|b| b.address == addr) else {
+            return Err(LbError::NotFound(format!(
+                "{what}: {addr} is not a backend of {}",
+                self.spec.name
+            )));
+        };
+        spec.backends.remove(pos);
+        Ok((spec, addr))
+    }
+
+    /// Reads `show stat` from the VM into [`RemoteLb::servers`] and makes the VM's servers
+    /// match the desired state (a VM that rebooted from its user data, or missed a change,
+    /// gets the runtime-added backends back; extra ones are removed). Returns the state
+    /// changes. Call it only while the VM is up.
+    pub async fn observe(&mut self) -> Result<Vec<Change>> {
+        let rt = self.runtime()?;
+        let rows = rt.stat().await?;
+        let be = backend_name(&self.spec.name);
+        let by_server: std::collections::HashMap<String, &Backend> = self
+            .spec
+            .backends
+            .iter()
+            .map(|b| (server_name(&b.address), b))
+            .collect();
+        let mut present = Vec::new();
+        let mut changes = Vec::new();
+        for r in rows.iter().filter(|r| r.get("pxname") == Some(&be)) {
+            let sv = r.get("svname").cloned().unwrap_or_default();
+            if sv == "BACKEND" {
+                continue;
+            }
+            present.push(sv.clone());
+            let Some(b) = by_server.get(&sv) else { continue };
+            let state = haproxy::state_word(r.get("status").map(String::as_str).unwrap_or(""));
+            let check = r
+                .get("check_status")
+                .cloned()
+                .unwrap_or_default()
+                .trim_start_matches("* ")
+                .to_string();
+            let num = |k: &str| r.get(k).and_then(|v| v.parse().ok()).unwrap_or(0);
+            let view = self.servers.entry(b.address.clone()).or_default();
+            if !view.state.is_empty() && view.state != state {
+                changes.push(Change {
+                    backend: b.address.clone(),
+                    state: state.clone(),
+                    previous: Some(view.state.clone()),
+                    check: Some(check.clone()),
+                });
+            }
+            *view = ServerLive {
+                state,
+                check,
+                scur: num("scur"),
+                stot: num("stot"),
+                rate: num("rate"),
+                qcur: num("qcur"),
+            };
+        }
+        let wanted: Vec<Backend> = self.spec.backends.clone();
+        self.servers.retain(|a, _| wanted.iter().any(|b| &b.address == a));
+        for b in &wanted {
+            if !present.contains(&server_name(&b.address)) {
+                log::info!(target: "lb", "lb {}: vm {} lacks backend {}; adding it", self.spec.name, self.instance.id, b.address);
+                rt.add_server(&self.spec, b).await?;
+            }
+        }
+        for sv in present {
+            if !by_server.contains_key(&sv) {
+                log::info!(target: "lb", "lb {}: vm {} has server {sv} that is not desired; deleting it", self.spec.name, self.instance.id);
+                let _ = rt.command(&format!("set server {be}/{sv} state maint")).await;
+                let _ = rt.command(&format!("shutdown sessions server {be}/{sv}")).await;
+                let _ = rt.command(&format!("del server {be}/{sv}")).await;
+            }
+        }
+        Ok(changes)
+    }
+
+    /// A structural change (`update`): blue-green, since a VM's config is its user data. A
+    /// new VM is created with `spec` rendered into its user data, and once it serves (API
+    /// ready and runtime API answering within `boot_timeout`) the reserved IP moves to it and
+    /// the old VM is destroyed. When the new VM does not come up it is destroyed and nothing
+    /// else changes.
+    pub async fn roll(&mut self, c: &Client, what: &str, spec: Spec) -> Result<()> {
+        validate(&spec).map_err(|e| LbError::Rejected(format!("{what}: {e}")))?;
+        let new = c
+            .create(&create_request(&spec, &self.placement))
+            .await
+            .map_err(|e| LbError::Failed(format!("{what}: {e}")))?;
+        let t0 = Instant::now();
+        let budget = Duration::from_secs_f64(self.placement.boot_timeout);
+        let mut why = String::from("not ready");
+        let serving = loop {
+            let (up, w, seen) = Self::health(c, &new.id).await;
+            if up {
+                break seen;
+            }
+            why = w;
+            if t0.elapsed() > budget {
+                break None;
+            }
+            tokio::time::sleep(Duration::from_secs_f64(self.placement.interval.min(1.0))).await;
+        };
+        let Some(seen) = serving else {
+            let _ = c.delete(&new.id).await;
+            return Err(LbError::Failed(format!(
+                "{what}: the new vm {} did not serve within {} s ({why}); it was destroyed and \
+                 the running LB is unchanged",
+                new.id, self.placement.boot_timeout
+            )));
+        };
+        if let Some(ip) = &self.placement.reserved_ip {
+            if let Err(e) = c.reserved_ip_move(ip, &seen.id).await {
+                let _ = c.delete(&new.id).await;
+                return Err(LbError::Failed(format!(
+                    "{what}: cannot move reserved ip {ip} to the new vm ({e}); it was destroyed"
+                )));
+            }
+        }
+        match c.delete(&self.instance.id).await {
+            Ok(()) => {}
+            Err(e) if e.status() == Some(404) => {}
+            Err(e) => {
+                log::warn!(target: "lb", "lb {}: cannot destroy the old vm {}: {e}", self.spec.name, self.instance.id)
+            }
+        }
+        log::info!(target: "lb", "lb {}: {what}: vm {} replaced by {} in {:.1} s", self.spec.name, self.instance.id, seen.id, t0.elapsed().as_secs_f64());
+        self.instance = seen;
+        self.spec = spec;
+        self.servers.clear();
+        self.up_once = true;
+        self.state = "up".into();
+        self.down_since = None;
+        Ok(())
+    }
+
+    /// What `info()` and `lb.list()` show of a remote LB.
+    pub fn info(&self) -> RemoteInfo {
+        RemoteInfo {
+            name: self.spec.name.clone(),
+            remote: true,
+            protocol: self.spec.protocol.word().into(),
+            listen: self.spec.listen.clone(),
+            algorithm: self.spec.algorithm.word().into(),
+            state: self.state.clone(),
+            running: self.state == "up",
+            vm: self.instance.id.clone(),
+            main_ip: self.instance.main_ip.clone(),
+            internal_ip: self.instance.internal_ip.clone(),
+            reserved_ip: self.placement.reserved_ip.clone(),
+            failovers: self.failovers,
+            backends: self
+                .spec
+                .backends
+                .iter()
+                .map(|b| {
+                    let v = self.servers.get(&b.address).cloned().unwrap_or_default();
+                    super::controller::BackendInfo {
+                        address: b.address.clone(),
+                        server: server_name(&b.address),
+                        state: if v.state.is_empty() {
+                            "UNKNOWN".into()
+                        } else {
+                            v.state
+                        },
+                        check: v.check,
+                        sessions: v.scur,
+                        total: v.stot,
+                        rate: v.rate,
+                        queue: v.qcur,
+                        autoscaled: b.autoscaled,
+                    }
+                })
+                .collect(),
+            health: self.spec.health.clone(),
+            project: self.spec.project.clone(),
+            spec: self.spec.clone(),
+            placement: self.placement.clone(),
+            instance: self.instance.clone(),
+            replacing: self.replacing.clone(),
+            up_once: self.up_once,
+            deleted: self.deleted,
+        }
+    }
+}
+
+/// A remote LB as `info()` / `lb.list()` show it: the fields a local LB has (name, protocol,
+/// listen, algorithm, running, failovers, backends, health, project) and the VM's.
+#[derive(Debug, Clone, Serialize)]
+pub struct RemoteInfo {
+    pub name: String,
+    /// Always true: tells a remote LB from a local one in `lb.list()`.
+    pub remote: bool,
+    pub protocol: String,
+    pub listen: String,
+    pub algorithm: String,
+    /// Supervision's view: `booting`, `up`, `down`, `replacing`, `deleted`.
+    pub state: String,
+    pub running: bool,
+    /// The serving VM's id and addresses.
+    pub vm: String,
+    pub main_ip: String,
+    pub internal_ip: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reserved_ip: Option<String>,
+    pub failovers: u64,
+    pub backends: Vec<super::controller::BackendInfo>,
+    pub health: super::Health,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub project: Option<String>,
+    pub spec: Spec,
+    pub placement: Placement,
+    pub instance: Instance,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replacing: Option<Instance>,
+    pub up_once: bool,
+    pub deleted: bool,
 }
 
 /// What is persisted of a remote LB (`HOME/var/lb/remote/NAME.json`): enough to resume
@@ -536,6 +947,12 @@ pub struct Record {
     pub replacing: Option<String>,
     pub failovers: u64,
     pub up_once: bool,
+    /// Supervision's last view (for `stage lb status` while the node is down).
+    #[serde(default)]
+    pub state: String,
+    /// The serving VM's private address: where `stage lb status` reaches its runtime API.
+    #[serde(default)]
+    pub internal_ip: String,
 }
 
 impl RemoteLb {
@@ -547,6 +964,8 @@ impl RemoteLb {
             replacing: self.replacing.as_ref().map(|i| i.id.clone()),
             failovers: self.failovers,
             up_once: self.up_once,
+            state: self.state.clone(),
+            internal_ip: self.instance.internal_ip.clone(),
         }
     }
 
@@ -570,7 +989,13 @@ impl RemoteLb {
             None => None,
         };
         let now = Instant::now();
+        let state = if replacing.is_some() {
+            "replacing"
+        } else {
+            "booting"
+        };
         Ok(RemoteLb {
+            state: state.into(),
             spec: r.spec,
             placement: r.placement,
             instance,
@@ -578,8 +1003,10 @@ impl RemoteLb {
             replace_started: replacing.as_ref().map(|_| now),
             replacing,
             failovers: r.failovers,
+
             up_once: r.up_once,
             deleted: false,
+            servers: BTreeMap::new(),
             created_at: Some(now),
         })
     }
