@@ -6,6 +6,7 @@
 //! `ClusterRemote` plugs a node into the router (`router::Remote`). Plain Rust, no Lua.
 
 pub mod auth;
+pub mod batch;
 pub mod conf;
 pub mod engine;
 pub mod frag;
@@ -15,7 +16,7 @@ pub mod udp;
 pub mod wire;
 
 pub use conf::ClusterConfig;
-pub use engine::{Engine, Event, Sink, StageLoad, State};
+pub use engine::{defer_sends, flush_deferred, Engine, Event, Sink, StageLoad, State};
 
 use crate::router::{LockOp, Message, Remote, SenderInfo};
 use crate::value::Value;
