@@ -1,8 +1,8 @@
 //! One cluster node without its socket: membership by `foca` (SWIM with suspicion), the
 //! routing table (each member's stage ids, instance counts and queue load, pushed every
-//! third of `#router[0]`), authenticated datagrams (`auth`), fragmentation (`frag`), STAGE's
-//! direction rule, the fail-over chain and the owner of each lock (rendezvous hashing over
-//! live members). The socket is a `Transport`: UDP in `udp.rs`, memory in the simulation.
+//! third of `#router[0]`), authenticated datagrams (`auth`), batches and fragments
+//! (`batch`, `frag`), STAGE's direction rule, the fail-over chain and the owner of each lock
+//! (rendezvous hashing over live members). The socket is a `Transport`: UDP in `udp.rs`, memory in the simulation.
 //! Incoming work goes to a `Sink` (the router of this node).
 
 use super::auth::{Envelope, Reject, HEADER};

@@ -1,8 +1,9 @@
 //! The cluster (`#cluster`): nodes that find each other over UDP and carry STAGE's messages
 //! between them. `conf` reads the configuration, `auth` seals and opens every datagram
 //! (HMAC-SHA256, key id, replay window), `frag` cuts and joins messages larger than a
-//! datagram, `wire` is the byte format of messages, `engine` is one node (membership by
-//! `foca`, routing table, direction rule, fail-over chain, lock owners) and `udp` its socket.
+//! datagram, `batch` packs the messages for one node into one datagram, `wire` is the byte
+//! format of messages, `engine` is one node (membership by `foca`, routing table, direction
+//! rule, fail-over chain, lock owners, per-destination outboxes) and `udp` its socket.
 //! `ClusterRemote` plugs a node into the router (`router::Remote`). Plain Rust, no Lua.
 
 pub mod auth;
