@@ -173,21 +173,34 @@ impl Envelope {
     }
 
     fn seal_at(&self, to: SocketAddr, frame: u8, body: &[u8], time: u64) -> Vec<u8> {
-        let seq = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
         let mut d = Vec::with_capacity(HEADER + body.len() + TAG);
-        d.extend_from_slice(MAGIC);
-        d.push(VERSION);
-        d.push(self.key.as_ref().map_or(0, |k| k.0));
-        d.extend_from_slice(&self.session.to_le_bytes());
-        d.extend_from_slice(&seq.to_le_bytes());
-        d.extend_from_slice(&time.to_le_bytes());
-        d.push(frame);
+        d.resize(HEADER, 0);
         d.extend_from_slice(body);
+        self.seal_in_place_at(to, frame, &mut d, time);
+        d
+    }
+
+    /// Seals a datagram built in place: `d` starts with `HEADER` bytes of room for the
+    /// envelope (overwritten here), then the body; the tag is appended. Saves a copy of the
+    /// body (a batch of messages is encoded straight into its datagram).
+    pub fn seal_in_place(&self, to: SocketAddr, frame: u8, d: &mut Vec<u8>) {
+        self.seal_in_place_at(to, frame, d, now_ms())
+    }
+
+    fn seal_in_place_at(&self, to: SocketAddr, frame: u8, d: &mut Vec<u8>, time: u64) {
+        assert!(d.len() >= HEADER, "no room for the envelope");
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
+        d[..2].copy_from_slice(MAGIC);
+        d[2] = VERSION;
+        d[3] = self.key.as_ref().map_or(0, |k| k.0);
+        d[4..12].copy_from_slice(&self.session.to_le_bytes());
+        d[12..20].copy_from_slice(&seq.to_le_bytes());
+        d[20..28].copy_from_slice(&time.to_le_bytes());
+        d[28] = frame;
         if let Some((_, key)) = &self.key {
-            let tag = sign(key, to, &d);
+            let tag = sign(key, to, d);
             d.extend_from_slice(&tag[..TAG]);
         }
-        d
     }
 
     /// Checks a datagram that arrived at `me` and returns what it carries, or why it is refused.

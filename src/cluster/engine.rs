@@ -1,21 +1,23 @@
 //! One cluster node without its socket: membership by `foca` (SWIM with suspicion), the
 //! routing table (each member's stage ids, instance counts and queue load, pushed every
-//! third of `#router[0]`), authenticated datagrams (`auth`), fragmentation (`frag`), STAGE's
-//! direction rule, the fail-over chain and the owner of each lock (rendezvous hashing over
-//! live members). The socket is a `Transport`: UDP in `udp.rs`, memory in the simulation.
+//! third of `#router[0]`), authenticated datagrams (`auth`), batches and fragments
+//! (`batch`, `frag`), STAGE's direction rule, the fail-over chain and the owner of each lock
+//! (rendezvous hashing over live members). The socket is a `Transport`: UDP in `udp.rs`, memory in the simulation.
 //! Incoming work goes to a `Sink` (the router of this node).
 
-use super::auth::{Envelope, Reject};
+use super::auth::{Envelope, Reject, HEADER};
+use super::batch::{self, BATCH_HEADER, ENTRY_HEADER};
 use super::conf::ClusterConfig;
 use super::frag::{self, Reassembler};
 use super::wire::{self, App, Reader, Writer};
 use crate::router::{Kind, LockOp, Message, SenderInfo};
 use crate::value::Value;
 use foca::{AccumulatingRuntime, Foca, NoCustomBroadcast, OwnedNotification, PostcardCodec, Timer};
+use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 /// Sends one datagram (UDP, or memory in tests).
@@ -119,6 +121,70 @@ const F_STATE: u8 = 2;
 const F_FRAG: u8 = 3;
 const F_STATUS_REQ: u8 = 4;
 const F_STATUS: u8 = 5;
+const F_BATCH: u8 = 6;
+
+/// A batch waiting for its sending thread to go idle is sent anyway once it is this old
+/// (by the next message put in it, or by the socket thread's sweep).
+pub const MAX_BATCH_DELAY: Duration = Duration::from_micros(500);
+
+/// Messages for one node: their numbering and the batch being filled.
+struct Outbox {
+    /// The last message number given out (per sender → receiver pair).
+    seq: u64,
+    /// The datagram being filled: room for the envelope, then a batch body (`batch`); empty
+    /// when nothing waits.
+    buf: Vec<u8>,
+    /// When the batch's first message was put in (deferred batches only).
+    since: Option<Instant>,
+}
+
+/// One destination node's outbox, behind its own lock: numbering, batching and sending are
+/// one step per destination, so no message overtakes an older one on its way out.
+pub struct Dest {
+    to: SocketAddr,
+    out: Mutex<Outbox>,
+}
+
+/// Outboxes a thread filled and has not sent yet, with their engines.
+type Pending = Vec<(Weak<Engine>, Arc<Dest>)>;
+
+thread_local! {
+    /// `None` on threads that send at once (the default).
+    static DEFERRED: RefCell<Option<Pending>> = const { RefCell::new(None) };
+}
+
+/// From now on this thread's cluster messages wait in their destination's batch until the
+/// thread calls `flush_deferred` (an instance's runtime calls it when it goes idle), or at
+/// most `MAX_BATCH_DELAY`.
+pub fn defer_sends() {
+    let _ = DEFERRED.try_with(|d| {
+        let mut d = d.borrow_mut();
+        if d.is_none() {
+            *d = Some(vec![]);
+        }
+    });
+}
+
+/// Sends every batch this thread filled since it last called this.
+pub fn flush_deferred() {
+    let _ = DEFERRED.try_with(|d| {
+        let mut list = match d.borrow_mut().as_mut() {
+            Some(v) if !v.is_empty() => std::mem::take(v),
+            _ => return,
+        };
+        for (e, dest) in list.drain(..) {
+            if let Some(e) = e.upgrade() {
+                e.flush(&dest);
+            }
+        }
+        // Keep the list's allocation for the next round.
+        if let Some(v) = d.borrow_mut().as_mut() {
+            if v.is_empty() {
+                *v = list;
+            }
+        }
+    });
+}
 
 /// A small xorshift generator for foca's probe order (not security relevant).
 pub struct Rng(u64);
@@ -196,8 +262,10 @@ pub struct Engine {
     swim: Mutex<Swim>,
     table: RwLock<HashMap<SocketAddr, Peer>>,
     reasm: Mutex<Reassembler>,
-    /// The last message number sent to each node, each behind its own lock.
-    out_seq: Mutex<HashMap<SocketAddr, Arc<Mutex<u64>>>>,
+    /// Each destination's numbering and batch, each behind its own lock.
+    dests: RwLock<HashMap<SocketAddr, Arc<Dest>>>,
+    /// This engine, for the batches a thread leaves to send later.
+    this: Weak<Engine>,
     rr: AtomicUsize,
     pub stats: Stats,
     /// Per sender address: when a refusal was last logged (once per peer per minute).
@@ -219,6 +287,8 @@ pub struct Engine {
     chunk: usize,
     /// This node's admin API address, advertised in every state push (`set_admin`).
     admin: RwLock<Option<String>>,
+    /// The largest batch body: a batch datagram is no larger than a fragment's.
+    batch_cap: usize,
 }
 
 impl Engine {
@@ -250,7 +320,7 @@ impl Engine {
         // Loopback carries big datagrams; real networks get datagrams that fit an MTU.
         let chunk = if cfg.advertise.is_loopback() { 60_000 } else { 1200 };
         let env = Envelope::new(cfg.key.as_deref(), random_u64()).accepting(&cfg.accept);
-        Arc::new(Engine {
+        Arc::new_cyclic(|this| Engine {
             name: me.addr.to_string(),
             me,
             env,
@@ -259,7 +329,8 @@ impl Engine {
             swim: Mutex::new(Swim { foca, timers: vec![] }),
             table: RwLock::new(HashMap::new()),
             reasm: Mutex::new(Reassembler::default()),
-            out_seq: Mutex::new(HashMap::new()),
+            dests: RwLock::new(HashMap::new()),
+            this: this.clone(),
             rr: AtomicUsize::new(0),
             stats: Stats::default(),
             logged: Mutex::new(HashMap::new()),
@@ -273,6 +344,7 @@ impl Engine {
             announce_now: std::sync::atomic::AtomicBool::new(false),
             chunk,
             admin: RwLock::new(None),
+            batch_cap: frag::FRAG_HEADER + chunk,
             cfg,
         })
     }
@@ -825,6 +897,26 @@ impl Engine {
                     Err(_) => self.refuse(from, Reject::Malformed),
                 }
             }
+            F_BATCH => {
+                let Ok((first, entries)) = batch::parse(o.body) else {
+                    return self.refuse(from, Reject::Malformed);
+                };
+                let n = entries.clone().count() as u64;
+                let late = self
+                    .reasm
+                    .lock()
+                    .expect("reasm")
+                    .take_run(o.session, first, n, now);
+                if late > 0 {
+                    self.stats.messages_dropped.fetch_add(late, Ordering::Relaxed);
+                }
+                for e in entries.skip(late as usize) {
+                    match wire::decode_app(e, self.env.secure()) {
+                        Ok(app) => self.on_app(app),
+                        Err(_) => self.refuse(from, Reject::Malformed),
+                    }
+                }
+            }
             F_STATUS_REQ => {
                 let d = self
                     .env
@@ -908,29 +1000,134 @@ impl Engine {
         }
     }
 
-    /// Sends an application frame to `to`, fragmented; `Err` when it cannot be encoded.
+    /// The outbox of `to`.
+    fn dest(&self, to: SocketAddr) -> Arc<Dest> {
+        if let Some(d) = self.dests.read().expect("dests").get(&to) {
+            return d.clone();
+        }
+        self.dests
+            .write()
+            .expect("dests")
+            .entry(to)
+            .or_insert_with(|| {
+                Arc::new(Dest {
+                    to,
+                    out: Mutex::new(Outbox {
+                        seq: 0,
+                        buf: vec![],
+                        since: None,
+                    }),
+                })
+            })
+            .clone()
+    }
+
+    /// Sends an application frame to `to`: numbered, encoded straight into the destination's
+    /// batch, which goes out at once or (on a thread that defers) when the thread goes idle;
+    /// a message larger than a datagram goes out at once in fragments, after the batch before
+    /// it. `Err` when it cannot be encoded.
     fn send_app(&self, to: SocketAddr, app: &App) -> Result<(), &'static str> {
-        let payload = wire::encode_app(app, self.env.secure())?;
-        if payload.len() > frag::MAX_MESSAGE {
+        let dest = self.dest(to);
+        let mut o = dest.out.lock().expect("outbox");
+        let fresh = o.buf.is_empty();
+        if fresh {
+            o.buf.resize(HEADER + BATCH_HEADER, 0);
+        }
+        let at = batch::begin_entry(&mut o.buf);
+        let mut w = Writer {
+            buf: std::mem::take(&mut o.buf),
+        };
+        let r = wire::put_app(&mut w, app, self.env.secure());
+        o.buf = w.buf;
+        let cut = if fresh { 0 } else { at };
+        if let Err(e) = r {
+            o.buf.truncate(cut);
+            return Err(e);
+        }
+        if o.buf.len() - at - ENTRY_HEADER > frag::MAX_MESSAGE {
+            o.buf.truncate(cut);
             return Err("message larger than the cluster's 8 MiB limit");
         }
-        let counter = self
-            .out_seq
-            .lock()
-            .expect("out_seq")
-            .entry(to)
-            .or_default()
-            .clone();
-        // Numbered and sent under the destination's lock: the receiver drops a message older
-        // than one it delivered, so two threads sending to one node must not overtake each
-        // other between numbering and sending.
-        let mut seq = counter.lock().expect("out_seq of a node");
-        *seq += 1;
-        for f in frag::split(*seq, &payload, self.chunk) {
-            let d = self.env.seal(to, F_FRAG, &f);
-            self.send_raw(to, &d);
+        o.seq += 1;
+        let seq = o.seq;
+        if o.buf.len() - HEADER > self.batch_cap {
+            // It does not fit with what waits: that goes first, then this message alone.
+            let entry = o.buf.split_off(at + ENTRY_HEADER);
+            o.buf.truncate(cut);
+            self.flush_locked(to, &mut o);
+            if BATCH_HEADER + ENTRY_HEADER + entry.len() <= self.batch_cap {
+                o.buf.resize(HEADER, 0);
+                batch::start(&mut o.buf, seq);
+                let at = batch::begin_entry(&mut o.buf);
+                o.buf.extend_from_slice(&entry);
+                batch::finish_entry(&mut o.buf, at);
+            } else {
+                for f in frag::split(seq, &entry, self.chunk) {
+                    let d = self.env.seal(to, F_FRAG, &f);
+                    self.send_raw(to, &d);
+                }
+                return Ok(());
+            }
+        } else {
+            batch::finish_entry(&mut o.buf, at);
+            if fresh {
+                o.buf[HEADER..HEADER + BATCH_HEADER].copy_from_slice(&seq.to_le_bytes());
+            }
+        }
+        let deferred = DEFERRED
+            .try_with(|d| match d.borrow_mut().as_mut() {
+                Some(list) => {
+                    if !list.iter().any(|(_, x)| Arc::ptr_eq(x, &dest)) {
+                        list.push((self.this.clone(), dest.clone()));
+                    }
+                    true
+                }
+                None => false,
+            })
+            .unwrap_or(false);
+        if deferred {
+            let now = Instant::now();
+            match o.since {
+                None => o.since = Some(now),
+                Some(t) if now.duration_since(t) >= MAX_BATCH_DELAY => self.flush_locked(to, &mut o),
+                Some(_) => {}
+            }
+        } else {
+            self.flush_locked(to, &mut o);
         }
         Ok(())
+    }
+
+    /// Sends the batch of `dest`, if any.
+    fn flush(&self, dest: &Dest) {
+        let mut o = dest.out.lock().expect("outbox");
+        self.flush_locked(dest.to, &mut o);
+    }
+
+    fn flush_locked(&self, to: SocketAddr, o: &mut Outbox) {
+        o.since = None;
+        if o.buf.len() <= HEADER + BATCH_HEADER {
+            o.buf.clear();
+            return;
+        }
+        self.env.seal_in_place(to, F_BATCH, &mut o.buf);
+        self.send_raw(to, &o.buf);
+        o.buf.clear();
+        // A message near the limit grew the buffer: give the memory back.
+        if o.buf.capacity() > 4 * (HEADER + self.batch_cap) {
+            o.buf = Vec::new();
+        }
+    }
+
+    /// Sends the batches that waited `MAX_BATCH_DELAY` or longer (their threads stayed busy);
+    /// the socket thread calls it every millisecond or so.
+    pub fn flush_late(&self, now: Instant) {
+        for d in self.dests.read().expect("dests").values() {
+            let Ok(mut o) = d.out.try_lock() else { continue };
+            if o.since.is_some_and(|t| now.duration_since(t) >= MAX_BATCH_DELAY) {
+                self.flush_locked(d.to, &mut o);
+            }
+        }
     }
 
     fn send_or_log(&self, to: SocketAddr, app: &App) -> bool {

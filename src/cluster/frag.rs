@@ -134,6 +134,20 @@ impl Reassembler {
         Ok(None)
     }
 
+    /// Takes the whole messages `first .. first + n` of `session` (a batch); returns how many
+    /// of the first ones are late (at or below a message already delivered from the sender),
+    /// which the caller drops; the others are delivered in order.
+    pub fn take_run(&mut self, session: u64, first: u64, n: u64, now: Instant) -> u64 {
+        let late = match self.delivered.get(&session) {
+            Some((last, _)) if *last >= first => (*last - first + 1).min(n),
+            _ => 0,
+        };
+        if late < n {
+            self.mark(session, first + n - 1, now);
+        }
+        late
+    }
+
     fn mark(&mut self, session: u64, seq: u64, now: Instant) {
         self.delivered.insert(session, (seq, now));
         // Older incomplete messages of this sender can no longer be delivered.
@@ -215,6 +229,24 @@ mod tests {
         assert_eq!(r.push(1, &split(1, b"one", 100)[0], now), Err(Drop::Late));
         // Another sender has its own order.
         assert!(r.push(2, &split(1, b"one", 100)[0], now).unwrap().is_some());
+    }
+
+    #[test]
+    fn a_batch_delivers_only_the_messages_newer_than_the_last_delivered() {
+        let mut r = Reassembler::default();
+        let now = Instant::now();
+        assert_eq!(r.take_run(1, 1, 3, now), 0);
+        // 2..=4 overlaps 1..=3: two late, one new.
+        assert_eq!(r.take_run(1, 2, 3, now), 2);
+        // Entirely old: all late, and the mark does not move back.
+        assert_eq!(r.take_run(1, 1, 4, now), 4);
+        assert_eq!(r.take_run(1, 5, 1, now), 0);
+        // A single fragment message numbered below the last batch is late too.
+        assert_eq!(r.push(1, &split(5, b"x", 100)[0], now), Err(Drop::Late));
+        assert!(r.push(1, &split(6, b"x", 100)[0], now).unwrap().is_some());
+        assert_eq!(r.take_run(1, 6, 2, now), 1);
+        // Another sender has its own numbers.
+        assert_eq!(r.take_run(2, 1, 1, now), 0);
     }
 
     #[test]

@@ -1,11 +1,13 @@
 //! The cluster (`#cluster`): nodes that find each other over UDP and carry STAGE's messages
 //! between them. `conf` reads the configuration, `auth` seals and opens every datagram
 //! (HMAC-SHA256, key id, replay window), `frag` cuts and joins messages larger than a
-//! datagram, `wire` is the byte format of messages, `engine` is one node (membership by
-//! `foca`, routing table, direction rule, fail-over chain, lock owners) and `udp` its socket.
+//! datagram, `batch` packs the messages for one node into one datagram, `wire` is the byte
+//! format of messages, `engine` is one node (membership by `foca`, routing table, direction
+//! rule, fail-over chain, lock owners, per-destination outboxes) and `udp` its socket.
 //! `ClusterRemote` plugs a node into the router (`router::Remote`). Plain Rust, no Lua.
 
 pub mod auth;
+pub mod batch;
 pub mod conf;
 pub mod engine;
 pub mod frag;
@@ -15,7 +17,7 @@ pub mod udp;
 pub mod wire;
 
 pub use conf::ClusterConfig;
-pub use engine::{Engine, Event, Sink, StageLoad, State};
+pub use engine::{defer_sends, flush_deferred, Engine, Event, Sink, StageLoad, State};
 
 use crate::router::{LockOp, Message, Remote, SenderInfo};
 use crate::value::Value;

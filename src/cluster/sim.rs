@@ -913,3 +913,148 @@ fn a_node_that_rejoins_while_cut_off_still_detects_the_dead() {
     );
     eprintln!("after rejoining alone, node 0 detected the dead node in {det:?}");
 }
+
+#[test]
+fn deferred_messages_leave_in_batches_in_order_and_with_every_size() {
+    let mut sim = Sim::new();
+    sim.add(cfg(0, vec![addr(1)], vec![], b"k", 300), vec![]);
+    sim.add(cfg(1, vec![], vec![], b"k", 300), vec![stage("db", 0)]);
+    assert!(sim
+        .until(Duration::from_secs(10), |s| s.nodes[0]
+            .0
+            .members()
+            .iter()
+            .any(|m| !m.2.is_empty()))
+        .is_some());
+    let e0 = sim.nodes[0].0.clone();
+    let sent = || e0.stats.datagrams_sent.load(std::sync::atomic::Ordering::Relaxed);
+    // Sizes on loopback (60 kB fragments, so a batch body holds at most 60,016 bytes): small
+    // ones, three of 25 kB (two fit one batch, the third starts the next), one that fits a
+    // batch only alone, one that needs fragments, then a mebibyte.
+    let sizes: Vec<usize> = [vec![10; 10], vec![25_000; 3], vec![59_900], vec![10; 3]]
+        .concat()
+        .into_iter()
+        .chain([200_000, 10, 10, 1 << 20, 10])
+        .collect();
+    super::engine::defer_sends();
+    let before = sent();
+    let t = Instant::now();
+    let body = |i: usize, n: usize| Value::Str((0..n).map(|k| ((i + k) % 251) as u8).collect());
+    for (i, n) in sizes.iter().enumerate().take(10) {
+        e0.deliver_one("db", msg(&format!("m{i}"), vec![body(i, *n)], Kind::Reply), false)
+            .unwrap();
+    }
+    if t.elapsed() < super::engine::MAX_BATCH_DELAY {
+        assert_eq!(sent(), before, "a deferring thread sent before it went idle");
+    }
+    for (i, n) in sizes.iter().enumerate().skip(10) {
+        e0.deliver_one("db", msg(&format!("m{i}"), vec![body(i, *n)], Kind::Reply), false)
+            .unwrap();
+    }
+    super::engine::flush_deferred();
+    let datagrams = sent() - before;
+    // 10 small: 1; 3 × 25 kB: 1 + (joins the next); 59.9 kB alone: 1; 3 small: 1 (with it?
+    // no: it fills its batch); 200 kB: 4 fragments; 2 small: 1; 1 MiB: 18 fragments; 1 small.
+    let fragments = 200_000usize.div_ceil(60_000) + (1usize << 20).div_ceil(60_000);
+    assert!(
+        datagrams <= fragments as u64 + 8,
+        "{datagrams} datagrams for {} messages: not batched",
+        sizes.len()
+    );
+    sim.step();
+    let got: Vec<(String, usize)> = sim.nodes[1]
+        .1
+        .got
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(_, _, m)| match &m.values[..] {
+            [Value::Str(s)] => (m.id.clone(), s.len()),
+            v => panic!("values changed: {v:?}"),
+        })
+        .collect();
+    let want: Vec<(String, usize)> = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (format!("m{i}"), *n))
+        .collect();
+    assert_eq!(got, want, "every message once, in sending order");
+    // And the bytes are the bytes sent.
+    let g = sim.nodes[1].1.got.lock().unwrap();
+    for (i, (_, _, m)) in g.iter().enumerate() {
+        assert_eq!(m.values, vec![body(i, sizes[i])], "message {i} altered");
+    }
+}
+
+#[test]
+fn a_forged_or_malformed_batch_delivers_nothing() {
+    let mut sim = Sim::new();
+    sim.add(cfg(0, vec![addr(1)], vec![], b"k", 300), vec![]);
+    sim.add(cfg(1, vec![], vec![], b"k", 300), vec![stage("db", 0)]);
+    assert!(sim
+        .until(Duration::from_secs(10), |s| s.nodes[0]
+            .0
+            .members()
+            .iter()
+            .any(|m| !m.2.is_empty()))
+        .is_some());
+    super::engine::defer_sends();
+    for i in 0..3 {
+        sim.nodes[0]
+            .0
+            .deliver_one(
+                "db",
+                msg(&format!("b{i}"), vec![Value::Int(i)], Kind::Reply),
+                false,
+            )
+            .unwrap();
+    }
+    super::engine::flush_deferred();
+    // The batch datagram (frame type 6, right after the 28-byte envelope header).
+    let d = sim
+        .net
+        .log
+        .lock()
+        .unwrap()
+        .iter()
+        .rev()
+        .find(|(f, t, d)| *f == addr(0) && *t == addr(1) && d.get(28) == Some(&6))
+        .map(|x| x.2.clone())
+        .expect("a batch datagram");
+    sim.net.queue.lock().unwrap().clear();
+    let e1 = &sim.nodes[1].0;
+    // Altered in its body, or cut anywhere: the tag no longer matches.
+    let mut forged = d.clone();
+    forged[40] ^= 1;
+    e1.receive(addr(0), &forged);
+    e1.receive(addr(0), &d[..d.len() - 7]);
+    assert_eq!(e1.rejected(Reject::BadTag), 2);
+    // Authentic, but an entry's length runs past the datagram: refused whole.
+    let key = super::auth::Envelope::new(Some(b"k"), 77);
+    let mut body = 1u64.to_le_bytes().to_vec();
+    body.extend_from_slice(&3u32.to_le_bytes());
+    body.extend_from_slice(b"abc");
+    body.extend_from_slice(&1000u32.to_le_bytes());
+    body.extend_from_slice(b"short");
+    e1.receive(addr(0), &key.seal(addr(1), 6, &body));
+    assert_eq!(e1.rejected(Reject::Malformed), 1);
+    assert!(
+        sim.nodes[1].1.got.lock().unwrap().is_empty(),
+        "nothing refused was delivered"
+    );
+    // The real one is taken, in order.
+    e1.receive(addr(0), &d);
+    let ids: Vec<String> = sim.nodes[1]
+        .1
+        .got
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|x| x.2.id.clone())
+        .collect();
+    assert_eq!(ids, ["b0", "b1", "b2"]);
+    // A replay of it is refused by the envelope.
+    e1.receive(addr(0), &d);
+    assert_eq!(e1.rejected(Reject::Replayed), 1);
+    assert_eq!(sim.nodes[1].1.got.lock().unwrap().len(), 3);
+}

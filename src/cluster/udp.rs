@@ -1,5 +1,6 @@
-//! The cluster's UDP socket: one thread receives datagrams and runs the engine's timers;
-//! any thread sends (a UDP send does not wait for the peer). `status` asks a running node
+//! The cluster's UDP socket: one thread receives datagrams (`recvmmsg`, up to 32 a system
+//! call), runs the engine's timers and sends batches whose threads stayed busy; any thread
+//! sends (a UDP send does not wait for the peer). `status` asks a running node
 //! for its view (`stage cluster status`).
 
 use super::auth::Envelope;
@@ -106,9 +107,110 @@ impl Drop for Node {
     }
 }
 
+/// Datagrams taken from the socket per system call at most.
+const RECV_BATCH: usize = 32;
+/// Room per datagram: the largest a UDP datagram can be.
+const RECV_SIZE: usize = 65536;
+
+/// `recvmmsg(2)` buffers: up to `RECV_BATCH` datagrams per system call.
+struct Receiver {
+    bufs: Vec<u8>,
+    addrs: Vec<libc::sockaddr_storage>,
+    iovs: Vec<libc::iovec>,
+    hdrs: Vec<libc::mmsghdr>,
+}
+
+impl Receiver {
+    fn new() -> Receiver {
+        // SAFETY: all-zero bytes are a valid value of these plain C structs.
+        let zero_addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+        let zero_hdr: libc::mmsghdr = unsafe { std::mem::zeroed() };
+        Receiver {
+            bufs: vec![0; RECV_BATCH * RECV_SIZE],
+            addrs: vec![zero_addr; RECV_BATCH],
+            iovs: (0..RECV_BATCH)
+                .map(|_| libc::iovec {
+                    iov_base: std::ptr::null_mut(),
+                    iov_len: 0,
+                })
+                .collect(),
+            hdrs: vec![zero_hdr; RECV_BATCH],
+        }
+    }
+
+    /// Waits (up to the socket's read timeout) for one datagram, then takes every one that
+    /// is already there, up to `RECV_BATCH`; returns how many.
+    fn recv(&mut self, sock: &UdpSocket) -> std::io::Result<usize> {
+        use std::os::fd::AsRawFd;
+        for i in 0..RECV_BATCH {
+            self.iovs[i] = libc::iovec {
+                iov_base: self.bufs[i * RECV_SIZE..].as_mut_ptr().cast(),
+                iov_len: RECV_SIZE,
+            };
+            let h = &mut self.hdrs[i];
+            h.msg_hdr.msg_name = (&mut self.addrs[i] as *mut libc::sockaddr_storage).cast();
+            h.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            h.msg_hdr.msg_iov = &mut self.iovs[i];
+            h.msg_hdr.msg_iovlen = 1;
+            h.msg_hdr.msg_control = std::ptr::null_mut();
+            h.msg_hdr.msg_controllen = 0;
+            h.msg_hdr.msg_flags = 0;
+            h.msg_len = 0;
+        }
+        // SAFETY: every header points into buffers owned by `self` that outlive the call,
+        // with their true lengths.
+        let n = unsafe {
+            libc::recvmmsg(
+                sock.as_raw_fd(),
+                self.hdrs.as_mut_ptr(),
+                RECV_BATCH as libc::c_uint,
+                libc::MSG_WAITFORONE,
+                std::ptr::null_mut(),
+            )
+        };
+        if n < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(n as usize)
+    }
+
+    /// Datagram `i` of the last `recv` and its sender (`None`: not an IP address).
+    fn get(&self, i: usize) -> Option<(SocketAddr, &[u8])> {
+        let len = (self.hdrs[i].msg_len as usize).min(RECV_SIZE);
+        let data = &self.bufs[i * RECV_SIZE..i * RECV_SIZE + len];
+        let a = &self.addrs[i];
+        let from = match a.ss_family as libc::c_int {
+            libc::AF_INET => {
+                // SAFETY: the kernel wrote a sockaddr_in here (its family says so).
+                let v4: &libc::sockaddr_in = unsafe { &*(a as *const libc::sockaddr_storage).cast() };
+                SocketAddr::from((
+                    u32::from_be(v4.sin_addr.s_addr).to_be_bytes(),
+                    u16::from_be(v4.sin_port),
+                ))
+            }
+            libc::AF_INET6 => {
+                // SAFETY: the kernel wrote a sockaddr_in6 here (its family says so).
+                let v6: &libc::sockaddr_in6 = unsafe { &*(a as *const libc::sockaddr_storage).cast() };
+                SocketAddr::V6(std::net::SocketAddrV6::new(
+                    v6.sin6_addr.s6_addr.into(),
+                    u16::from_be(v6.sin6_port),
+                    v6.sin6_flowinfo,
+                    v6.sin6_scope_id,
+                ))
+            }
+            _ => return None,
+        };
+        Some((from, data))
+    }
+}
+
 fn serve(engine: &Engine, sock: &UdpSocket, stop: &AtomicBool) {
-    let mut buf = vec![0u8; 65536];
+    let mut rx = Receiver::new();
     let mut next = Instant::now();
+    let mut swept = next;
+    // Answers this thread sends (a request that found no instance, a fail-over hop) go out
+    // in batches too, after each round of datagrams.
+    super::engine::defer_sends();
     // One timeout for good (no system call per datagram): timers run at most this late.
     let _ = sock.set_read_timeout(Some(Duration::from_millis(5)));
     while !stop.load(Ordering::Relaxed) {
@@ -116,15 +218,28 @@ fn serve(engine: &Engine, sock: &UdpSocket, stop: &AtomicBool) {
         if now >= next {
             next = engine.tick(now);
         }
-        match sock.recv_from(&mut buf) {
-            Ok((n, from)) => engine.receive(from, &buf[..n]),
+        if now.duration_since(swept) >= Duration::from_millis(1) {
+            swept = now;
+            engine.flush_late(now);
+        }
+        match rx.recv(sock) {
+            Ok(n) => {
+                for i in 0..n {
+                    if let Some((from, d)) = rx.get(i) {
+                        engine.receive(from, d);
+                    }
+                }
+            }
             Err(e)
                 if matches!(
                     e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::TimedOut
+                        | std::io::ErrorKind::Interrupted
                 ) => {}
             Err(e) => log::debug!("cluster: receive: {e}"),
         }
+        super::engine::flush_deferred();
     }
 }
 

@@ -247,22 +247,29 @@ pub enum App {
 
 pub fn encode_app(app: &App, functions: bool) -> Result<Vec<u8>, &'static str> {
     let mut w = Writer::default();
+    put_app(&mut w, app, functions)?;
+    Ok(w.buf)
+}
+
+/// Appends `app` to `w` (straight into a batch being filled); on `Err`, `w` may hold a part
+/// of it, which the caller cuts off.
+pub fn put_app(w: &mut Writer, app: &App, functions: bool) -> Result<(), &'static str> {
     match app {
         App::One { stage, msg } | App::All { stage, msg } => {
             w.u8(if matches!(app, App::One { .. }) { 1 } else { 2 });
             w.str(stage);
-            put_message(&mut w, msg, functions)?;
+            put_message(w, msg, functions)?;
         }
         App::Failover { stage, msg, hops } => {
             w.u8(5);
             w.u8(*hops);
             w.str(stage);
-            put_message(&mut w, msg, functions)?;
+            put_message(w, msg, functions)?;
         }
         App::To { instance, msg } => {
             w.u8(3);
             w.u64(*instance as u64);
-            put_message(&mut w, msg, functions)?;
+            put_message(w, msg, functions)?;
         }
         App::Lock {
             op,
@@ -279,11 +286,11 @@ pub fn encode_app(app: &App, functions: bool) -> Result<Vec<u8>, &'static str> {
             });
             w.str(name);
             w.str(cb);
-            put_sender(&mut w, from);
-            put_values(&mut w, values, functions)?;
+            put_sender(w, from);
+            put_values(w, values, functions)?;
         }
     }
-    Ok(w.buf)
+    Ok(())
 }
 
 pub fn decode_app(b: &[u8], functions: bool) -> Result<App, WireError> {

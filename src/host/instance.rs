@@ -159,7 +159,14 @@ pub fn spawn(
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     let name = format!("{}#{}", spec.stage_id, number);
     std::thread::Builder::new().name(name.clone()).spawn(move || {
-        let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        // Messages to other nodes wait for the thread to go idle and leave in one datagram
+        // per node (docs/cluster.md, batching).
+        crate::cluster::defer_sends();
+        let rt = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .on_thread_park(crate::cluster::flush_deferred)
+            .build()
+        {
             Ok(rt) => rt,
             Err(e) => {
                 log::error!("{name}: cannot start its runtime: {e}");
