@@ -162,7 +162,7 @@ pub fn reload(paths: &Paths, master: i32) -> Result<()> {
     if unsafe { libc::kill(master, libc::SIGUSR2) } != 0 {
         return Err(LbError::Failed(format!("cannot signal haproxy master {master}")));
     }
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         std::thread::sleep(Duration::from_millis(10));
         if let Ok(pid) = rt.worker_pid() {
@@ -172,7 +172,7 @@ pub fn reload(paths: &Paths, master: i32) -> Result<()> {
         }
         if Instant::now() > deadline {
             return Err(LbError::Failed(
-                "haproxy reload did not produce a new worker within 10 s (the previous one keeps serving)"
+                "haproxy reload did not produce a new worker within 30 s (the previous one keeps serving)"
                     .into(),
             ));
         }
