@@ -29,18 +29,20 @@ struct Node {
 
 impl Node {
     fn start(mport: u16, tport: u16, hport: u16) -> Node {
-        Node::start_with_ws(mport, tport, hport, free_port())
+        Node::start_with(mport, tport, hport, free_port(), free_port())
     }
 
-    fn start_with_ws(mport: u16, tport: u16, hport: u16, wport: u16) -> Node {
+    fn start_with(mport: u16, tport: u16, hport: u16, wport: u16, sport: u16) -> Node {
         let home = TestHome::new();
         std::fs::create_dir_all(home.path().join("data")).unwrap();
+        stage::net::tls::make_test_ca(home.path()).expect("test CA");
         home.write(
             "conf/stage.json",
             &serde_json::json!({
                 "#metrics": format!("127.0.0.1:{mport}"),
                 "#services": {"tcp": [format!("127.0.0.1:{tport}"), format!("127.0.0.1:{hport}"),
-                                      format!("127.0.0.1:{wport}")]},
+                                      format!("127.0.0.1:{wport}"), format!("127.0.0.1:{sport}")]},
+                "#tls": {"cert": "cert.pem", "key": "key.pem", "ca": "ca.pem"},
                 "#startup": [["lua+stage"], ["lua+stage"]],
                 "lua": {"%odbc": {"DB": {"DRIVER": "SQLite3", "DATABASE": "data/metrics.db",
                                          ".connectionTimeout": 5000}}},
@@ -56,6 +58,7 @@ broker.ready("tcp://127.0.0.1:{tport}?bson", function() return function(s, d)
     return d
 end end)
 broker.ready("ws://127.0.0.1:{wport}/echo?text", function() return function(s, d) return d end end)
+broker.ready("tls://127.0.0.1:{sport}?text", function() return function(s, d) return d end end)
 broker.ready("http://127.0.0.1:{hport}", function(req)
     if req.path == "/db" then
         return odbc.new("DB", function(adp) return tostring(adp.query("SELECT 41 + 1 AS v")[1].v) end)
@@ -129,6 +132,21 @@ fn sum(text: &str, name: &str) -> f64 {
         .sum()
 }
 
+/// N lines over the TLS echo (the test CA of the home), each answered; prints OK.
+const TLS_CLIENT: &str = r#"
+import socket, ssl, sys
+port, ca, n = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+ctx = ssl.create_default_context(cafile=ca)
+with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+    with ctx.wrap_socket(raw, server_hostname="localhost") as s:
+        f = s.makefile("rwb")
+        for i in range(n):
+            f.write(f"line {i:04d}\n".encode())
+            f.flush()
+            assert f.readline() == f"line {i:04d}\n".encode()
+print("OK")
+"#;
+
 /// N text messages over the WebSocket echo, each answered; prints OK.
 const WS_CLIENT: &str = r#"
 import asyncio, sys
@@ -163,8 +181,9 @@ print("OK")
 
 #[test]
 fn exposition_passes_promtool_and_counters_move() {
-    let (mport, tport, hport, wport) = (free_port(), free_port(), free_port(), free_port());
-    let mut node = Node::start_with_ws(mport, tport, hport, wport);
+    let (mport, tport, hport) = (free_port(), free_port(), free_port());
+    let (wport, sport) = (free_port(), free_port());
+    let mut node = Node::start_with(mport, tport, hport, wport, sport);
     let url = format!("http://127.0.0.1:{mport}/metrics");
     let Some(before) = wait_for(Duration::from_secs(15), || {
         curl(&url).filter(|t| t.contains("stage_queue_depth"))
@@ -218,6 +237,19 @@ fn exposition_passes_promtool_and_counters_move() {
         String::from_utf8_lossy(&out.stderr),
         node.stop()
     );
+    // 10 lines over TLS, echoed.
+    let ca = node._home.path().join("ca.pem");
+    let out = Command::new("python3")
+        .args(["-c", TLS_CLIENT, &sport.to_string(), ca.to_str().unwrap(), "10"])
+        .output()
+        .expect("python3");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("OK"),
+        "tls client: {}{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        node.stop()
+    );
     // ODBC: 4 good queries and one failing one on SQLite.
     for _ in 0..4 {
         assert_eq!(
@@ -266,6 +298,20 @@ fn exposition_passes_promtool_and_counters_move() {
         "{after}"
     );
     assert_eq!(port_sum("stage_connections", wport), 0.0, "{after}");
+    // TLS: frames cut from the decrypted stream, plaintext bytes.
+    assert_eq!(port_sum("stage_frames_received_total", sport), 10.0, "{after}");
+    assert_eq!(port_sum("stage_frames_sent_total", sport), 10.0, "{after}");
+    assert_eq!(
+        port_sum("stage_received_bytes_total", sport),
+        10.0 * 10.0,
+        "{after}"
+    );
+    assert_eq!(port_sum("stage_sent_bytes_total", sport), 10.0 * 10.0, "{after}");
+    assert_eq!(
+        port_sum("stage_connections_accepted_total", sport),
+        1.0,
+        "{after}"
+    );
     // The readiness probe's connection and the client's.
     assert_eq!(
         port_sum("stage_connections_accepted_total", tport),
