@@ -211,6 +211,31 @@ impl Running {
     }
 }
 
+/// The value of the series `series` (name and labels, exactly as exposed) in this process's
+/// Prometheus exposition, which reads every open controller's LBs; the whole text passes
+/// `promtool check metrics` first.
+fn metric(series: &str) -> Option<f64> {
+    // The classic text format, as `/metrics` serves it to curl and promtool.
+    let text = stage::metrics::serve::to_text_format(&stage::metrics::Metrics::new().encode());
+    let mut check = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (scripts/setup installs Debian's prometheus)");
+    std::io::Write::write_all(&mut check.stdin.take().unwrap(), text.as_bytes()).unwrap();
+    let out = check.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool: {}{}\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
 fn spec(v: Json) -> Spec {
     Spec::from_json("test", &v).unwrap()
 }
@@ -300,6 +325,9 @@ fn a_killed_backend_goes_down_then_up() {
         ctl.c.info("hc").unwrap().backends.iter().all(|b| b.state == "UP")
     })
     .expect("all UP");
+    // The metrics count the backends by state (docs/metrics.md).
+    assert_eq!(metric(r#"stage_lb_backends{lb="hc",state="up"}"#), Some(3.0));
+    assert_eq!(metric(r#"stage_lb_backends{lb="hc",state="down"}"#), Some(0.0));
     let victim = bs[1].addr();
     bs[1].kill();
     let t0 = Instant::now();
@@ -314,6 +342,8 @@ fn a_killed_backend_goes_down_then_up() {
     // interval × unhealthy + 1 s
     assert!(took <= Duration::from_millis(2000), "DOWN after {took:?}");
     assert_eq!(ev.previous.as_deref(), Some("UP"));
+    assert_eq!(metric(r#"stage_lb_backends{lb="hc",state="up"}"#), Some(2.0));
+    assert_eq!(metric(r#"stage_lb_backends{lb="hc",state="down"}"#), Some(1.0));
     let r = load("http", &listen, 300, 2);
     assert_eq!(r.fail, 0, "{:?}", r.errors);
     assert_eq!(r.bodies.get(&format!("b{}", bs[1].port)), None);
@@ -415,6 +445,7 @@ fn kill_9_of_haproxy_is_replaced_with_runtime_backends() {
     ctl.c.add("fo", &bs[2].addr(), false).unwrap();
     let mut rx = ctl.c.subscribe("fo");
     let old = ctl.c.info("fo").unwrap().pid;
+    assert_eq!(metric(r#"stage_lb_failovers_total{lb="fo"}"#), Some(0.0));
     let worker = stage::cloud::lb::haproxy::Runtime::new(&ctl.lbdir().join("fo/admin.sock"))
         .worker_pid()
         .unwrap();
@@ -433,6 +464,7 @@ fn kill_9_of_haproxy_is_replaced_with_runtime_backends() {
     let info = ctl.c.info("fo").unwrap();
     assert_ne!(info.pid, old);
     assert_eq!(info.failovers, 1);
+    assert_eq!(metric(r#"stage_lb_failovers_total{lb="fo"}"#), Some(1.0));
     let r = load("http", &listen, 300, 2);
     assert_eq!(r.fail, 0, "{:?}", r.errors);
     assert!(

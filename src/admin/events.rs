@@ -1,7 +1,8 @@
 //! `GET /events`: the infrastructure map's WebSocket. After the same authentication as the
 //! REST endpoints (a browser, which cannot set headers on a WebSocket, sends the token as
 //! the subprotocol `bearer.TOKEN` beside `stage-admin`), it pushes a JSON snapshot every
-//! second: nodes, this node's instances and the metrics' totals; the page computes rates.
+//! second: nodes, this node's instances, the metrics' totals and their sums per instance;
+//! the page computes rates.
 
 use super::{auth, Api};
 use futures_util::SinkExt;
@@ -60,12 +61,14 @@ pub(super) async fn serve(api: Rc<Api>, tcp: tokio::net::TcpStream, peer: Socket
     log::debug!(target: "admin", "{peer}: /events opened");
     let mut stop = api.node.shutdown.subscribe();
     loop {
+        let (totals, per_instance) = api.node.metrics.summary();
         let snap = json!({
             "time": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
             "node": api.node.node_name,
             "nodes": api.nodes()["nodes"],
             "instances": api.instances(),
-            "totals": api.node.metrics.totals(),
+            "totals": totals,
+            "per_instance": per_instance,
         });
         if ws.send(Message::text(snap.to_string())).await.is_err() {
             break;

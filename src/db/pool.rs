@@ -225,16 +225,33 @@ pub struct Pool {
     pub size: usize,
     permits: Arc<Semaphore>,
     idle: Mutex<Vec<Idle>>,
-    /// Connections opened so far (for tests and the benchmark).
+    /// Connections opened so far (for tests, the benchmark and the metrics).
     opened: std::sync::atomic::AtomicUsize,
+    /// Checkouts waiting for a free slot now (`stage_odbc_pool_waiting`).
+    waiting: AtomicUsize,
+    /// Query latency and errors (`stage_odbc_query_*`, docs/metrics.md).
+    pub queries: crate::metrics::QueryStats,
+}
+
+/// Every pool of the process, by pool key.
+fn pools() -> &'static Mutex<HashMap<String, Arc<Pool>>> {
+    static POOLS: OnceLock<Mutex<HashMap<String, Arc<Pool>>>> = OnceLock::new();
+    POOLS.get_or_init(Default::default)
+}
+
+/// Takes one off a counter when dropped (a checkout that stopped waiting, however).
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Pool {
     /// The pool for `spec`, created with `size` connections at most on first use.
     pub fn get(spec: &ConnSpec, size: usize) -> Arc<Pool> {
-        static POOLS: OnceLock<Mutex<HashMap<String, Arc<Pool>>>> = OnceLock::new();
-        let pools = POOLS.get_or_init(Default::default);
-        let mut pools = pools.lock().unwrap_or_else(|e| e.into_inner());
+        let mut pools = pools().lock().unwrap_or_else(|e| e.into_inner());
         pools
             .entry(spec.pool_key())
             .or_insert_with(|| {
@@ -244,6 +261,8 @@ impl Pool {
                     permits: Arc::new(Semaphore::new(size.max(1))),
                     idle: Mutex::new(Vec::new()),
                     opened: Default::default(),
+                    waiting: Default::default(),
+                    queries: Default::default(),
                 });
                 pool.start_sweeper();
                 pool
@@ -285,11 +304,37 @@ impl Pool {
         self.idle.lock().map(|v| v.len()).unwrap_or(0)
     }
 
+    /// Connections checked out now (slots taken).
+    pub fn in_use(&self) -> usize {
+        self.size.saturating_sub(self.permits.available_permits())
+    }
+
+    /// Checkouts waiting for a free slot now.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::Relaxed)
+    }
+
+    /// Every pool of the process (what the metrics read at scrape time), by label.
+    pub fn all() -> Vec<Arc<Pool>> {
+        let mut v: Vec<Arc<Pool>> = pools()
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        v.sort_by(|a, b| a.spec.label.cmp(&b.spec.label));
+        v
+    }
+
     /// Waits (without blocking the thread) for a free slot, then hands out a healthy idle
     /// connection or opens a new one on the executor.
     pub async fn checkout(self: &Arc<Self>, exec: &'static Executor, wait: Duration) -> Result<PooledConn> {
         let started = Instant::now();
-        let permit = match tokio::time::timeout(wait, self.permits.clone().acquire_owned()).await {
+        self.waiting.fetch_add(1, Ordering::Relaxed);
+        let waiting = Waiting(&self.waiting);
+        let acquired = tokio::time::timeout(wait, self.permits.clone().acquire_owned()).await;
+        drop(waiting);
+        let permit = match acquired {
             Ok(Ok(p)) => p,
             _ => {
                 return Err(DbError::PoolTimeout {

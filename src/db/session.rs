@@ -713,9 +713,14 @@ impl Session {
         r
     }
 
+    /// Runs one statement (and reads its rows); its time and outcome count in the pool's
+    /// `stage_odbc_query_*` metrics.
     pub fn execute(&mut self, sql: &str, params: &[Param]) -> Result<QueryResult> {
         let timeout = self.timeout;
-        self.with(|c, driver, _| execute(c, driver, sql, params, timeout))
+        let t0 = std::time::Instant::now();
+        let r = self.with(|c, driver, _| execute(c, driver, sql, params, timeout));
+        self.conn.pool().queries.observe(t0.elapsed(), r.is_ok());
+        r
     }
 
     pub fn begin(&mut self) -> Result<()> {

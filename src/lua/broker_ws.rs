@@ -237,7 +237,18 @@ fn task_conn(
             .and_then(|pid| broker(lua).port_crypto.borrow().get(&pid).cloned()),
         None => None,
     };
-    let conn = new_conn(lua, ep, id, Some(peer), table, port, Kind::Task { ws })?;
+    // Accepted connections count in their port's metrics as on `tcp://` (joined ones do not).
+    let metrics = match (&port, local) {
+        (Some(_), Some(local)) => {
+            let c = ctx(lua);
+            Some(c.node.metrics.connection(local.port(), &c.name))
+        }
+        _ => None,
+    };
+    let mut conn = new_conn(lua, ep, id, Some(peer), table, port, Kind::Task { ws })?;
+    if let Some(c) = Rc::get_mut(&mut conn) {
+        c.metrics = metrics;
+    }
     *conn.crypto.borrow_mut() = inherited;
     if ws {
         *conn.out.borrow_mut() = OutBuf::messages(ep.max_out);
@@ -381,10 +392,20 @@ fn poll_write_out<W: AsyncWrite + Unpin>(
     cx: &mut Context<'_>,
 ) -> Poll<Result<(), OutError>> {
     let mut out = conn.out.borrow_mut();
-    out.flush(|b| match Pin::new(&mut *w).poll_write(cx, b) {
-        Poll::Ready(r) => r,
+    let mut sent = 0;
+    let r = out.flush(|b| match Pin::new(&mut *w).poll_write(cx, b) {
+        Poll::Ready(r) => {
+            if let Ok(n) = r {
+                sent += n;
+            }
+            r
+        }
         Poll::Pending => Err(std::io::ErrorKind::WouldBlock.into()),
-    })?;
+    });
+    if let Some(m) = &conn.metrics {
+        m.bytes_out.inc_by(sent as u64);
+    }
+    r?;
     if !out.is_empty() {
         return Poll::Pending;
     }
@@ -452,7 +473,12 @@ async fn run_stream<S: AsyncRead + AsyncWrite + Unpin>(lua: Lua, conn: Rc<Conn>,
                     break (format!("peer closed with {partial} bytes of a partial frame"), true);
                 }
                 Ok(0) => break ("peer closed".into(), false),
-                Ok(_) => last_read = Instant::now(),
+                Ok(n) => {
+                    last_read = Instant::now();
+                    if let Some(m) = &conn.metrics {
+                        m.bytes_in.inc_by(n as u64);
+                    }
+                }
                 Err(e) => break (format!("read failed: {e}"), false),
             },
             r = std::future::poll_fn(|cx| poll_write_out(&conn, &mut wr, cx)), if writing => match r {
@@ -490,6 +516,7 @@ where
 {
     let framing = conn.framing;
     let mut out = conn.out.borrow_mut();
+    let mut sent = 0;
     let r = out.flush(|b| {
         match Pin::new(&mut *sink).poll_ready(cx) {
             Poll::Pending => return Err(std::io::ErrorKind::WouldBlock.into()),
@@ -504,8 +531,13 @@ where
         Pin::new(&mut *sink)
             .start_send(msg)
             .map_err(std::io::Error::other)?;
+        sent += end - start;
         Ok(consumed)
     });
+    // WebSocket payload bytes (the message framing is not counted).
+    if let Some(m) = &conn.metrics {
+        m.bytes_out.inc_by(sent as u64);
+    }
     if let Err(e) = r {
         return Poll::Ready(Err(e.to_string()));
     }
@@ -633,6 +665,11 @@ async fn run_ws<S: AsyncRead + AsyncWrite + Unpin>(lua: Lua, conn: Rc<Conn>, ws:
                     }
                 }
                 if !ranges.is_empty() {
+                    // One frame per message, payload bytes (as `tcp://` counts frames).
+                    if let Some(m) = &conn.metrics {
+                        m.frames_in.inc_by(ranges.len() as u64);
+                        m.bytes_in.inc_by(buf.len() as u64);
+                    }
                     let _guard = node.in_flight();
                     if let Err(e) = serve_messages(&lua, &conn, &buf, &ranges).await {
                         refusal = Some(wsnet::Refusal { code: CloseCode::Invalid.into(), reason: e.clone() });

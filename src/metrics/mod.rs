@@ -15,6 +15,9 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use std::sync::{Arc, OnceLock};
 
+/// Sums by sample name ([`Metrics::totals`]).
+pub type Totals = std::collections::BTreeMap<String, f64>;
+
 /// Label pairs of one series (`[("port", "8801"), ("instance", "stage#0")]`).
 pub type Labels = Vec<(&'static str, String)>;
 
@@ -85,6 +88,167 @@ pub struct Metrics {
 impl std::fmt::Debug for Metrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Metrics")
+    }
+}
+
+/// The query instruments of one ODBC pool (`db::Pool` holds them; encoded at scrape time as
+/// `stage_odbc_query_duration_seconds` and `stage_odbc_query_errors_total`).
+#[derive(Debug, Clone)]
+pub struct QueryStats {
+    latency: Histogram,
+    errors: Counter,
+}
+
+impl Default for QueryStats {
+    fn default() -> Self {
+        QueryStats {
+            latency: latency(),
+            errors: Counter::default(),
+        }
+    }
+}
+
+impl QueryStats {
+    /// One statement that took `took`, failed unless `ok` (a failed one counts in both).
+    pub fn observe(&self, took: std::time::Duration, ok: bool) {
+        self.latency.observe(took.as_secs_f64());
+        if !ok {
+            self.errors.inc();
+        }
+    }
+}
+
+/// A family read at scrape time from each `T`: name, help, and how to read a value.
+type Read<T, V> = (&'static str, &'static str, fn(&T) -> V);
+
+/// What the process holds outside a node, read at scrape time: the ODBC pools (one per
+/// connection string, shared by the instances) and the LBs of the open controllers.
+#[derive(Debug)]
+struct ProcessCollector;
+
+impl ProcessCollector {
+    fn odbc(encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let pools = crate::db::Pool::all();
+        if pools.is_empty() {
+            return Ok(());
+        }
+        // Two connection strings may share a label (a password apart): numbered then.
+        let mut seen = std::collections::HashMap::<&str, usize>::new();
+        let labels: Vec<Labels> = pools
+            .iter()
+            .map(|p| {
+                let n = seen.entry(p.spec.label.as_str()).or_insert(0);
+                *n += 1;
+                let name = match *n {
+                    1 => p.spec.label.clone(),
+                    n => format!("{} ({n})", p.spec.label),
+                };
+                vec![("name", name)]
+            })
+            .collect();
+        let gauges: [Read<crate::db::Pool, f64>; 4] = [
+            (
+                "odbc_pool_size",
+                "Connections an ODBC pool may hold checked out at once",
+                |p| p.size as f64,
+            ),
+            (
+                "odbc_pool_in_use",
+                "ODBC connections checked out now (open adapters)",
+                |p| p.in_use() as f64,
+            ),
+            (
+                "odbc_pool_idle",
+                "ODBC connections idle in the pool, ready for reuse",
+                |p| p.idle_count() as f64,
+            ),
+            (
+                "odbc_pool_waiting",
+                "odbc.new calls waiting for a free pooled connection",
+                |p| p.waiting() as f64,
+            ),
+        ];
+        for (name, help, f) in gauges {
+            let mut me =
+                encoder.encode_descriptor(name, help, None, ConstGauge::new(0.0f64).metric_type())?;
+            for (p, l) in pools.iter().zip(&labels) {
+                ConstGauge::new(f(p)).encode(me.encode_family(l)?)?;
+            }
+        }
+        let proto = ConstCounter::new(0.0f64);
+        let mut me = encoder.encode_descriptor(
+            "odbc_connections_opened",
+            "ODBC connections opened by a pool (reconnects included)",
+            None,
+            proto.metric_type(),
+        )?;
+        for (p, l) in pools.iter().zip(&labels) {
+            ConstCounter::new(p.opened() as f64).encode(me.encode_family(l)?)?;
+        }
+        let mut me = encoder.encode_descriptor(
+            "odbc_query_duration_seconds",
+            "Time an ODBC statement took on its connection, its rows read, per pool",
+            None,
+            latency().metric_type(),
+        )?;
+        for (p, l) in pools.iter().zip(&labels) {
+            p.queries.latency.encode(me.encode_family(l)?)?;
+        }
+        let mut me = encoder.encode_descriptor(
+            "odbc_query_errors",
+            "ODBC statements that failed, per pool",
+            None,
+            proto.metric_type(),
+        )?;
+        for (p, l) in pools.iter().zip(&labels) {
+            p.queries.errors.encode(me.encode_family(l)?)?;
+        }
+        Ok(())
+    }
+
+    fn lb(encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let lbs = crate::cloud::lb::controller::metrics::samples();
+        if lbs.is_empty() {
+            return Ok(());
+        }
+        let mut me = encoder.encode_descriptor(
+            "lb_backends",
+            "Backends of an LB by their HAProxy state (up, down, maint, drain, unknown)",
+            None,
+            ConstGauge::new(0.0f64).metric_type(),
+        )?;
+        for lb in &lbs {
+            for (state, n) in &lb.backends {
+                let l: Labels = vec![("lb", lb.lb.clone()), ("state", state.clone())];
+                ConstGauge::new(*n as f64).encode(me.encode_family(&l)?)?;
+            }
+        }
+        let counters: [Read<crate::cloud::lb::controller::metrics::LbSample, u64>; 2] = [
+            (
+                "lb_failovers",
+                "Crashed HAProxy processes of an LB replaced (fail-overs)",
+                |s| s.failovers,
+            ),
+            ("lb_reloads", "Configuration reloads of an LB's HAProxy", |s| {
+                s.reloads
+            }),
+        ];
+        for (name, help, f) in counters {
+            let mut me =
+                encoder.encode_descriptor(name, help, None, ConstCounter::new(0.0f64).metric_type())?;
+            for lb in &lbs {
+                let l: Labels = vec![("lb", lb.lb.clone())];
+                ConstCounter::new(f(lb) as f64).encode(me.encode_family(&l)?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl prometheus_client::collector::Collector for ProcessCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        ProcessCollector::odbc(&mut encoder)?;
+        ProcessCollector::lb(&mut encoder)
     }
 }
 
@@ -198,6 +362,7 @@ impl Metrics {
             m.admin_requests.clone(),
         );
         registry.register_collector(Box::new(SampledCollector(m.sampler.clone())));
+        registry.register_collector(Box::new(ProcessCollector));
         Metrics { registry, ..m }
     }
 
@@ -249,14 +414,37 @@ impl Metrics {
     /// Every series summed over its labels, by sample name (`stage_frames_received_total`
     /// → total): what the admin page shows. Read from the exposition, at most once a second.
     pub fn totals(&self) -> std::collections::BTreeMap<String, f64> {
-        let mut out = std::collections::BTreeMap::new();
+        self.summary().0
+    }
+
+    /// [`Metrics::totals`], and beside it the series that carry an `instance` label summed
+    /// per instance (`"web#0"` → `stage_frames_received_total` → sum over its ports): the
+    /// admin page's per-instance figures. One pass over the exposition.
+    pub fn summary(&self) -> (Totals, std::collections::BTreeMap<String, Totals>) {
+        let mut totals = Totals::new();
+        let mut per = std::collections::BTreeMap::<String, Totals>::new();
         for line in self.encode().lines().filter(|l| !l.starts_with('#')) {
             let name = line.split(['{', ' ']).next().unwrap_or("");
-            if let Some(v) = line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) {
-                *out.entry(name.to_string()).or_insert(0.0) += v;
+            let Some(v) = line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) else {
+                continue;
+            };
+            *totals.entry(name.to_string()).or_insert(0.0) += v;
+            // Histogram buckets would only repeat `_count`.
+            if name.ends_with("_bucket") {
+                continue;
+            }
+            if let Some(inst) = line
+                .split_once("instance=\"")
+                .and_then(|(_, rest)| rest.split_once('"'))
+                .map(|(i, _)| i)
+            {
+                *per.entry(inst.to_string())
+                    .or_default()
+                    .entry(name.to_string())
+                    .or_insert(0.0) += v;
             }
         }
-        out
+        (totals, per)
     }
 
     /// The text exposition (OpenMetrics text, which Prometheus reads).
@@ -321,6 +509,11 @@ mod tests {
             assert!(t.contains(want), "missing {want} in\n{t}");
         }
         assert_eq!(m.totals().get("stage_frames_received_total"), Some(&3.0));
+        let (_, per) = m.summary();
+        assert_eq!(per["stage#0"]["stage_frames_received_total"], 3.0);
+        assert_eq!(per["stage#1"]["stage_handler_errors_total"], 1.0);
+        assert_eq!(per["db#1"]["stage_queue_depth"], 7.0);
+        assert!(!per["web#2"].contains_key("stage_http_request_duration_seconds_bucket"));
         drop(c);
         assert!(m
             .encode()

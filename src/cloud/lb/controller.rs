@@ -22,6 +22,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
+pub mod metrics;
+
 /// How often the monitor polls every LB.
 pub const TICK: Duration = Duration::from_millis(200);
 /// How often the frontend is probed with a TCP connect.
