@@ -1548,6 +1548,21 @@ pub fn status_reply<'a>(env: &Envelope, me: SocketAddr, d: &'a [u8]) -> Option<&
         .map(|o| o.body)
 }
 
+/// An admin request datagram as a member sends it (tests of who may send one).
+pub fn admin_request_datagram(env: &Envelope, to: SocketAddr, id: u64, body: &[u8]) -> Vec<u8> {
+    let mut w = Writer::default();
+    w.u64(id);
+    w.bytes(body);
+    env.seal(to, F_ADMIN_REQ, &w.buf)
+}
+
+/// The id and body of an admin answer datagram addressed to `me`.
+pub fn admin_answer(env: &Envelope, me: SocketAddr, d: &[u8]) -> Option<(u64, Vec<u8>)> {
+    let o = env.open(me, d).ok().filter(|o| o.frame == F_ADMIN)?;
+    let mut r = Reader::new(o.body);
+    Some((r.u64().ok()?, r.bytes().ok()?.to_vec()))
+}
+
 fn s(v: &str) -> Value {
     Value::Str(v.as_bytes().to_vec())
 }

@@ -119,8 +119,12 @@ impl Control {
             if let Some(b) = node.config.builtins.iter().find(|b| b.stage_id == stage) {
                 return Err(ControlError::BuiltinStage(stage.to_string(), b.engine.clone()));
             }
-            let mut known: Vec<&str> = node.config.startup.iter().map(|s| s.stage_id.as_str()).collect();
-            known.dedup();
+            let mut known: Vec<&str> = vec![];
+            for s in &node.config.startup {
+                if !known.contains(&s.stage_id.as_str()) {
+                    known.push(&s.stage_id);
+                }
+            }
             return Err(ControlError::UnknownStage(stage.to_string(), known.join(", ")));
         };
         let mut ids = vec![];
