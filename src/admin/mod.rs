@@ -6,8 +6,8 @@
 pub mod auth;
 mod deploy;
 mod events;
-mod packages;
 pub mod instances;
+mod packages;
 
 use crate::config::AdminConfig;
 use crate::host::node::NodeShared;
