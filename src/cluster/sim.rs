@@ -1070,6 +1070,8 @@ fn a_forged_or_malformed_batch_delivers_nothing() {
     e1.receive(addr(0), &d);
     assert_eq!(e1.rejected(Reject::Replayed), 1);
     assert_eq!(sim.nodes[1].1.got.lock().unwrap().len(), 3);
+}
+
 #[test]
 fn admin_requests_go_to_members_and_come_back_and_strangers_are_refused() {
     let mut sim = Sim::new();
