@@ -8,6 +8,7 @@
 
 use crate::locks::{Grant, LockTable, Waiter};
 use crate::value::Value;
+use arc_swap::ArcSwap;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
@@ -402,31 +403,67 @@ struct Group {
     next: AtomicUsize,
 }
 
+/// One instance's mailbox in the table, with its stage id and drop count.
+struct Slot {
+    tx: mpsc::Sender<Message>,
+    stage: String,
+    /// Messages refused because the queue was full (metrics).
+    dropped: AtomicU64,
+}
+
+/// The instance table deliveries read: slot `i` is instance `i` (`None` once it stopped;
+/// numbers are never reused), and the instances of each stage id. Never changed in place:
+/// an instance started or stopped at run time (`Router::add`, `Router::remove`) builds a
+/// new table and swaps it in, so a delivery reads one snapshot without taking a lock
+/// (`arc_swap`: no shared counter to bounce between instance threads; ARCHITECTURE.md).
+#[derive(Clone, Default)]
+struct Table {
+    slots: Vec<Option<Arc<Slot>>>,
+    groups: HashMap<String, Arc<Group>>,
+}
+
+impl Table {
+    fn slot(&self, instance: usize) -> Option<&Slot> {
+        self.slots.get(instance)?.as_deref()
+    }
+}
+
+/// What stopping an instance found in its queue (`Router::drain_as`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Drained {
+    /// Queued requests answered with `nil, "shutting down"`.
+    pub requests: usize,
+    /// Queued signals and answers dropped (nobody waits for them).
+    pub signals: usize,
+}
+
 /// The receiving end of an instance's mailbox.
 pub type Inbox = mpsc::Receiver<Message>;
 
 /// The mailboxes and the way out of this node: what the router and its lock timer share.
 struct Post {
     node: String,
-    mailboxes: Vec<mpsc::Sender<Message>>,
-    stages: Vec<String>,
+    table: ArcSwap<Table>,
     remote: Box<dyn Remote>,
     started: Instant,
     /// Seconds since `started` at which "queue full" was last logged (rate limit).
     full_logged: AtomicU64,
-    /// Messages refused because the queue was full, per instance (metrics).
-    dropped: Vec<AtomicU64>,
 }
 
 impl Post {
     fn send_to(&self, instance: usize, msg: Message) -> Result<(), Undelivered> {
-        let Some(tx) = self.mailboxes.get(instance) else {
-            return Err(Undelivered::NoRoute(msg));
-        };
-        tx.try_send(msg).map_err(|e| match e {
+        let t = self.table.load();
+        match t.slot(instance) {
+            Some(slot) => self.send_slot(slot, msg),
+            None => Err(Undelivered::NoRoute(msg)),
+        }
+    }
+
+    fn send_slot(&self, slot: &Slot, msg: Message) -> Result<(), Undelivered> {
+        slot.tx.try_send(msg).map_err(|e| match e {
             mpsc::error::TrySendError::Full(m) => {
-                self.dropped[instance].fetch_add(1, Ordering::Relaxed);
-                self.log_full(&self.stages[instance]);
+                slot.dropped.fetch_add(1, Ordering::Relaxed);
+                self.log_full(&slot.stage);
                 Undelivered::Full(m)
             }
             mpsc::error::TrySendError::Closed(m) => Undelivered::NoRoute(m),
@@ -522,9 +559,13 @@ impl Locks {
 /// Every instance of this node, its mailbox, its locks and the way to other nodes.
 pub struct Router {
     post: Arc<Post>,
-    groups: HashMap<String, Group>,
-    /// Each instance takes its inbox once, when it starts.
-    inboxes: Mutex<Vec<Option<Inbox>>>,
+    /// Each instance takes its inbox once, when it starts. Held while the table changes,
+    /// so that changes (rare, from the admin API) are made one at a time.
+    inboxes: Mutex<HashMap<usize, Inbox>>,
+    /// The bound of every queue.
+    queue: usize,
+    /// The number the next instance started at run time gets (never reused).
+    next_instance: AtomicUsize,
     next_id: AtomicU64,
     locks: Arc<Locks>,
 }
@@ -533,30 +574,39 @@ impl Router {
     /// A router for instances `0..stages.len()` (instance `i` has stage id `stages[i]`),
     /// each with a queue of `queue` messages.
     pub fn new(node: &str, stages: &[String], queue: usize, remote: Box<dyn Remote>) -> Router {
-        let mut groups: HashMap<String, Group> = HashMap::new();
-        let mut mailboxes = vec![];
-        let mut inboxes = vec![];
+        let mut table = Table::default();
+        let mut inboxes = HashMap::new();
         for (i, s) in stages.iter().enumerate() {
             let (tx, rx) = mpsc::channel(queue.max(1));
-            mailboxes.push(tx);
-            inboxes.push(Some(rx));
-            groups
-                .entry(s.clone())
-                .or_insert_with(|| Group {
-                    members: vec![],
-                    next: AtomicUsize::new(0),
-                })
-                .members
-                .push(i);
+            inboxes.insert(i, rx);
+            table.slots.push(Some(Arc::new(Slot {
+                tx,
+                stage: s.clone(),
+                dropped: AtomicU64::new(0),
+            })));
         }
+        let mut groups: HashMap<String, Vec<usize>> = HashMap::new();
+        for (i, s) in stages.iter().enumerate() {
+            groups.entry(s.clone()).or_default().push(i);
+        }
+        table.groups = groups
+            .into_iter()
+            .map(|(s, members)| {
+                (
+                    s,
+                    Arc::new(Group {
+                        members,
+                        next: AtomicUsize::new(0),
+                    }),
+                )
+            })
+            .collect();
         let post = Arc::new(Post {
             node: node.to_string(),
-            mailboxes,
-            stages: stages.to_vec(),
+            table: ArcSwap::from_pointee(table),
             remote,
             started: Instant::now(),
             full_logged: AtomicU64::new(u64::MAX),
-            dropped: stages.iter().map(|_| AtomicU64::new(0)).collect(),
         });
         Router {
             locks: Arc::new(Locks {
@@ -566,8 +616,9 @@ impl Router {
                 timer: OnceLock::new(),
             }),
             post,
-            groups,
             inboxes: Mutex::new(inboxes),
+            queue: queue.max(1),
+            next_instance: AtomicUsize::new(stages.len()),
             next_id: AtomicU64::new(0),
         }
     }
@@ -576,23 +627,90 @@ impl Router {
         &self.post.node
     }
 
-    /// The sender info of instance `number`.
+    /// The sender info of instance `number` (an empty stage id for a number not running).
     pub fn sender(&self, number: usize) -> SenderInfo {
         SenderInfo {
             node: self.post.node.clone(),
-            stage: self.post.stages.get(number).cloned().unwrap_or_default(),
+            stage: self
+                .post
+                .table
+                .load()
+                .slot(number)
+                .map(|s| s.stage.clone())
+                .unwrap_or_default(),
             instance: number,
         }
     }
 
     /// How many instances of `stage` this node has.
     pub fn members(&self, stage: &str) -> usize {
-        self.groups.get(stage).map_or(0, |g| g.members.len())
+        self.post
+            .table
+            .load()
+            .groups
+            .get(stage)
+            .map_or(0, |g| g.members.len())
+    }
+
+    /// The stage id of instance `number`, if it is in the table.
+    pub fn stage_of(&self, number: usize) -> Option<String> {
+        self.post.table.load().slot(number).map(|s| s.stage.clone())
     }
 
     /// The inbox of instance `number`; `None` if already taken.
     pub fn take_inbox(&self, number: usize) -> Option<Inbox> {
-        self.inboxes.lock().expect("inboxes").get_mut(number)?.take()
+        self.inboxes.lock().expect("inboxes").remove(&number)
+    }
+
+    /// Adds an instance of `stage` at run time: a new number (never one used before), a
+    /// queue of the same bound as the others (its inbox waits in `take_inbox`), and a place
+    /// in the stage's round-robin. Returns the number.
+    pub fn add(&self, stage: &str) -> usize {
+        let mut inboxes = self.inboxes.lock().expect("inboxes");
+        let id = self.next_instance.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel(self.queue);
+        inboxes.insert(id, rx);
+        let mut t = Table::clone(&self.post.table.load());
+        if t.slots.len() <= id {
+            t.slots.resize(id + 1, None);
+        }
+        t.slots[id] = Some(Arc::new(Slot {
+            tx,
+            stage: stage.to_string(),
+            dropped: AtomicU64::new(0),
+        }));
+        let old = t.groups.get(stage);
+        let mut members = old.map(|g| g.members.clone()).unwrap_or_default();
+        members.push(id);
+        let next = AtomicUsize::new(old.map_or(0, |g| g.next.load(Ordering::Relaxed)));
+        t.groups
+            .insert(stage.to_string(), Arc::new(Group { members, next }));
+        self.post.table.store(Arc::new(t));
+        id
+    }
+
+    /// Takes instance `number` out of the table: no new message reaches it (its stage's
+    /// round-robin, answers and grants addressed to it find no route; a stage left with no
+    /// instance is no longer advertised). Messages already queued stay in its inbox for
+    /// `drain_as`. Returns its stage id, `None` if it was not in the table.
+    pub fn remove(&self, number: usize) -> Option<String> {
+        let mut inboxes = self.inboxes.lock().expect("inboxes");
+        let mut t = Table::clone(&self.post.table.load());
+        let slot = t.slots.get_mut(number)?.take()?;
+        let stage = slot.stage.clone();
+        if let Some(g) = t.groups.get(&stage) {
+            let members: Vec<usize> = g.members.iter().copied().filter(|&i| i != number).collect();
+            if members.is_empty() {
+                t.groups.remove(&stage);
+            } else {
+                let next = AtomicUsize::new(g.next.load(Ordering::Relaxed));
+                t.groups.insert(stage.clone(), Arc::new(Group { members, next }));
+            }
+        }
+        // An inbox nobody took (the instance never started) goes with it.
+        inboxes.remove(&number);
+        self.post.table.store(Arc::new(t));
+        Some(stage)
     }
 
     /// A process-unique number (generated handler ids).
@@ -619,14 +737,7 @@ impl Router {
                 self.send_to_address(&from, msg).map(|()| 1)
             }
             Scope::All => {
-                let mut n = 0;
-                if let Some(g) = self.groups.get(stage) {
-                    for &i in &g.members {
-                        if self.send_to(i, msg.clone()).is_ok() {
-                            n += 1;
-                        }
-                    }
-                }
+                let mut n = self.deliver_here_all(stage, &msg);
                 n += self.post.remote.deliver_all(stage, &msg);
                 Ok(n)
             }
@@ -699,10 +810,12 @@ impl Router {
 
     /// Every local instance of `stage` only (a broadcast another node routed here).
     pub fn deliver_here_all(&self, stage: &str, msg: &Message) -> usize {
-        self.groups.get(stage).map_or(0, |g| {
+        let t = self.post.table.load();
+        t.groups.get(stage).map_or(0, |g| {
             g.members
                 .iter()
-                .filter(|&&i| self.send_to(i, msg.clone()).is_ok())
+                .filter_map(|&i| t.slot(i))
+                .filter(|slot| self.post.send_slot(slot, msg.clone()).is_ok())
                 .count()
         })
     }
@@ -710,15 +823,17 @@ impl Router {
     /// Each local stage id with its instance count and its fullest queue in percent (what
     /// this node advertises to the cluster).
     pub fn load(&self) -> Vec<(String, usize, u8)> {
-        let mut out: Vec<_> = self
+        let t = self.post.table.load();
+        let mut out: Vec<_> = t
             .groups
             .iter()
             .map(|(stage, g)| {
                 let full = g
                     .members
                     .iter()
-                    .map(|&i| {
-                        let tx = &self.post.mailboxes[i];
+                    .filter_map(|&i| t.slot(i))
+                    .map(|slot| {
+                        let tx = &slot.tx;
                         let max = tx.max_capacity().max(1);
                         ((max - tx.capacity()) * 100 / max) as u8
                     })
@@ -734,32 +849,36 @@ impl Router {
     /// Every local instance: (number, stage id, messages queued, queue bound, messages
     /// dropped because its queue was full). Read at scrape time by the metrics.
     pub fn queues(&self) -> Vec<QueueStat> {
-        self.post
-            .mailboxes
+        let t = self.post.table.load();
+        t.slots
             .iter()
             .enumerate()
-            .map(|(i, tx)| QueueStat {
+            .filter_map(|(i, s)| Some((i, s.as_deref()?)))
+            .map(|(i, slot)| QueueStat {
                 instance: i,
-                stage: self.post.stages[i].clone(),
-                depth: tx.max_capacity() - tx.capacity(),
-                capacity: tx.max_capacity(),
-                dropped: self.post.dropped[i].load(Ordering::Relaxed),
-                open: !tx.is_closed(),
+                stage: slot.stage.clone(),
+                depth: slot.tx.max_capacity() - slot.tx.capacity(),
+                capacity: slot.tx.max_capacity(),
+                dropped: slot.dropped.load(Ordering::Relaxed),
+                open: !slot.tx.is_closed(),
             })
             .collect()
     }
 
     /// Round-robin over the local instances of `stage`, skipping full queues.
     fn deliver_local(&self, stage: &str, mut msg: Message) -> Result<(), Undelivered> {
-        let Some(g) = self.groups.get(stage) else {
+        let t = self.post.table.load();
+        let Some(g) = t.groups.get(stage) else {
             return Err(Undelivered::NoRoute(msg));
         };
         let n = g.members.len();
         let start = g.next.fetch_add(1, Ordering::Relaxed);
         let mut any_open = false;
         for k in 0..n {
-            let i = g.members[(start + k) % n];
-            match self.post.mailboxes[i].try_send(msg) {
+            let Some(slot) = t.slot(g.members[(start + k) % n]) else {
+                continue;
+            };
+            match slot.tx.try_send(msg) {
                 Ok(()) => return Ok(()),
                 Err(mpsc::error::TrySendError::Full(m)) => {
                     any_open = true;
@@ -770,7 +889,9 @@ impl Router {
         }
         if any_open {
             // Counted against the instance the round-robin offered it to first.
-            self.post.dropped[g.members[start % n]].fetch_add(1, Ordering::Relaxed);
+            if let Some(slot) = t.slot(g.members[start % n]) {
+                slot.dropped.fetch_add(1, Ordering::Relaxed);
+            }
             self.post.log_full(stage);
             Err(Undelivered::Full(msg))
         } else {
@@ -857,22 +978,34 @@ impl Router {
     /// Closes instance `number`'s inbox and answers every queued request with
     /// `nil, "shutting down"`, so that no requester waits forever. Returns how many.
     pub fn drain(&self, inbox: &mut Inbox, number: usize) -> usize {
+        self.drain_as(inbox, &self.sender(number)).requests
+    }
+
+    /// `drain` for the instance `me` (which may already be out of the table): every queued
+    /// request is answered `nil, "shutting down"`, every other message is dropped; both are
+    /// counted and logged.
+    pub fn drain_as(&self, inbox: &mut Inbox, me: &SenderInfo) -> Drained {
         inbox.close();
-        let from = Arc::new(self.sender(number));
-        let mut n = 0;
+        let from = Arc::new(me.clone());
+        let mut d = Drained::default();
         while let Ok(msg) = inbox.try_recv() {
             if matches!(msg.kind, Kind::Request { .. }) {
                 self.answer(&msg, &from, Err("shutting down".into()));
-                n += 1;
+                d.requests += 1;
+            } else {
+                d.signals += 1;
             }
         }
-        if n > 0 {
+        if d.requests > 0 || d.signals > 0 {
             log::info!(
-                "{}#{number}: answered {n} queued request(s) with \"shutting down\"",
-                self.post.stages[number]
+                "{}#{}: answered {} queued request(s) with \"shutting down\", dropped {} queued signal(s)",
+                me.stage,
+                me.instance,
+                d.requests,
+                d.signals
             );
         }
-        n
+        d
     }
 }
 
@@ -1249,6 +1382,81 @@ mod tests {
             ("#r7", Kind::Failed("shutting down".into()))
         );
         assert_eq!(r.send_to(1, msg("z", 3)).unwrap_err().reason(), "no route");
+    }
+
+    #[test]
+    fn instances_added_and_removed_at_run_time() {
+        let r = router(2);
+        let mut inboxes: Vec<_> = (0..4).map(|i| r.take_inbox(i).unwrap()).collect();
+        assert_eq!(r.members("b"), 3);
+        // A new instance of "b" gets a fresh number and its share of the round-robin.
+        let n = r.add("b");
+        assert_eq!(n, 4);
+        let mut new = r.take_inbox(n).unwrap();
+        assert_eq!((r.members("b"), r.sender(n).stage.as_str()), (4, "b"));
+        for v in 0..8 {
+            r.deliver(Scope::One, "b", msg("x", v)).unwrap();
+        }
+        assert_eq!(std::iter::from_fn(|| new.try_recv().ok()).count(), 2);
+        assert_eq!(
+            r.deliver(Scope::All, "b", msg("all", 1)).unwrap(),
+            1,
+            "the others are full"
+        );
+        assert!(r.load().contains(&("b".to_string(), 4, 100)));
+        // A new stage id appears in the load (what the cluster advertises).
+        let c = r.add("c");
+        assert_eq!(c, 5);
+        assert!(r.load().iter().any(|(s, n, _)| s == "c" && *n == 1));
+        // Removed: no new message, queued ones stay for the drain; answers find no route.
+        for inbox in inboxes.iter_mut() {
+            while inbox.try_recv().is_ok() {}
+        }
+        while new.try_recv().is_ok() {}
+        let mut m = msg("q", 1);
+        m.kind = Kind::Request {
+            cb: "#r1".into(),
+            direct: Direct::none(),
+        };
+        r.send_to(n, m).unwrap();
+        r.send_to(n, msg("s", 2)).unwrap();
+        assert_eq!(r.remove(n).as_deref(), Some("b"));
+        assert_eq!(r.remove(n), None, "twice");
+        assert_eq!(r.members("b"), 3);
+        assert_eq!(r.send_to(n, msg("late", 3)).unwrap_err().reason(), "no route");
+        for v in 0..6 {
+            r.deliver(Scope::One, "b", msg("x", v)).unwrap();
+        }
+        let me = SenderInfo {
+            node: "n".into(),
+            stage: "b".into(),
+            instance: n,
+        };
+        assert_eq!(
+            r.drain_as(&mut new, &me),
+            Drained {
+                requests: 1,
+                signals: 1
+            }
+        );
+        let a = inboxes[0].try_recv().unwrap();
+        assert_eq!(
+            (a.id.as_str(), a.kind, a.from.instance),
+            ("#r1", Kind::Failed("shutting down".into()), n)
+        );
+        // The last instance of a stage: the stage id is gone from this node.
+        assert_eq!(r.remove(c).as_deref(), Some("c"));
+        assert!(r.load().iter().all(|(s, _, _)| s != "c"));
+        assert_eq!(
+            r.deliver(Scope::One, "c", msg("x", 1)).unwrap_err().reason(),
+            "no route"
+        );
+        assert_eq!(
+            r.queues().iter().map(|q| q.instance).collect::<Vec<_>>(),
+            [0, 1, 2, 3]
+        );
+        // Numbers are never reused.
+        assert_eq!(r.add("c"), 6);
     }
 
     #[test]

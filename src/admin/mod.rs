@@ -6,6 +6,7 @@
 pub mod auth;
 mod deploy;
 mod events;
+pub mod instances;
 mod packages;
 
 use crate::config::AdminConfig;
@@ -128,6 +129,10 @@ impl Api {
             }
             Ok(who) => {
                 let r = match packages::route(self, &method, &path, &req, who).await {
+                    Some(r) => Some(r),
+                    None => self.instances_route(&method, &path, &req, who).await,
+                };
+                let r = match r {
                     Some(r) => r,
                     None => self.route(&method, &path, &req, who),
                 };
@@ -291,6 +296,7 @@ impl Api {
     /// This node's instances with their queues.
     fn instances(&self) -> Vec<Json> {
         let lua = self.node.config.startup.len();
+        let builtin = lua..lua + self.node.config.builtins.len();
         self.node
             .router
             .queues()
@@ -299,7 +305,7 @@ impl Api {
                 json!({
                     "id": q.instance, "name": format!("{}#{}", q.stage, q.instance), "stage": q.stage,
                     "node": self.node.node_name,
-                    "kind": if q.instance < lua { "lua" } else { "builtin" },
+                    "kind": if builtin.contains(&q.instance) { "builtin" } else { "lua" },
                     "running": q.open, "queue": q.depth, "capacity": q.capacity, "dropped": q.dropped,
                 })
             })

@@ -37,7 +37,27 @@ pub trait Sink: Send + Sync {
     fn lock(&self, op: LockOp, name: &str, cb: &str, from: Arc<SenderInfo>, values: Vec<Value>);
     /// This node's stages, instance counts and queue load.
     fn local(&self) -> Vec<StageLoad>;
+    /// An admin request (small JSON) from another member (`Engine::admin_request`): the
+    /// answer is handed to `reply`, from any thread, when it is ready.
+    fn admin(&self, from: &str, body: Vec<u8>, reply: AdminReply) {
+        let _ = (from, body);
+        reply(br#"{"status": 501, "body": {"error": "this node serves no admin requests"}}"#.to_vec());
+    }
 }
+
+/// Why an admin request cannot be sent to another member.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AdminSendError {
+    /// No member of that name.
+    #[error("{0}")]
+    Unknown(String),
+    /// A member that cannot be asked now (down), or a request too large.
+    #[error("{0}")]
+    Down(String),
+}
+
+/// Sends the answer to an admin request back to the member that asked.
+pub type AdminReply = Box<dyn FnOnce(Vec<u8>) + Send>;
 
 /// One stage id of a node.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -122,6 +142,9 @@ const F_FRAG: u8 = 3;
 const F_STATUS_REQ: u8 = 4;
 const F_STATUS: u8 = 5;
 const F_BATCH: u8 = 6;
+/// An admin request from a member (`u64` id, JSON body) and its answer (same id, JSON).
+const F_ADMIN_REQ: u8 = 7;
+const F_ADMIN: u8 = 8;
 
 /// A batch waiting for its sending thread to go idle is sent anyway once it is this old
 /// (by the next message put in it, or by the socket thread's sweep).
@@ -289,6 +312,9 @@ pub struct Engine {
     admin: RwLock<Option<String>>,
     /// The largest batch body: a batch datagram is no larger than a fragment's.
     batch_cap: usize,
+    /// Admin requests sent to other members and not answered yet, by id.
+    admin_pending: Mutex<HashMap<u64, tokio::sync::oneshot::Sender<Vec<u8>>>>,
+    admin_seq: AtomicU64,
 }
 
 impl Engine {
@@ -321,6 +347,8 @@ impl Engine {
         let chunk = if cfg.advertise.is_loopback() { 60_000 } else { 1200 };
         let env = Envelope::new(cfg.key.as_deref(), random_u64()).accepting(&cfg.accept);
         Arc::new_cyclic(|this| Engine {
+            admin_pending: Mutex::new(HashMap::new()),
+            admin_seq: AtomicU64::new(0),
             name: me.addr.to_string(),
             me,
             env,
@@ -923,8 +951,108 @@ impl Engine {
                     .seal(from, F_STATUS, self.status_json().to_string().as_bytes());
                 self.send_raw(from, &d);
             }
+            F_ADMIN_REQ => self.on_admin_request(from, o.body),
+            F_ADMIN => {
+                let mut r = Reader::new(o.body);
+                match (r.u64(), r.bytes()) {
+                    (Ok(id), Ok(body)) => {
+                        let waiting = self.admin_pending.lock().expect("admin").remove(&id);
+                        if let Some(tx) = waiting {
+                            let _ = tx.send(body.to_vec());
+                        }
+                    }
+                    _ => self.refuse(from, Reject::Malformed),
+                }
+            }
             _ => self.refuse(from, Reject::Malformed),
         }
+    }
+
+    /// An admin request: taken only from a member this node holds as not down (a key holder
+    /// that is not a member, such as `stage cluster status`, is refused), answered through
+    /// the sink whenever it is done.
+    fn on_admin_request(&self, from: SocketAddr, body: &[u8]) {
+        let mut r = Reader::new(body);
+        let (Ok(id), Ok(req)) = (r.u64(), r.bytes()) else {
+            return self.refuse(from, Reject::Malformed);
+        };
+        let member = self
+            .table
+            .read()
+            .expect("table")
+            .get(&from)
+            .is_some_and(|p| p.state != State::Down);
+        let Some(sink) = self.sink.get() else { return };
+        let this = self.this.clone();
+        let reply: AdminReply = Box::new(move |answer: Vec<u8>| {
+            let Some(e) = this.upgrade() else { return };
+            let mut w = Writer::default();
+            w.u64(id);
+            w.bytes(&answer);
+            let d = e.env.seal(from, F_ADMIN, &w.buf);
+            e.send_raw(from, &d);
+        });
+        if !member {
+            log::warn!("cluster: admin request from {from} refused: not a live member of this cluster");
+            return reply(
+                serde_json::json!({"status": 403, "body": {"error": format!(
+                    "{} takes admin requests from live cluster members only, and {from} is not one", self.name
+                )}})
+                .to_string()
+                .into_bytes(),
+            );
+        }
+        sink.admin(&from.to_string(), req.to_vec(), reply);
+    }
+
+    /// Sends admin request `body` (small JSON) to member `node` (its name, `ip:port`);
+    /// the answer arrives on the receiver. `Err` says why it cannot be sent. A request that
+    /// gets no answer is forgotten with `admin_forget`.
+    pub fn admin_request(
+        &self,
+        node: &str,
+        body: &[u8],
+    ) -> Result<(u64, tokio::sync::oneshot::Receiver<Vec<u8>>), AdminSendError> {
+        let known = || {
+            self.members()
+                .iter()
+                .map(|m| m.0.clone())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let addr = node
+            .parse::<SocketAddr>()
+            .ok()
+            .filter(|a| self.table.read().expect("table").contains_key(a))
+            .ok_or_else(|| {
+                AdminSendError::Unknown(format!(
+                    "no node \"{node}\" in the cluster (members: {})",
+                    known()
+                ))
+            })?;
+        let state = self.table.read().expect("table").get(&addr).map(|p| p.state);
+        if state == Some(State::Down) {
+            return Err(AdminSendError::Down(format!(
+                "node {node} is down: it cannot be asked"
+            )));
+        }
+        if body.len() > 32 * 1024 {
+            return Err(AdminSendError::Down("admin request larger than 32 KiB".into()));
+        }
+        let id = self.admin_seq.fetch_add(1, Ordering::Relaxed) + 1;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.admin_pending.lock().expect("admin").insert(id, tx);
+        let mut w = Writer::default();
+        w.u64(id);
+        w.bytes(body);
+        let d = self.env.seal(addr, F_ADMIN_REQ, &w.buf);
+        self.send_raw(addr, &d);
+        Ok((id, rx))
+    }
+
+    /// Forgets admin request `id` (its answer did not come in time).
+    pub fn admin_forget(&self, id: u64) {
+        self.admin_pending.lock().expect("admin").remove(&id);
     }
 
     fn on_app(&self, app: App) {
@@ -1418,6 +1546,21 @@ pub fn status_reply<'a>(env: &Envelope, me: SocketAddr, d: &'a [u8]) -> Option<&
         .ok()
         .filter(|o| o.frame == F_STATUS)
         .map(|o| o.body)
+}
+
+/// An admin request datagram as a member sends it (tests of who may send one).
+pub fn admin_request_datagram(env: &Envelope, to: SocketAddr, id: u64, body: &[u8]) -> Vec<u8> {
+    let mut w = Writer::default();
+    w.u64(id);
+    w.bytes(body);
+    env.seal(to, F_ADMIN_REQ, &w.buf)
+}
+
+/// The id and body of an admin answer datagram addressed to `me`.
+pub fn admin_answer(env: &Envelope, me: SocketAddr, d: &[u8]) -> Option<(u64, Vec<u8>)> {
+    let o = env.open(me, d).ok().filter(|o| o.frame == F_ADMIN)?;
+    let mut r = Reader::new(o.body);
+    Some((r.u64().ok()?, r.bytes().ok()?.to_vec()))
 }
 
 fn s(v: &str) -> Value {

@@ -17,7 +17,9 @@ pub mod udp;
 pub mod wire;
 
 pub use conf::ClusterConfig;
-pub use engine::{defer_sends, flush_deferred, Engine, Event, Sink, StageLoad, State};
+pub use engine::{
+    defer_sends, flush_deferred, AdminReply, AdminSendError, Engine, Event, Sink, StageLoad, State,
+};
 
 use crate::router::{LockOp, Message, Remote, SenderInfo};
 use crate::value::Value;

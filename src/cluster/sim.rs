@@ -79,6 +79,7 @@ struct Rec {
     stages: Vec<StageLoad>,
     got: Mutex<Vec<(&'static str, String, Message)>>,
     locks: Mutex<Vec<String>>,
+    admin: Mutex<Vec<(String, Vec<u8>)>>,
 }
 
 impl Sink for Rec {
@@ -102,6 +103,18 @@ impl Sink for Rec {
     }
     fn local(&self) -> Vec<StageLoad> {
         self.stages.clone()
+    }
+    fn admin(&self, from: &str, body: Vec<u8>, reply: super::engine::AdminReply) {
+        let echo = String::from_utf8_lossy(&body).to_string();
+        self.admin.lock().unwrap().push((from.to_string(), body));
+        // Answered later, from another thread, as the node's sink does.
+        std::thread::spawn(move || {
+            reply(
+                serde_json::json!({"status": 201, "body": {"echo": echo}})
+                    .to_string()
+                    .into_bytes(),
+            )
+        });
     }
 }
 
@@ -1057,4 +1070,60 @@ fn a_forged_or_malformed_batch_delivers_nothing() {
     e1.receive(addr(0), &d);
     assert_eq!(e1.rejected(Reject::Replayed), 1);
     assert_eq!(sim.nodes[1].1.got.lock().unwrap().len(), 3);
+}
+
+#[test]
+fn admin_requests_go_to_members_and_come_back_and_strangers_are_refused() {
+    let mut sim = Sim::new();
+    three(&mut sim, b"k");
+    sim.until(Duration::from_secs(5), |s| (0..3).all(|i| s.alive_seen(i) == 2))
+        .expect("three nodes converge");
+    let e0 = sim.nodes[0].0.clone();
+    let (_, mut rx) = e0
+        .admin_request(&addr(1).to_string(), br#"{"op": "start"}"#)
+        .unwrap();
+    let answer = (0..200)
+        .find_map(|_| {
+            sim.run(Duration::from_millis(10));
+            rx.try_recv().ok()
+        })
+        .expect("an answer");
+    let v: serde_json::Value = serde_json::from_slice(&answer).unwrap();
+    assert_eq!(
+        v,
+        serde_json::json!({"status": 201, "body": {"echo": "{\"op\": \"start\"}"}})
+    );
+    assert_eq!(
+        sim.nodes[1].1.admin.lock().unwrap().as_slice(),
+        [(addr(0).to_string(), br#"{"op": "start"}"#.to_vec())]
+    );
+    // An unknown node is refused before anything is sent.
+    assert!(matches!(
+        e0.admin_request("127.0.0.1:1", b"{}"),
+        Err(super::engine::AdminSendError::Unknown(m)) if m.contains("no node")
+    ));
+    // A key holder that is not a member (such as `stage cluster status`) gets 403, and the
+    // sink never sees the request.
+    let stranger = SocketAddr::from(([127, 0, 0, 1], 29999));
+    let env = super::auth::Envelope::new(Some(&b"k"[..]), super::engine::random_u64());
+    sim.nodes[1].0.receive(
+        stranger,
+        &super::engine::admin_request_datagram(&env, addr(1), 7, b"{}"),
+    );
+    let reply = (0..100).find_map(|_| {
+        std::thread::sleep(Duration::from_millis(5));
+        let log = sim.net.log.lock().unwrap();
+        log.iter()
+            .filter(|(f, t, _)| *f == addr(1) && *t == stranger)
+            .find_map(|(_, _, d)| super::engine::admin_answer(&env, stranger, d))
+    });
+    let (id, body) = reply.expect("the stranger is answered");
+    assert_eq!(id, 7);
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["status"], 403, "{v}");
+    assert_eq!(
+        sim.nodes[1].1.admin.lock().unwrap().len(),
+        1,
+        "only the member's request"
+    );
 }

@@ -14,7 +14,8 @@ use tokio::task::AbortHandle;
 pub struct InstanceCtx {
     pub node: Arc<NodeShared>,
     pub stage_id: String,
-    /// The instance number: its index among the Lua instances of `#startup`.
+    /// The instance number: its index among the Lua instances of `#startup`, or for an
+    /// instance started at run time a number after every other (never reused).
     pub number: usize,
     /// `stage_id#number`, used as the log target of `print` and `logger`.
     pub name: String,

@@ -150,13 +150,24 @@ fn register_handlers(lua: &Lua, t: &mlua::Table) -> mlua::Result<()> {
     Ok(())
 }
 
-/// Starts an instance on its own thread; it runs until the node's shutdown signal.
+/// What ends one Lua state of an instance thread.
+enum Next {
+    /// A new state on the same mailbox; the sender hears once it runs.
+    Reload(std::sync::mpsc::Sender<()>),
+    /// The thread ends (the node stops, a stop command with its answer, or no state).
+    Stop(Option<std::sync::mpsc::Sender<crate::router::Drained>>),
+}
+
+/// Starts an instance on its own thread; it runs until the node's shutdown signal or a
+/// `Stop` command, and boots a new Lua state on each `Reload` command (`host::control`).
 pub fn spawn(
     node: Arc<NodeShared>,
     spec: InstanceSpec,
     number: usize,
     bindings: Bindings,
+    mut commands: crate::host::control::Commands,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
+    use crate::host::control::Cmd;
     let name = format!("{}#{}", spec.stage_id, number);
     std::thread::Builder::new().name(name.clone()).spawn(move || {
         // Messages to other nodes wait for the thread to go idle and leave in one datagram
@@ -174,34 +185,61 @@ pub fn spawn(
             }
         };
         let mut shutdown = node.shutdown.subscribe();
+        let me = node.router.sender(number);
         let inbox = node.router.take_inbox(number).map(|i| Rc::new(RefCell::new(i)));
-        let local = LocalSet::new();
-        local.block_on(&rt, async {
-            let lua = match new_state(&node, &spec, number, &bindings) {
-                Ok(lua) => lua,
-                Err(e) => {
-                    log::error!(
-                        "{name}: cannot create its Lua state: {}",
-                        script_error::format(&e)
-                    );
-                    return;
+        let mut reloaded: Option<std::sync::mpsc::Sender<()>> = None;
+        let done = loop {
+            let local = LocalSet::new();
+            let next = local.block_on(&rt, async {
+                let lua = match new_state(&node, &spec, number, &bindings) {
+                    Ok(lua) => lua,
+                    Err(e) => {
+                        log::error!(
+                            "{name}: cannot create its Lua state: {}",
+                            script_error::format(&e)
+                        );
+                        return Next::Stop(None);
+                    }
+                };
+                spawn_local(boot(lua.clone(), spec.entry.clone()));
+                spawn_local(reload_when_asked(lua.clone(), spec.entry.clone()));
+                // Spawned after boot, messages are served once boot has run up to its first
+                // yield: handlers registered at the top of the entry script are in place.
+                if let Some(inbox) = inbox.clone() {
+                    spawn_local((bindings.serve)(lua, inbox));
                 }
-            };
-            spawn_local(boot(lua.clone(), spec.entry.clone()));
-            spawn_local(reload_when_asked(lua.clone(), spec.entry.clone()));
-            // Spawned after boot, messages are served once boot has run up to its first
-            // yield: handlers registered at the top of the entry script are in place.
-            if let Some(inbox) = inbox.clone() {
-                spawn_local((bindings.serve)(lua, inbox));
+                if let Some(ack) = reloaded.take() {
+                    tokio::task::yield_now().await;
+                    let _ = ack.send(());
+                }
+                tokio::select! {
+                    _ = shutdown.wait_for(|stop| *stop) => Next::Stop(None),
+                    cmd = commands.recv() => match cmd {
+                        Some(Cmd::Reload(ack)) => Next::Reload(ack),
+                        Some(Cmd::Stop(ack)) => Next::Stop(Some(ack)),
+                        None => Next::Stop(None),
+                    },
+                }
+            });
+            // Dropping the LocalSet drops every pending timer and coroutine of the instance,
+            // and with them its Lua state.
+            drop(local);
+            match next {
+                Next::Reload(ack) => {
+                    log::info!("{name}: reloading: a new Lua state runs the entry script again");
+                    reloaded = Some(ack);
+                }
+                Next::Stop(ack) => break ack,
             }
-            let _ = shutdown.wait_for(|stop| *stop).await;
-            log::debug!("{name}: stopping");
-        });
-        // Dropping the LocalSet here drops every pending timer and coroutine of the instance.
-        drop(local);
+        };
+        log::debug!("{name}: stopping");
         // The serving task is gone with the LocalSet: answer what is still queued.
-        if let Some(inbox) = inbox {
-            node.router.drain(&mut inbox.borrow_mut(), number);
+        let drained = match inbox {
+            Some(inbox) => node.router.drain_as(&mut inbox.borrow_mut(), &me),
+            None => crate::router::Drained::default(),
+        };
+        if let Some(ack) = done {
+            let _ = ack.send(drained);
         }
     })
 }

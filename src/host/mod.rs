@@ -10,6 +10,7 @@
 pub mod budget;
 pub mod callback;
 pub mod context;
+pub mod control;
 pub mod convert;
 pub mod instance;
 pub mod loader;

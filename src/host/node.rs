@@ -50,6 +50,9 @@ pub struct NodeShared {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// The reload check of a deploy: every instance reloads its scripts when asked.
     pub reloads: crate::host::reload::Reloads,
+    /// Its Lua instances, and the way to start, stop and reload them at run time (set by
+    /// `run::start`).
+    pub control: std::sync::OnceLock<crate::host::control::Control>,
 }
 
 impl NodeShared {
@@ -110,6 +113,7 @@ impl NodeShared {
             sandbox_update: Mutex::new(()),
             metrics: Arc::new(crate::metrics::Metrics::new()),
             reloads: Default::default(),
+            control: std::sync::OnceLock::new(),
         });
         let weak = Arc::downgrade(&node);
         node.metrics.set_sampler(Box::new(move || {
@@ -275,6 +279,30 @@ impl crate::cluster::Sink for RouterSink {
     ) {
         if let Some(n) = self.0.upgrade() {
             n.router.lock_here(op, name, cb, from, values);
+        }
+    }
+    fn admin(&self, from: &str, body: Vec<u8>, reply: crate::cluster::AdminReply) {
+        let Some(n) = self.0.upgrade() else { return };
+        let from = from.to_string();
+        // A stop waits for the instance's thread: not on the cluster's socket thread.
+        let spawned = std::thread::Builder::new()
+            .name("admin-remote".into())
+            .spawn(move || {
+                let (status, body) = match serde_json::from_slice::<serde_json::Value>(&body) {
+                    Ok(req) => crate::admin::instances::run_op(&n, &req, &format!("member {from}")),
+                    Err(e) => (
+                        400,
+                        serde_json::json!({"error": format!("admin request is not JSON: {e}")}),
+                    ),
+                };
+                reply(
+                    serde_json::json!({"status": status, "body": body})
+                        .to_string()
+                        .into_bytes(),
+                );
+            });
+        if let Err(e) = spawned {
+            log::warn!("cluster: cannot serve an admin request: {e}");
         }
     }
     fn local(&self) -> Vec<crate::cluster::StageLoad> {

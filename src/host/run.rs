@@ -54,13 +54,11 @@ pub fn start(root: &Path, args: Vec<String>, bindings: Bindings) -> anyhow::Resu
         }
     };
     let mut threads = vec![];
+    let control = node
+        .control
+        .get_or_init(|| crate::host::control::Control::new(bindings));
     for (number, spec) in node.config.startup.iter().enumerate() {
-        threads.push(crate::host::instance::spawn(
-            node.clone(),
-            spec.clone(),
-            number,
-            bindings,
-        )?);
+        control.spawn(&node, spec.clone(), number)?;
     }
     let lua_instances = node.config.startup.len();
     for (k, spec) in node.config.builtins.iter().enumerate() {
@@ -70,7 +68,7 @@ pub fn start(root: &Path, args: Vec<String>, bindings: Bindings) -> anyhow::Resu
     log::info!(
         "READY {}: {} instance(s) in {}",
         std::process::id(),
-        threads.len(),
+        node.config.startup.len() + threads.len(),
         root.display()
     );
     Ok(NodeHandle {
@@ -224,7 +222,13 @@ impl NodeHandle {
             c.engine.leave();
         }
         let deadline = Instant::now() + STOP_GRACE;
-        for t in self.threads {
+        let lua = self
+            .node
+            .control
+            .get()
+            .map(|c| c.take_threads())
+            .unwrap_or_default();
+        for t in lua.into_iter().chain(self.threads) {
             while !t.is_finished() && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(10));
             }

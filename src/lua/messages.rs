@@ -117,6 +117,35 @@ struct Call {
     table: RefCell<Option<Table>>,
 }
 
+/// A handler call dropped before it finished (its instance stopped or reloaded): a request
+/// it has not answered hears "shutting down" at once. The requester keeps its own end of the
+/// direct channel (for answers from other nodes), so dropping the message would not tell it.
+struct CutOff {
+    call: Option<Rc<Call>>,
+    c: Rc<InstanceCtx>,
+    m: Rc<Messages>,
+}
+
+impl CutOff {
+    /// The handler ran to its end: it answered, or its return values are the answer.
+    fn finished(&mut self) {
+        self.call = None;
+    }
+}
+
+impl Drop for CutOff {
+    fn drop(&mut self) {
+        if let Some(call) = self.call.take() {
+            if !call.answered.get() && matches!(call.msg.kind, Kind::Request { .. }) {
+                self.c
+                    .node
+                    .router
+                    .answer(&call.msg, &self.m.out.me, Err("shutting down".into()));
+            }
+        }
+    }
+}
+
 impl Call {
     fn new(hid: Rc<str>, msg: Message) -> Call {
         Call {
@@ -840,8 +869,15 @@ fn dispatch(
     let slot = CallSlot::new(m, call.clone());
     all[1] = Value::Integer(slot.key as i64);
     let (lua, m, c, runner) = (lua.clone(), m.clone(), c.clone(), runner.clone());
+    // Rc clones only (no atomic on the way of every message).
+    let mut cut = CutOff {
+        call: Some(call.clone()),
+        c: c.clone(),
+        m: m.clone(),
+    };
     Ok(Some(Box::pin(async move {
         let rets = run_callback(&lua, &h.what, &runner, all).await;
+        cut.finished();
         drop(slot);
         if call.answered.get() {
             return;

@@ -411,6 +411,21 @@ impl Metrics {
             .inc();
     }
 
+    /// Instance `instance` stopped at run time: its series labelled by the instance alone
+    /// (script errors, reloads) leave the exposition. Its numbers are never reused, so
+    /// nothing else would update them; series of its connections and HTTP listeners stay
+    /// as they ended (their gauges at 0 once the state closed its sockets).
+    pub fn forget_instance(&self, instance: &str) {
+        self.handler_errors
+            .remove(&vec![("instance", instance.to_string())]);
+        for result in ["ok", "failed"] {
+            self.reloads.remove(&vec![
+                ("instance", instance.to_string()),
+                ("result", result.to_string()),
+            ]);
+        }
+    }
+
     /// Every series summed over its labels, by sample name (`stage_frames_received_total`
     /// → total): what the admin page shows. Read from the exposition, at most once a second.
     pub fn totals(&self) -> std::collections::BTreeMap<String, f64> {
