@@ -1,11 +1,13 @@
 //! `stage lb status HOME`: every load balancer of a home, its backends and their health, read
 //! from the running HAProxy processes (`show stat` over each LB's runtime API socket) and
 //! their rendered configs; it works whether or not the node is running. Remote LBs (on VMs)
-//! are read from their records and, where the VM's private network is reachable, from the
+//! are read from their records in the store (`stage_lb_remote`, in `HOME/var/lb/state.db` or
+//! the `%odbc` connection `LB` of conf/stage.json) and, where the VM's private network is reachable, from the
 //! VM's runtime API over it.
 
+use crate::cloud::lb::controller::{has_remote_files, StoreAt};
 use crate::cloud::lb::haproxy::{self, Runtime};
-use crate::cloud::lb::remote;
+use crate::cloud::lb::remote::{self, Record};
 use std::fmt::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -47,26 +49,56 @@ pub fn status(home: &Path) -> String {
         })
         .unwrap_or_default();
     names.sort();
-    let remotes = remote::names(&dir);
-    if names.is_empty() && remotes.is_empty() {
+    let remotes = remote_records(home, &dir);
+    if names.is_empty() && matches!(&remotes, Ok(r) if r.is_empty()) {
         return format!("no load balancers in {}\n", dir.display());
     }
     let mut out = String::new();
     for name in names {
         report(&mut out, &name, &dir.join(&name));
     }
-    for name in remotes {
-        report_remote(&mut out, &name, &dir);
+    match remotes {
+        Ok(remotes) => {
+            for (name, rec) in remotes {
+                report_remote(&mut out, &name, rec);
+            }
+        }
+        Err(e) => {
+            let _ = writeln!(out, "remote load balancers: cannot read the store: {e}");
+        }
     }
     out
 }
 
+/// A remote LB's record, or why it cannot be read.
+type RecordRead = Result<Record, String>;
+
+/// The records of every remote LB, from the store the node uses (older homes' JSON files
+/// are imported into it first). No store yet: none.
+fn remote_records(home: &Path, dir: &Path) -> Result<Vec<(String, RecordRead)>, String> {
+    let config = crate::config::Config::load(&home.join("conf/stage.json")).map_err(|e| e.to_string())?;
+    let at = StoreAt::of(dir, config.lua.odbc.get("LB")).map_err(|e| e.to_string())?;
+    if matches!(&at, StoreAt::Sqlite(p) if !p.exists()) && !has_remote_files(dir) {
+        return Ok(Vec::new());
+    }
+    let store = at.open().map_err(|e| e.to_string())?;
+    store.import_remote_files(dir);
+    let names = store.remote_names().map_err(|e| e.to_string())?;
+    Ok(names
+        .into_iter()
+        .filter_map(|name| match store.load_remote(&name) {
+            Ok(Some(r)) => Some((name, Ok(r))),
+            Ok(None) => None,
+            Err(e) => Some((name, Err(e.to_string()))),
+        })
+        .collect())
+}
+
 /// A remote LB: its record (placement, VM, reserved IP, supervision's last state) and, when
 /// this machine is in the VM's private network, the VM's `show stat` over it.
-fn report_remote(out: &mut String, name: &str, dir: &Path) {
-    let rec = match remote::load(dir, name) {
-        Ok(Some(r)) => r,
-        Ok(None) => return,
+fn report_remote(out: &mut String, name: &str, rec: RecordRead) {
+    let rec = match rec {
+        Ok(r) => r,
         Err(e) => {
             let _ = writeln!(out, "{name}  remote  UNREADABLE RECORD: {e}");
             return;

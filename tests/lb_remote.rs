@@ -331,6 +331,49 @@ fn lua_remote_lb_create_failover_delete() {
     assert!(emu.reserved_ips().is_empty());
 }
 
+/// The record of remote LB `name` in the home's store (`var/lb/state.db`, table
+/// `stage_lb_remote`), as a restarted node reads it.
+fn remote_record(home: &Path, name: &str) -> Option<stage::cloud::lb::remote::Record> {
+    stage::cloud::lb::store::Store::sqlite(&home.join("var/lb/state.db"))
+        .unwrap()
+        .load_remote(name)
+        .unwrap()
+}
+
+/// A home from before the `stage_lb_remote` table: its `var/lb/remote/NAME.json` record is
+/// imported into the store once (the file renamed to `NAME.json.imported`), and
+/// `stage lb status` shows the LB from the store.
+#[test]
+fn remote_json_records_of_an_older_home_are_imported() {
+    let home = tempfile::tempdir().unwrap();
+    let dir = home.path().join("var/lb/remote");
+    std::fs::create_dir_all(&dir).unwrap();
+    // The file exactly as the JSON-file version wrote it (serde_json::to_string_pretty of a
+    // Record).
+    let old = json!({
+        "spec": serde_json::to_value(spec(18080)).unwrap(),
+        "placement": serde_json::to_value(placement("rip-1")).unwrap(),
+        "instance": "vm-from-before", "replacing": null, "failovers": 2, "up_once": true,
+        "state": "up", "internal_ip": "10.1.96.7",
+    });
+    std::fs::write(dir.join("edge.json"), serde_json::to_string_pretty(&old).unwrap()).unwrap();
+    let status = stage::lb_cli::status(home.path());
+    assert!(
+        status.contains("edge  http 127.0.0.1:18080")
+            && status.contains("vm vm-from-before (private 10.1.96.7)")
+            && status.contains("reserved ip rip-1")
+            && status.contains("failovers 2"),
+        "{status}"
+    );
+    assert!(!dir.join("edge.json").exists(), "imported once");
+    assert!(dir.join("edge.json.imported").exists());
+    let rec = remote_record(home.path(), "edge").expect("imported into the store");
+    assert_eq!((rec.instance.as_str(), rec.failovers), ("vm-from-before", 2));
+    assert_eq!(serde_json::to_value(&rec).unwrap(), old);
+    // A second look reads the store, not the (renamed) file.
+    assert!(stage::lb_cli::status(home.path()).contains("vm vm-from-before"));
+}
+
 #[test]
 fn remote_lb_survives_a_node_restart() {
     if !have_haproxy() {
@@ -373,7 +416,22 @@ fn remote_lb_survives_a_node_restart() {
     assert!(created, "the first run did not create the lb:\n{log1}");
     assert_eq!(code, Some(0), "{log1}");
     assert_eq!(emu.instance_count(), 1, "the VM outlives the node");
-    assert!(home.path().join("var/lb/remote/edge.json").exists());
+    assert!(
+        remote_record(home.path(), "edge").is_some(),
+        "the record is in the store"
+    );
+    assert!(
+        !home.path().join("var/lb/remote/edge.json").exists(),
+        "no JSON file"
+    );
+    // Turn this home into one from before the stage_lb_remote table (no state.db, the record
+    // in var/lb/remote/edge.json): the restarted node imports it and restores the LB from it.
+    let rec = remote_record(home.path(), "edge").unwrap();
+    std::fs::remove_file(home.path().join("var/lb/state.db")).unwrap();
+    home.write(
+        "var/lb/remote/edge.json",
+        &serde_json::to_string_pretty(&rec).unwrap(),
+    );
     let node = home.spawn();
     let second = out.path().join("second");
     let restored = wait(&out.path().join("deleted"));
@@ -388,11 +446,11 @@ fn remote_lb_survives_a_node_restart() {
         "the same VM and reserved IP after the restart"
     );
     assert!(log2.contains("lb edge: restored on vm"), "{log2}");
+    assert!(log2.contains("lb edge: remote record imported from"), "{log2}");
+    assert!(home.path().join("var/lb/remote/edge.json.imported").exists());
+    assert!(!home.path().join("var/lb/remote/edge.json").exists());
     assert_eq!(emu.instance_count(), 0, "deleted");
-    assert!(
-        !home.path().join("var/lb/remote/edge.json").exists(),
-        "record forgotten"
-    );
+    assert_eq!(remote_record(home.path(), "edge"), None, "record forgotten");
 }
 
 /// Stands in for cloud-init and the VMs' machines: every emulator VM that is running with a
@@ -692,10 +750,8 @@ end)
         ud.contains(&format!(" 127.0.0.1:{} ", backends[1].port)),
         "the replacement carries the backend added at runtime: {ud}"
     );
-    let rec: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(home.path().join("var/lb/remote/edge.json")).unwrap())
-            .unwrap();
-    assert_eq!(rec["instance"], json!(new), "{rec}");
+    let rec = remote_record(home.path(), "edge").expect("the record in the store");
+    assert_eq!(rec.instance, new, "{rec:?}");
     eprintln!(
         "remote fail-over after a restart (emulator, confirm 0.5 s): {:.2} s",
         took.as_secs_f64()

@@ -116,12 +116,7 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 fn controller_opt(lua: &Lua, only_if_used: bool) -> Result<Option<Controller>, LbError> {
     let node = ctx(lua).node.clone();
     let dir = node.home.root.join("var").join("lb");
-    let store = match node.config.lua.odbc.get("LB") {
-        Some(j) => StoreAt::Odbc(
-            crate::db::ConnSpec::from_json("LB", j).map_err(|e| LbError::Failed(e.to_string()))?,
-        ),
-        None => StoreAt::Sqlite(dir.join("state.db")),
-    };
+    let store = StoreAt::of(&dir, node.config.lua.odbc.get("LB"))?;
     Controller::open(&dir, store, only_if_used)
 }
 
@@ -140,7 +135,7 @@ fn enable_remote(lua: &Lua, c: &Controller) {
         return;
     }
     let node = ctx(lua).node.clone();
-    if node.config.vultr.is_none() && crate::cloud::lb::remote::names(c.dir()).is_empty() {
+    if node.config.vultr.is_none() && c.remote_names().is_empty() {
         return;
     }
     let client = crate::cloud::vultr::Settings::from_config(node.config.vultr.as_ref())

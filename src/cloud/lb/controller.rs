@@ -167,7 +167,7 @@ struct Lb {
 pub(super) struct Inner {
     pub(super) dir: PathBuf,
     bin: PathBuf,
-    store: Store,
+    pub(super) store: Store,
     lbs: Mutex<BTreeMap<String, Arc<Lb>>>,
     pub(super) subs: Mutex<Vec<(String, UnboundedSender<Event>)>>,
     pub(super) stop: AtomicBool,
@@ -197,6 +197,36 @@ pub enum StoreAt {
     Odbc(crate::db::ConnSpec),
 }
 
+impl StoreAt {
+    /// The store of state directory `dir` (`HOME/var/lb`): the `%odbc` entry named `LB`
+    /// (`odbc_lb`, from conf/stage.json) if there is one, else `dir/state.db`.
+    pub fn of(dir: &Path, odbc_lb: Option<&serde_json::Value>) -> Result<StoreAt> {
+        Ok(match odbc_lb {
+            Some(j) => StoreAt::Odbc(
+                crate::db::ConnSpec::from_json("LB", j).map_err(|e| LbError::Failed(e.to_string()))?,
+            ),
+            None => StoreAt::Sqlite(dir.join("state.db")),
+        })
+    }
+
+    /// Opens (and creates) the store.
+    pub fn open(self) -> Result<Store> {
+        match self {
+            StoreAt::Sqlite(p) => Store::sqlite(&p),
+            StoreAt::Odbc(spec) => Store::open(spec),
+        }
+    }
+}
+
+/// Whether `dir/remote/` holds remote LB records of an older home, not imported yet.
+pub fn has_remote_files(dir: &Path) -> bool {
+    std::fs::read_dir(dir.join("remote"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|e| e.path().extension().is_some_and(|x| x == "json"))
+}
+
 impl Controller {
     /// The controller of `dir` for this process, started (and reconciled from the store) on
     /// first use. With `only_if_used`, returns `None` when no LB was ever created there.
@@ -205,16 +235,14 @@ impl Controller {
         if let Some(c) = reg.get(dir) {
             return Ok(Some(c.clone()));
         }
-        if only_if_used && matches!(&store, StoreAt::Sqlite(p) if !p.exists()) {
+        if only_if_used && matches!(&store, StoreAt::Sqlite(p) if !p.exists()) && !has_remote_files(dir) {
             return Ok(None);
         }
         std::fs::create_dir_all(dir)
             .map_err(|e| LbError::Failed(format!("cannot create {}: {e}", dir.display())))?;
         let bin = haproxy::binary()?;
-        let store = match store {
-            StoreAt::Sqlite(p) => Store::sqlite(&p)?,
-            StoreAt::Odbc(spec) => Store::open(spec)?,
-        };
+        let store = store.open()?;
+        store.import_remote_files(dir);
         let c = Controller {
             inner: Arc::new(Inner {
                 dir: dir.to_path_buf(),

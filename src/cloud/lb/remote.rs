@@ -937,8 +937,8 @@ pub struct RemoteInfo {
     pub deleted: bool,
 }
 
-/// What is persisted of a remote LB (`HOME/var/lb/remote/NAME.json`): enough to resume
-/// supervising it after a node restart.
+/// What is persisted of a remote LB (a row of `stage_lb_remote`, [`super::store::Store::put_remote`]):
+/// enough to resume supervising it after a node restart.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Record {
     pub spec: Spec,
@@ -1010,55 +1010,6 @@ impl RemoteLb {
             created_at: Some(now),
         })
     }
-}
-
-fn record_path(dir: &Path, name: &str) -> std::path::PathBuf {
-    dir.join("remote").join(format!("{name}.json"))
-}
-
-/// Writes the record of `lb` under `dir` (the controller's directory), atomically.
-pub fn save(dir: &Path, lb: &RemoteLb) -> Result<()> {
-    let path = record_path(dir, &lb.spec.name);
-    let io = |e: std::io::Error| LbError::Failed(format!("cannot write {}: {e}", path.display()));
-    std::fs::create_dir_all(path.parent().expect("a parent")).map_err(io)?;
-    let text = serde_json::to_string_pretty(&lb.record()).map_err(|e| LbError::Failed(e.to_string()))?;
-    let tmp = path.with_extension("json.new");
-    std::fs::write(&tmp, text).map_err(io)?;
-    std::fs::rename(&tmp, &path).map_err(io)
-}
-
-/// The record of remote LB `name`, if there is one.
-pub fn load(dir: &Path, name: &str) -> Result<Option<Record>> {
-    let path = record_path(dir, name);
-    match std::fs::read_to_string(&path) {
-        Ok(t) => serde_json::from_str(&t)
-            .map(Some)
-            .map_err(|e| LbError::Failed(format!("{}: {e}", path.display()))),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(LbError::Failed(format!("{}: {e}", path.display()))),
-    }
-}
-
-/// Removes the record of `name` (after delete).
-pub fn forget(dir: &Path, name: &str) {
-    let _ = std::fs::remove_file(record_path(dir, name));
-}
-
-/// Names of the remote LBs recorded under `dir`.
-pub fn names(dir: &Path) -> Vec<String> {
-    let mut out: Vec<String> = std::fs::read_dir(dir.join("remote"))
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| {
-            e.file_name()
-                .to_str()
-                .and_then(|n| n.strip_suffix(".json"))
-                .map(str::to_string)
-        })
-        .collect();
-    out.sort();
-    out
 }
 
 #[cfg(test)]

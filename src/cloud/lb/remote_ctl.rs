@@ -78,7 +78,7 @@ async fn ensure(weak: &Weak<Inner>, name: &str) -> Result<Option<Shared>> {
     if let Some(s) = lock(&inner.remote.lbs).get(name).cloned() {
         return Ok(Some(s));
     }
-    let Some(rec) = remote::load(&inner.dir, name)? else {
+    let Some(rec) = inner.store.load_remote(name)? else {
         return Ok(None);
     };
     let client = client_of(&inner)?;
@@ -131,7 +131,7 @@ async fn supervise(weak: Weak<Inner>, name: String, shared: Shared, client: Clie
             }
         }
         if lb.record() != before {
-            if let Err(e) = remote::save(&inner.dir, &lb) {
+            if let Err(e) = inner.store.put_remote(&lb.record()) {
                 log::error!(target: "lb", "lb {name}: {e}");
             }
         }
@@ -143,15 +143,15 @@ async fn supervise(weak: Weak<Inner>, name: String, shared: Shared, client: Clie
 }
 
 impl Controller {
-    /// Enables remote mode with this Vultr client: every LB recorded under
-    /// `DIR/remote/` is restored and supervised from now on (in the background; an operation
+    /// Enables remote mode with this Vultr client: every LB recorded in the store's
+    /// `stage_lb_remote` table is restored and supervised from now on (in the background; an operation
     /// on one that is not restored yet restores it first). Only the first call counts.
     pub fn enable_remote(&self, client: Client) {
         if self.inner.remote.client.set(client).is_err() {
             return;
         }
         let weak = Arc::downgrade(&self.inner);
-        let names = remote::names(&self.inner.dir);
+        let names = self.recorded_remote_names();
         if names.is_empty() {
             return;
         }
@@ -172,12 +172,20 @@ impl Controller {
     /// Whether `name` is a remote LB (supervised, or recorded).
     pub fn is_remote(&self, name: &str) -> bool {
         lock(&self.inner.remote.lbs).contains_key(name)
-            || matches!(remote::load(&self.inner.dir, name), Ok(Some(_)))
+            || matches!(self.inner.store.load_remote(name), Ok(Some(_)))
+    }
+
+    /// Names of the remote LBs recorded in the store (an unreadable store is logged).
+    fn recorded_remote_names(&self) -> Vec<String> {
+        self.inner.store.remote_names().unwrap_or_else(|e| {
+            log::error!(target: "lb", "remote lbs: {e}");
+            Vec::new()
+        })
     }
 
     /// Names of every remote LB (supervised or recorded).
     pub fn remote_names(&self) -> Vec<String> {
-        let mut names = remote::names(&self.inner.dir);
+        let mut names = self.recorded_remote_names();
         names.extend(lock(&self.inner.remote.lbs).keys().cloned());
         names.sort();
         names.dedup();
@@ -210,7 +218,7 @@ impl Controller {
         let inner = self.inner.clone();
         rt().block_on(async move {
             let lb = RemoteLb::provision(&client, spec, placement).await?;
-            remote::save(&inner.dir, &lb)?;
+            inner.store.put_remote(&lb.record())?;
             log::info!(target: "lb", "lb {name}: created on vm {} (remote mode)", lb.instance.id);
             let info = lb.info();
             start(&inner, lb, client);
@@ -230,13 +238,13 @@ impl Controller {
     pub fn remote_add(&self, name: &str, address: &str) -> Result<()> {
         let what = format!("{name}.add");
         let s = self.shared(name)?;
-        let dir = self.inner.dir.clone();
+        let inner = self.inner.clone();
         let address = address.to_string();
         rt().block_on(async move {
             let mut lb = s.lock().await;
             let (spec, b) = lb.with_backend(&what, &address)?;
             let old = std::mem::replace(&mut lb.spec, spec);
-            if let Err(e) = remote::save(&dir, &lb) {
+            if let Err(e) = inner.store.put_remote(&lb.record()) {
                 lb.spec = old;
                 return Err(e);
             }
@@ -255,7 +263,9 @@ impl Controller {
                 }
                 Err(e) => {
                     lb.spec = old;
-                    let _ = remote::save(&dir, &lb);
+                    if let Err(e) = inner.store.put_remote(&lb.record()) {
+                        log::error!(target: "lb", "lb {name}: {e}");
+                    }
                     Err(prefixed(&what, e))
                 }
             }
@@ -275,7 +285,7 @@ impl Controller {
             let (spec, addr) = lb.without_backend(&what, &address)?;
             let drain = spec.drain;
             let old = std::mem::replace(&mut lb.spec, spec);
-            if let Err(e) = remote::save(&inner.dir, &lb) {
+            if let Err(e) = inner.store.put_remote(&lb.record()) {
                 lb.spec = old;
                 return Err(e);
             }
@@ -309,7 +319,7 @@ impl Controller {
         let what = format!("{name}.update");
         let s = self.shared(name)?;
         let client = client_of(&self.inner)?;
-        let dir = self.inner.dir.clone();
+        let inner = self.inner.clone();
         let changes = changes.clone();
         rt().block_on(async move {
             let mut lb = s.lock().await;
@@ -329,7 +339,7 @@ impl Controller {
             } else {
                 lb.roll(&client, &what, spec).await?;
             }
-            remote::save(&dir, &lb)?;
+            inner.store.put_remote(&lb.record())?;
             Ok(lb.info())
         })
     }
@@ -340,7 +350,9 @@ impl Controller {
         let s = self.shared(name)?;
         let client = client_of(&self.inner)?;
         rt().block_on(async move { s.lock().await.delete(&client).await })?;
-        remote::forget(&self.inner.dir, name);
+        if let Err(e) = self.inner.store.delete_remote(name) {
+            log::error!(target: "lb", "lb {name}: deleted, but its record stays: {e}");
+        }
         lock(&self.inner.remote.lbs).remove(name);
         lock(&self.inner.subs).retain(|(n, _)| n != name);
         log::info!(target: "lb", "lb {name}: deleted (remote mode)");

@@ -17,6 +17,14 @@ local function get(ip)
     p:close()
     return body
 end
+-- The LB's record as the node persists it: a row of stage_lb_remote in HOME/var/lb/state.db.
+local function record(name)
+    return odbc.new("DRIVER={SQLite3};DATABASE=" .. E.home .. "/var/lb/state.db;Timeout=5000", function (adp)
+        local rows = adp.query("SELECT record FROM stage_lb_remote WHERE name = ?", name)
+        check(rows[1], "a stage_lb_remote row for " .. name)
+        return bundle.json(rows[1].record)
+    end)
+end
 local function backend(info, address)
     for _, b in ipairs(info.backends) do if b.address == address then return b end end
 end
@@ -65,7 +73,7 @@ stage.addtask(0, function ()
     seen = {}
     for _ = 1, 9 do seen[get(vip)] = true end
     check(seen[E.names[3]], "the added backend serves: " .. bundle.json(seen))
-    local rec = bundle.json(read(E.home .. "/var/lb/remote/edge.json"))
+    local rec = record("edge")
     eq(#rec.spec.backends, 3, "recorded")
     eq(edge.info().vm, vm, "no new VM for an add")
     local ok, e = pcall(edge.add, E.backends[3])
@@ -86,7 +94,7 @@ stage.addtask(0, function ()
     check(edge:remove(E.backends[1]))
     eq(events[#events].state, "REMOVED"); eq(events[#events].backend, E.backends[1])
     for _ = 1, 6 do eq(get(vip), E.names[3], "only the remaining UP backend serves") end
-    rec = bundle.json(read(E.home .. "/var/lb/remote/edge.json"))
+    rec = record("edge")
     eq(#rec.spec.backends, 2, "removal recorded")
     ok, e = pcall(edge.remove, E.backends[1])
     check(not ok and e:find("is not a backend of edge", 1, true), e)
