@@ -50,11 +50,7 @@ pub fn open(lua: &Lua) -> mlua::Result<Table> {
                 set_hooks(&lua, &name, &hooks)?;
             }
             attach(&lua, &c, &name)?;
-            Ok(Value::Table(if remote {
-                remote_handle(&lua, &name)?
-            } else {
-                handle(&lua, &name)?
-            }))
+            Ok(Value::Table(handle(&lua, &name, remote)?))
         })?,
     )?;
     t.set(
@@ -242,7 +238,7 @@ async fn create(lua: Lua, t: Table) -> mlua::Result<Table> {
     blocking(move || c2.create(spec)).await?.map_err(err)?;
     set_hooks(&lua, &name, &hooks)?;
     attach(&lua, &c, &name)?;
-    handle(&lua, &name)
+    handle(&lua, &name, false)
 }
 
 async fn info(lua: &Lua, name: String) -> mlua::Result<Value> {
@@ -284,10 +280,14 @@ fn arg_string(what: &str, a: &MultiValue) -> mlua::Result<String> {
     }
 }
 
-/// The table a script holds for one LB: `add`, `remove`, `info`, `update`, `delete`, `name`.
-fn handle(lua: &Lua, name: &str) -> mlua::Result<Table> {
+/// The table a script holds for one LB: `add`, `remove`, `info`, `update`, `delete`, `name`;
+/// a remote LB's (`remote = true`) calls the controller's `remote_*` operations.
+fn handle(lua: &Lua, name: &str, remote: bool) -> mlua::Result<Table> {
     let t = lua.create_table()?;
     t.set("name", name)?;
+    if remote {
+        t.set("remote", true)?;
+    }
     let n = name.to_string();
     t.set(
         "add",
@@ -296,7 +296,15 @@ fn handle(lua: &Lua, name: &str) -> mlua::Result<Table> {
             async move {
                 let addr = arg_string(&format!("{n}.add"), &args(a))?;
                 let c = controller(&lua)?;
-                blocking(move || c.add(&n, &addr, false)).await?.map_err(err)?;
+                blocking(move || {
+                    if remote {
+                        c.remote_add(&n, &addr)
+                    } else {
+                        c.add(&n, &addr, false)
+                    }
+                })
+                .await?
+                .map_err(err)?;
                 Ok(true)
             }
         })?,
@@ -309,7 +317,15 @@ fn handle(lua: &Lua, name: &str) -> mlua::Result<Table> {
             async move {
                 let addr = arg_string(&format!("{n}.remove"), &args(a))?;
                 let c = controller(&lua)?;
-                blocking(move || c.remove(&n, &addr)).await?.map_err(err)?;
+                blocking(move || {
+                    if remote {
+                        c.remote_remove(&n, &addr)
+                    } else {
+                        c.remove(&n, &addr)
+                    }
+                })
+                .await?
+                .map_err(err)?;
                 Ok(true)
             }
         })?,
@@ -336,8 +352,14 @@ fn handle(lua: &Lua, name: &str) -> mlua::Result<Table> {
                 };
                 let (json, hooks) = split_spec(&lua, &what, &changes)?;
                 let c = controller(&lua)?;
-                let c2 = c.clone();
-                let n2 = n.clone();
+                let (c2, n2) = (c.clone(), n.clone());
+                if remote {
+                    let i = blocking(move || c2.remote_update(&n2, &json))
+                        .await?
+                        .map_err(err)?;
+                    set_hooks(&lua, &n, &hooks)?;
+                    return to_lua(&lua, &i);
+                }
                 let i = blocking(move || c2.update(&n2, &json)).await?.map_err(err)?;
                 set_hooks(&lua, &n, &hooks)?;
                 attach(&lua, &c, &n)?;
@@ -353,7 +375,15 @@ fn handle(lua: &Lua, name: &str) -> mlua::Result<Table> {
             async move {
                 let c = controller(&lua)?;
                 let n2 = n.clone();
-                blocking(move || c.delete(&n2)).await?.map_err(err)?;
+                blocking(move || {
+                    if remote {
+                        c.remote_delete(&n2)
+                    } else {
+                        c.delete(&n2)
+                    }
+                })
+                .await?
+                .map_err(err)?;
                 let all: Table = lua.named_registry_value(HOOKS)?;
                 all.set(n.as_str(), Value::Nil)?;
                 Ok(true)
@@ -561,86 +591,5 @@ async fn create_remote(lua: Lua, json: Json, placement: Json, hooks: Table) -> m
         .map_err(err)?;
     set_hooks(&lua, &name, &hooks)?;
     attach(&lua, &c, &name)?;
-    remote_handle(&lua, &name)
-}
-
-/// The table a script holds for a remote LB: `name`, `add`, `remove`, `info`, `update`,
-/// `delete`, as a local LB's.
-fn remote_handle(lua: &Lua, name: &str) -> mlua::Result<Table> {
-    let t = lua.create_table()?;
-    t.set("name", name)?;
-    t.set("remote", true)?;
-    let n = name.to_string();
-    t.set(
-        "add",
-        lua.create_async_function(move |lua, a: MultiValue| {
-            let n = n.clone();
-            async move {
-                let addr = arg_string(&format!("{n}.add"), &args(a))?;
-                let c = controller(&lua)?;
-                blocking(move || c.remote_add(&n, &addr)).await?.map_err(err)?;
-                Ok(true)
-            }
-        })?,
-    )?;
-    let n = name.to_string();
-    t.set(
-        "remove",
-        lua.create_async_function(move |lua, a: MultiValue| {
-            let n = n.clone();
-            async move {
-                let addr = arg_string(&format!("{n}.remove"), &args(a))?;
-                let c = controller(&lua)?;
-                blocking(move || c.remote_remove(&n, &addr)).await?.map_err(err)?;
-                Ok(true)
-            }
-        })?,
-    )?;
-    let n = name.to_string();
-    t.set(
-        "info",
-        lua.create_async_function(move |lua, _a: MultiValue| {
-            let n = n.clone();
-            async move { info(&lua, n).await }
-        })?,
-    )?;
-    let n = name.to_string();
-    t.set(
-        "update",
-        lua.create_async_function(move |lua, a: MultiValue| {
-            let n = n.clone();
-            async move {
-                let what = format!("{n}.update");
-                let Some(Value::Table(changes)) = args(a).pop_front() else {
-                    return Err(mlua::Error::runtime(format!(
-                        "{what}: expected a table of changes"
-                    )));
-                };
-                let (json, hooks) = split_spec(&lua, &what, &changes)?;
-                let c = controller(&lua)?;
-                let n2 = n.clone();
-                let i = blocking(move || c.remote_update(&n2, &json))
-                    .await?
-                    .map_err(err)?;
-                set_hooks(&lua, &n, &hooks)?;
-                to_lua(&lua, &i)
-            }
-        })?,
-    )?;
-    let n = name.to_string();
-    t.set(
-        "delete",
-        lua.create_async_function(move |lua, _a: MultiValue| {
-            let n = n.clone();
-            async move {
-                let c = controller(&lua)?;
-                let n2 = n.clone();
-                blocking(move || c.remote_delete(&n2)).await?.map_err(err)?;
-                let all: Table = lua.named_registry_value(HOOKS)?;
-                all.set(n.as_str(), Value::Nil)?;
-                Ok(true)
-            }
-        })?,
-    )?;
-    Ok(t)
+    handle(&lua, &name, true)
 }

@@ -126,14 +126,56 @@ pub struct Info {
     pub dir: String,
 }
 
-#[derive(Debug, Clone, Default)]
-struct ServerView {
-    state: String,
-    check: String,
-    scur: u64,
-    stot: u64,
-    rate: u64,
-    qcur: u64,
+/// One server as HAProxy's `show stat` last reported it (local and remote LBs).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ServerView {
+    pub state: String,
+    pub check: String,
+    pub scur: u64,
+    pub stot: u64,
+    pub rate: u64,
+    pub qcur: u64,
+}
+
+impl ServerView {
+    /// The server of one `show stat` row.
+    pub fn from_row(r: &HashMap<String, String>) -> ServerView {
+        ServerView {
+            state: haproxy::state_word(r.get("status").map(String::as_str).unwrap_or("")),
+            check: r
+                .get("check_status")
+                .cloned()
+                .unwrap_or_default()
+                .trim_start_matches("* ")
+                .to_string(),
+            scur: num(r, "scur"),
+            stot: num(r, "stot"),
+            rate: num(r, "rate"),
+            qcur: num(r, "qcur"),
+        }
+    }
+}
+
+impl BackendInfo {
+    /// Backend `b` as `info()` shows it, with what `show stat` last said of it (`None`: nothing yet).
+    pub fn of(b: &Backend, v: Option<&ServerView>) -> BackendInfo {
+        let v = v.cloned().unwrap_or_default();
+        BackendInfo {
+            address: b.address.clone(),
+            server: server_name(&b.address),
+            state: if v.state.is_empty() {
+                "UNKNOWN".into()
+            } else {
+                v.state
+            },
+            check: v.check,
+            sessions: v.scur,
+            total: v.stot,
+            rate: v.rate,
+            queue: v.qcur,
+            autoscaled: b.autoscaled,
+        }
+    }
 }
 
 struct LbState {
@@ -604,24 +646,7 @@ impl Controller {
             .spec
             .backends
             .iter()
-            .map(|b| {
-                let v = st.servers.get(&b.address).cloned().unwrap_or_default();
-                BackendInfo {
-                    address: b.address.clone(),
-                    server: server_name(&b.address),
-                    state: if v.state.is_empty() {
-                        "UNKNOWN".into()
-                    } else {
-                        v.state
-                    },
-                    check: v.check,
-                    sessions: v.scur,
-                    total: v.stot,
-                    rate: v.rate,
-                    queue: v.qcur,
-                    autoscaled: b.autoscaled,
-                }
-            })
+            .map(|b| BackendInfo::of(b, st.servers.get(&b.address)))
             .collect();
         Ok(Info {
             name: st.spec.name.clone(),
@@ -894,27 +919,16 @@ fn poll(st: &mut LbState) -> Vec<Event> {
             st.be_rate = num(r, "rate");
         } else if px == be {
             let Some(addr) = by_server.get(sv) else { continue };
-            let state = haproxy::state_word(r.get("status").map(String::as_str).unwrap_or(""));
-            let check = r
-                .get("check_status")
-                .cloned()
-                .unwrap_or_default()
-                .trim_start_matches("* ")
-                .to_string();
+            let new = ServerView::from_row(r);
             let view = st.servers.entry(addr.clone()).or_default();
-            if !view.state.is_empty() && view.state != state {
-                let mut ev = Event::new(&st.spec.name, "backend", &state);
+            if !view.state.is_empty() && view.state != new.state {
+                let mut ev = Event::new(&st.spec.name, "backend", &new.state);
                 ev.backend = Some(addr.clone());
                 ev.previous = Some(view.state.clone());
-                ev.check = Some(check.clone());
+                ev.check = Some(new.check.clone());
                 events.push(ev);
             }
-            view.state = state;
-            view.check = check;
-            view.scur = num(r, "scur");
-            view.stot = num(r, "stot");
-            view.rate = num(r, "rate");
-            view.qcur = num(r, "qcur");
+            *view = new;
         }
     }
     st.servers.retain(|a, _| by_server.values().any(|x| x == a));

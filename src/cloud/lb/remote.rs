@@ -16,6 +16,7 @@
 //! the old VM is destroyed: it is not coming back. If the old VM recovers first, the
 //! replacement is destroyed instead and nothing moves.
 
+use super::controller::ServerView;
 use super::haproxy;
 use super::render::{self, backend_name, server_name, Paths};
 use super::{invalid, parse_address, Backend, LbError, Result, Spec, MAX_BACKENDS};
@@ -283,7 +284,7 @@ pub struct RemoteLb {
     /// The backends as the VM's HAProxy reports them (`show stat` over the private network),
     /// by address; refreshed by [`RemoteLb::observe`].
     #[serde(skip)]
-    pub servers: BTreeMap<String, ServerLive>,
+    pub servers: BTreeMap<String, ServerView>,
     #[serde(skip)]
     created_at: Option<Instant>,
     #[serde(skip)]
@@ -547,17 +548,6 @@ impl RemoteLb {
     }
 }
 
-/// One backend of a remote LB as the VM's HAProxy reports it.
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
-pub struct ServerLive {
-    pub state: String,
-    pub check: String,
-    pub scur: u64,
-    pub stot: u64,
-    pub rate: u64,
-    pub qcur: u64,
-}
-
 /// A backend that changed state on the VM (for `on_change`): address, new state, previous
 /// state, HAProxy's check status.
 #[derive(Debug, Clone, PartialEq)]
@@ -751,31 +741,17 @@ impl RemoteLb {
             }
             present.push(sv.clone());
             let Some(b) = by_server.get(&sv) else { continue };
-            let state = haproxy::state_word(r.get("status").map(String::as_str).unwrap_or(""));
-            let check = r
-                .get("check_status")
-                .cloned()
-                .unwrap_or_default()
-                .trim_start_matches("* ")
-                .to_string();
-            let num = |k: &str| r.get(k).and_then(|v| v.parse().ok()).unwrap_or(0);
+            let new = ServerView::from_row(r);
             let view = self.servers.entry(b.address.clone()).or_default();
-            if !view.state.is_empty() && view.state != state {
+            if !view.state.is_empty() && view.state != new.state {
                 changes.push(Change {
                     backend: b.address.clone(),
-                    state: state.clone(),
+                    state: new.state.clone(),
                     previous: Some(view.state.clone()),
-                    check: Some(check.clone()),
+                    check: Some(new.check.clone()),
                 });
             }
-            *view = ServerLive {
-                state,
-                check,
-                scur: num("scur"),
-                stot: num("stot"),
-                rate: num("rate"),
-                qcur: num("qcur"),
-            };
+            *view = new;
         }
         let wanted: Vec<Backend> = self.spec.backends.clone();
         self.servers.retain(|a, _| wanted.iter().any(|b| &b.address == a));
@@ -873,24 +849,7 @@ impl RemoteLb {
                 .spec
                 .backends
                 .iter()
-                .map(|b| {
-                    let v = self.servers.get(&b.address).cloned().unwrap_or_default();
-                    super::controller::BackendInfo {
-                        address: b.address.clone(),
-                        server: server_name(&b.address),
-                        state: if v.state.is_empty() {
-                            "UNKNOWN".into()
-                        } else {
-                            v.state
-                        },
-                        check: v.check,
-                        sessions: v.scur,
-                        total: v.stot,
-                        rate: v.rate,
-                        queue: v.qcur,
-                        autoscaled: b.autoscaled,
-                    }
-                })
+                .map(|b| super::controller::BackendInfo::of(b, self.servers.get(&b.address)))
                 .collect(),
             health: self.spec.health.clone(),
             project: self.spec.project.clone(),
