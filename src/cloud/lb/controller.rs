@@ -539,13 +539,8 @@ impl Controller {
             loop {
                 let out = rt.command(&format!("del server {be}/{srv}"))?;
                 let t = out.trim();
-                if t.starts_with("Server deleted") || t.contains("No such server") {
+                if haproxy::server_deleted(&be, &srv, t)? {
                     return Ok(());
-                }
-                if !t.contains("connections") {
-                    return Err(LbError::Rejected(format!(
-                        "haproxy refused `del server {be}/{srv}`: {t}"
-                    )));
                 }
                 if Instant::now() > deadline && !shut {
                     log::warn!(target: "lb", "lb {name}: {addr} still has sessions after {} s; shutting them", spec.drain);

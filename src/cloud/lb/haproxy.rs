@@ -248,6 +248,21 @@ impl Runtime {
     }
 }
 
+/// What HAProxy's answer `t` to `del server BE/SRV` means: `Ok(true)` the server is gone
+/// (deleted now or before), `Ok(false)` it still has connections (drain and ask again), an
+/// error when HAProxy refused for another reason.
+pub fn server_deleted(be: &str, srv: &str, t: &str) -> Result<bool> {
+    if t.starts_with("Server deleted") || t.contains("No such server") {
+        return Ok(true);
+    }
+    if !t.contains("connections") {
+        return Err(LbError::Rejected(format!(
+            "haproxy refused `del server {be}/{srv}`: {t}"
+        )));
+    }
+    Ok(false)
+}
+
 /// Parses HAProxy's CSV (`# a,b,c` header, then rows) into maps by column name.
 pub fn parse_csv(text: &str) -> Vec<HashMap<String, String>> {
     let mut lines = text.lines();
@@ -281,6 +296,21 @@ pub fn state_word(status: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn del_server_answers() {
+        assert!(server_deleted("be_web", "s1", "Server deleted.").unwrap());
+        assert!(server_deleted("be_web", "s1", "No such server.").unwrap());
+        assert!(!server_deleted(
+            "be_web",
+            "s1",
+            "Server still has connections attached to it, cannot remove it."
+        )
+        .unwrap());
+        let e =
+            server_deleted("be_web", "s1", "Only servers in maintenance mode can be deleted.").unwrap_err();
+        assert!(e.to_string().contains("del server be_web/s1"), "{e}");
+    }
 
     #[test]
     fn parses_show_stat() {

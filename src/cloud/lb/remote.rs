@@ -620,13 +620,8 @@ impl TcpRuntime {
         loop {
             let out = self.command(&format!("del server {be}/{srv}")).await?;
             let t = out.trim();
-            if t.starts_with("Server deleted") || t.contains("No such server") {
+            if haproxy::server_deleted(&be, &srv, t)? {
                 return Ok(());
-            }
-            if !t.contains("connections") {
-                return Err(LbError::Rejected(format!(
-                    "haproxy refused `del server {be}/{srv}`: {t}"
-                )));
             }
             if Instant::now() > deadline && !shut {
                 log::warn!(target: "lb", "lb {lb}: {address} still has sessions after {drain} s; shutting them");
