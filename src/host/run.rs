@@ -46,6 +46,13 @@ pub fn start(root: &Path, args: Vec<String>, bindings: Bindings) -> anyhow::Resu
         None => None,
     };
     let admin = crate::admin::spawn(&node, crate::host::loader::syntax_check)?;
+    // A home with load balancers gets them back (restored and supervised) before any
+    // script asks; `lb` in a script finds this controller.
+    match crate::cloud::lb::Controller::of_home(&node.home.root, node.config.lua.odbc.get("LB")) {
+        Ok(Some(c)) => c.enable_remote_from(node.config.vultr.as_ref()),
+        Ok(None) => {}
+        Err(e) => log::error!(target: "lb", "cannot restore the load balancers: {e}"),
+    }
     let watcher = match watch(&root, node.generation.clone()) {
         Ok(w) => Some(w),
         Err(e) => {

@@ -20,12 +20,6 @@ const WATCHED: &str = "stage.lb.watched";
 const SCALING: &str = "stage.lb.scaling";
 
 pub fn open(lua: &Lua) -> mlua::Result<Table> {
-    // A node that has LBs restores them at start, before any script asks.
-    match controller_opt(lua, true) {
-        Ok(Some(c)) => enable_remote(lua, &c),
-        Ok(None) => {}
-        Err(e) => log::error!(target: "lb", "cannot restore the load balancers: {e}"),
-    }
     lua.set_named_registry_value(HOOKS, lua.create_table()?)?;
     lua.set_named_registry_value(WATCHED, lua.create_table()?)?;
     lua.set_named_registry_value(SCALING, lua.create_table()?)?;
@@ -109,37 +103,15 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
         .map_err(|_| mlua::Error::runtime("lb: the operation's thread panicked"))
 }
 
-fn controller_opt(lua: &Lua, only_if_used: bool) -> Result<Option<Controller>, LbError> {
+fn controller(lua: &Lua) -> mlua::Result<Controller> {
     let node = ctx(lua).node.clone();
     let dir = node.home.root.join("var").join("lb");
-    let store = StoreAt::of(&dir, node.config.lua.odbc.get("LB"))?;
-    Controller::open(&dir, store, only_if_used)
-}
-
-fn controller(lua: &Lua) -> mlua::Result<Controller> {
-    let c = controller_opt(lua, false)
+    let store = StoreAt::of(&dir, node.config.lua.odbc.get("LB")).map_err(err)?;
+    let c = Controller::open(&dir, store, false)
         .map_err(err)?
         .ok_or_else(|| mlua::Error::runtime("lb: no controller"))?;
-    enable_remote(lua, &c);
+    c.enable_remote_from(node.config.vultr.as_ref());
     Ok(c)
-}
-
-/// Gives the controller the Vultr client of `%vultr` (remote mode), once: from then on it
-/// restores and supervises every remote LB of this home.
-fn enable_remote(lua: &Lua, c: &Controller) {
-    if c.remote_enabled() {
-        return;
-    }
-    let node = ctx(lua).node.clone();
-    if node.config.vultr.is_none() && c.remote_names().is_empty() {
-        return;
-    }
-    let client = crate::cloud::vultr::Settings::from_config(node.config.vultr.as_ref())
-        .and_then(crate::cloud::vultr::Client::new);
-    match client {
-        Ok(client) => c.enable_remote(client),
-        Err(e) => log::error!(target: "lb", "lb: remote mode (%vultr): {e}"),
-    }
 }
 
 /// Splits the functions (hooks) off a spec table; the rest becomes JSON for the core.

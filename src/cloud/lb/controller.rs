@@ -270,6 +270,29 @@ pub fn has_remote_files(dir: &Path) -> bool {
 }
 
 impl Controller {
+    /// The controller of the home at `root` (`var/lb`, its store on `%odbc` `LB` when that is
+    /// set), opened when the node starts if the home has LBs, so every LB is restored and
+    /// supervised with no script asking. `None` when the home has none.
+    pub fn of_home(root: &Path, odbc_lb: Option<&Json>) -> Result<Option<Controller>> {
+        let dir = root.join("var").join("lb");
+        Controller::open(&dir, StoreAt::of(&dir, odbc_lb)?, true)
+    }
+
+    /// Gives the controller the Vultr client of `%vultr` (remote mode), once: from then on it
+    /// restores and supervises every remote LB of this home. Without `%vultr` and with no
+    /// remote LB recorded, nothing is done.
+    pub fn enable_remote_from(&self, vultr: Option<&Json>) {
+        if self.remote_enabled() || (vultr.is_none() && self.remote_names().is_empty()) {
+            return;
+        }
+        match crate::cloud::vultr::Settings::from_config(vultr).and_then(crate::cloud::vultr::Client::new) {
+            Ok(client) => self.enable_remote(client),
+            Err(e) => log::error!(target: "lb", "lb: remote mode (%vultr): {e}"),
+        }
+    }
+}
+
+impl Controller {
     /// The controller of `dir` for this process, started (and reconciled from the store) on
     /// first use. With `only_if_used`, returns `None` when no LB was ever created there.
     pub fn open(dir: &Path, store: StoreAt, only_if_used: bool) -> Result<Option<Controller>> {
