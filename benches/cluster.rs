@@ -42,24 +42,24 @@ while not stage.request(target, 200, 0) do
     stage.sleep(50)
 end
 for _ = 1, 1000 do stage.request(target, 1000, 0) end   -- warm up
-local lat, done_, fails = {}, 0, 0
+local lat, done_, fails, last = {}, 0, 0, 0
 local c0 = cpu("self") + (bpid ~= "" and cpu(bpid) or 0)
-local t0 = process.tick
+local t0 = process.clock
 local deadline = t0 + seconds
 for _ = 1, inflight do
     stage.submit(0, function()
-        while process.tick < deadline do
-            local s = process.tick
+        while process.clock < deadline do
+            local s = process.clock
             local v = stage.request(target, 2000, 1)
-            if v then lat[#lat + 1] = process.tick - s else fails = fails + 1 end
+            last = process.clock
+            if v then lat[#lat + 1] = last - s else fails = fails + 1 end
             done_ = done_ + 1
         end
     end)
 end
 wait_until = function(f) while not f() do stage.sleep(5) end end
-wait_until(function() return process.tick >= deadline and done_ >= #lat + fails end)
-stage.sleep(50)
-local el = process.tick - t0
+wait_until(function() return process.clock >= deadline and done_ >= #lat + fails end)
+local el = last - t0
 local c1 = cpu("self") + (bpid ~= "" and cpu(bpid) or 0)
 table.sort(lat)
 local function pct(p) return (lat[math.max(1, math.floor(#lat * p))] or 0) * 1e6 end

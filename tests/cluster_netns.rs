@@ -1,12 +1,18 @@
 //! The cluster over a real network path between two network namespaces joined by a veth
-//! pair (made by this test, torn down after it): 10% datagram loss both ways (nftables
-//! `numgen random`), then a partition (every datagram dropped), then the heal. Requests with
-//! deadlines always resolve (an answer or `timeout`/no stage, never a hang, never a wrong
-//! answer), the partition is detected, and membership heals.
+//! pair (made by this test, torn down after it): a 50 ms delay each way, then 10% datagram
+//! loss both ways on top of it (nftables `numgen random`), then a partition (every datagram
+//! dropped), then the heal. Requests with deadlines always resolve (an answer or
+//! `timeout`/no stage, never a hang, never a wrong answer), the partition is detected, and
+//! membership heals.
 //!
-//! Needs root, `ip` (iproute2) and `nft` (nftables, installed by scripts/setup). Without
-//! them it says why and skips, except under CI=true, where it fails. Delay (`tc netem`) is
-//! not tested: this machine's kernel has no `sch_netem` (the test says so when it is missing).
+//! The delay: this machine's kernel has no `sch_netem`, so `tc netem delay` cannot be used.
+//! Each namespace sends its UDP packets through a netfilter queue instead (`iptables -j
+//! NFQUEUE`), where tests/nfq_delay.py holds each one 50 ms and lets it go unchanged (an
+//! authenticated datagram stays valid; a relay that rewrote addresses would break its tag).
+//!
+//! Needs root, `ip` (iproute2), `nft` (nftables), `iptables` and Python's NetfilterQueue
+//! (installed by scripts/setup). Without them it says why and skips, except under CI=true,
+//! where it fails.
 
 mod harness;
 
@@ -89,15 +95,87 @@ impl Drop for Net {
     }
 }
 
+/// A delay of every UDP packet leaving either namespace, while it lives: an NFQUEUE rule in
+/// each namespace's OUTPUT chain and tests/nfq_delay.py holding the queue's packets.
+struct Delay<'a> {
+    net: &'a Net,
+    holders: Kill,
+}
+
+impl Net {
+    fn delay(&self, ms: u32) -> Delay<'_> {
+        let mut holders = Kill(vec![]);
+        for ns in [&self.a, &self.b] {
+            // --queue-bypass: should the holder die, packets pass undelayed rather than vanish
+            // (the test's latency check then fails with a clear message).
+            sh(&[
+                "ip",
+                "netns",
+                "exec",
+                ns,
+                "iptables",
+                "-A",
+                "OUTPUT",
+                "-p",
+                "udp",
+                "-j",
+                "NFQUEUE",
+                "--queue-num",
+                "0",
+                "--queue-bypass",
+            ])
+            .expect("iptables NFQUEUE rule");
+            let mut c = Command::new("ip")
+                .args(["netns", "exec", ns, "python3"])
+                .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/nfq_delay.py"))
+                .args(["0", &ms.to_string()])
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .expect("start tests/nfq_delay.py");
+            let mut line = String::new();
+            use std::io::BufRead;
+            let _ = std::io::BufReader::new(c.stdout.take().expect("stdout")).read_line(&mut line);
+            assert_eq!(
+                line.trim(),
+                "ready",
+                "tests/nfq_delay.py did not bind its queue in {ns}"
+            );
+            holders.0.push(c);
+        }
+        Delay { net: self, holders }
+    }
+}
+
+impl Drop for Delay<'_> {
+    fn drop(&mut self) {
+        for ns in [&self.net.a, &self.net.b] {
+            let _ = sh(&["ip", "netns", "exec", ns, "iptables", "-F", "OUTPUT"]);
+        }
+        for c in &mut self.holders.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 fn prerequisites() -> Result<(), String> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         return Err("not root: network namespaces need CAP_SYS_ADMIN".into());
     }
-    for tool in ["ip", "nft"] {
+    for tool in ["ip", "nft", "iptables"] {
         if Command::new(tool).arg("-V").output().is_err() {
             return Err(format!("`{tool}` is not installed (scripts/setup installs it)"));
         }
+    }
+    let nfq = Command::new("python3")
+        .args(["-c", "import netfilterqueue"])
+        .output()
+        .map_err(|e| format!("python3: {e}"))?;
+    if !nfq.status.success() {
+        return Err("Python's NetfilterQueue is not installed (scripts/setup installs it)".into());
     }
     Ok(())
 }
@@ -141,6 +219,8 @@ struct Stats {
     other: u64,
     wrong: u64,
     max_ms: u64,
+    /// The sum of every request's time (ms).
+    sum_ms: u64,
     state: String,
     /// How many stage ids the other node advertises, as this one sees it.
     stages: u64,
@@ -207,13 +287,6 @@ fn loss_and_a_partition_on_a_real_network_path() {
         return;
     }
     let net = Net::new().expect("network namespaces with a veth pair");
-    if sh(&[
-        "tc", "-n", &net.a, "qdisc", "add", "dev", "lo", "root", "netem", "delay", "1ms",
-    ])
-    .is_err()
-    {
-        eprintln!("note: the kernel has no sch_netem: delay is not tested, loss and partition are");
-    }
     let port = 9871;
     let (a, b) = ("10.231.0.1", "10.231.0.2");
     let server = home(serde_json::json!([port, format!("{a}:{port}")]), "db", "");
@@ -242,15 +315,50 @@ fn loss_and_a_partition_on_a_real_network_path() {
     );
     println!("healthy: {s0:?}");
 
-    // 10% loss each way for 6 s: every request resolves, most are answered, the member stays.
+    // 50 ms each way for 5 s: a round trip takes 100 ms, well inside the 300 ms deadline, so
+    // requests are answered and the member stays alive with its stage ids.
+    let delay = net.delay(50);
+    // The client writes its stats every 200 ms: these were written after the delay began.
+    std::thread::sleep(Duration::from_millis(500));
+    let sd0 = stats(&st);
+    std::thread::sleep(Duration::from_secs(5));
+    let sd = stats(&st);
+    let (ok, to) = (sd.ok - sd0.ok, sd.timeout - sd0.timeout);
+    let n = ok + to + (sd.other - sd0.other) + (sd.wrong - sd0.wrong);
+    let mean = (sd.sum_ms - sd0.sum_ms) as f64 / n.max(1) as f64;
+    println!("50 ms delay each way: {ok} answered, {to} timed out, mean {mean:.0} ms, {sd:?}");
+    assert_eq!(sd.wrong, 0, "a wrong answer: {sd:?}");
+    assert!(
+        (95.0..300.0).contains(&mean),
+        "with 50 ms each way a round trip takes 100 ms, not {mean:.0} ms: was the delay applied? {sd:?}"
+    );
+    // A holder starved on a loaded machine may stretch a few past 300 ms; no more.
+    assert!(
+        ok >= 20 && to * 10 <= ok,
+        "under a 50 ms delay requests are answered: {ok} answered, {to} timeouts\n{}",
+        cluster_log(&[&server, &client])
+    );
+    assert!(
+        sd.state == "alive" && sd.stages >= 1,
+        "a 50 ms delay made the other node {} with {} stage ids\n{}",
+        sd.state,
+        sd.stages,
+        cluster_log(&[&server, &client])
+    );
+
+    // 10% loss each way on top of the delay for 6 s: every request resolves, most are
+    // answered, the member stays.
     net.fault(Some("numgen random mod 10 == 0 drop"));
     std::thread::sleep(Duration::from_secs(6));
     let s1 = stats(&st);
-    let (ok, to) = (s1.ok - s0.ok, s1.timeout - s0.timeout);
-    println!("10% loss: {ok} answered, {to} timed out, {:?}", s1);
+    let (ok, to) = (s1.ok - sd.ok, s1.timeout - sd.timeout);
+    println!(
+        "10% loss and 50 ms delay: {ok} answered, {to} timed out, {:?}",
+        s1
+    );
     assert_eq!(s1.wrong, 0, "a wrong answer: {s1:?}");
-    // One request at a time: each lost one costs its whole 300 ms deadline, so timeouts take
-    // most of the 6 s; still more are answered than lost.
+    // One request at a time: each lost one costs its whole 300 ms deadline (an answered one
+    // 100 ms), so timeouts take much of the 6 s; still more are answered than lost.
     assert!(
         ok > to,
         "under 10% loss most requests are answered: {ok} vs {to} timeouts"
@@ -276,6 +384,7 @@ fn loss_and_a_partition_on_a_real_network_path() {
         cluster_log(&[&server, &client])
     );
     println!("still answering under 10% loss: {s1b:?}");
+    drop(delay);
 
     // Partition: nothing passes. The other node is detected down; requests keep resolving.
     net.fault(Some("drop"));

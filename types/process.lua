@@ -9,6 +9,7 @@
 ---@class process
 ---@field id integer the OS process id
 ---@field tick number wall-clock seconds since 1970 (milliseconds as the fraction)
+---@field clock number monotonic seconds for measuring durations, microseconds and finer; never goes back (ext)
 ---@field args table<integer, string> [0] the program, [1..] the arguments after `--`
 ---@field stage integer this instance's number
 ---@field node string this node's name (ext)

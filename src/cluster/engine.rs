@@ -150,6 +150,12 @@ const F_ADMIN: u8 = 8;
 /// (by the next message put in it, or by the socket thread's sweep).
 pub const MAX_BATCH_DELAY: Duration = Duration::from_micros(500);
 
+/// A deferred batch goes out as soon as it holds this many messages, without waiting for its
+/// thread to go idle: the receiver starts on it while the sender fills the next one. Without
+/// it, a busy client and server play ping-pong with one big batch, one of them idle at a time
+/// (remote round trips/s, 64 in flight: 120-134k without a bound, 160-225k with 16-32).
+pub const MAX_BATCH_MESSAGES: u32 = 32;
+
 /// Messages for one node: their numbering and the batch being filled.
 struct Outbox {
     /// The last message number given out (per sender → receiver pair).
@@ -159,6 +165,8 @@ struct Outbox {
     buf: Vec<u8>,
     /// When the batch's first message was put in (deferred batches only).
     since: Option<Instant>,
+    /// Messages in the batch being filled.
+    count: u32,
 }
 
 /// One destination node's outbox, behind its own lock: numbering, batching and sending are
@@ -1144,6 +1152,7 @@ impl Engine {
                         seq: 0,
                         buf: vec![],
                         since: None,
+                        count: 0,
                     }),
                 })
             })
@@ -1213,15 +1222,16 @@ impl Engine {
                 None => false,
             })
             .unwrap_or(false);
-        if deferred {
+        o.count += 1;
+        if !deferred || o.count >= MAX_BATCH_MESSAGES {
+            self.flush_locked(to, &mut o);
+        } else {
             let now = Instant::now();
             match o.since {
                 None => o.since = Some(now),
                 Some(t) if now.duration_since(t) >= MAX_BATCH_DELAY => self.flush_locked(to, &mut o),
                 Some(_) => {}
             }
-        } else {
-            self.flush_locked(to, &mut o);
         }
         Ok(())
     }
@@ -1234,6 +1244,7 @@ impl Engine {
 
     fn flush_locked(&self, to: SocketAddr, o: &mut Outbox) {
         o.since = None;
+        o.count = 0;
         if o.buf.len() <= HEADER + BATCH_HEADER {
             o.buf.clear();
             return;

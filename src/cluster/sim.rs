@@ -1000,6 +1000,79 @@ fn deferred_messages_leave_in_batches_in_order_and_with_every_size() {
 }
 
 #[test]
+fn a_deferred_batch_leaves_when_it_holds_max_batch_messages() {
+    use super::engine::MAX_BATCH_MESSAGES;
+    let mut sim = Sim::new();
+    sim.add(cfg(0, vec![addr(1)], vec![], b"k", 300), vec![]);
+    sim.add(cfg(1, vec![], vec![], b"k", 300), vec![stage("db", 0)]);
+    assert!(sim
+        .until(Duration::from_secs(10), |s| s.nodes[0]
+            .0
+            .members()
+            .iter()
+            .any(|m| !m.2.is_empty()))
+        .is_some());
+    let e0 = sim.nodes[0].0.clone();
+    let sent = || e0.stats.datagrams_sent.load(std::sync::atomic::Ordering::Relaxed);
+    super::engine::defer_sends();
+    let before = sent();
+    let t = Instant::now();
+    let n = MAX_BATCH_MESSAGES as usize;
+    // One message short of the bound: nothing leaves while the thread stays busy.
+    for i in 0..n - 1 {
+        e0.deliver_one(
+            "db",
+            msg(&format!("m{i}"), vec![Value::Int(i as i64)], Kind::Reply),
+            false,
+        )
+        .unwrap();
+    }
+    let short = sent() - before;
+    // The bound: the batch leaves at once, without the thread going idle.
+    e0.deliver_one(
+        "db",
+        msg(&format!("m{}", n - 1), vec![Value::Int(0)], Kind::Reply),
+        false,
+    )
+    .unwrap();
+    let full = sent() - before;
+    // The next message starts a new batch, which waits again.
+    e0.deliver_one(
+        "db",
+        msg(&format!("m{n}"), vec![Value::Int(0)], Kind::Reply),
+        false,
+    )
+    .unwrap();
+    let next = sent() - before;
+    let in_time = t.elapsed() < super::engine::MAX_BATCH_DELAY;
+    super::engine::flush_deferred();
+    let flushed = sent() - before;
+    if in_time {
+        assert_eq!(
+            short, 0,
+            "a deferred batch below the bound left before the thread went idle"
+        );
+        assert_eq!(
+            next, 1,
+            "the message after a full batch did not wait for the next one"
+        );
+    }
+    assert_eq!(full, 1, "a batch of {n} messages did not leave at once");
+    assert_eq!(flushed, 2, "going idle sends the batch that waits");
+    sim.step();
+    let got: Vec<String> = sim.nodes[1]
+        .1
+        .got
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(_, _, m)| m.id.clone())
+        .collect();
+    let want: Vec<String> = (0..=n).map(|i| format!("m{i}")).collect();
+    assert_eq!(got, want, "every message once, in sending order");
+}
+
+#[test]
 fn a_forged_or_malformed_batch_delivers_nothing() {
     let mut sim = Sim::new();
     sim.add(cfg(0, vec![addr(1)], vec![], b"k", 300), vec![]);

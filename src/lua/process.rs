@@ -47,6 +47,13 @@ pub fn open(lua: &Lua) -> mlua::Result<Table> {
     Ok(t)
 }
 
+/// Seconds on a monotonic clock, counted from the first reading in this process
+/// (`process.clock`).
+pub fn clock() -> f64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START.get_or_init(std::time::Instant::now).elapsed().as_secs_f64()
+}
+
 fn index(lua: &Lua, key: &str) -> mlua::Result<Value> {
     let c = ctx(lua);
     match key {
@@ -57,6 +64,8 @@ fn index(lua: &Lua, key: &str) -> mlua::Result<Value> {
                 .map(|d| d.as_millis() as f64 / 1000.0)
                 .unwrap_or(0.0),
         )),
+        // Ext: a monotonic clock for durations (never goes back, microseconds and finer).
+        "clock" => Ok(Value::Number(clock())),
         "node" => lua.create_string(&c.node.node_name).map(Value::String),
         "title" => lua
             .create_string(c.node.title.lock().expect("title").as_str())
