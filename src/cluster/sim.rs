@@ -676,16 +676,7 @@ fn waiters_at_a_dead_lock_owner_are_queued_at_the_new_owner() {
 
 #[test]
 fn threads_sending_to_one_node_at_once_lose_nothing() {
-    let mut sim = Sim::new();
-    sim.add(cfg(0, vec![addr(1)], vec![], b"k", 300), vec![]);
-    sim.add(cfg(1, vec![], vec![], b"k", 300), vec![stage("db", 0)]);
-    assert!(sim
-        .until(Duration::from_secs(10), |s| s.nodes[0]
-            .0
-            .members()
-            .iter()
-            .any(|m| !m.2.is_empty()))
-        .is_some());
+    let sim = sender_and_db();
     sim.net.jitter.store(true, std::sync::atomic::Ordering::Relaxed);
     let (threads, each) = (4, 2000);
     std::thread::scope(|sc| {
@@ -927,8 +918,8 @@ fn a_node_that_rejoins_while_cut_off_still_detects_the_dead() {
     eprintln!("after rejoining alone, node 0 detected the dead node in {det:?}");
 }
 
-#[test]
-fn deferred_messages_leave_in_batches_in_order_and_with_every_size() {
+/// Node 0 routes to node 1, which has a `db` stage; returns once node 0 sees its stage ids.
+fn sender_and_db() -> Sim {
     let mut sim = Sim::new();
     sim.add(cfg(0, vec![addr(1)], vec![], b"k", 300), vec![]);
     sim.add(cfg(1, vec![], vec![], b"k", 300), vec![stage("db", 0)]);
@@ -939,6 +930,12 @@ fn deferred_messages_leave_in_batches_in_order_and_with_every_size() {
             .iter()
             .any(|m| !m.2.is_empty()))
         .is_some());
+    sim
+}
+
+#[test]
+fn deferred_messages_leave_in_batches_in_order_and_with_every_size() {
+    let sim = sender_and_db();
     let e0 = sim.nodes[0].0.clone();
     let sent = || e0.stats.datagrams_sent.load(std::sync::atomic::Ordering::Relaxed);
     // Sizes on loopback (60 kB fragments, so a batch body holds at most 60,016 bytes): small
@@ -1002,16 +999,7 @@ fn deferred_messages_leave_in_batches_in_order_and_with_every_size() {
 #[test]
 fn a_deferred_batch_leaves_when_it_holds_max_batch_messages() {
     use super::engine::MAX_BATCH_MESSAGES;
-    let mut sim = Sim::new();
-    sim.add(cfg(0, vec![addr(1)], vec![], b"k", 300), vec![]);
-    sim.add(cfg(1, vec![], vec![], b"k", 300), vec![stage("db", 0)]);
-    assert!(sim
-        .until(Duration::from_secs(10), |s| s.nodes[0]
-            .0
-            .members()
-            .iter()
-            .any(|m| !m.2.is_empty()))
-        .is_some());
+    let sim = sender_and_db();
     let e0 = sim.nodes[0].0.clone();
     let sent = || e0.stats.datagrams_sent.load(std::sync::atomic::Ordering::Relaxed);
     super::engine::defer_sends();
@@ -1074,16 +1062,7 @@ fn a_deferred_batch_leaves_when_it_holds_max_batch_messages() {
 
 #[test]
 fn a_forged_or_malformed_batch_delivers_nothing() {
-    let mut sim = Sim::new();
-    sim.add(cfg(0, vec![addr(1)], vec![], b"k", 300), vec![]);
-    sim.add(cfg(1, vec![], vec![], b"k", 300), vec![stage("db", 0)]);
-    assert!(sim
-        .until(Duration::from_secs(10), |s| s.nodes[0]
-            .0
-            .members()
-            .iter()
-            .any(|m| !m.2.is_empty()))
-        .is_some());
+    let sim = sender_and_db();
     super::engine::defer_sends();
     for i in 0..3 {
         sim.nodes[0]
