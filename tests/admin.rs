@@ -6,22 +6,17 @@
 
 mod harness;
 
-use harness::{stage_bin, wait_with_output, TestHome};
+use harness::{curl_status, free_udp_port, stage_bin, stop, wait_for, wait_with_output, TestHome};
 use serde_json::{json, Value as Json};
-use std::net::UdpSocket;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 const KEY: &str = "test cluster key 0123456789";
 const TOKEN: &str = "admin-token-0123456789abcdef";
 
-fn free_port() -> u16 {
-    // A port free for both UDP (cluster) and TCP (admin) on loopback, most likely.
-    UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// `curl` with `args`; returns (status, body).
+fn curl(args: &[&str], url: &str) -> (u16, String) {
+    curl_status(args, url, 5)
 }
 
 fn node(p: u16) -> String {
@@ -63,39 +58,9 @@ fn spawn(h: &TestHome) -> Child {
         .expect("start stage")
 }
 
-fn stop(c: Child) -> String {
-    let mut c = c;
-    let _ = c.kill();
-    wait_with_output(c, Duration::from_secs(5)).1
-}
-
-/// `curl` with `args`; returns (status, body).
-fn curl(args: &[&str], url: &str) -> (u16, String) {
-    let out = Command::new("curl")
-        .args(["-s", "--max-time", "5", "-w", "\n%{http_code}"])
-        .args(args)
-        .arg(url)
-        .output()
-        .expect("curl");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
-    (code.trim().parse().unwrap_or(0), body.to_string())
-}
-
 fn get(url: &str) -> (u16, Json) {
     let (code, body) = curl(&["-H", &format!("user: {TOKEN}")], url);
     (code, serde_json::from_str(&body).unwrap_or(Json::Null))
-}
-
-fn wait_for<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
-    let t = Instant::now();
-    while t.elapsed() < limit {
-        if let Some(v) = f() {
-            return Some(v);
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    None
 }
 
 /// The state of `name` in a `/nodes/all` answer.
@@ -137,7 +102,7 @@ asyncio.run(main())
 
 #[test]
 fn three_nodes_listed_authenticated_and_a_dead_one_seen() {
-    let (pa, pb, pc, admin) = (free_port(), free_port(), free_port(), free_port());
+    let (pa, pb, pc, admin) = (free_udp_port(), free_udp_port(), free_udp_port(), free_udp_port());
     let b = home(json!([pb]), &["db", "db"], json!({}));
     let c = home(json!([pc, node(pa)]), &["db"], json!({}));
     let a = home(
@@ -275,7 +240,7 @@ fn no_token_on_a_public_address_refuses_to_start() {
     let h = TestHome::new();
     h.write(
         "conf/stage.json",
-        &json!({"#admin": {"listen": format!("0.0.0.0:{}", free_port())}}).to_string(),
+        &json!({"#admin": {"listen": format!("0.0.0.0:{}", free_udp_port())}}).to_string(),
     );
     h.write("package/start.lua", "-- idle\n");
     let (code, out) = wait_with_output(h.spawn(), Duration::from_secs(15));

@@ -8,10 +8,9 @@
 
 mod harness;
 
-use harness::{stage_bin, wait_with_output, TestHome};
+use harness::{free_udp_port, stage_bin, stop, wait_with_output, TestHome};
 use serde_json::json;
 use std::io::{BufRead, BufReader, Write};
-use std::net::UdpSocket;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -19,15 +18,6 @@ use std::time::{Duration, Instant};
 
 const KEY: &str = "test cluster key 0123456789";
 const TOKEN: &str = "admin-token-0123456789abcdef";
-
-fn free_port() -> u16 {
-    // Free for both UDP (cluster) and TCP (admin, echo) on loopback, most likely.
-    UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn node(p: u16) -> String {
     format!("127.0.0.1:{p}")
@@ -72,12 +62,6 @@ fn spawn(h: &TestHome) -> Child {
         .stderr(Stdio::piped())
         .spawn()
         .expect("start stage")
-}
-
-fn stop(c: Child) -> String {
-    let mut c = c;
-    let _ = c.kill();
-    wait_with_output(c, Duration::from_secs(5)).1
 }
 
 /// Why the browser test cannot run here, if it cannot.
@@ -142,9 +126,9 @@ fn the_map_shows_three_nodes_and_turns_a_killed_one_red() {
         eprintln!("skipped: {why}");
         return;
     }
-    let (pa, pb, pc) = (free_port(), free_port(), free_port());
-    let (aa, ab, ac) = (free_port(), free_port(), free_port());
-    let (ea, eb, ec) = (free_port(), free_port(), free_port());
+    let (pa, pb, pc) = (free_udp_port(), free_udp_port(), free_udp_port());
+    let (aa, ab, ac) = (free_udp_port(), free_udp_port(), free_udp_port());
+    let (ea, eb, ec) = (free_udp_port(), free_udp_port(), free_udp_port());
     let b = home(json!([pb]), ab, &["db", "db"], eb);
     let c = home(json!([pc, node(pa)]), ac, &["db"], ec);
     let a = home(json!([pa, node(pb), node(pc)]), aa, &["web", "db"], ea);

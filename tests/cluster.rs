@@ -10,7 +10,7 @@ scenarios! {
     no_cluster => "cluster/no_cluster.lua",
 }
 
-use harness::{stage_bin, wait_with_output, TestHome};
+use harness::{free_udp_port, stage_bin, stop, wait_with_output, TestHome};
 use stage::cluster::engine::{Engine, Sink, StageLoad, Transport};
 use stage::router::{Kind, LockOp, Message, SenderInfo};
 use stage::value::Value;
@@ -21,14 +21,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const KEY: &str = "test cluster key 0123456789";
-
-fn free_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn node(p: u16) -> String {
     format!("127.0.0.1:{p}")
@@ -74,12 +66,6 @@ fn spawn(h: &TestHome, env: &[(&str, String)], key: Option<&str>) -> Child {
         .expect("start stage")
 }
 
-fn stop(c: Child) -> String {
-    let mut c = c;
-    let _ = c.kill();
-    wait_with_output(c, Duration::from_secs(5)).1
-}
-
 fn wait_file(p: &Path, limit: Duration) -> bool {
     let t = Instant::now();
     while t.elapsed() < limit {
@@ -93,7 +79,7 @@ fn wait_file(p: &Path, limit: Duration) -> bool {
 
 #[test]
 fn three_nodes_carry_requests_broadcasts_scopes_and_a_mebibyte() {
-    let (pa, pb, pc) = (free_port(), free_port(), free_port());
+    let (pa, pb, pc) = (free_udp_port(), free_udp_port(), free_udp_port());
     let idle = "-- serves db only\n";
     let b = home(
         serde_json::json!([pb]),
@@ -127,7 +113,7 @@ fn three_nodes_carry_requests_broadcasts_scopes_and_a_mebibyte() {
 
 #[test]
 fn kill_9_is_detected_rerouted_failed_over_and_rejoined() {
-    let (pa, pb, pc, pf) = (free_port(), free_port(), free_port(), free_port());
+    let (pa, pb, pc, pf) = (free_udp_port(), free_udp_port(), free_udp_port(), free_udp_port());
     let sync = tempfile::tempdir().unwrap();
     let idle = "-- serves db only\n";
     let b = home(
@@ -233,7 +219,7 @@ fn status(h: &TestHome) -> serde_json::Value {
 #[test]
 fn only_holders_of_the_key_join_and_nothing_forged_replayed_or_cut_is_accepted() {
     // Without a key and without "#cluster-insecure", a node refuses to start.
-    let p0 = free_port();
+    let p0 = free_udp_port();
     let h0 = home(
         serde_json::json!([p0]),
         &["db"],
@@ -244,7 +230,7 @@ fn only_holders_of_the_key_join_and_nothing_forged_replayed_or_cut_is_accepted()
     assert_ne!(code, Some(0));
     assert!(out.contains("#cluster-key: missing"), "{out}");
 
-    let (pa, pw, pn, pt) = (free_port(), free_port(), free_port(), free_port());
+    let (pa, pw, pn, pt) = (free_udp_port(), free_udp_port(), free_udp_port(), free_udp_port());
     let mark = tempfile::tempdir().unwrap();
     let mark_file = mark.path().join("mark");
     let a = home(serde_json::json!([pa]), &["db"], "", serde_json::json!({}));
@@ -401,7 +387,7 @@ fn only_holders_of_the_key_join_and_nothing_forged_replayed_or_cut_is_accepted()
 
 #[test]
 fn locks_are_cluster_wide() {
-    let (pa, pb) = (free_port(), free_port());
+    let (pa, pb) = (free_udp_port(), free_udp_port());
     let sync = tempfile::tempdir().unwrap();
     let script = include_str!("lua/cluster/locks.lua");
     // Each instance marks its end as <letter>_<instance> (the script cannot know its letter).
@@ -433,7 +419,7 @@ fn locks_are_cluster_wide() {
 
 #[test]
 fn two_processes_of_one_home_form_a_cluster() {
-    let (p1, p2) = (free_port(), free_port());
+    let (p1, p2) = (free_udp_port(), free_udp_port());
     let h = home(
         serde_json::json!(["env:STAGE_CLUSTER_PORT", node(p1), node(p2)]),
         &["w", "x"],
@@ -460,7 +446,7 @@ fn two_processes_of_one_home_form_a_cluster() {
 /// refusals are in the cluster::auth unit tests).
 #[test]
 fn a_key_rotation_in_progress_keeps_the_cluster_whole() {
-    let (p1, p2) = (free_port(), free_port());
+    let (p1, p2) = (free_udp_port(), free_udp_port());
     let h = home(
         serde_json::json!(["env:STAGE_CLUSTER_PORT", node(p1), node(p2)]),
         &["w", "x"],

@@ -7,38 +7,21 @@
 
 mod harness;
 
-use harness::{stage_bin, wait_with_output, TestHome};
+use harness::{curl_status, free_tcp_port, stage_bin, wait_with_output, TestHome};
 use serde_json::Value as Json;
-use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const TOKEN: &str = "admin-token-0123456789abcdef";
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// `curl` with `args`; returns (status, body).
+fn curl(args: &[&str], url: &str) -> (u16, String) {
+    curl_status(args, url, 10)
 }
 
 fn start_lua(hport: u16) -> String {
     format!("broker.ready(\"http://127.0.0.1:{hport}\", function(req) return stage.load(\"answer\") end)\n")
-}
-
-/// `curl` with `args`; returns (status, body).
-fn curl(args: &[&str], url: &str) -> (u16, String) {
-    let out = Command::new("curl")
-        .args(["-s", "--max-time", "10", "-w", "\n%{http_code}"])
-        .args(args)
-        .arg(url)
-        .output()
-        .expect("curl");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
-    (code.trim().parse().unwrap_or(0), body.to_string())
 }
 
 fn json(body: &str) -> Json {
@@ -107,19 +90,12 @@ impl Node {
 }
 
 fn wait_for(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let t = Instant::now();
-    while t.elapsed() < limit {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    false
+    harness::wait_for(limit, || f().then_some(())).is_some()
 }
 
 #[test]
 fn deploy_checks_swaps_and_rolls_back() {
-    let (hport, aport) = (free_port(), free_port());
+    let (hport, aport) = (free_tcp_port(), free_tcp_port());
     let h = TestHome::new();
     h.write(
         "conf/stage.json",

@@ -10,58 +10,26 @@
 
 mod harness;
 
-use harness::{stage_bin, wait_with_output, TestHome};
+use harness::{curl_status, free_tcp_port, free_udp_port, stage_bin, wait_with_output, TestHome};
 use serde_json::Value as Json;
-use std::net::{TcpListener, UdpSocket};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 const TOKEN: &str = "admin-token-0123456789abcdef";
-const KEY: &str = "test cluster key 0123456789";
-
-fn tcp_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn udp_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// `curl` with `args`; returns (status, body).
 fn curl(args: &[&str], url: &str) -> (u16, String) {
-    let out = Command::new("curl")
-        .args(["-s", "--max-time", "60", "-w", "\n%{http_code}"])
-        .args(args)
-        .arg(url)
-        .output()
-        .expect("curl");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
-    (code.trim().parse().unwrap_or(0), body.to_string())
+    curl_status(args, url, 60)
 }
+const KEY: &str = "test cluster key 0123456789";
 
 fn json(body: &str) -> Json {
     serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
 }
 
 fn wait_for(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let t = Instant::now();
-    while t.elapsed() < limit {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    false
+    harness::wait_for(limit, || f().then_some(())).is_some()
 }
 
 /// The bundles, made with Python's tarfile in `argv[1]`; `argv[2]` is start.lua.
@@ -125,9 +93,9 @@ impl Cluster {
 
 #[test]
 fn deploy_reaches_every_node_and_is_rolled_back_on_all_when_one_fails() {
-    let cports: Vec<u16> = (0..3).map(|_| udp_port()).collect();
-    let aports: Vec<u16> = (0..3).map(|_| tcp_port()).collect();
-    let hports: Vec<u16> = (0..3).map(|_| tcp_port()).collect();
+    let cports: Vec<u16> = (0..3).map(|_| free_udp_port()).collect();
+    let aports: Vec<u16> = (0..3).map(|_| free_tcp_port()).collect();
+    let hports: Vec<u16> = (0..3).map(|_| free_tcp_port()).collect();
     let names: Vec<String> = cports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
     // The same start.lua on every node (so that their trees hash alike): the port is in
     // the node's environment.

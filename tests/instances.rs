@@ -8,22 +8,18 @@
 
 mod harness;
 
-use harness::{stage_bin, TestHome};
+use harness::{curl_status, free_udp_port, stage_bin, wait_for, TestHome};
 use serde_json::{json, Value as Json};
 use std::collections::BTreeSet;
-use std::net::UdpSocket;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 const KEY: &str = "test cluster key 0123456789";
 const TOKEN: &str = "admin-token-0123456789abcdef";
 
-fn free_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// `curl` with `args`; returns (status, body).
+fn curl(args: &[&str], url: &str) -> (u16, String) {
+    curl_status(args, url, 20)
 }
 
 fn addr(p: u16) -> String {
@@ -65,19 +61,6 @@ impl Drop for Node {
     }
 }
 
-/// `curl` with `args`; returns (status, body).
-fn curl(args: &[&str], url: &str) -> (u16, String) {
-    let out = Command::new("curl")
-        .args(["-s", "--max-time", "20", "-w", "\n%{http_code}"])
-        .args(args)
-        .arg(url)
-        .output()
-        .expect("curl");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
-    (code.trim().parse().unwrap_or(0), body.to_string())
-}
-
 /// An admin call: (status, JSON body).
 fn admin(method: &str, url: &str, body: Option<&str>) -> (u16, Json) {
     let auth = format!("user: {TOKEN}");
@@ -87,17 +70,6 @@ fn admin(method: &str, url: &str, body: Option<&str>) -> (u16, Json) {
     }
     let (code, text) = curl(&args, url);
     (code, serde_json::from_str(&text).unwrap_or(Json::String(text)))
-}
-
-fn wait_for<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
-    let t = Instant::now();
-    while t.elapsed() < limit {
-        if let Some(v) = f() {
-            return Some(v);
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    None
 }
 
 /// The answers of `n` requests to `url` (plain text).
@@ -131,7 +103,7 @@ const DB_V2: &str =
 
 #[test]
 fn start_reload_and_stop_instances_on_one_node() {
-    let (http, adm, metrics) = (free_port(), free_port(), free_port());
+    let (http, adm, metrics) = (free_udp_port(), free_udp_port(), free_udp_port());
     let h = TestHome::new();
     h.write(
         "conf/stage.json",
@@ -342,7 +314,13 @@ fn start_reload_and_stop_instances_on_one_node() {
 
 #[test]
 fn instances_on_another_node_through_the_cluster() {
-    let (pa, pb, pc, adm, http) = (free_port(), free_port(), free_port(), free_port(), free_port());
+    let (pa, pb, pc, adm, http) = (
+        free_udp_port(),
+        free_udp_port(),
+        free_udp_port(),
+        free_udp_port(),
+        free_udp_port(),
+    );
     let conf = |cluster: Json, startup: Json, extra: Json| {
         let h = TestHome::new();
         let mut c = json!({

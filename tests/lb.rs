@@ -25,14 +25,6 @@ fn have_haproxy() -> bool {
     false
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn script(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/lb").join(name)
 }
@@ -85,7 +77,9 @@ impl Drop for Backend {
 }
 
 fn backends(mode: &'static str, n: usize) -> Vec<Backend> {
-    (0..n).map(|_| Backend::start(mode, free_port())).collect()
+    (0..n)
+        .map(|_| Backend::start(mode, harness::free_tcp_port()))
+        .collect()
 }
 
 /// A controller on a temporary directory; its HAProxy processes are stopped on drop.
@@ -191,7 +185,7 @@ struct Running {
 }
 
 fn load_start(mode: &str, target: &str, dir: &Path) -> Running {
-    let id = free_port();
+    let id = harness::free_tcp_port();
     let stop = dir.join(format!("stop-{id}"));
     let started = dir.join(format!("started-{id}"));
     let child = load_cmd(mode, target, 0, 60.0, 2)
@@ -276,7 +270,7 @@ fn balance(mode: &'static str) {
     }
     let ctl = Ctl::new();
     let bs = backends(mode, 3);
-    let listen = format!("127.0.0.1:{}", free_port());
+    let listen = format!("127.0.0.1:{}", harness::free_tcp_port());
     ctl.c
         .create(spec(json!({"name": "bal", "protocol": mode, "listen": listen,
             "backends": bs.iter().map(Backend::addr).collect::<Vec<_>>(),
@@ -312,7 +306,7 @@ fn a_killed_backend_goes_down_then_up() {
     }
     let ctl = Ctl::new();
     let mut bs = backends("http", 3);
-    let listen = format!("127.0.0.1:{}", free_port());
+    let listen = format!("127.0.0.1:{}", harness::free_tcp_port());
     ctl.c
         .create(spec(json!({"name": "hc", "listen": listen,
             "backends": bs.iter().map(Backend::addr).collect::<Vec<_>>(),
@@ -370,7 +364,7 @@ fn add_and_remove_under_load_without_failures_or_reload() {
     }
     let ctl = Ctl::new();
     let bs = backends("http", 3);
-    let listen = format!("127.0.0.1:{}", free_port());
+    let listen = format!("127.0.0.1:{}", harness::free_tcp_port());
     ctl.c
         .create(spec(json!({"name": "live", "listen": listen, "drain": 5,
             "backends": [bs[0].addr(), bs[1].addr()],
@@ -436,7 +430,7 @@ fn kill_9_of_haproxy_is_replaced_with_runtime_backends() {
     }
     let ctl = Ctl::new();
     let bs = backends("http", 3);
-    let listen = format!("127.0.0.1:{}", free_port());
+    let listen = format!("127.0.0.1:{}", harness::free_tcp_port());
     ctl.c
         .create(spec(json!({"name": "fo", "listen": listen,
             "backends": [bs[0].addr(), bs[1].addr()],
@@ -480,7 +474,7 @@ fn controller_restart_adopts_and_keeps_serving() {
     }
     let ctl = Ctl::new();
     let bs = backends("http", 3);
-    let listen = format!("127.0.0.1:{}", free_port());
+    let listen = format!("127.0.0.1:{}", harness::free_tcp_port());
     ctl.c
         .create(spec(
             json!({"name": "keep", "listen": listen, "backends": [bs[0].addr(), bs[1].addr()]}),
@@ -511,7 +505,7 @@ fn bad_input_is_refused_and_the_running_lb_untouched() {
     }
     let ctl = Ctl::new();
     let bs = backends("http", 2);
-    let listen = format!("127.0.0.1:{}", free_port());
+    let listen = format!("127.0.0.1:{}", harness::free_tcp_port());
     ctl.c
         .create(spec(
             json!({"name": "ok", "listen": listen, "backends": [bs[0].addr()]}),
@@ -580,8 +574,8 @@ fn lua_scenario(rel: &str, bs: &[Backend], extra: &str, limit: Duration) -> Stri
     let list = |f: &dyn Fn(&Backend) -> String| bs.iter().map(f).collect::<Vec<_>>().join(", ");
     let env = format!(
         "LB_ENV = {{ listen = \"127.0.0.1:{}\", listen2 = \"127.0.0.1:{}\", backends = {{ {} }}, names = {{ {} }}, pids = {{ {} }}, backend_py = {:?}, load_py = {:?} {extra} }}\n",
-        free_port(),
-        free_port(),
+        harness::free_tcp_port(),
+        harness::free_tcp_port(),
         list(&|b| format!("\"{}\"", b.addr())),
         list(&|b| format!("\"b{}\"", b.port)),
         list(&|b| b.child.id().to_string()),
@@ -624,7 +618,7 @@ fn node_restart_restores_every_lb_without_failed_requests() {
     let bs = backends("http", 3);
     let home = harness::TestHome::new();
     let out = tempfile::tempdir().unwrap();
-    let listen = format!("127.0.0.1:{}", free_port());
+    let listen = format!("127.0.0.1:{}", harness::free_tcp_port());
     let env = format!(
         "LB_ENV = {{ listen = {listen:?}, out = {:?}, backends = {{ {} }} }}\n",
         out.path().display().to_string(),
@@ -680,7 +674,7 @@ fn lua_autoscaling_through_a_provider() {
     }
     let bs = backends("http", 1);
     let out = tempfile::tempdir().unwrap();
-    let spare: Vec<String> = (0..4).map(|_| free_port().to_string()).collect();
+    let spare: Vec<String> = (0..4).map(|_| harness::free_tcp_port().to_string()).collect();
     let extra = format!(
         ", spare = {{ {} }}, out = {:?}",
         spare.join(", "),
@@ -742,9 +736,9 @@ fn json_api_example(transport: Transport) {
     let bs = backends("http", 3);
     let home = harness::TestHome::new();
     let out = tempfile::tempdir().unwrap();
-    let api_port = free_port();
-    let http_port = free_port();
-    let listen = format!("127.0.0.1:{}", free_port());
+    let api_port = harness::free_tcp_port();
+    let http_port = harness::free_tcp_port();
+    let listen = format!("127.0.0.1:{}", harness::free_tcp_port());
     home.write(
         "preload/01-lb-env.lua",
         &format!(
@@ -971,7 +965,7 @@ fn autoscaled_backends_warm_up_with_slowstart() {
     }
     let ctl = Ctl::new();
     let bs = backends("http", 3);
-    let listen = format!("127.0.0.1:{}", free_port());
+    let listen = format!("127.0.0.1:{}", harness::free_tcp_port());
     ctl.c
         .create(spec(
             json!({"name": "warm", "listen": listen, "backends": [bs[0].addr()],

@@ -77,14 +77,6 @@ fn placement(reserved_ip: &str) -> Placement {
     .unwrap()
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// "Boots" a VM: reads its user data from the API, takes the config cloud-init would write
 /// (private address filled in), checks it with `haproxy -c` and runs it. Returns the master pid.
 async fn boot(c: &Client, inst: &Instance, spec: &Spec, root: &Path) -> i32 {
@@ -146,7 +138,7 @@ async fn remote_lb_fails_over_to_a_new_vm_and_moves_the_reserved_ip() {
     let (emu, c) = setup();
     let root = tempfile::tempdir().unwrap();
     let ip = c.reserved_ip_create("icn", "v4", Some("edge")).await.unwrap();
-    let spec = spec(free_port());
+    let spec = spec(harness::free_tcp_port());
     let mut lb = RemoteLb::provision(&c, spec.clone(), placement(&ip.id))
         .await
         .unwrap();
@@ -252,7 +244,7 @@ async fn remote_lb_keeps_the_old_vm_when_it_comes_back_first() {
     let (emu, c) = setup();
     let root = tempfile::tempdir().unwrap();
     let ip = c.reserved_ip_create("icn", "v4", None).await.unwrap();
-    let spec = spec(free_port());
+    let spec = spec(harness::free_tcp_port());
     let mut lb = RemoteLb::provision(&c, spec.clone(), placement(&ip.id))
         .await
         .unwrap();
@@ -289,7 +281,7 @@ async fn remote_lb_keeps_the_old_vm_when_it_comes_back_first() {
 async fn remote_lb_bad_placement_is_refused_before_any_vm() {
     let (emu, c) = setup();
     let other = c.reserved_ip_create("ewr", "v4", None).await.unwrap();
-    let e = RemoteLb::provision(&c, spec(free_port()), placement(&other.id))
+    let e = RemoteLb::provision(&c, spec(harness::free_tcp_port()), placement(&other.id))
         .await
         .unwrap_err()
         .to_string();
@@ -299,7 +291,7 @@ async fn remote_lb_bad_placement_is_refused_before_any_vm() {
     );
     let e = RemoteLb::provision(
         &c,
-        spec(free_port()),
+        spec(harness::free_tcp_port()),
         placement("00000000-0000-4000-8000-000000000000"),
     )
     .await
@@ -309,7 +301,7 @@ async fn remote_lb_bad_placement_is_refused_before_any_vm() {
     let mut p = placement(&other.id);
     p.reserved_ip = None;
     p.plan = "vc2-9c-9gb".into();
-    let e = RemoteLb::provision(&c, spec(free_port()), p)
+    let e = RemoteLb::provision(&c, spec(harness::free_tcp_port()), p)
         .await
         .unwrap_err()
         .to_string();
@@ -584,7 +576,7 @@ struct PyBackend {
 impl PyBackend {
     fn start() -> PyBackend {
         use std::io::BufRead;
-        let port = free_port();
+        let port = harness::free_tcp_port();
         let mut child = std::process::Command::new("python3")
             .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/lb/backend.py"))
             .arg("http")
@@ -632,7 +624,7 @@ fn lua_remote_lb_add_remove_update_on_change() {
     let (emu, _c) = setup();
     let vms = Vms::start(emu.endpoint());
     let backends: Vec<PyBackend> = (0..3).map(|_| PyBackend::start()).collect();
-    let port = free_port();
+    let port = harness::free_tcp_port();
     let out = tempfile::tempdir().unwrap();
     let conf = json!({"%vultr": {"endpoint": emu.endpoint(), "api_key": KEY, "retries": 2}});
     let log = harness::run_scenario_output("lb/remote_ops.lua", |home| {
@@ -655,7 +647,7 @@ fn remote_lb_is_supervised_after_a_restart_without_any_script() {
     let (emu, c) = setup();
     let vms = Vms::start(emu.endpoint());
     let backends: Vec<PyBackend> = (0..2).map(|_| PyBackend::start()).collect();
-    let port = free_port();
+    let port = harness::free_tcp_port();
     let out = tempfile::tempdir().unwrap();
     let home = harness::TestHome::new();
     home.write(

@@ -5,18 +5,9 @@
 
 mod harness;
 
-use harness::{wait_with_output, TestHome};
-use std::net::TcpListener;
+use harness::{free_tcp_port, wait_for, wait_with_output, TestHome};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use std::time::Duration;
 
 /// A node with `#metrics` on `mport`, two `stage` instances sharing a BSON echo port, a
 /// WebSocket echo port (`ws://…/echo?text`, `wport`) and an HTTP port; a frame `{boom: 1}`
@@ -29,7 +20,7 @@ struct Node {
 
 impl Node {
     fn start(mport: u16, tport: u16, hport: u16) -> Node {
-        Node::start_with(mport, tport, hport, free_port(), free_port())
+        Node::start_with(mport, tport, hport, free_tcp_port(), free_tcp_port())
     }
 
     fn start_with(mport: u16, tport: u16, hport: u16, wport: u16, sport: u16) -> Node {
@@ -111,18 +102,6 @@ fn curl(url: &str) -> Option<String> {
         .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// Waits until `f` returns Some, at most `limit`.
-fn wait_for<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
-    let t = Instant::now();
-    while t.elapsed() < limit {
-        if let Some(v) = f() {
-            return Some(v);
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    None
-}
-
 /// The sum of every series of `name` (exact metric name, labels ignored).
 fn sum(text: &str, name: &str) -> f64 {
     text.lines()
@@ -181,8 +160,8 @@ print("OK")
 
 #[test]
 fn exposition_passes_promtool_and_counters_move() {
-    let (mport, tport, hport) = (free_port(), free_port(), free_port());
-    let (wport, sport) = (free_port(), free_port());
+    let (mport, tport, hport) = (free_tcp_port(), free_tcp_port(), free_tcp_port());
+    let (wport, sport) = (free_tcp_port(), free_tcp_port());
     let mut node = Node::start_with(mport, tport, hport, wport, sport);
     let url = format!("http://127.0.0.1:{mport}/metrics");
     let Some(before) = wait_for(Duration::from_secs(15), || {
@@ -391,7 +370,7 @@ fn exposition_passes_promtool_and_counters_move() {
 
 #[test]
 fn a_real_prometheus_scrapes_the_node() {
-    let (mport, tport, hport, pport) = (free_port(), free_port(), free_port(), free_port());
+    let (mport, tport, hport, pport) = (free_tcp_port(), free_tcp_port(), free_tcp_port(), free_tcp_port());
     let mut node = Node::start(mport, tport, hport);
     wait_for(Duration::from_secs(15), || {
         curl(&format!("http://127.0.0.1:{mport}/metrics"))

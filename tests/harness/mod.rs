@@ -226,3 +226,54 @@ impl Drop for RestartPg {
         }
     }
 }
+
+/// A UDP port free on 127.0.0.1 now (also free for TCP there, most likely: cluster nodes
+/// listen on both).
+pub fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A TCP port free on 127.0.0.1 now.
+pub fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `curl -s` with `args` on `url`, giving up after `max_secs`; returns (HTTP status, body),
+/// status 0 when no answer came.
+pub fn curl_status(args: &[&str], url: &str, max_secs: u32) -> (u16, String) {
+    let out = Command::new("curl")
+        .args(["-s", "--max-time", &max_secs.to_string(), "-w", "\n%{http_code}"])
+        .args(args)
+        .arg(url)
+        .output()
+        .expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
+/// Polls `f` every 100 ms until it returns `Some`, at most `limit`.
+pub fn wait_for<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let t = Instant::now();
+    while t.elapsed() < limit {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    None
+}
+
+/// Kills a node and returns what it printed.
+pub fn stop(mut c: Child) -> String {
+    let _ = c.kill();
+    wait_with_output(c, Duration::from_secs(5)).1
+}
